@@ -1,0 +1,398 @@
+//! The agent's TOML configuration: one serde struct with a doc comment on every field, defaults in
+//! one place ([`defaults`]) and [`Config::validate`] returning a typed [`ConfigError`].
+//!
+//! ```toml
+//! agent_id = "agent-1"
+//! region = "local"
+//! data_dir = "/var/lib/lifeboat/agent"
+//! coordinators = ["127.0.0.1:7101", "127.0.0.1:7102"]
+//! [[paths]]
+//! name = "data"
+//! path = "/srv/data"
+//! [tls]
+//! insecure = true
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use lifeboat_common::tls::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+/// Every default value of the configuration, in one place.
+pub mod defaults {
+    /// Region name when none is configured.
+    pub const REGION: &str = "local";
+    /// Debounce window of the file watcher, in ms.
+    pub const DEBOUNCE_MS: u64 = 200;
+    /// Part payload bytes per `PushChanges` call (64 MiB).
+    pub const BATCH_MAX_BYTES: u64 = 64 * 1024 * 1024;
+    /// Changes per `PushChanges` call.
+    pub const BATCH_MAX_CHANGES: usize = 1000;
+    /// Interval between heartbeats, in ms.
+    pub const HEARTBEAT_MS: u64 = 500;
+    /// Globs a root includes when none are configured.
+    pub const INCLUDE: &[&str] = &["**"];
+
+    pub(super) fn region() -> String {
+        REGION.to_string()
+    }
+    pub(super) fn debounce_ms() -> u64 {
+        DEBOUNCE_MS
+    }
+    pub(super) fn batch_max_bytes() -> u64 {
+        BATCH_MAX_BYTES
+    }
+    pub(super) fn batch_max_changes() -> usize {
+        BATCH_MAX_CHANGES
+    }
+    pub(super) fn heartbeat_ms() -> u64 {
+        HEARTBEAT_MS
+    }
+    pub(super) fn include() -> Vec<String> {
+        INCLUDE.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// The whole agent configuration (`lifeboat-agent --config FILE`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unique id of this agent, sent in heartbeats and used in logs (`node`). Required.
+    pub agent_id: String,
+    /// Region this agent belongs to (logged as `region`). Default `"local"`.
+    #[serde(default = "defaults::region")]
+    pub region: String,
+    /// Directory of the agent's own state: the redb file `agent.redb` and `status.json`. Created
+    /// if missing. Never replicated, even when it lies inside a protected path.
+    pub data_dir: PathBuf,
+    /// `host:port` of any of the region's coordinators; the agent follows the leader from there.
+    pub coordinators: Vec<String>,
+    /// Debounce window of the file watcher, in ms. Default 200.
+    #[serde(default = "defaults::debounce_ms")]
+    pub debounce_ms: u64,
+    /// Upper bound of part payload bytes (full + delta bodies) per `PushChanges` call, in bytes.
+    /// A single change bigger than this is sent alone. Default 64 MiB.
+    #[serde(default = "defaults::batch_max_bytes")]
+    pub batch_max_bytes: u64,
+    /// Upper bound of changes per `PushChanges` call. Default 1000.
+    #[serde(default = "defaults::batch_max_changes")]
+    pub batch_max_changes: usize,
+    /// Interval between heartbeats to the leader, in ms. Default 500.
+    #[serde(default = "defaults::heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// The directories to protect.
+    pub paths: Vec<PathConfig>,
+    /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// One protected directory (`[[paths]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathConfig {
+    /// Root name: catalog paths are `"<name>/<relative path>"`, the root itself is `"<name>"`.
+    /// Must be a single valid path component.
+    pub name: String,
+    /// Absolute directory to protect. Symlinks below it are replicated as links, never followed.
+    pub path: PathBuf,
+    /// Globs (globset syntax, relative to `path`, `*` does not cross `/`, `**` does) of entries to
+    /// replicate. Directories are always descended into unless excluded. Default `["**"]`.
+    #[serde(default = "defaults::include")]
+    pub include: Vec<String>,
+    /// Globs of entries to skip; an excluded directory excludes everything below it. Default none.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        /// Config file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML was malformed or had unknown/missing fields.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// Config file.
+        path: PathBuf,
+        /// Cause (names the line and field).
+        source: Box<toml::de::Error>,
+    },
+    /// `agent_id` was empty or had characters other than `[A-Za-z0-9._-]`.
+    #[error("config: agent_id {0:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]")]
+    BadAgentId(String),
+    /// `coordinators` was empty.
+    #[error("config: `coordinators` is empty: list at least one coordinator as \"host:port\"")]
+    NoCoordinators,
+    /// A coordinator address was not `host:port`.
+    #[error("config: coordinator address {0:?} is not \"host:port\"")]
+    BadCoordinator(String),
+    /// A numeric setting was zero.
+    #[error("config: `{0}` must be greater than 0")]
+    Zero(&'static str),
+    /// `paths` was empty.
+    #[error("config: no [[paths]] configured: nothing to protect")]
+    NoPaths,
+    /// A root name was not a single path component.
+    #[error("config: paths.name {name:?} is invalid: {reason}")]
+    BadRootName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Two roots had the same name.
+    #[error("config: paths.name {0:?} is used twice")]
+    DuplicateRootName(String),
+    /// A root path was relative.
+    #[error("config: paths {name:?}: path {path:?} must be absolute")]
+    RelativePath {
+        /// Root name.
+        name: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// One root lies inside another.
+    #[error("config: paths {inner:?} lies inside paths {outer:?}: roots must not nest")]
+    NestedRoots {
+        /// Root name of the outer directory.
+        outer: String,
+        /// Root name of the inner directory.
+        inner: String,
+    },
+    /// A glob did not compile.
+    #[error("config: paths {name:?}: bad glob {glob:?}: {reason}")]
+    BadGlob {
+        /// Root name.
+        name: String,
+        /// The glob.
+        glob: String,
+        /// globset's message.
+        reason: String,
+    },
+    /// `data_dir` was relative.
+    #[error("config: data_dir {0:?} must be absolute")]
+    RelativeDataDir(PathBuf),
+    /// TLS is on but a file is missing.
+    #[error("config: [tls] `{0}` is not set; run `lifeboat certs init --dir DIR` and point ca/cert/key at its files, or set insecure = true")]
+    TlsMissing(&'static str),
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML config file.
+    ///
+    /// Errors: [`ConfigError`] naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text (`path` is only used in messages).
+    ///
+    /// Errors: [`ConfigError`].
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A config with every default, for one root; convenient for tests and tools.
+    pub fn new(agent_id: &str, data_dir: PathBuf, coordinators: Vec<String>) -> Config {
+        Config {
+            agent_id: agent_id.to_string(),
+            region: defaults::region(),
+            data_dir,
+            coordinators,
+            debounce_ms: defaults::debounce_ms(),
+            batch_max_bytes: defaults::batch_max_bytes(),
+            batch_max_changes: defaults::batch_max_changes(),
+            heartbeat_ms: defaults::heartbeat_ms(),
+            paths: Vec::new(),
+            tls: TlsConfig {
+                insecure: true,
+                ..TlsConfig::default()
+            },
+        }
+    }
+
+    /// Checks every field.
+    ///
+    /// Errors: the first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let id_ok = !self.agent_id.is_empty()
+            && self.agent_id.len() <= 128
+            && self
+                .agent_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !id_ok {
+            return Err(ConfigError::BadAgentId(self.agent_id.clone()));
+        }
+        if !self.data_dir.is_absolute() {
+            return Err(ConfigError::RelativeDataDir(self.data_dir.clone()));
+        }
+        if self.coordinators.is_empty() {
+            return Err(ConfigError::NoCoordinators);
+        }
+        for c in &self.coordinators {
+            let ok = c
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                && !c.contains('/');
+            if !ok {
+                return Err(ConfigError::BadCoordinator(c.clone()));
+            }
+        }
+        for (v, name) in [
+            (self.debounce_ms, "debounce_ms"),
+            (self.batch_max_bytes, "batch_max_bytes"),
+            (self.batch_max_changes as u64, "batch_max_changes"),
+            (self.heartbeat_ms, "heartbeat_ms"),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.paths.is_empty() {
+            return Err(ConfigError::NoPaths);
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            let bad = |reason: &str| ConfigError::BadRootName {
+                name: p.name.clone(),
+                reason: reason.to_string(),
+            };
+            if p.name.contains('/') {
+                return Err(bad("must be one path component (no '/')"));
+            }
+            lifeboat_common::path::validate_rel_path(&p.name).map_err(|e| bad(&e.to_string()))?;
+            if !p.path.is_absolute() {
+                return Err(ConfigError::RelativePath {
+                    name: p.name.clone(),
+                    path: p.path.clone(),
+                });
+            }
+            for q in &self.paths[..i] {
+                if q.name == p.name {
+                    return Err(ConfigError::DuplicateRootName(p.name.clone()));
+                }
+                if p.path.starts_with(&q.path) {
+                    return Err(ConfigError::NestedRoots {
+                        outer: q.name.clone(),
+                        inner: p.name.clone(),
+                    });
+                }
+                if q.path.starts_with(&p.path) {
+                    return Err(ConfigError::NestedRoots {
+                        outer: p.name.clone(),
+                        inner: q.name.clone(),
+                    });
+                }
+            }
+            crate::scan::Filter::new(p)?;
+        }
+        if !self.tls.insecure {
+            if self.tls.ca.is_none() {
+                return Err(ConfigError::TlsMissing("ca"));
+            }
+            if self.tls.cert.is_none() {
+                return Err(ConfigError::TlsMissing("cert"));
+            }
+            if self.tls.key.is_none() {
+                return Err(ConfigError::TlsMissing("key"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agent_id = "agent-1"
+data_dir = "/var/lib/lifeboat/agent"
+coordinators = ["127.0.0.1:7101", "127.0.0.1:7102"]
+[[paths]]
+name = "data"
+path = "/srv/data"
+exclude = ["*.tmp"]
+[tls]
+insecure = true
+"#;
+
+    fn with(extra_top: &str, path_extra: &str) -> String {
+        format!(
+            "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\n{extra_top}\n[[paths]]\nname = \"data\"\npath = \"/srv/data\"\n{path_extra}\n[tls]\ninsecure = true\n"
+        )
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.region, "local");
+        assert_eq!(c.debounce_ms, 200);
+        assert_eq!(c.batch_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.batch_max_changes, 1000);
+        assert_eq!(c.heartbeat_ms, 500);
+        assert_eq!(c.paths[0].include, vec!["**".to_string()]);
+        assert_eq!(c.paths[0].exclude, vec!["*.tmp".to_string()]);
+    }
+
+    #[test]
+    fn validation_errors() {
+        let err = |s: &str| Config::from_toml(s).unwrap_err();
+        assert!(matches!(err(&with("bogus = 1", "")), ConfigError::Parse { .. }));
+        assert!(matches!(err(&with("", "bogus = 1")), ConfigError::Parse { .. }));
+        assert!(matches!(
+            err(&with("batch_max_changes = 0", "")),
+            ConfigError::Zero("batch_max_changes")
+        ));
+        assert!(matches!(
+            err(&with("", "exclude = [\"a[\"]")),
+            ConfigError::BadGlob { .. }
+        ));
+        let e = err(&GOOD.replace("agent-1", "bad id"));
+        assert!(matches!(e, ConfigError::BadAgentId(_)), "{e}");
+        let e = err(&GOOD.replace("\"127.0.0.1:7101\", \"127.0.0.1:7102\"", ""));
+        assert!(matches!(e, ConfigError::NoCoordinators), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:7102", "localhost"));
+        assert!(matches!(e, ConfigError::BadCoordinator(_)), "{e}");
+        let e = err(&GOOD.replace("name = \"data\"", "name = \"a/b\""));
+        assert!(matches!(e, ConfigError::BadRootName { .. }), "{e}");
+        let e = err(&GOOD.replace("name = \"data\"", "name = \"..\""));
+        assert!(matches!(e, ConfigError::BadRootName { .. }), "{e}");
+        let e = err(&GOOD.replace("/srv/data", "srv/data"));
+        assert!(matches!(e, ConfigError::RelativePath { .. }), "{e}");
+        let e = err(&GOOD.replace("insecure = true", ""));
+        assert!(matches!(e, ConfigError::TlsMissing("ca")), "{e}");
+        assert!(e.to_string().contains("insecure"));
+        let two = format!("{GOOD}\n[[paths]]\nname = \"data\"\npath = \"/srv/other\"\n");
+        // [[paths]] after [tls] is still a top-level array of tables.
+        assert!(matches!(err(&two), ConfigError::DuplicateRootName(_)));
+        let nested = format!("{GOOD}\n[[paths]]\nname = \"inner\"\npath = \"/srv/data/x\"\n");
+        assert!(matches!(err(&nested), ConfigError::NestedRoots { .. }));
+        let no_paths = "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\npaths = []\n[tls]\ninsecure = true\n";
+        assert!(matches!(err(no_paths), ConfigError::NoPaths));
+        let missing = "data_dir = \"/d\"\ncoordinators = [\"h:1\"]\npaths = []\n";
+        let e = err(missing);
+        assert!(e.to_string().contains("agent_id"), "{e}");
+    }
+}

@@ -1,0 +1,144 @@
+//! Stored blob encoding. A blob is one file part (at most [`crate::PART_SIZE`] bytes of content),
+//! addressed by the blake3 hash of its raw content and stored as:
+//!
+//! ```text
+//! offset 0: magic  b"LBB1"
+//! offset 4: codec  u8 (1 = zstd frame, 0 = raw)
+//! offset 5: payload
+//! ```
+//!
+//! The codec byte leaves room for an encrypted codec (F11). [`decode`] checks the magic, codec,
+//! decompressed size and the content hash, so a corrupted blob is always detected.
+
+use std::fmt;
+
+/// Magic prefix of every stored blob.
+pub const MAGIC: &[u8; 4] = b"LBB1";
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+/// zstd level used for blobs: fast, still worthwhile on text.
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// A blake3 content hash (32 bytes), shown as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct BlobHash(pub [u8; 32]);
+
+impl BlobHash {
+    /// Hash of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        BlobHash(*blake3::hash(data).as_bytes())
+    }
+    /// Lowercase hex form (64 chars).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    /// Parses 64 hex characters.
+    ///
+    /// Errors: [`BlobError::BadHash`] for anything else.
+    pub fn from_hex(s: &str) -> Result<Self, BlobError> {
+        let mut out = [0u8; 32];
+        if s.len() != 64 {
+            return Err(BlobError::BadHash(s.chars().take(80).collect()));
+        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| BlobError::BadHash(s.to_string()))?;
+        Ok(BlobHash(out))
+    }
+    /// Store key: `blobs/<first 2 hex chars>/<hex>` (DESIGN.md section 6).
+    pub fn key(&self) -> String {
+        let h = self.to_hex();
+        format!("blobs/{}/{}", &h[..2], h)
+    }
+}
+
+impl fmt::Debug for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobHash({})", &self.to_hex()[..16])
+    }
+}
+impl fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Errors of blob encoding and verification.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// Not 64 hex characters.
+    #[error("bad blob hash {0:?}: expected 64 hex characters")]
+    BadHash(String),
+    /// Stored bytes do not start with the magic or name an unknown codec.
+    #[error("blob {hash} is corrupted: {reason}")]
+    Corrupted {
+        /// The expected hash.
+        hash: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Encodes raw content into the stored form (zstd level [`ZSTD_LEVEL`]; raw if that is not smaller).
+pub fn encode(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+    out.extend_from_slice(MAGIC);
+    match zstd::bulk::compress(raw, ZSTD_LEVEL) {
+        Ok(z) if z.len() < raw.len() => {
+            out.push(CODEC_ZSTD);
+            out.extend_from_slice(&z);
+        }
+        _ => {
+            out.push(CODEC_RAW);
+            out.extend_from_slice(raw);
+        }
+    }
+    out
+}
+
+/// Decodes a stored blob and checks that its content hashes to `hash`.
+///
+/// Errors: [`BlobError::Corrupted`] when the magic, codec, size (more than `max_size` bytes) or
+/// content hash is wrong.
+pub fn decode(hash: &BlobHash, stored: &[u8], max_size: usize) -> Result<Vec<u8>, BlobError> {
+    let corrupted = |reason: String| BlobError::Corrupted {
+        hash: hash.to_hex(),
+        reason,
+    };
+    if stored.len() < 5 || &stored[..4] != MAGIC {
+        return Err(corrupted("bad magic (not a Lifeboat blob)".into()));
+    }
+    let raw = match stored[4] {
+        CODEC_RAW => stored[5..].to_vec(),
+        CODEC_ZSTD => zstd::bulk::decompress(&stored[5..], max_size)
+            .map_err(|e| corrupted(format!("zstd: {e}")))?,
+        c => return Err(corrupted(format!("unknown codec {c}"))),
+    };
+    if raw.len() > max_size {
+        return Err(corrupted(format!("content of {} bytes exceeds {max_size}", raw.len())));
+    }
+    let got = BlobHash::of(&raw);
+    if &got != hash {
+        return Err(corrupted(format!("content hashes to {got}, expected {hash}")));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let data = b"hello hello hello hello hello hello".repeat(100);
+        let h = BlobHash::of(&data);
+        let enc = encode(&data);
+        assert_eq!(decode(&h, &enc, crate::PART_SIZE).unwrap(), data);
+        let mut bad = enc.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0xff;
+        assert!(matches!(decode(&h, &bad, crate::PART_SIZE), Err(BlobError::Corrupted { .. })));
+        assert!(decode(&h, b"junk", crate::PART_SIZE).is_err());
+        assert!(decode(&h, b"", crate::PART_SIZE).is_err());
+        assert_eq!(BlobHash::from_hex(&h.to_hex()).unwrap(), h);
+        assert!(BlobHash::from_hex("zz").is_err());
+    }
+}

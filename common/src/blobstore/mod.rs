@@ -1,0 +1,60 @@
+//! Blob stores: where file parts live, content-addressed by blake3 (`blobs/<2 hex>/<64 hex>`), in
+//! the stored encoding of [`crate::blob`]. Two backends: a local directory (the default) and any
+//! S3-compatible server through aws-sdk-s3.
+
+mod local;
+pub mod s3;
+
+pub use local::LocalBlobStore;
+pub use s3::{S3BlobStore, S3Config};
+
+use crate::blob::BlobHash;
+
+/// Errors of blob stores.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobStoreError {
+    /// The blob is not in this store.
+    #[error("blob {0} not found in the blob store")]
+    NotFound(BlobHash),
+    /// Local I/O failed.
+    #[error("blob store I/O error at {path}: {source}")]
+    Io {
+        /// Path involved.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The S3 server refused or failed a request.
+    #[error("S3 error ({op} {key}): {message}")]
+    S3 {
+        /// Operation (PutObject, GetObject, HeadObject...).
+        op: &'static str,
+        /// Object key.
+        key: String,
+        /// Service message (never contains credentials).
+        message: String,
+    },
+    /// Bad configuration.
+    #[error("blob store configuration: {0}")]
+    Config(String),
+}
+
+/// A content-addressed store of encoded blobs.
+///
+/// `put` returns only when the blob is durable: fsync'd (file and directory) for the local
+/// backend, confirmed by the server for S3. Stores never decode: callers verify with
+/// [`crate::blob::decode`].
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores `stored` (encoded bytes) under `hash`, durably. Idempotent.
+    async fn put(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError>;
+    /// Returns the stored bytes. Errors: [`BlobStoreError::NotFound`] when absent.
+    async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError>;
+    /// Whether the blob is present.
+    async fn contains(&self, hash: &BlobHash) -> Result<bool, BlobStoreError>;
+    /// True when every coordinator of the region sees the same store (S3): the leader then does
+    /// not copy blobs to followers itself.
+    fn is_shared(&self) -> bool;
+    /// Human-readable location, without secrets.
+    fn describe(&self) -> String;
+}

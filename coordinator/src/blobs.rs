@@ -1,0 +1,268 @@
+//! Blob access of a coordinator: the configured [`BlobStore`], copying new blobs to a majority of
+//! voters when the store is local (so an acknowledged blob survives the loss of any minority), and
+//! fetching blobs a node lacks from its peers. Also the `BlobService` gRPC server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lifeboat_common::blob::{self, BlobHash};
+use lifeboat_common::blobstore::{BlobStore, BlobStoreError};
+use lifeboat_common::tls::TlsConfig;
+use lifeboat_proto::blob_service_client::BlobServiceClient;
+use lifeboat_proto::blob_service_server::BlobService;
+use lifeboat_proto::{FetchBlobsRequest, PutBlobsReply, StoredBlob};
+use tokio::task::JoinSet;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::raft::{NodeId, RegionRaft};
+
+/// Blob access shared by intake, admin and the blob service.
+#[derive(Clone)]
+pub struct Blobs {
+    /// The backend.
+    pub store: Arc<dyn BlobStore>,
+    tls: TlsConfig,
+    node_id: NodeId,
+    raft: Option<RegionRaft>,
+}
+
+/// Errors of blob access.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobsError {
+    /// Backend failure.
+    #[error(transparent)]
+    Store(#[from] BlobStoreError),
+    /// Stored bytes failed verification.
+    #[error(transparent)]
+    Corrupt(#[from] blob::BlobError),
+    /// Not enough followers stored the blobs.
+    #[error("blob replication reached {got} of {needed} coordinators needed for a majority: {detail}")]
+    NoMajority {
+        /// Copies confirmed (including the leader's).
+        got: usize,
+        /// Copies needed.
+        needed: usize,
+        /// Last error seen.
+        detail: String,
+    },
+}
+
+impl Blobs {
+    /// New blob access for node `node_id`.
+    pub fn new(store: Arc<dyn BlobStore>, tls: TlsConfig, node_id: NodeId) -> Self {
+        Blobs {
+            store,
+            tls,
+            node_id,
+            raft: None,
+        }
+    }
+
+    /// Attaches the Raft handle (membership tells where peers are).
+    pub fn set_raft(&mut self, raft: RegionRaft) {
+        self.raft = Some(raft);
+    }
+
+    /// Voters (id -> addr) other than this node, from the current membership.
+    fn peers(&self) -> (usize, BTreeMap<NodeId, String>) {
+        let Some(raft) = &self.raft else {
+            return (1, BTreeMap::new());
+        };
+        let m = raft.metrics().borrow().membership_config.clone();
+        let voters: Vec<NodeId> = m.membership().voter_ids().collect();
+        let mut peers = BTreeMap::new();
+        for (id, node) in m.membership().nodes() {
+            if *id != self.node_id {
+                peers.insert(*id, node.addr.clone());
+            }
+        }
+        let n = voters.len().max(1);
+        peers.retain(|id, _| voters.contains(id));
+        (n, peers)
+    }
+
+    fn client(&self, addr: &str) -> Result<BlobServiceClient<tonic::transport::Channel>, Status> {
+        let ch = self.tls.channel(addr).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(BlobServiceClient::new(ch)
+            .max_decoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES))
+    }
+
+    /// Stored bytes of `hash`: local store first, then each peer (the copy fetched is verified and
+    /// kept locally).
+    ///
+    /// Errors: NotFound when no node has it; [`BlobsError::Corrupt`] when only corrupted copies exist.
+    pub async fn get_stored(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobsError> {
+        let local_err = match self.store.get(hash).await {
+            Ok(b) => match blob::decode(hash, &b, lifeboat_common::PART_SIZE) {
+                Ok(_) => return Ok(b),
+                Err(e) => BlobsError::Corrupt(e),
+            },
+            Err(e) => BlobsError::Store(e),
+        };
+        if self.store.is_shared() {
+            return Err(local_err);
+        }
+        let (_, peers) = self.peers();
+        for addr in peers.values() {
+            let Ok(mut c) = self.client(addr) else { continue };
+            let Ok(resp) = c
+                .fetch_blobs(FetchBlobsRequest {
+                    hashes: vec![hash.to_hex()],
+                })
+                .await
+            else {
+                continue;
+            };
+            let mut s = resp.into_inner();
+            if let Some(Ok(b)) = s.next().await {
+                if blob::decode(hash, &b.stored, lifeboat_common::PART_SIZE).is_ok() {
+                    // Repair the local copy (fetched from a peer, verified above).
+                    let _ = self.store.put(hash, b.stored.clone()).await;
+                    return Ok(b.stored);
+                }
+            }
+        }
+        Err(local_err)
+    }
+
+    /// Raw content of `hash` (verified).
+    ///
+    /// Errors: as [`Self::get_stored`].
+    pub async fn get_raw(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobsError> {
+        let stored = self.get_stored(hash).await?;
+        let h = *hash;
+        tokio::task::spawn_blocking(move || blob::decode(&h, &stored, lifeboat_common::PART_SIZE))
+            .await
+            .map_err(|e| BlobsError::Store(BlobStoreError::Config(e.to_string())))?
+            .map_err(BlobsError::from)
+    }
+
+    /// Copies `hashes` (already durable here) to followers until a majority of voters holds each
+    /// of them durably. Copies to the remaining followers continue in the background.
+    /// No-op for a shared store.
+    ///
+    /// Errors: [`BlobsError::NoMajority`].
+    pub async fn replicate(&self, hashes: Vec<BlobHash>) -> Result<(), BlobsError> {
+        if self.store.is_shared() || hashes.is_empty() {
+            return Ok(());
+        }
+        let (voters, peers) = self.peers();
+        let needed = voters / 2 + 1;
+        if needed <= 1 {
+            return Ok(());
+        }
+        let hashes = Arc::new(hashes);
+        let mut set = JoinSet::new();
+        for (id, addr) in peers {
+            let me = self.clone();
+            let hashes = hashes.clone();
+            set.spawn(async move { (id, me.push_to(&addr, &hashes).await) });
+        }
+        let mut got = 1;
+        let mut detail = String::from("no follower answered");
+        while got < needed {
+            match set.join_next().await {
+                Some(Ok((_, Ok(())))) => got += 1,
+                Some(Ok((id, Err(e)))) => detail = format!("node {id}: {e}"),
+                Some(Err(e)) => detail = e.to_string(),
+                None => break,
+            }
+        }
+        // Let the remaining copies finish on their own.
+        tokio::spawn(async move { while set.join_next().await.is_some() {} });
+        if got >= needed {
+            Ok(())
+        } else {
+            Err(BlobsError::NoMajority { got, needed, detail })
+        }
+    }
+
+    async fn push_to(&self, addr: &str, hashes: &[BlobHash]) -> Result<(), Status> {
+        let mut client = self.client(addr)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<StoredBlob>(4);
+        let store = self.store.clone();
+        let hashes = hashes.to_vec();
+        let producer = tokio::spawn(async move {
+            for h in hashes {
+                match store.get(&h).await {
+                    Ok(stored) => {
+                        if tx.send(StoredBlob { hash: h.to_hex(), stored }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(blob = %h, error = %e, "cannot read blob to replicate");
+                        return;
+                    }
+                }
+            }
+        });
+        let res = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            client.put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("blob replication timed out"))?;
+        producer.abort();
+        res.map(|_| ())
+    }
+}
+
+/// gRPC `BlobService`: followers store blobs sent by the leader; anyone may fetch.
+pub struct BlobServer {
+    /// Blob access.
+    pub blobs: Blobs,
+}
+
+#[tonic::async_trait]
+impl BlobService for BlobServer {
+    async fn put_blobs(&self, req: Request<Streaming<StoredBlob>>) -> Result<Response<PutBlobsReply>, Status> {
+        let mut s = req.into_inner();
+        let mut n = 0;
+        while let Some(b) = s.next().await {
+            let b = b?;
+            let hash = BlobHash::from_hex(&b.hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if self.blobs.store.contains(&hash).await.unwrap_or(false) {
+                n += 1;
+                continue;
+            }
+            let stored = b.stored;
+            let stored = tokio::task::spawn_blocking(move || {
+                blob::decode(&hash, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.blobs
+                .store
+                .put(&hash, stored)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            n += 1;
+        }
+        Ok(Response::new(PutBlobsReply { stored: n }))
+    }
+
+    type FetchBlobsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<StoredBlob, Status>> + Send>>;
+
+    async fn fetch_blobs(&self, req: Request<FetchBlobsRequest>) -> Result<Response<Self::FetchBlobsStream>, Status> {
+        let mut hashes = Vec::new();
+        for h in req.into_inner().hashes {
+            hashes.push(BlobHash::from_hex(&h).map_err(|e| Status::invalid_argument(e.to_string()))?);
+        }
+        let store = self.blobs.store.clone();
+        let s = futures::stream::iter(hashes).then(move |h| {
+            let store = store.clone();
+            async move {
+                match store.get(&h).await {
+                    Ok(stored) => Ok(StoredBlob { hash: h.to_hex(), stored }),
+                    Err(BlobStoreError::NotFound(h)) => Err(Status::not_found(format!("blob {h} not found"))),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+}

@@ -1,0 +1,185 @@
+//! Coordinator configuration: one TOML file per process (`lifeboat-coordinator --config FILE`).
+//! Every option has a default here; `deploy/examples/coordinator.toml` documents them.
+
+use std::path::{Path, PathBuf};
+
+use lifeboat_common::blobstore::S3Config;
+use lifeboat_common::tls::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+/// A Raft member: node id and gRPC address (`host:port`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Node id, unique in the deployment.
+    pub id: u64,
+    /// gRPC address other coordinators use to reach it.
+    pub addr: String,
+}
+
+/// Which blob store backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    /// A local directory per coordinator; the leader copies each blob to a majority.
+    #[default]
+    Local,
+    /// An S3-compatible bucket shared by the region's coordinators.
+    S3,
+}
+
+/// `[blobs]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobsConfig {
+    /// `local` (default) or `s3`.
+    #[serde(default)]
+    pub backend: BlobBackend,
+    /// Directory of the local backend (default `<data_dir>/blobs`).
+    pub path: Option<PathBuf>,
+    /// Settings of the S3 backend (required when backend = "s3").
+    pub s3: Option<S3Config>,
+}
+
+/// `[raft]` tuning. Times in ms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    /// Leader heartbeat interval, ms (default 100).
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout, ms (default 400).
+    pub election_timeout_min_ms: u64,
+    /// Maximum election timeout, ms (default 800).
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one (default 1000).
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept after a snapshot, for slow followers (default 100).
+    pub max_logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs_since_last: 1000,
+            max_logs_kept_after_snapshot: 100,
+        }
+    }
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+fn default_epoch() -> u64 {
+    1
+}
+
+/// The whole coordinator config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// This node's id (non-zero, unique in the deployment).
+    pub node_id: u64,
+    /// Region name (default `local`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Address to listen on for gRPC, `host:port`.
+    pub listen: String,
+    /// Address peers, agents and the CLI use (default: `listen`).
+    pub advertise: Option<String>,
+    /// Directory for `coordinator.redb` and the local blob store.
+    pub data_dir: PathBuf,
+    /// Initial voters of a new regional group. Every node of a new cluster lists the same set;
+    /// once initialized, membership changes go through `AddMember`/`RemoveMember`.
+    #[serde(default)]
+    pub members: Vec<MemberConfig>,
+    /// Current epoch (fencing token) of the region until the global group owns it (default 1).
+    #[serde(default = "default_epoch")]
+    pub epoch: u64,
+    /// Blob store.
+    #[serde(default)]
+    pub blobs: BlobsConfig,
+    /// Raft tuning.
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Mutual TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// Config errors, each naming the option and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or unknown keys.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a TOML file.
+    ///
+    /// Errors: [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let c: CoordinatorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values.
+    ///
+    /// Errors: [`ConfigError::Invalid`] naming the option.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid("node_id must be > 0".into()));
+        }
+        if !self.members.is_empty() && !self.members.iter().any(|m| m.id == self.node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "members does not include this node (node_id = {}); list every initial voter including this one",
+                self.node_id
+            )));
+        }
+        if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
+            return Err(ConfigError::Invalid("blobs.backend = \"s3\" needs a [blobs.s3] section".into()));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(ConfigError::Invalid(
+                "raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
+            ));
+        }
+        if self.epoch == 0 {
+            return Err(ConfigError::Invalid("epoch must be >= 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The address others reach this node at.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+    }
+}

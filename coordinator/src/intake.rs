@@ -1,0 +1,323 @@
+//! Intake of file changes from agents (`AgentService`). One `PushChanges` call is one batch:
+//!
+//! 1. every part is rebuilt (full content, or an rsync-style delta applied with
+//!    `fast_rsync::apply_limited` against a stored blob) and its blake3 checked against the hash
+//!    the agent declared; new blobs are encoded and stored durably while the stream continues;
+//! 2. at the end of the stream the new blobs are copied to a majority of voters (local backend);
+//! 3. the batch's versions are committed through the regional Raft log;
+//! 4. only then the reply acknowledges every change with its catalog sequence number.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use lifeboat_common::blob::{self, BlobHash};
+use lifeboat_common::catalog::{EntryKind, NewVersion, PartRef};
+use lifeboat_common::path::validate_rel_path;
+use lifeboat_proto::agent_service_server::AgentService;
+use lifeboat_proto::part_data::Body;
+use lifeboat_proto::push_message::Msg;
+use lifeboat_proto::{Ack, FileChange, HeartbeatReply, HeartbeatRequest, PartData, PushMessage, PushReply};
+use parking_lot::Mutex;
+use tokio::task::JoinSet;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::blobs::{Blobs, BlobsError};
+use crate::leader::LeaderInfo;
+use crate::raft::{Request as RaftRequest, RegionRaft};
+
+/// Last heartbeat of each agent.
+pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
+
+/// Most part encodes/writes in flight per batch (bounds memory to about 8 x 2 x 4 MiB).
+const MAX_PUTS_IN_FLIGHT: usize = 8;
+
+/// The `AgentService` implementation.
+pub struct Intake {
+    /// Raft handle.
+    pub raft: RegionRaft,
+    /// Blob access.
+    pub blobs: Blobs,
+    /// Leader lookup.
+    pub leader: LeaderInfo,
+    /// Region name stamped on versions.
+    pub region: String,
+    /// Current epoch (fencing token).
+    pub epoch: u64,
+    /// Heartbeats.
+    pub agents: AgentTable,
+}
+
+struct Pending {
+    change: FileChange,
+    kind: EntryKind,
+    parts: Vec<PartRef>,
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+fn base_missing(e: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("base_missing: {e}; resend the parts in full"))
+}
+
+impl Intake {
+    fn check_change(&self, c: &FileChange) -> Result<EntryKind, Status> {
+        validate_rel_path(&c.path).map_err(|e| bad(e.to_string()))?;
+        if !c.rename_from.is_empty() {
+            validate_rel_path(&c.rename_from).map_err(|e| bad(e.to_string()))?;
+        }
+        if c.epoch != 0 && c.epoch < self.epoch {
+            return Err(Status::failed_precondition(format!(
+                "stale_epoch: change stamped with epoch {} but the current epoch is {}",
+                c.epoch, self.epoch
+            )));
+        }
+        let kind = lifeboat_common::catalog::EntryKind::from_pb(c.kind)
+            .ok_or_else(|| bad(format!("{}: unknown entry kind {}", c.path, c.kind)))?;
+        if !c.deleted && kind == EntryKind::File {
+            let max_parts = c.size.div_ceil(lifeboat_common::PART_SIZE as u64);
+            if c.part_count as u64 != max_parts {
+                return Err(bad(format!(
+                    "{}: size {} needs {} parts of {} bytes, got part_count {}",
+                    c.path,
+                    c.size,
+                    max_parts,
+                    lifeboat_common::PART_SIZE,
+                    c.part_count
+                )));
+            }
+            BlobHash::from_hex(&c.blake3).map_err(|e| bad(format!("{}: {e}", c.path)))?;
+        } else if c.part_count != 0 {
+            return Err(bad(format!("{}: only live files have parts", c.path)));
+        }
+        if kind == EntryKind::Symlink && !c.deleted && c.symlink_target.is_empty() {
+            return Err(bad(format!("{}: symlink without target", c.path)));
+        }
+        Ok(kind)
+    }
+
+    fn finish(&self, p: Pending) -> Result<NewVersion, Status> {
+        let c = p.change;
+        if p.parts.len() != c.part_count as usize {
+            return Err(bad(format!(
+                "{}: stream ended after {} of {} parts",
+                c.path,
+                p.parts.len(),
+                c.part_count
+            )));
+        }
+        let sum: u64 = p.parts.iter().map(|x| x.size).sum();
+        if !c.deleted && p.kind == EntryKind::File && sum != c.size {
+            return Err(bad(format!("{}: parts add up to {sum} bytes, size says {}", c.path, c.size)));
+        }
+        Ok(NewVersion {
+            path: c.path,
+            kind: p.kind,
+            deleted: c.deleted,
+            size: if c.deleted { 0 } else { c.size },
+            mode: c.mode & 0o7777,
+            mtime_ns: c.mtime_ns,
+            blake3: if p.kind == EntryKind::File && !c.deleted {
+                Some(BlobHash::from_hex(&c.blake3).map_err(|e| bad(e.to_string()))?)
+            } else {
+                None
+            },
+            parts: p.parts,
+            symlink_target: (p.kind == EntryKind::Symlink && !c.deleted).then_some(c.symlink_target),
+            epoch: self.epoch,
+            region: self.region.clone(),
+            agent_id: String::new(),
+            rename_from: (!c.rename_from.is_empty()).then_some(c.rename_from),
+        })
+    }
+
+    /// Rebuilds one part, returns its ref and, when the blob is new, its encoded bytes to store.
+    async fn rebuild_part(&self, part: PartData, fresh: &HashSet<BlobHash>) -> Result<(PartRef, Option<Vec<u8>>), Status> {
+        let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
+        if part.size > lifeboat_common::PART_SIZE as u64 {
+            return Err(bad(format!("part of {} bytes exceeds {}", part.size, lifeboat_common::PART_SIZE)));
+        }
+        let size = part.size as usize;
+        let pref = PartRef { hash, size: part.size };
+        let raw = match part.body {
+            None => return Err(bad("part without body")),
+            Some(Body::Reuse(_)) => {
+                if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
+                    return Ok((pref, None));
+                }
+                // Not here: a peer may have it (leader changed since it was acknowledged).
+                self.blobs.get_stored(&hash).await.map_err(base_missing)?;
+                return Ok((pref, None));
+            }
+            Some(Body::Full(data)) => data,
+            Some(Body::Delta(delta)) => {
+                let base_hash = BlobHash::from_hex(&part.base_hash).map_err(|e| bad(e.to_string()))?;
+                let base = match self.blobs.get_raw(&base_hash).await {
+                    Ok(b) => b,
+                    Err(e @ BlobsError::Store(_)) => return Err(base_missing(e)),
+                    Err(e) => return Err(base_missing(e)),
+                };
+                tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::with_capacity(size);
+                    fast_rsync::apply_limited(&base, &delta, &mut out, size)
+                        .map(|_| out)
+                        .map_err(|e| bad(format!("bad delta: {e}")))
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??
+            }
+        };
+        if raw.len() != size {
+            return Err(bad(format!("part content is {} bytes, declared {size}", raw.len())));
+        }
+        if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
+            // Still verify what was sent.
+            if BlobHash::of(&raw) != hash {
+                return Err(bad(format!("part content does not hash to {hash}")));
+            }
+            return Ok((pref, None));
+        }
+        let encoded = tokio::task::spawn_blocking(move || {
+            if BlobHash::of(&raw) != hash {
+                return Err(bad(format!("part content does not hash to {hash}")));
+            }
+            Ok(blob::encode(&raw))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok((pref, Some(encoded)))
+    }
+
+    async fn push(&self, mut stream: Streaming<PushMessage>) -> Result<PushReply, Status> {
+        let mut versions = Vec::new();
+        let mut change_ids = Vec::new();
+        let mut current: Option<Pending> = None;
+        let mut fresh: HashSet<BlobHash> = HashSet::new();
+        let mut new_blobs: Vec<BlobHash> = Vec::new();
+        let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            match msg.msg {
+                None => return Err(bad("empty message")),
+                Some(Msg::Change(c)) => {
+                    if let Some(p) = current.take() {
+                        versions.push(self.finish(p)?);
+                    }
+                    let kind = self.check_change(&c)?;
+                    change_ids.push(c.change_id);
+                    current = Some(Pending {
+                        change: c,
+                        kind,
+                        parts: Vec::new(),
+                    });
+                }
+                Some(Msg::Part(part)) => {
+                    let p = current.as_mut().ok_or_else(|| bad("part before any change header"))?;
+                    if part.index as usize != p.parts.len() || p.parts.len() >= p.change.part_count as usize {
+                        return Err(bad(format!(
+                            "{}: part index {} out of order (expected {} of {})",
+                            p.change.path,
+                            part.index,
+                            p.parts.len(),
+                            p.change.part_count
+                        )));
+                    }
+                    let (pref, encoded) = self.rebuild_part(part, &fresh).await?;
+                    if let Some(enc) = encoded {
+                        fresh.insert(pref.hash);
+                        new_blobs.push(pref.hash);
+                        while puts.len() >= MAX_PUTS_IN_FLIGHT {
+                            if let Some(r) = puts.join_next().await {
+                                r.map_err(|e| Status::internal(e.to_string()))??;
+                            }
+                        }
+                        let store = self.blobs.store.clone();
+                        let h = pref.hash;
+                        puts.spawn(async move {
+                            store
+                                .put(&h, enc)
+                                .await
+                                .map_err(|e| Status::unavailable(format!("blob store: {e}")))
+                        });
+                    }
+                    p.parts.push(pref);
+                }
+            }
+        }
+        if let Some(p) = current.take() {
+            versions.push(self.finish(p)?);
+        }
+        while let Some(r) = puts.join_next().await {
+            r.map_err(|e| Status::internal(e.to_string()))??;
+        }
+        if versions.is_empty() {
+            return Ok(PushReply {
+                acks: vec![],
+                log_index: 0,
+                epoch: self.epoch,
+            });
+        }
+        self.blobs
+            .replicate(new_blobs)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let n = versions.len();
+        let resp = self
+            .raft
+            .client_write(RaftRequest::CommitVersions {
+                versions,
+                commit_time_ms: lifeboat_common::now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)) => {
+                    self.leader.not_leader_status(f.leader_node.map(|n| n.addr))
+                }
+                other => Status::unavailable(format!("raft commit failed: {other}")),
+            })?;
+        let seqs = resp.data.seqs;
+        if seqs.len() != n {
+            return Err(Status::internal("state machine returned a wrong number of sequence numbers"));
+        }
+        Ok(PushReply {
+            acks: change_ids
+                .into_iter()
+                .zip(seqs)
+                .map(|(change_id, seq)| Ack { change_id, seq })
+                .collect(),
+            log_index: resp.log_id.index,
+            epoch: self.epoch,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Intake {
+    async fn push_changes(&self, req: Request<Streaming<PushMessage>>) -> Result<Response<PushReply>, Status> {
+        self.leader.ensure_leader()?;
+        let span = tracing::info_span!("push_changes", region = %self.region, node = self.leader.node_id, epoch = self.epoch);
+        let started = Instant::now();
+        let reply = self.push(req.into_inner()).instrument(span.clone()).await;
+        match &reply {
+            Ok(r) => tracing::debug!(parent: &span, changes = r.acks.len(), ms = started.elapsed().as_millis() as u64, "batch committed"),
+            Err(s) => tracing::warn!(parent: &span, code = ?s.code(), message = s.message(), "batch refused"),
+        }
+        reply.map(Response::new)
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let hb = req.into_inner();
+        if hb.agent_id.is_empty() || hb.agent_id.len() > 256 {
+            return Err(bad("agent_id must be 1..256 bytes"));
+        }
+        self.agents.lock().insert(hb.agent_id.clone(), (Instant::now(), hb));
+        Ok(Response::new(HeartbeatReply {
+            epoch: self.epoch,
+            leader_addr: self.leader.leader_addr().unwrap_or_default(),
+        }))
+    }
+}

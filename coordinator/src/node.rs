@@ -1,0 +1,132 @@
+//! Assembles a coordinator: redb file, Raft, blob store, and the gRPC server hosting the Raft,
+//! agent, admin and blob services (mutual TLS unless `insecure`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use lifeboat_common::blobstore::{BlobStore, LocalBlobStore, S3BlobStore};
+use lifeboat_proto::admin_service_server::AdminServiceServer;
+use lifeboat_proto::agent_service_server::AgentServiceServer;
+use lifeboat_proto::blob_service_server::BlobServiceServer;
+use lifeboat_proto::raft_service_server::RaftServiceServer;
+use openraft::{BasicNode, Config, SnapshotPolicy};
+
+use crate::admin::Admin;
+use crate::blobs::{BlobServer, Blobs};
+use crate::config::{BlobBackend, CoordinatorConfig};
+use crate::intake::Intake;
+use crate::leader::LeaderInfo;
+use crate::raft::network::{Network, RaftServer};
+use crate::raft::{LogStore, RegionRaft, StateMachineStore};
+
+/// Opens the configured blob store.
+///
+/// Errors: backend failures (unreachable S3, bad directory).
+pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
+    Ok(match cfg.blobs.backend {
+        BlobBackend::Local => {
+            let p = cfg.blobs.path.clone().unwrap_or_else(|| cfg.data_dir.join("blobs"));
+            Arc::new(LocalBlobStore::open(p)?)
+        }
+        BlobBackend::S3 => {
+            let s3 = cfg.blobs.s3.clone().context("blobs.s3 missing")?;
+            Arc::new(S3BlobStore::open(s3).await?)
+        }
+    })
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+///
+/// Errors: start-up failures (config, storage, bind), each with context.
+pub async fn run(cfg: CoordinatorConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
+    let db_path = cfg.data_dir.join("coordinator.redb");
+    let db = Arc::new(
+        redb::Database::create(&db_path).with_context(|| format!("open {} (is another coordinator using this data_dir?)", db_path.display()))?,
+    );
+    let log = LogStore::open(db.clone(), "region")?;
+    let sm = StateMachineStore::open(db.clone())?;
+    let catalog = sm.catalog();
+
+    let raft_config = Config {
+        cluster_name: format!("lifeboat-{}", cfg.region),
+        heartbeat_interval: cfg.raft.heartbeat_ms,
+        election_timeout_min: cfg.raft.election_timeout_min_ms,
+        election_timeout_max: cfg.raft.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: cfg.raft.max_logs_kept_after_snapshot,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft config")?;
+    let network = Network {
+        tls: cfg.tls.clone(),
+        group: "region".into(),
+    };
+    let raft: RegionRaft = openraft::Raft::new(cfg.node_id, Arc::new(raft_config), network, log, sm)
+        .await
+        .context("start raft")?;
+
+    if !cfg.members.is_empty() && !raft.is_initialized().await? {
+        let members: BTreeMap<u64, BasicNode> = cfg
+            .members
+            .iter()
+            .map(|m| (m.id, BasicNode { addr: m.addr.clone() }))
+            .collect();
+        // Every initial member calls initialize with the same membership; openraft accepts this.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::info!(error = %e, "initialize skipped");
+        }
+    }
+
+    let store = open_blob_store(&cfg).await?;
+    tracing::info!(node = cfg.node_id, region = %cfg.region, store = %store.describe(), "coordinator starting");
+    let mut blobs = Blobs::new(store, cfg.tls.clone(), cfg.node_id);
+    blobs.set_raft(raft.clone());
+    let leader = LeaderInfo {
+        raft: raft.clone(),
+        node_id: cfg.node_id,
+    };
+    let agents = Default::default();
+    let intake = Intake {
+        raft: raft.clone(),
+        blobs: blobs.clone(),
+        leader: leader.clone(),
+        region: cfg.region.clone(),
+        epoch: cfg.epoch,
+        agents: Arc::clone(&agents),
+    };
+    let admin = Admin {
+        raft: raft.clone(),
+        catalog,
+        leader: leader.clone(),
+        region: cfg.region.clone(),
+        epoch: cfg.epoch,
+        agents,
+    };
+    let max = lifeboat_common::MAX_MESSAGE_BYTES;
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024));
+    if let Some(tls) = cfg.tls.server()? {
+        builder = builder.tls_config(tls).context("server TLS config")?;
+    } else {
+        tracing::warn!("TLS disabled (insecure = true): gRPC is plaintext");
+    }
+    let addr: std::net::SocketAddr = cfg.listen.parse().with_context(|| format!("listen address {:?}", cfg.listen))?;
+    let router = builder
+        .add_service(RaftServiceServer::new(RaftServer { raft: raft.clone() }).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(AgentServiceServer::new(intake).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(BlobServiceServer::new(BlobServer { blobs }).max_decoding_message_size(max).max_encoding_message_size(max));
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+    tracing::info!(%addr, "listening");
+    router
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")?;
+    raft.shutdown().await.ok();
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Raft RPCs over tonic (mutual TLS). Each request and reply is the JSON of openraft's serde types
+//! inside a `lifeboat.v1.RaftMessage`; a reply carries `Result<Response, RaftError>` so remote
+//! Raft errors reach openraft intact. Pattern from openraft's `examples/raft-kv-memstore-grpc`.
+
+use lifeboat_common::tls::TlsConfig;
+use lifeboat_proto::raft_service_client::RaftServiceClient;
+use lifeboat_proto::raft_service_server::RaftService;
+use lifeboat_proto::RaftMessage;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use super::types::{NodeId, TypeConfig};
+use super::RegionRaft;
+
+/// Creates per-peer Raft clients for one group.
+#[derive(Clone)]
+pub struct Network {
+    /// TLS settings for outgoing connections.
+    pub tls: TlsConfig,
+    /// Raft group name sent in every message.
+    pub group: String,
+}
+
+/// Client of one peer.
+pub struct Connection {
+    target: NodeId,
+    client: Option<RaftServiceClient<Channel>>,
+    addr: String,
+    tls: TlsConfig,
+    group: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Connection {
+            target,
+            client: None,
+            addr: node.addr.clone(),
+            tls: self.tls.clone(),
+            group: self.group.clone(),
+        }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl Connection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        if self.client.is_none() {
+            let ch = self
+                .tls
+                .channel(&self.addr)
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            self.client = Some(
+                RaftServiceClient::new(ch)
+                    .max_decoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES),
+            );
+        }
+        let client = self.client.as_mut().expect("client set above");
+        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let msg = RaftMessage {
+            group: self.group.clone(),
+            data,
+        };
+        let fut = async {
+            match which {
+                "append" => client.append_entries(msg).await,
+                "vote" => client.vote(msg).await,
+                _ => client.install_snapshot(msg).await,
+            }
+        };
+        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => {
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{which} to node {} timed out", self.target));
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Ok(Err(status)) => {
+                self.client = None;
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let res: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call("vote", &rpc, &option).await
+    }
+}
+
+/// Server side: hands incoming Raft RPCs to the local openraft instance.
+pub struct RaftServer {
+    /// The local Raft of the regional group.
+    pub raft: RegionRaft,
+}
+
+fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, Status> {
+    if m.group != "region" {
+        return Err(Status::not_found(format!("unknown raft group {:?}", m.group)));
+    }
+    serde_json::from_slice(&m.data).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
+    Ok(tonic::Response::new(RaftMessage {
+        group: "region".into(),
+        data: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftServer {
+    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+        let r: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.raft.append_entries(r).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+        let r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.raft.install_snapshot(r).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+        let r: VoteRequest<NodeId> = decode(req.get_ref())?;
+        encode(&self.raft.vote(r).await)
+    }
+}
