@@ -600,13 +600,7 @@ impl Planner<'_> {
                 },
             };
             let mut retain = self.retain_left;
-            match delta::plan_file(
-                &fs_path,
-                self.limits.part_size,
-                &known,
-                &mut retain,
-                false,
-            ) {
+            match delta::plan_file(&fs_path, self.limits.part_size, &known, &mut retain, false) {
                 Ok(plan) => {
                     self.retain_left = retain;
                     c.size = plan.size;

@@ -359,8 +359,14 @@ insecure = true
     #[test]
     fn validation_errors() {
         let err = |s: &str| Config::from_toml(s).unwrap_err();
-        assert!(matches!(err(&with("bogus = 1", "")), ConfigError::Parse { .. }));
-        assert!(matches!(err(&with("", "bogus = 1")), ConfigError::Parse { .. }));
+        assert!(matches!(
+            err(&with("bogus = 1", "")),
+            ConfigError::Parse { .. }
+        ));
+        assert!(matches!(
+            err(&with("", "bogus = 1")),
+            ConfigError::Parse { .. }
+        ));
         assert!(matches!(
             err(&with("batch_max_changes = 0", "")),
             ConfigError::Zero("batch_max_changes")

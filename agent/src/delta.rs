@@ -364,7 +364,10 @@ mod tests {
         assert_eq!(choose(0, &a, &BlobHash::of(&a), &prev).0, Body::Reuse);
         // Content of another acknowledged part (moved data): reuse.
         assert_eq!(choose(0, &b, &BlobHash::of(&b), &prev).0, Body::Reuse);
-        assert_eq!(choose(5, &other, &BlobHash::of(&other), &prev).0, Body::Reuse);
+        assert_eq!(
+            choose(5, &other, &BlobHash::of(&other), &prev).0,
+            Body::Reuse
+        );
         // A small edit: delta against the old part at that index.
         let mut a2 = a.clone();
         a2[30_000] ^= 0xff;
@@ -381,7 +384,10 @@ mod tests {
         }
         // Unrelated content: the delta is not smaller, so full.
         let fresh = pseudo_random(64 * 1024, 9);
-        assert_eq!(choose(1, &fresh, &BlobHash::of(&fresh), &prev).0, Body::Full);
+        assert_eq!(
+            choose(1, &fresh, &BlobHash::of(&fresh), &prev).0,
+            Body::Full
+        );
         // No old part at that index: full.
         assert_eq!(choose(7, &a2, &BlobHash::of(&a2), &prev).0, Body::Full);
         // No signature stored: full.

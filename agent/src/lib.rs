@@ -1,0 +1,31 @@
+//! Lifeboat agent: watches protected directories and streams their changes — in bounded parts,
+//! as rsync-style deltas where that is smaller, or as references to content the coordinator
+//! already stores — to the regional coordinator leader, following leadership changes.
+//!
+//! Code map:
+//! - [`config`]: the TOML config and its validation.
+//! - [`state`]: the redb state (acknowledged entries, part signatures, acknowledged blobs, epoch).
+//! - [`scan`]: roots, include/exclude filters, `lstat` of one entry.
+//! - [`watch`]: notify + debouncer, forwarded into a tokio channel.
+//! - [`delta`]: reading files part by part, hashing, reuse/delta/full choice.
+//! - [`batch`]: the work queue and the batch planner.
+//! - [`push`]: the gRPC client, the lazy part stream, leader following.
+//! - [`status`]: progress counters and `status.json`.
+//! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
+//!
+//! **Invariant**: the local state only advances when the coordinator acknowledged the change;
+//! a batch that was not acknowledged is sent again whole.
+
+pub mod agent;
+pub mod batch;
+pub mod config;
+pub mod delta;
+pub mod push;
+pub mod scan;
+pub mod state;
+pub mod status;
+pub mod watch;
+
+pub use agent::{Agent, AgentError, Options};
+pub use config::{Config, ConfigError, PathConfig};
+pub use status::Status;

@@ -233,7 +233,9 @@ pub fn lstat(path: &Path) -> std::io::Result<Found> {
             Err(_) => return Ok(Found::Unsupported("symlink target is not valid UTF-8")),
         }
     } else {
-        return Ok(Found::Unsupported("not a regular file, directory or symlink"));
+        return Ok(Found::Unsupported(
+            "not a regular file, directory or symlink",
+        ));
     };
     Ok(Found::Entry(EntryMeta {
         kind,
@@ -341,7 +343,10 @@ mod tests {
         let root = roots.roots[0].path.clone();
         assert_eq!(roots.locate(&root), Ok((0, String::new())));
         assert_eq!(roots.locate(&root.join("a/b")), Ok((0, "a/b".into())));
-        assert_eq!(roots.locate(&d.path().join("other")), Err(Unmapped::Outside));
+        assert_eq!(
+            roots.locate(&d.path().join("other")),
+            Err(Unmapped::Outside)
+        );
         assert_eq!(
             roots.locate(&roots.data_dir.join("status.json")),
             Err(Unmapped::Outside)

@@ -279,7 +279,10 @@ impl StateDb {
             if epoch > cur {
                 meta.insert(META_EPOCH, epoch)?;
             }
-            let cur = meta.get(META_NEXT_CHANGE_ID)?.map(|v| v.value()).unwrap_or(0);
+            let cur = meta
+                .get(META_NEXT_CHANGE_ID)?
+                .map(|v| v.value())
+                .unwrap_or(0);
             if next_change_id > cur {
                 meta.insert(META_NEXT_CHANGE_ID, next_change_id)?;
             }

@@ -16,7 +16,13 @@ use tonic::transport::Channel;
 pub struct ConnArgs {
     /// Coordinator address `host:port` (repeat or comma-separate for several; any member works,
     /// the CLI finds the leader).
-    #[arg(long = "coordinator", short = 'c', env = "LIFEBOAT_COORDINATOR", value_delimiter = ',', default_value = "127.0.0.1:7101")]
+    #[arg(
+        long = "coordinator",
+        short = 'c',
+        env = "LIFEBOAT_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7101"
+    )]
     pub coordinators: Vec<String>,
     /// Directory with `ca.pem`, `admin.pem`, `admin.key` (as written by `lifeboat certs init`).
     #[arg(long, env = "LIFEBOAT_TLS_DIR")]
@@ -104,8 +110,10 @@ impl ConnArgs {
     ///
     /// Errors: bad TLS files or address.
     pub fn blobs(&self, addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
-        Ok(BlobServiceClient::new(self.channel(addr).context("blob channel")?)
-            .max_decoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES))
+        Ok(
+            BlobServiceClient::new(self.channel(addr).context("blob channel")?)
+                .max_decoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES),
+        )
     }
 }
 

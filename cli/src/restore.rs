@@ -41,7 +41,13 @@ pub struct RestoreReport {
 /// Lists versions under `prefix` as of `at_ms` (None = latest).
 ///
 /// Errors: RPC failures, bad rows.
-pub async fn list(conn: &ConnArgs, prefix: &str, at_ms: Option<i64>, all_versions: bool, include_deleted: bool) -> anyhow::Result<(Vec<FileVersion>, String)> {
+pub async fn list(
+    conn: &ConnArgs,
+    prefix: &str,
+    at_ms: Option<i64>,
+    all_versions: bool,
+    include_deleted: bool,
+) -> anyhow::Result<(Vec<FileVersion>, String)> {
     let (mut admin, addr) = conn.admin().await?;
     let mut s = admin
         .list_versions(ListVersionsRequest {
@@ -56,16 +62,27 @@ pub async fn list(conn: &ConnArgs, prefix: &str, at_ms: Option<i64>, all_version
     let mut out = Vec::new();
     while let Some(row) = s.next().await {
         let row = row.map_err(|e| anyhow!("list versions: {}", e.message()))?;
-        out.push(FileVersion::from_pb(&row).with_context(|| format!("bad catalog row for {:?}", row.path))?);
+        out.push(
+            FileVersion::from_pb(&row)
+                .with_context(|| format!("bad catalog row for {:?}", row.path))?,
+        );
     }
     Ok((out, addr))
 }
 
-async fn fetch_part(conn: &ConnArgs, addr: &str, hash: &BlobHash, verify: bool) -> anyhow::Result<Vec<u8>> {
+async fn fetch_part(
+    conn: &ConnArgs,
+    addr: &str,
+    hash: &BlobHash,
+    verify: bool,
+) -> anyhow::Result<Vec<u8>> {
     let mut c = conn.blobs(addr)?;
-    let mut req = tonic::Request::new(FetchBlobsRequest { hashes: vec![hash.to_hex()] });
+    let mut req = tonic::Request::new(FetchBlobsRequest {
+        hashes: vec![hash.to_hex()],
+    });
     if verify {
-        req.metadata_mut().insert("x-lifeboat-verify", "1".parse().expect("ascii"));
+        req.metadata_mut()
+            .insert("x-lifeboat-verify", "1".parse().expect("ascii"));
     }
     let mut s = c
         .fetch_blobs(req)
@@ -82,10 +99,17 @@ async fn fetch_part(conn: &ConnArgs, addr: &str, hash: &BlobHash, verify: bool) 
 
 /// Fetches and verifies one blob; on a verification failure asks the coordinator to verify and
 /// repair from its peers once, then fails with a corruption error naming the blob.
-async fn get_part(conn: &ConnArgs, addr: &str, hash: &BlobHash, path: &str) -> anyhow::Result<Vec<u8>> {
+async fn get_part(
+    conn: &ConnArgs,
+    addr: &str,
+    hash: &BlobHash,
+    path: &str,
+) -> anyhow::Result<Vec<u8>> {
     let stored = fetch_part(conn, addr, hash, false).await?;
     let h = *hash;
-    match tokio::task::spawn_blocking(move || blob::decode(&h, &stored, lifeboat_common::PART_SIZE)).await? {
+    match tokio::task::spawn_blocking(move || blob::decode(&h, &stored, lifeboat_common::PART_SIZE))
+        .await?
+    {
         Ok(raw) => Ok(raw),
         Err(first) => {
             let stored = fetch_part(conn, addr, hash, true)
@@ -102,31 +126,50 @@ fn mkdirs(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     match std::fs::symlink_metadata(&p) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            std::fs::remove_file(&p).with_context(|| format!("replace {} with a directory", p.display()))?;
+            std::fs::remove_file(&p)
+                .with_context(|| format!("replace {} with a directory", p.display()))?;
             std::fs::create_dir(&p)?;
         }
         Err(_) => {
             if let Some((parent, _)) = rel.rsplit_once('/') {
                 mkdirs(root, parent)?;
             }
-            std::fs::create_dir(&p).or_else(|e| if p.is_dir() { Ok(()) } else { Err(e) }).with_context(|| format!("create {}", p.display()))?;
+            std::fs::create_dir(&p)
+                .or_else(|e| if p.is_dir() { Ok(()) } else { Err(e) })
+                .with_context(|| format!("create {}", p.display()))?;
         }
     }
     Ok(p)
 }
 
-async fn restore_file(conn: &ConnArgs, addr: &str, root: &Path, v: &FileVersion) -> anyhow::Result<u64> {
+async fn restore_file(
+    conn: &ConnArgs,
+    addr: &str,
+    root: &Path,
+    v: &FileVersion,
+) -> anyhow::Result<u64> {
     if let Some((parent, _)) = v.v.path.rsplit_once('/') {
         mkdirs(root, parent)?;
     }
     let dest = safe_join(root, &v.v.path, true)?;
-    let dir = dest.parent().expect("joined path has a parent").to_path_buf();
-    let mut tmp = tempfile::Builder::new().prefix(".lifeboat-restore-").tempfile_in(&dir)?;
+    let dir = dest
+        .parent()
+        .expect("joined path has a parent")
+        .to_path_buf();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".lifeboat-restore-")
+        .tempfile_in(&dir)?;
     let mut hasher = blake3::Hasher::new();
     for part in &v.v.parts {
         let raw = get_part(conn, addr, &part.hash, &v.v.path).await?;
         if raw.len() as u64 != part.size {
-            bail!("{}: part {} has {} bytes, catalog says {}", v.v.path, part.hash, raw.len(), part.size);
+            bail!(
+                "{}: part {} has {} bytes, catalog says {}",
+                v.v.path,
+                part.hash,
+                raw.len(),
+                part.size
+            );
         }
         hasher.update(&raw);
         tmp.write_all(&raw)?;
@@ -145,7 +188,8 @@ async fn restore_file(conn: &ConnArgs, addr: &str, root: &Path, v: &FileVersion)
     f.set_modified(mtime(v.v.mtime_ns))?;
     f.sync_all()?;
     // rename(2) replaces a symlink entry itself, never its target.
-    tmp.persist(&dest).map_err(|e| anyhow!("rename into {}: {}", dest.display(), e.error))?;
+    tmp.persist(&dest)
+        .map_err(|e| anyhow!("rename into {}: {}", dest.display(), e.error))?;
     Ok(v.v.size)
 }
 
@@ -160,18 +204,30 @@ fn mtime(ns: i64) -> std::time::SystemTime {
 /// Restores `versions` into `to` through coordinator `addr`. `progress` shows a bar.
 ///
 /// Errors: the first failure (path refused, blob corrupted, I/O), naming the path.
-pub async fn restore(conn: &ConnArgs, addr: &str, versions: Vec<FileVersion>, to: &Path, progress: bool) -> anyhow::Result<RestoreReport> {
+pub async fn restore(
+    conn: &ConnArgs,
+    addr: &str,
+    versions: Vec<FileVersion>,
+    to: &Path,
+    progress: bool,
+) -> anyhow::Result<RestoreReport> {
     let started = Instant::now();
     std::fs::create_dir_all(to).with_context(|| format!("create target {}", to.display()))?;
     let root = to.canonicalize()?;
     let mut report = RestoreReport::default();
-    let total: u64 = versions.iter().filter(|v| v.v.kind == EntryKind::File).map(|v| v.v.size).sum();
+    let total: u64 = versions
+        .iter()
+        .filter(|v| v.v.kind == EntryKind::File)
+        .map(|v| v.v.size)
+        .sum();
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} restoring [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} restoring [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         b
     } else {
@@ -219,13 +275,17 @@ pub async fn restore(conn: &ConnArgs, addr: &str, versions: Vec<FileVersion>, to
             }
             std::fs::remove_file(&dest)?;
         }
-        std::os::unix::fs::symlink(&target, &dest).with_context(|| format!("create symlink {}", dest.display()))?;
+        std::os::unix::fs::symlink(&target, &dest)
+            .with_context(|| format!("create symlink {}", dest.display()))?;
         report.symlinks += 1;
     }
     // Directory modes and mtimes last, deepest first (writing inside changes a dir's mtime).
     let mut by_depth: HashMap<usize, Vec<&FileVersion>> = HashMap::new();
     for d in &dirs {
-        by_depth.entry(d.v.path.matches('/').count()).or_default().push(d);
+        by_depth
+            .entry(d.v.path.matches('/').count())
+            .or_default()
+            .push(d);
     }
     let mut depths: Vec<_> = by_depth.keys().copied().collect();
     depths.sort_unstable_by(|a, b| b.cmp(a));

@@ -20,7 +20,9 @@ const CODEC_ZSTD: u8 = 1;
 pub const ZSTD_LEVEL: i32 = 1;
 
 /// A blake3 content hash (32 bytes), shown as 64 lowercase hex characters.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct BlobHash(pub [u8; 32]);
 
 impl BlobHash {
@@ -113,11 +115,16 @@ pub fn decode(hash: &BlobHash, stored: &[u8], max_size: usize) -> Result<Vec<u8>
         c => return Err(corrupted(format!("unknown codec {c}"))),
     };
     if raw.len() > max_size {
-        return Err(corrupted(format!("content of {} bytes exceeds {max_size}", raw.len())));
+        return Err(corrupted(format!(
+            "content of {} bytes exceeds {max_size}",
+            raw.len()
+        )));
     }
     let got = BlobHash::of(&raw);
     if &got != hash {
-        return Err(corrupted(format!("content hashes to {got}, expected {hash}")));
+        return Err(corrupted(format!(
+            "content hashes to {got}, expected {hash}"
+        )));
     }
     Ok(raw)
 }
@@ -135,7 +142,10 @@ mod tests {
         let mut bad = enc.clone();
         let n = bad.len();
         bad[n - 3] ^= 0xff;
-        assert!(matches!(decode(&h, &bad, crate::PART_SIZE), Err(BlobError::Corrupted { .. })));
+        assert!(matches!(
+            decode(&h, &bad, crate::PART_SIZE),
+            Err(BlobError::Corrupted { .. })
+        ));
         assert!(decode(&h, b"junk", crate::PART_SIZE).is_err());
         assert!(decode(&h, b"", crate::PART_SIZE).is_err());
         assert_eq!(BlobHash::from_hex(&h.to_hex()).unwrap(), h);

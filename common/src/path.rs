@@ -27,7 +27,9 @@ pub enum PathError {
     #[error("path of {0} bytes refused: longer than 4096 bytes")]
     TooLong(usize),
     /// An existing component of the destination is a symlink (would write through it).
-    #[error("path {path:?} refused: component {component:?} is a symlink; refusing to write through it")]
+    #[error(
+        "path {path:?} refused: component {component:?} is a symlink; refusing to write through it"
+    )]
     SymlinkComponent {
         /// The checked path.
         path: String,
@@ -98,12 +100,30 @@ mod tests {
 
     #[test]
     fn refuses_escapes() {
-        assert!(matches!(validate_rel_path("../etc/passwd"), Err(PathError::ParentDir(_))));
-        assert!(matches!(validate_rel_path("a/../../b"), Err(PathError::ParentDir(_))));
-        assert!(matches!(validate_rel_path("/etc/passwd"), Err(PathError::Absolute(_))));
-        assert!(matches!(validate_rel_path("a//b"), Err(PathError::BadComponent(_))));
-        assert!(matches!(validate_rel_path("./a"), Err(PathError::BadComponent(_))));
-        assert!(matches!(validate_rel_path("a\\..\\b"), Err(PathError::BadChar(_))));
+        assert!(matches!(
+            validate_rel_path("../etc/passwd"),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_rel_path("a/../../b"),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_rel_path("/etc/passwd"),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            validate_rel_path("a//b"),
+            Err(PathError::BadComponent(_))
+        ));
+        assert!(matches!(
+            validate_rel_path("./a"),
+            Err(PathError::BadComponent(_))
+        ));
+        assert!(matches!(
+            validate_rel_path("a\\..\\b"),
+            Err(PathError::BadChar(_))
+        ));
         assert!(matches!(validate_rel_path(""), Err(PathError::Empty)));
         assert!(validate_rel_path("dir/file.txt").is_ok());
         assert!(validate_rel_path("..hidden/x..y").is_ok());
@@ -117,7 +137,13 @@ mod tests {
         let err = safe_join(d.path(), "link/file", false).unwrap_err();
         assert!(matches!(err, PathError::SymlinkComponent { .. }), "{err}");
         assert!(safe_join(d.path(), "link", false).is_err());
-        assert_eq!(safe_join(d.path(), "link", true).unwrap(), d.path().join("link"));
-        assert_eq!(safe_join(d.path(), "a/b", false).unwrap(), d.path().join("a/b"));
+        assert_eq!(
+            safe_join(d.path(), "link", true).unwrap(),
+            d.path().join("link")
+        );
+        assert_eq!(
+            safe_join(d.path(), "a/b", false).unwrap(),
+            d.path().join("a/b")
+        );
     }
 }

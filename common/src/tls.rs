@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 /// DNS name clients expect in server certificates unless configured otherwise.
 pub const DEFAULT_SERVER_NAME: &str = "lifeboat";
@@ -80,11 +82,9 @@ impl TlsConfig {
             return Ok(None);
         }
         let id = Identity::from_pem(read(&self.cert, "cert")?, read(&self.key, "key")?);
-        Ok(Some(
-            ServerTlsConfig::new()
-                .identity(id)
-                .client_ca_root(Certificate::from_pem(read(&self.ca, "ca")?)),
-        ))
+        Ok(Some(ServerTlsConfig::new().identity(id).client_ca_root(
+            Certificate::from_pem(read(&self.ca, "ca")?),
+        )))
     }
 
     /// Client side: trust only the cluster CA and present our certificate.
@@ -192,10 +192,11 @@ pub fn init_dev_ca(dir: &Path) -> Result<(), TlsError> {
 ///
 /// Errors: [`TlsError`] if the CA is missing or generation fails.
 pub fn issue_cert(dir: &Path, name: &str, extra: &[String]) -> Result<(), TlsError> {
-    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).map_err(|source| TlsError::Read {
-        path: dir.join("ca.key"),
-        source,
-    })?;
+    let ca_key_pem =
+        std::fs::read_to_string(dir.join("ca.key")).map_err(|source| TlsError::Read {
+            path: dir.join("ca.key"),
+            source,
+        })?;
     let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem).map_err(gen_err)?;
     let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
     let mut sans = vec![

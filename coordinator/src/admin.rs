@@ -102,17 +102,27 @@ impl AdminService for Admin {
         let at = (r.at_ms != 0).then_some(r.at_ms);
         let rows = self
             .catalog
-            .list(r.prefix.trim_end_matches('/'), at, r.all_versions, r.include_deleted)
+            .list(
+                r.prefix.trim_end_matches('/'),
+                at,
+                r.all_versions,
+                r.include_deleted,
+            )
             .map_err(internal)?;
         let s = futures::stream::iter(rows.into_iter().map(|v| Ok(v.to_pb())));
         Ok(Response::new(Box::pin(s)))
     }
 
-    async fn add_member(&self, req: Request<AddMemberRequest>) -> Result<Response<MembershipReply>, Status> {
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
         self.leader.ensure_leader()?;
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
-            return Err(Status::invalid_argument("id must be > 0 and addr host:port"));
+            return Err(Status::invalid_argument(
+                "id must be > 0 and addr host:port",
+            ));
         }
         self.raft
             .add_learner(r.id, BasicNode { addr: r.addr }, true)
@@ -122,12 +132,19 @@ impl AdminService for Admin {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([r.id].into()), false)
                 .await
-                .map_err(|e| Status::failed_precondition(format!("promote {} to voter: {e}", r.id)))?;
+                .map_err(|e| {
+                    Status::failed_precondition(format!("promote {} to voter: {e}", r.id))
+                })?;
         }
-        Ok(Response::new(MembershipReply { members: self.members() }))
+        Ok(Response::new(MembershipReply {
+            members: self.members(),
+        }))
     }
 
-    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipReply>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
         self.leader.ensure_leader()?;
         let id = req.into_inner().id;
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -141,24 +158,39 @@ impl AdminService for Admin {
             .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
             .await
             .map_err(|e| Status::failed_precondition(format!("remove node {id}: {e}")))?;
-        Ok(Response::new(MembershipReply { members: self.members() }))
+        Ok(Response::new(MembershipReply {
+            members: self.members(),
+        }))
     }
 
     async fn trigger_snapshot(
         &self,
         _req: Request<TriggerSnapshotRequest>,
     ) -> Result<Response<TriggerSnapshotReply>, Status> {
-        let target = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let target = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
         self.raft.trigger().snapshot().await.map_err(internal)?;
         let mut rx = self.raft.metrics();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let idx = rx.borrow().snapshot.map(|s| s.index).unwrap_or(0);
             if idx >= target {
-                return Ok(Response::new(TriggerSnapshotReply { snapshot_index: idx }));
+                return Ok(Response::new(TriggerSnapshotReply {
+                    snapshot_index: idx,
+                }));
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Err(Status::deadline_exceeded("snapshot did not complete within 30 s"));
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(Status::deadline_exceeded(
+                    "snapshot did not complete within 30 s",
+                ));
             }
         }
     }

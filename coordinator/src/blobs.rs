@@ -17,6 +17,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::{NodeId, RegionRaft};
 
+/// Request header: answer from the local store only (set on node-to-node fetches, so a missing
+/// blob never bounces between peers).
+pub const NO_FORWARD_HEADER: &str = "x-lifeboat-no-forward";
+/// Request header: verify each blob before sending and, if the local copy is corrupted or
+/// missing, fetch an intact copy from a peer (repairing the local one).
+pub const VERIFY_HEADER: &str = "x-lifeboat-verify";
+
 /// Blob access shared by intake, admin and the blob service.
 #[derive(Clone)]
 pub struct Blobs {
@@ -37,7 +44,9 @@ pub enum BlobsError {
     #[error(transparent)]
     Corrupt(#[from] blob::BlobError),
     /// Not enough followers stored the blobs.
-    #[error("blob replication reached {got} of {needed} coordinators needed for a majority: {detail}")]
+    #[error(
+        "blob replication reached {got} of {needed} coordinators needed for a majority: {detail}"
+    )]
     NoMajority {
         /// Copies confirmed (including the leader's).
         got: usize,
@@ -83,7 +92,10 @@ impl Blobs {
     }
 
     fn client(&self, addr: &str) -> Result<BlobServiceClient<tonic::transport::Channel>, Status> {
-        let ch = self.tls.channel(addr).map_err(|e| Status::internal(e.to_string()))?;
+        let ch = self
+            .tls
+            .channel(addr)
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(BlobServiceClient::new(ch)
             .max_decoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(lifeboat_common::MAX_MESSAGE_BYTES))
@@ -106,13 +118,15 @@ impl Blobs {
         }
         let (_, peers) = self.peers();
         for addr in peers.values() {
-            let Ok(mut c) = self.client(addr) else { continue };
-            let Ok(resp) = c
-                .fetch_blobs(FetchBlobsRequest {
-                    hashes: vec![hash.to_hex()],
-                })
-                .await
-            else {
+            let Ok(mut c) = self.client(addr) else {
+                continue;
+            };
+            let mut req = Request::new(FetchBlobsRequest {
+                hashes: vec![hash.to_hex()],
+            });
+            req.metadata_mut()
+                .insert(NO_FORWARD_HEADER, "1".parse().expect("ascii"));
+            let Ok(resp) = c.fetch_blobs(req).await else {
                 continue;
             };
             let mut s = resp.into_inner();
@@ -175,7 +189,11 @@ impl Blobs {
         if got >= needed {
             Ok(())
         } else {
-            Err(BlobsError::NoMajority { got, needed, detail })
+            Err(BlobsError::NoMajority {
+                got,
+                needed,
+                detail,
+            })
         }
     }
 
@@ -188,7 +206,14 @@ impl Blobs {
             for h in hashes {
                 match store.get(&h).await {
                     Ok(stored) => {
-                        if tx.send(StoredBlob { hash: h.to_hex(), stored }).await.is_err() {
+                        if tx
+                            .send(StoredBlob {
+                                hash: h.to_hex(),
+                                stored,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -218,12 +243,16 @@ pub struct BlobServer {
 
 #[tonic::async_trait]
 impl BlobService for BlobServer {
-    async fn put_blobs(&self, req: Request<Streaming<StoredBlob>>) -> Result<Response<PutBlobsReply>, Status> {
+    async fn put_blobs(
+        &self,
+        req: Request<Streaming<StoredBlob>>,
+    ) -> Result<Response<PutBlobsReply>, Status> {
         let mut s = req.into_inner();
         let mut n = 0;
         while let Some(b) = s.next().await {
             let b = b?;
-            let hash = BlobHash::from_hex(&b.hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let hash =
+                BlobHash::from_hex(&b.hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if self.blobs.store.contains(&hash).await.unwrap_or(false) {
                 n += 1;
                 continue;
@@ -245,20 +274,43 @@ impl BlobService for BlobServer {
         Ok(Response::new(PutBlobsReply { stored: n }))
     }
 
-    type FetchBlobsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<StoredBlob, Status>> + Send>>;
+    type FetchBlobsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<StoredBlob, Status>> + Send>>;
 
-    async fn fetch_blobs(&self, req: Request<FetchBlobsRequest>) -> Result<Response<Self::FetchBlobsStream>, Status> {
+    async fn fetch_blobs(
+        &self,
+        req: Request<FetchBlobsRequest>,
+    ) -> Result<Response<Self::FetchBlobsStream>, Status> {
+        let no_forward = req.metadata().contains_key(NO_FORWARD_HEADER);
+        let verify = req.metadata().contains_key(VERIFY_HEADER);
         let mut hashes = Vec::new();
         for h in req.into_inner().hashes {
-            hashes.push(BlobHash::from_hex(&h).map_err(|e| Status::invalid_argument(e.to_string()))?);
+            hashes
+                .push(BlobHash::from_hex(&h).map_err(|e| Status::invalid_argument(e.to_string()))?);
         }
-        let store = self.blobs.store.clone();
+        let blobs = self.blobs.clone();
         let s = futures::stream::iter(hashes).then(move |h| {
-            let store = store.clone();
+            let blobs = blobs.clone();
             async move {
-                match store.get(&h).await {
-                    Ok(stored) => Ok(StoredBlob { hash: h.to_hex(), stored }),
-                    Err(BlobStoreError::NotFound(h)) => Err(Status::not_found(format!("blob {h} not found"))),
+                let res = if verify && !no_forward {
+                    blobs.get_stored(&h).await
+                } else {
+                    match blobs.store.get(&h).await {
+                        Err(BlobStoreError::NotFound(_)) if !no_forward => {
+                            blobs.get_stored(&h).await
+                        }
+                        other => other.map_err(BlobsError::from),
+                    }
+                };
+                match res {
+                    Ok(stored) => Ok(StoredBlob {
+                        hash: h.to_hex(),
+                        stored,
+                    }),
+                    Err(BlobsError::Store(BlobStoreError::NotFound(h))) => Err(Status::not_found(
+                        format!("blob {h} not found on any coordinator"),
+                    )),
+                    Err(e @ BlobsError::Corrupt(_)) => Err(Status::data_loss(e.to_string())),
                     Err(e) => Err(Status::internal(e.to_string())),
                 }
             }

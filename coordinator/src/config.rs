@@ -164,12 +164,18 @@ impl CoordinatorConfig {
             )));
         }
         if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
-            return Err(ConfigError::Invalid("blobs.backend = \"s3\" needs a [blobs.s3] section".into()));
+            return Err(ConfigError::Invalid(
+                "blobs.backend = \"s3\" needs a [blobs.s3] section".into(),
+            ));
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {
+        if r.heartbeat_ms == 0
+            || r.election_timeout_min_ms <= r.heartbeat_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        {
             return Err(ConfigError::Invalid(
-                "raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
+                "raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
+                    .into(),
             ));
         }
         if self.epoch == 0 {
@@ -180,6 +186,8 @@ impl CoordinatorConfig {
 
     /// The address others reach this node at.
     pub fn advertise_addr(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
     }
 }

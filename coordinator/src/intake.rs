@@ -18,7 +18,9 @@ use lifeboat_common::path::validate_rel_path;
 use lifeboat_proto::agent_service_server::AgentService;
 use lifeboat_proto::part_data::Body;
 use lifeboat_proto::push_message::Msg;
-use lifeboat_proto::{Ack, FileChange, HeartbeatReply, HeartbeatRequest, PartData, PushMessage, PushReply};
+use lifeboat_proto::{
+    Ack, FileChange, HeartbeatReply, HeartbeatRequest, PartData, PushMessage, PushReply,
+};
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,7 +28,7 @@ use tracing::Instrument;
 
 use crate::blobs::{Blobs, BlobsError};
 use crate::leader::LeaderInfo;
-use crate::raft::{Request as RaftRequest, RegionRaft};
+use crate::raft::{RegionRaft, Request as RaftRequest};
 
 /// Last heartbeat of each agent.
 pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
@@ -112,7 +114,10 @@ impl Intake {
         }
         let sum: u64 = p.parts.iter().map(|x| x.size).sum();
         if !c.deleted && p.kind == EntryKind::File && sum != c.size {
-            return Err(bad(format!("{}: parts add up to {sum} bytes, size says {}", c.path, c.size)));
+            return Err(bad(format!(
+                "{}: parts add up to {sum} bytes, size says {}",
+                c.path, c.size
+            )));
         }
         Ok(NewVersion {
             path: c.path,
@@ -127,7 +132,8 @@ impl Intake {
                 None
             },
             parts: p.parts,
-            symlink_target: (p.kind == EntryKind::Symlink && !c.deleted).then_some(c.symlink_target),
+            symlink_target: (p.kind == EntryKind::Symlink && !c.deleted)
+                .then_some(c.symlink_target),
             epoch: self.epoch,
             region: self.region.clone(),
             agent_id: String::new(),
@@ -136,17 +142,29 @@ impl Intake {
     }
 
     /// Rebuilds one part, returns its ref and, when the blob is new, its encoded bytes to store.
-    async fn rebuild_part(&self, part: PartData, fresh: &HashSet<BlobHash>) -> Result<(PartRef, Option<Vec<u8>>), Status> {
+    async fn rebuild_part(
+        &self,
+        part: PartData,
+        fresh: &HashSet<BlobHash>,
+    ) -> Result<(PartRef, Option<Vec<u8>>), Status> {
         let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
         if part.size > lifeboat_common::PART_SIZE as u64 {
-            return Err(bad(format!("part of {} bytes exceeds {}", part.size, lifeboat_common::PART_SIZE)));
+            return Err(bad(format!(
+                "part of {} bytes exceeds {}",
+                part.size,
+                lifeboat_common::PART_SIZE
+            )));
         }
         let size = part.size as usize;
-        let pref = PartRef { hash, size: part.size };
+        let pref = PartRef {
+            hash,
+            size: part.size,
+        };
         let raw = match part.body {
             None => return Err(bad("part without body")),
             Some(Body::Reuse(_)) => {
-                if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
+                if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false)
+                {
                     return Ok((pref, None));
                 }
                 // Not here: a peer may have it (leader changed since it was acknowledged).
@@ -155,7 +173,8 @@ impl Intake {
             }
             Some(Body::Full(data)) => data,
             Some(Body::Delta(delta)) => {
-                let base_hash = BlobHash::from_hex(&part.base_hash).map_err(|e| bad(e.to_string()))?;
+                let base_hash =
+                    BlobHash::from_hex(&part.base_hash).map_err(|e| bad(e.to_string()))?;
                 let base = match self.blobs.get_raw(&base_hash).await {
                     Ok(b) => b,
                     Err(e @ BlobsError::Store(_)) => return Err(base_missing(e)),
@@ -172,7 +191,10 @@ impl Intake {
             }
         };
         if raw.len() != size {
-            return Err(bad(format!("part content is {} bytes, declared {size}", raw.len())));
+            return Err(bad(format!(
+                "part content is {} bytes, declared {size}",
+                raw.len()
+            )));
         }
         if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
             // Still verify what was sent.
@@ -216,8 +238,12 @@ impl Intake {
                     });
                 }
                 Some(Msg::Part(part)) => {
-                    let p = current.as_mut().ok_or_else(|| bad("part before any change header"))?;
-                    if part.index as usize != p.parts.len() || p.parts.len() >= p.change.part_count as usize {
+                    let p = current
+                        .as_mut()
+                        .ok_or_else(|| bad("part before any change header"))?;
+                    if part.index as usize != p.parts.len()
+                        || p.parts.len() >= p.change.part_count as usize
+                    {
                         return Err(bad(format!(
                             "{}: part index {} out of order (expected {} of {})",
                             p.change.path,
@@ -274,14 +300,16 @@ impl Intake {
             })
             .await
             .map_err(|e| match e {
-                openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)) => {
-                    self.leader.not_leader_status(f.leader_node.map(|n| n.addr))
-                }
+                openraft::error::RaftError::APIError(
+                    openraft::error::ClientWriteError::ForwardToLeader(f),
+                ) => self.leader.not_leader_status(f.leader_node.map(|n| n.addr)),
                 other => Status::unavailable(format!("raft commit failed: {other}")),
             })?;
         let seqs = resp.data.seqs;
         if seqs.len() != n {
-            return Err(Status::internal("state machine returned a wrong number of sequence numbers"));
+            return Err(Status::internal(
+                "state machine returned a wrong number of sequence numbers",
+            ));
         }
         Ok(PushReply {
             acks: change_ids
@@ -297,24 +325,36 @@ impl Intake {
 
 #[tonic::async_trait]
 impl AgentService for Intake {
-    async fn push_changes(&self, req: Request<Streaming<PushMessage>>) -> Result<Response<PushReply>, Status> {
+    async fn push_changes(
+        &self,
+        req: Request<Streaming<PushMessage>>,
+    ) -> Result<Response<PushReply>, Status> {
         self.leader.ensure_leader()?;
         let span = tracing::info_span!("push_changes", region = %self.region, node = self.leader.node_id, epoch = self.epoch);
         let started = Instant::now();
         let reply = self.push(req.into_inner()).instrument(span.clone()).await;
         match &reply {
-            Ok(r) => tracing::debug!(parent: &span, changes = r.acks.len(), ms = started.elapsed().as_millis() as u64, "batch committed"),
-            Err(s) => tracing::warn!(parent: &span, code = ?s.code(), message = s.message(), "batch refused"),
+            Ok(r) => {
+                tracing::debug!(parent: &span, changes = r.acks.len(), ms = started.elapsed().as_millis() as u64, "batch committed")
+            }
+            Err(s) => {
+                tracing::warn!(parent: &span, code = ?s.code(), message = s.message(), "batch refused")
+            }
         }
         reply.map(Response::new)
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         let hb = req.into_inner();
         if hb.agent_id.is_empty() || hb.agent_id.len() > 256 {
             return Err(bad("agent_id must be 1..256 bytes"));
         }
-        self.agents.lock().insert(hb.agent_id.clone(), (Instant::now(), hb));
+        self.agents
+            .lock()
+            .insert(hb.agent_id.clone(), (Instant::now(), hb));
         Ok(Response::new(HeartbeatReply {
             epoch: self.epoch,
             leader_addr: self.leader.leader_addr().unwrap_or_default(),

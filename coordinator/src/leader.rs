@@ -25,7 +25,10 @@ impl LeaderInfo {
     pub fn leader_addr(&self) -> Option<String> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
     }
 
     /// `Ok` when this node is the leader; otherwise `UNAVAILABLE` naming the leader.

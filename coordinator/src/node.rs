@@ -26,7 +26,11 @@ use crate::raft::{LogStore, RegionRaft, StateMachineStore};
 pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
     Ok(match cfg.blobs.backend {
         BlobBackend::Local => {
-            let p = cfg.blobs.path.clone().unwrap_or_else(|| cfg.data_dir.join("blobs"));
+            let p = cfg
+                .blobs
+                .path
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("blobs"));
             Arc::new(LocalBlobStore::open(p)?)
         }
         BlobBackend::S3 => {
@@ -39,12 +43,19 @@ pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn 
 /// Runs a coordinator until `shutdown` resolves.
 ///
 /// Errors: start-up failures (config, storage, bind), each with context.
-pub async fn run(cfg: CoordinatorConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
+pub async fn run(
+    cfg: CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
     let db_path = cfg.data_dir.join("coordinator.redb");
-    let db = Arc::new(
-        redb::Database::create(&db_path).with_context(|| format!("open {} (is another coordinator using this data_dir?)", db_path.display()))?,
-    );
+    let db = Arc::new(redb::Database::create(&db_path).with_context(|| {
+        format!(
+            "open {} (is another coordinator using this data_dir?)",
+            db_path.display()
+        )
+    })?);
     let log = LogStore::open(db.clone(), "region")?;
     let sm = StateMachineStore::open(db.clone())?;
     let catalog = sm.catalog();
@@ -65,15 +76,23 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl std::future::Future<Outp
         tls: cfg.tls.clone(),
         group: "region".into(),
     };
-    let raft: RegionRaft = openraft::Raft::new(cfg.node_id, Arc::new(raft_config), network, log, sm)
-        .await
-        .context("start raft")?;
+    let raft: RegionRaft =
+        openraft::Raft::new(cfg.node_id, Arc::new(raft_config), network, log, sm)
+            .await
+            .context("start raft")?;
 
     if !cfg.members.is_empty() && !raft.is_initialized().await? {
         let members: BTreeMap<u64, BasicNode> = cfg
             .members
             .iter()
-            .map(|m| (m.id, BasicNode { addr: m.addr.clone() }))
+            .map(|m| {
+                (
+                    m.id,
+                    BasicNode {
+                        addr: m.addr.clone(),
+                    },
+                )
+            })
             .collect();
         // Every initial member calls initialize with the same membership; openraft accepts this.
         if let Err(e) = raft.initialize(members).await {
@@ -115,16 +134,40 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl std::future::Future<Outp
     } else {
         tracing::warn!("TLS disabled (insecure = true): gRPC is plaintext");
     }
-    let addr: std::net::SocketAddr = cfg.listen.parse().with_context(|| format!("listen address {:?}", cfg.listen))?;
+    let addr: std::net::SocketAddr = cfg
+        .listen
+        .parse()
+        .with_context(|| format!("listen address {:?}", cfg.listen))?;
     let router = builder
-        .add_service(RaftServiceServer::new(RaftServer { raft: raft.clone() }).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(AgentServiceServer::new(intake).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(BlobServiceServer::new(BlobServer { blobs }).max_decoding_message_size(max).max_encoding_message_size(max));
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+        .add_service(
+            RaftServiceServer::new(RaftServer { raft: raft.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AgentServiceServer::new(intake)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AdminServiceServer::new(admin)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            BlobServiceServer::new(BlobServer { blobs })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {addr}"))?;
     tracing::info!(%addr, "listening");
     router
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .context("gRPC server")?;
     raft.shutdown().await.ok();

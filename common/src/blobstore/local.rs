@@ -61,7 +61,9 @@ impl BlobStore for LocalBlobStore {
             if !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
                 if let Some(pp) = dir.parent() {
-                    std::fs::File::open(pp).and_then(|f| f.sync_all()).map_err(|e| io(pp, e))?;
+                    std::fs::File::open(pp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| io(pp, e))?;
                 }
             }
             write_atomic(&path, &stored).map_err(|e| io(&path, e))
@@ -74,13 +76,17 @@ impl BlobStore for LocalBlobStore {
         let path = self.path_of(hash);
         match tokio::fs::read(&path).await {
             Ok(d) => Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BlobStoreError::NotFound(*hash)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(BlobStoreError::NotFound(*hash))
+            }
             Err(e) => Err(io(&path, e)),
         }
     }
 
     async fn contains(&self, hash: &BlobHash) -> Result<bool, BlobStoreError> {
-        Ok(tokio::fs::try_exists(self.path_of(hash)).await.unwrap_or(false))
+        Ok(tokio::fs::try_exists(self.path_of(hash))
+            .await
+            .unwrap_or(false))
     }
 
     fn is_shared(&self) -> bool {

@@ -40,11 +40,16 @@ impl LogStore {
         Ok(s)
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
         let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
         let t = tx.open_table(self.meta).map_err(|e| sto_err(false, e))?;
         match t.get(key).map_err(|e| sto_err(false, e))? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(|e| sto_err(false, e))?)),
+            Some(v) => Ok(Some(
+                serde_json::from_slice(v.value()).map_err(|e| sto_err(false, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -54,7 +59,8 @@ impl LogStore {
         let tx = self.db.begin_write().map_err(|e| sto_err(true, e))?;
         {
             let mut t = tx.open_table(self.meta).map_err(|e| sto_err(true, e))?;
-            t.insert(key, data.as_slice()).map_err(|e| sto_err(true, e))?;
+            t.insert(key, data.as_slice())
+                .map_err(|e| sto_err(true, e))?;
         }
         tx.commit().map_err(|e| sto_err(true, e))
     }
@@ -130,15 +136,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get_meta("vote")
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
         self.put_meta("committed", &committed)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,

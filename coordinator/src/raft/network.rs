@@ -6,7 +6,9 @@ use lifeboat_common::tls::TlsConfig;
 use lifeboat_proto::raft_service_client::RaftServiceClient;
 use lifeboat_proto::raft_service_server::RaftService;
 use lifeboat_proto::RaftMessage;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -93,7 +95,10 @@ impl Connection {
         };
         let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
-                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{which} to node {} timed out", self.target));
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{which} to node {} timed out", self.target),
+                );
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Ok(Err(status)) => {
@@ -102,8 +107,8 @@ impl Connection {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
-        let res: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let res: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -125,7 +130,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         self.call("snapshot", &rpc, &option).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call("vote", &rpc, &option).await
     }
 }
@@ -138,9 +147,13 @@ pub struct RaftServer {
 
 fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, Status> {
     if m.group != "region" {
-        return Err(Status::not_found(format!("unknown raft group {:?}", m.group)));
+        return Err(Status::not_found(format!(
+            "unknown raft group {:?}",
+            m.group
+        )));
     }
-    serde_json::from_slice(&m.data).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
+    serde_json::from_slice(&m.data)
+        .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
@@ -152,17 +165,26 @@ fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
 
 #[tonic::async_trait]
 impl RaftService for RaftServer {
-    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, Status> {
         let r: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.raft.append_entries(r).await)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, Status> {
         let r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.raft.install_snapshot(r).await)
     }
 
-    async fn vote(&self, req: Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, Status> {
+    async fn vote(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, Status> {
         let r: VoteRequest<NodeId> = decode(req.get_ref())?;
         encode(&self.raft.vote(r).await)
     }

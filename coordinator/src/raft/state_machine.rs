@@ -20,7 +20,10 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
     StoredMembership,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use super::types::{sto_err, NodeId, Request, Response, StorageError, TypeConfig};
@@ -138,7 +141,11 @@ impl Catalog {
     pub fn latest(&self, path: &str) -> Result<Option<FileVersion>, StorageError> {
         let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
         let l = tx.open_table(LATEST).map_err(|e| sto_err(false, e))?;
-        let Some(seq) = l.get(path).map_err(|e| sto_err(false, e))?.map(|g| g.value()) else {
+        let Some(seq) = l
+            .get(path)
+            .map_err(|e| sto_err(false, e))?
+            .map(|g| g.value())
+        else {
             return Ok(None);
         };
         let t = tx.open_table(VERSIONS).map_err(|e| sto_err(false, e))?;
@@ -194,7 +201,10 @@ impl StateMachineStore {
     }
 }
 
-fn meta_get<T: for<'a> Deserialize<'a>>(tx: &WriteTransaction, key: &str) -> Result<Option<T>, StorageError> {
+fn meta_get<T: for<'a> Deserialize<'a>>(
+    tx: &WriteTransaction,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
     let m = tx.open_table(META).map_err(|e| sto_err(false, e))?;
     let r = match m.get(key).map_err(|e| sto_err(false, e))? {
         Some(v) => Some(unjson(v.value())?),
@@ -206,17 +216,28 @@ fn meta_get<T: for<'a> Deserialize<'a>>(tx: &WriteTransaction, key: &str) -> Res
 fn meta_put<T: Serialize>(tx: &WriteTransaction, key: &str, v: &T) -> Result<(), StorageError> {
     let data = json(v)?;
     let mut m = tx.open_table(META).map_err(|e| sto_err(true, e))?;
-    m.insert(key, data.as_slice()).map_err(|e| sto_err(true, e))?;
+    m.insert(key, data.as_slice())
+        .map_err(|e| sto_err(true, e))?;
     Ok(())
 }
 
 /// Inserts one committed version and updates `latest`, `by_seq` and the counters.
-fn insert_version(tx: &WriteTransaction, fv: &FileVersion, stats: &mut CatalogStats) -> Result<(), StorageError> {
+fn insert_version(
+    tx: &WriteTransaction,
+    fv: &FileVersion,
+    stats: &mut CatalogStats,
+) -> Result<(), StorageError> {
     let mut latest = tx.open_table(LATEST).map_err(|e| sto_err(true, e))?;
     let mut versions = tx.open_table(VERSIONS).map_err(|e| sto_err(true, e))?;
-    let prev_seq = latest.get(fv.v.path.as_str()).map_err(|e| sto_err(true, e))?.map(|g| g.value());
+    let prev_seq = latest
+        .get(fv.v.path.as_str())
+        .map_err(|e| sto_err(true, e))?
+        .map(|g| g.value());
     if let Some(ps) = prev_seq {
-        if let Some(pv) = versions.get((fv.v.path.as_str(), ps)).map_err(|e| sto_err(true, e))? {
+        if let Some(pv) = versions
+            .get((fv.v.path.as_str(), ps))
+            .map_err(|e| sto_err(true, e))?
+        {
             let prev: FileVersion = unjson(pv.value())?;
             if !prev.v.deleted {
                 stats.live_entries = stats.live_entries.saturating_sub(1);
@@ -232,9 +253,13 @@ fn insert_version(tx: &WriteTransaction, fv: &FileVersion, stats: &mut CatalogSt
     versions
         .insert((fv.v.path.as_str(), fv.seq), data.as_slice())
         .map_err(|e| sto_err(true, e))?;
-    latest.insert(fv.v.path.as_str(), fv.seq).map_err(|e| sto_err(true, e))?;
+    latest
+        .insert(fv.v.path.as_str(), fv.seq)
+        .map_err(|e| sto_err(true, e))?;
     let mut by_seq = tx.open_table(BY_SEQ).map_err(|e| sto_err(true, e))?;
-    by_seq.insert(fv.seq, fv.v.path.as_str()).map_err(|e| sto_err(true, e))?;
+    by_seq
+        .insert(fv.seq, fv.v.path.as_str())
+        .map_err(|e| sto_err(true, e))?;
     Ok(())
 }
 
@@ -244,7 +269,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
             let m = tx.open_table(META).map_err(|e| sto_err(false, e))?;
             let get = |k: &str| -> Result<Option<Vec<u8>>, StorageError> {
-                Ok(m.get(k).map_err(|e| sto_err(false, e))?.map(|v| v.value().to_vec()))
+                Ok(m.get(k)
+                    .map_err(|e| sto_err(false, e))?
+                    .map(|v| v.value().to_vec()))
             };
             let last_applied: Option<LogId<NodeId>> = match get("last_applied")? {
                 Some(b) => unjson(&b)?,
@@ -272,7 +299,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         let snapshot_id = format!(
             "{}-{}-{}",
-            last_applied.map(|l| l.leader_id.to_string()).unwrap_or_default(),
+            last_applied
+                .map(|l| l.leader_id.to_string())
+                .unwrap_or_default(),
             last_applied.map(|l| l.index).unwrap_or(0),
             lifeboat_common::now_ms()
         );
@@ -284,8 +313,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let tx = self.db.begin_write().map_err(|e| sto_err(true, e))?;
         {
             let mut s = tx.open_table(SNAPSHOT).map_err(|e| sto_err(true, e))?;
-            s.insert("meta", json(&meta)?.as_slice()).map_err(|e| sto_err(true, e))?;
-            s.insert("data", data.as_slice()).map_err(|e| sto_err(true, e))?;
+            s.insert("meta", json(&meta)?.as_slice())
+                .map_err(|e| sto_err(true, e))?;
+            s.insert("data", data.as_slice())
+                .map_err(|e| sto_err(true, e))?;
         }
         tx.commit().map_err(|e| sto_err(true, e))?;
         Ok(Snapshot {
@@ -331,7 +362,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => out.push(Response::default()),
                 EntryPayload::Membership(m) => {
-                    meta_put(&tx, "membership", &StoredMembership::new(Some(entry.log_id), m))?;
+                    meta_put(
+                        &tx,
+                        "membership",
+                        &StoredMembership::new(Some(entry.log_id), m),
+                    )?;
                     out.push(Response::default());
                 }
                 EntryPayload::Normal(Request::CommitVersions {
@@ -395,8 +430,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta_put(&tx, "membership", &meta.last_membership)?;
         {
             let mut s = tx.open_table(SNAPSHOT).map_err(|e| sto_err(true, e))?;
-            s.insert("meta", json(meta)?.as_slice()).map_err(|e| sto_err(true, e))?;
-            s.insert("data", bytes.as_slice()).map_err(|e| sto_err(true, e))?;
+            s.insert("meta", json(meta)?.as_slice())
+                .map_err(|e| sto_err(true, e))?;
+            s.insert("data", bytes.as_slice())
+                .map_err(|e| sto_err(true, e))?;
         }
         tx.commit().map_err(|e| sto_err(true, e))
     }
@@ -404,8 +441,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
         let s = tx.open_table(SNAPSHOT).map_err(|e| sto_err(false, e))?;
-        let meta = s.get("meta").map_err(|e| sto_err(false, e))?.map(|v| v.value().to_vec());
-        let data = s.get("data").map_err(|e| sto_err(false, e))?.map(|v| v.value().to_vec());
+        let meta = s
+            .get("meta")
+            .map_err(|e| sto_err(false, e))?
+            .map(|v| v.value().to_vec());
+        let data = s
+            .get("data")
+            .map_err(|e| sto_err(false, e))?
+            .map(|v| v.value().to_vec());
         match (meta, data) {
             (Some(m), Some(d)) => Ok(Some(Snapshot {
                 meta: unjson(&m)?,
@@ -423,11 +466,19 @@ mod tests {
 
     struct Builder;
 
-    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().expect("tempdir");
             let db = Arc::new(Database::create(dir.path().join("t.redb")).expect("redb"));
-            Ok((dir, LogStore::open(db.clone(), "region")?, StateMachineStore::open(db)?))
+            Ok((
+                dir,
+                LogStore::open(db.clone(), "region")?,
+                StateMachineStore::open(db)?,
+            ))
         }
     }
 

@@ -48,6 +48,10 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// Wraps a redb or serde failure as an openraft storage error (read or write, on the store).
 pub fn sto_err(write: bool, e: impl std::error::Error + 'static) -> StorageError {
     use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
-    let verb = if write { ErrorVerb::Write } else { ErrorVerb::Read };
+    let verb = if write {
+        ErrorVerb::Write
+    } else {
+        ErrorVerb::Read
+    };
     StorageIOError::new(ErrorSubject::Store, verb, openraft::AnyError::new(&e)).into()
 }

@@ -1,0 +1,776 @@
+//! The agent: initial scan, watching, planning batches, pushing them until acknowledged, recording
+//! acknowledged state, heartbeats and `status.json`.
+//!
+//! One batch is in flight at a time: the next batch is planned against the state the previous
+//! acknowledgement produced (delta bases, acknowledged blobs). A batch that is not acknowledged is
+//! resent whole; the state only advances on an acknowledgement.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_common::blob::BlobHash;
+use lifeboat_common::PART_SIZE;
+use lifeboat_proto as pb;
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio::time::Instant;
+use tracing::{Instrument, Span};
+
+use crate::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
+use crate::config::{Config, ConfigError};
+use crate::delta::Body;
+use crate::push::{blamed_change, PushClient, PushError, SendOptions};
+use crate::scan::{Roots, Unmapped};
+use crate::state::{StateDb, StateError};
+use crate::status::{self, Progress, Status};
+use crate::watch::{self, Activity, WatchError, WatchEvent};
+
+/// How long an in-flight batch may still take after SIGTERM/SIGINT.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// First retry delay after a failure; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Largest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Minimum interval between two writes of `status.json` (ms).
+pub const STATUS_INTERVAL_MS: u64 = 200;
+/// `status.json` is rewritten at least this often even without changes (ms), so `updated_ms`
+/// shows the agent is alive.
+pub const STATUS_REFRESH_MS: i64 = 1000;
+/// Full rescan interval when some directory could not be watched.
+pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
+/// Payload bytes per batch kept in memory from planning (small files are not read twice).
+pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
+/// Times a change the coordinator accepted without acknowledging it is resent before giving up.
+const MAX_UNACKED_RETRIES: u32 = 3;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The file watcher could not be created.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    /// Invalid [`Options`].
+    #[error("agent options: {0}")]
+    Options(String),
+    /// A background task panicked.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Runtime knobs that are not part of the config file.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Content bytes per part (default and maximum [`PART_SIZE`]; tests use smaller parts).
+    pub part_size: usize,
+    /// Payload bytes per batch kept in memory from planning (default 16 MiB).
+    pub retain_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            part_size: PART_SIZE,
+            retain_bytes: DEFAULT_RETAIN_BYTES,
+        }
+    }
+}
+
+/// Stop request: `Some(deadline)` once shutdown was asked for.
+type StopRx = tokio_watch::Receiver<Option<Instant>>;
+
+/// The agent. Build with [`Agent::new`], then call [`Agent::run_once`] or [`Agent::run`].
+pub struct Agent {
+    cfg: Config,
+    opts: Options,
+    roots: Arc<Roots>,
+    state: Arc<StateDb>,
+    client: Arc<PushClient>,
+    progress: Arc<Progress>,
+    queue: WorkQueue,
+    next_change_id: u64,
+    unacked: HashMap<String, u32>,
+    degraded: bool,
+    span: Span,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("agent_id", &self.cfg.agent_id)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AgentError> {
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))
+}
+
+/// Waits until `stop` asks for shutdown; returns the deadline.
+async fn stopped(stop: &mut StopRx) -> Instant {
+    let deadline = stop.wait_for(|d| d.is_some()).await.ok().map(|d| *d);
+    match deadline {
+        Some(d) => d.unwrap_or_else(Instant::now),
+        // Sender gone: nobody can ask any more.
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    /// An agent for a validated `cfg` with default [`Options`]; opens (creates) the state in
+    /// `data_dir`.
+    ///
+    /// Errors: [`AgentError`] for an invalid config or an unusable state database.
+    pub fn new(cfg: Config) -> Result<Agent, AgentError> {
+        Agent::with_options(cfg, Options::default())
+    }
+
+    /// Like [`Agent::new`] with explicit [`Options`].
+    ///
+    /// Errors: [`AgentError`].
+    pub fn with_options(cfg: Config, opts: Options) -> Result<Agent, AgentError> {
+        cfg.validate()?;
+        if opts.part_size == 0 || opts.part_size > PART_SIZE {
+            return Err(AgentError::Options(format!(
+                "part_size {} must be between 1 and {PART_SIZE} bytes",
+                opts.part_size
+            )));
+        }
+        let state = Arc::new(StateDb::open(&cfg.data_dir)?);
+        let roots = Arc::new(Roots::new(&cfg.paths, &cfg.data_dir)?);
+        let epoch = state.epoch()?;
+        let progress = Arc::new(Progress::default());
+        progress.epoch.store(epoch, Ordering::Relaxed);
+        progress
+            .files_tracked
+            .store(state.count()?, Ordering::Relaxed);
+        // Ids stay unique and increasing across restarts: never below the persisted high-water
+        // mark, nor below the current time in µs.
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let next_change_id = state.next_change_id()?.max(now_us).max(1);
+        let client = Arc::new(PushClient::new(
+            cfg.tls.clone(),
+            cfg.coordinators.clone(),
+            opts.part_size,
+        ));
+        let span = tracing::info_span!("agent", node = %cfg.agent_id, region = %cfg.region, epoch);
+        span.record("epoch", epoch);
+        Ok(Agent {
+            cfg,
+            opts,
+            roots,
+            state,
+            client,
+            progress,
+            queue: WorkQueue::default(),
+            next_change_id,
+            unacked: HashMap::new(),
+            degraded: false,
+            span,
+        })
+    }
+
+    /// Live progress counters (what `status.json` shows).
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// The status as it would be written now (without watcher activity).
+    pub fn status(&self) -> Status {
+        self.progress.snapshot(
+            &self.cfg.agent_id,
+            self.client.coordinators.current(),
+            None,
+            0,
+        )
+    }
+
+    /// `--once`: scans every root, pushes everything until acknowledged, writes `status.json`
+    /// and returns the final status. Retries (with backoff) until the coordinators answer.
+    ///
+    /// Errors: [`AgentError`] on state database failures.
+    pub async fn run_once(self) -> Result<Status, AgentError> {
+        self.run_inner(None::<std::future::Pending<()>>).await
+    }
+
+    /// Runs until `shutdown` completes: initial scan, then watching; on shutdown the in-flight
+    /// batch may finish within [`SHUTDOWN_GRACE`]. Writes `status.json` on the way out and
+    /// returns the final status.
+    ///
+    /// Errors: [`AgentError`] on state database or watcher setup failures.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Status, AgentError> {
+        self.run_inner(Some(shutdown)).await
+    }
+
+    async fn run_inner<F: Future<Output = ()> + Send + 'static>(
+        mut self,
+        shutdown: Option<F>,
+    ) -> Result<Status, AgentError> {
+        let span = self.span.clone();
+        async move {
+            let watching = shutdown.is_some();
+            let (stop_tx, mut stop_rx) = tokio_watch::channel(None::<Instant>);
+            let stop_tx = Arc::new(stop_tx);
+            let mut signal_task = None;
+            if let Some(sd) = shutdown {
+                let tx = stop_tx.clone();
+                signal_task = Some(tokio::spawn(async move {
+                    sd.await;
+                    tracing::info!("shutdown requested; finishing the batch in flight");
+                    let _ = tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
+                }));
+            }
+            let (helpers_tx, helpers_rx) = tokio_watch::channel(None::<Instant>);
+            let activity = Arc::new(Activity::new(self.roots.data_dir.clone()));
+            let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+            let mut _watcher = None;
+            if watching {
+                let dirs: Vec<_> = self
+                    .roots
+                    .roots
+                    .iter()
+                    .map(|r| r.path.clone())
+                    .filter(|p| p.is_dir())
+                    .collect();
+                let w = watch::start(
+                    &dirs,
+                    Duration::from_millis(self.cfg.debounce_ms),
+                    activity.clone(),
+                    ev_tx,
+                )?;
+                self.degraded = w.incomplete;
+                _watcher = Some(w);
+            }
+            let hb = tokio::spawn(
+                heartbeat_loop(
+                    self.client.clone(),
+                    self.progress.clone(),
+                    self.state.clone(),
+                    self.cfg.agent_id.clone(),
+                    Duration::from_millis(self.cfg.heartbeat_ms),
+                    helpers_rx.clone(),
+                    Span::current(),
+                )
+                .in_current_span(),
+            );
+            let quiet_ms = (self.cfg.debounce_ms * 3 / 2 + 50) as i64;
+            let writer = tokio::spawn(
+                status_loop(
+                    self.progress.clone(),
+                    self.client.clone(),
+                    self.cfg.agent_id.clone(),
+                    self.cfg.data_dir.clone(),
+                    watching.then(|| activity.clone()),
+                    quiet_ms,
+                    helpers_rx,
+                )
+                .in_current_span(),
+            );
+
+            tracing::info!(roots = self.roots.roots.len(), "initial scan");
+            for i in 0..self.roots.roots.len() {
+                self.queue.push_back(Work::scan_root(i));
+            }
+            self.progress.busy.store(true, Ordering::Relaxed);
+            let mut last_rescan = Instant::now();
+            let result = async {
+                loop {
+                    while let Ok(ev) = ev_rx.try_recv() {
+                        self.on_event(ev, &activity);
+                    }
+                    if stop_rx.borrow().is_some() {
+                        break;
+                    }
+                    if !self.queue.is_empty() {
+                        self.progress.busy.store(true, Ordering::Relaxed);
+                        self.step(&mut stop_rx).await?;
+                        continue;
+                    }
+                    if !self.progress.scan_complete.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            files_tracked = self.progress.files_tracked.load(Ordering::Relaxed),
+                            "initial scan complete; everything acknowledged"
+                        );
+                    }
+                    self.progress.pending_changes.store(0, Ordering::Relaxed);
+                    self.progress.busy.store(false, Ordering::Relaxed);
+                    if !watching {
+                        break;
+                    }
+                    let rescan_at = last_rescan + DEGRADED_RESCAN;
+                    tokio::select! {
+                        ev = ev_rx.recv() => {
+                            if let Some(ev) = ev {
+                                self.on_event(ev, &activity);
+                            }
+                        }
+                        _ = stopped(&mut stop_rx) => break,
+                        _ = tokio::time::sleep_until(rescan_at), if self.degraded => {
+                            tracing::info!("periodic rescan (some directories are not watched)");
+                            last_rescan = Instant::now();
+                            self.rescan_all();
+                        }
+                    }
+                }
+                Ok::<(), AgentError>(())
+            }
+            .await;
+
+            drop(_watcher);
+            let _ = helpers_tx.send(Some(Instant::now()));
+            let _ = hb.await;
+            let _ = writer.await;
+            if let Some(t) = signal_task {
+                t.abort();
+            }
+            self.progress
+                .pending_changes
+                .store(self.queue.len() as u64, Ordering::Relaxed);
+            self.progress
+                .busy
+                .store(!self.queue.is_empty(), Ordering::Relaxed);
+            let final_status = self.progress.snapshot(
+                &self.cfg.agent_id,
+                self.client.coordinators.current(),
+                None,
+                0,
+            );
+            if let Err(e) = status::write_atomic(&self.cfg.data_dir, &final_status) {
+                tracing::warn!(path = %status::path(&self.cfg.data_dir).display(), error = %e, "cannot write status file");
+            }
+            result?;
+            tracing::info!(
+                changes_acked = final_status.changes_acked,
+                bytes_sent = final_status.bytes_sent,
+                "agent stopped"
+            );
+            Ok(final_status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn rescan_all(&mut self) {
+        for i in 0..self.roots.roots.len() {
+            self.queue.push_back(Work::scan_root(i));
+        }
+    }
+
+    fn on_event(&mut self, ev: WatchEvent, activity: &Activity) {
+        self.progress.busy.store(true, Ordering::Relaxed);
+        self.progress
+            .last_event_ms
+            .store(lifeboat_common::now_ms(), Ordering::Relaxed);
+        match ev {
+            WatchEvent::Dirty(p) => self.dirty(&p, None),
+            WatchEvent::Renamed { from, to } => {
+                self.dirty(&from, None);
+                let from_wire = self
+                    .roots
+                    .locate(&from)
+                    .ok()
+                    .map(|(r, rel)| self.roots.wire_path(r, &rel));
+                self.dirty(&to, from_wire);
+            }
+            WatchEvent::Rescan(p) => {
+                let root = p.and_then(|p| self.roots.locate(&p).ok()).map(|(r, _)| r);
+                match root {
+                    Some(r) => {
+                        tracing::info!(root = %self.roots.roots[r].path.display(), "events lost; rescanning root");
+                        self.queue.push_back(Work::scan_root(r));
+                    }
+                    None => {
+                        tracing::info!("events lost; rescanning every root");
+                        self.rescan_all();
+                    }
+                }
+            }
+            WatchEvent::LimitReached => {
+                if !self.degraded {
+                    tracing::warn!("{}", watch::LIMIT_HINT);
+                }
+                self.degraded = true;
+            }
+        }
+        activity.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn dirty(&mut self, p: &std::path::Path, rename_from: Option<String>) {
+        match self.roots.locate(p) {
+            Ok((root, rel)) => {
+                let parent = rel.rsplit_once('/').map(|(d, _)| d.to_string());
+                let is_root = rel.is_empty();
+                self.queue.push_back(Work::Path {
+                    root,
+                    rel,
+                    rename_from,
+                    walk: true,
+                    sweep: true,
+                });
+                if !is_root {
+                    // The parent's mtime changed too.
+                    self.queue.push_back(Work::Path {
+                        root,
+                        rel: parent.unwrap_or_default(),
+                        rename_from: None,
+                        walk: false,
+                        sweep: false,
+                    });
+                }
+            }
+            Err(Unmapped::Outside) => {}
+            Err(Unmapped::BadName(n)) => {
+                tracing::warn!(path = %n, "skipping path that cannot be replicated (not UTF-8 or not a valid relative path)");
+            }
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.cfg.batch_max_bytes,
+            max_changes: self.cfg.batch_max_changes,
+            part_size: self.opts.part_size,
+            retain_bytes: self.opts.retain_bytes.min(self.cfg.batch_max_bytes),
+        }
+    }
+
+    /// Plans one batch and pushes it until it is acknowledged (or shutdown's grace runs out).
+    async fn step(&mut self, stop: &mut StopRx) -> Result<(), AgentError> {
+        let mut queue = std::mem::take(&mut self.queue);
+        let (roots, state, limits, mut next) = (
+            self.roots.clone(),
+            self.state.clone(),
+            self.limits(),
+            self.next_change_id,
+        );
+        let (queue, next, planned) = blocking(move || {
+            let r = build_batch(&mut queue, &roots, &state, limits, &mut next);
+            (queue, next, r)
+        })
+        .await?;
+        self.queue = queue;
+        self.next_change_id = next;
+        let batch = planned?;
+        self.progress
+            .pending_changes
+            .store((self.queue.len() + batch.len()) as u64, Ordering::Relaxed);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send(batch, stop).await
+    }
+
+    fn requeue(&mut self, changes: &[PlannedChange]) {
+        for c in changes.iter().rev() {
+            self.queue.push_front(c.requeue());
+        }
+    }
+
+    /// Pushes `batch` until acknowledged, following the leader, backing off on failures, resending
+    /// full on `base_missing`, and dropping changes the coordinator refuses as invalid.
+    async fn send(
+        &mut self,
+        batch: Vec<PlannedChange>,
+        stop: &mut StopRx,
+    ) -> Result<(), AgentError> {
+        let mut work: VecDeque<(Vec<PlannedChange>, bool)> = VecDeque::from([(batch, false)]);
+        let mut backoff = BACKOFF_START;
+        let mut redirects = 0u32;
+        while let Some((changes, mut force_full)) = work.pop_front() {
+            let changes = Arc::new(changes);
+            loop {
+                let opts = SendOptions {
+                    force_full,
+                    epoch: self.progress.epoch.load(Ordering::Relaxed),
+                };
+                tracing::debug!(changes = changes.len(), force_full, leader = %self.client.coordinators.current(), "pushing batch");
+                let call = self
+                    .client
+                    .push(changes.clone(), opts, self.progress.sent.clone());
+                let Some(result) = until_deadline(stop, call).await else {
+                    tracing::warn!(changes = changes.len(), "shutdown grace over; batch not acknowledged (it will be sent again on restart)");
+                    self.requeue(&changes);
+                    for (rest, _) in work.iter().rev() {
+                        self.requeue(rest);
+                    }
+                    return Ok(());
+                };
+                match result {
+                    Ok(reply) => {
+                        self.acked(&changes, reply).await?;
+                        backoff = BACKOFF_START;
+                        redirects = 0;
+                        break;
+                    }
+                    Err(PushError::NotLeader { leader }) => {
+                        self.client.coordinators.redirect(&leader);
+                        redirects += 1;
+                        if redirects > 3 {
+                            // Coordinators disagree on who leads (election in progress): slow down.
+                            sleep_or_stop(stop, &mut backoff).await;
+                        }
+                    }
+                    Err(PushError::BaseMissing(msg)) if !force_full => {
+                        tracing::warn!(message = %msg, "coordinator is missing a base blob; resending the batch with every part full");
+                        let reused: Vec<BlobHash> = changes
+                            .iter()
+                            .flat_map(|c| c.parts.iter())
+                            .filter(|p| p.body == Body::Reuse)
+                            .map(|p| p.hash)
+                            .collect();
+                        let state = self.state.clone();
+                        blocking(move || state.forget_acked_blobs(&reused)).await??;
+                        force_full = true;
+                    }
+                    Err(PushError::Invalid(msg)) => {
+                        let mut rest = (*changes).clone();
+                        if let Some(i) = blamed_change(&msg, &rest) {
+                            let c = rest.remove(i);
+                            tracing::error!(path = %c.path, message = %msg, "coordinator refused the change; dropping it");
+                            if !rest.is_empty() {
+                                work.push_front((rest, force_full));
+                            }
+                        } else if rest.len() == 1 {
+                            tracing::error!(path = %rest[0].path, message = %msg, "coordinator refused the change; dropping it");
+                        } else {
+                            // Cannot tell which change: bisect.
+                            let second = rest.split_off(rest.len() / 2);
+                            work.push_front((second, force_full));
+                            work.push_front((rest, force_full));
+                        }
+                        break;
+                    }
+                    Err(PushError::Changed { path }) => {
+                        tracing::debug!(path = %path.display(), "replanning batch");
+                        self.requeue(&changes);
+                        break;
+                    }
+                    Err(e @ (PushError::Transport { .. } | PushError::Tls(_))) => {
+                        let failed = self.client.coordinators.current();
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "push failed; trying the next coordinator");
+                        self.client.coordinators.rotate(&failed);
+                        sleep_or_stop(stop, &mut backoff).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "push refused; retrying");
+                        sleep_or_stop(stop, &mut backoff).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an acknowledged batch in one state transaction and updates the counters.
+    async fn acked(
+        &mut self,
+        changes: &[PlannedChange],
+        reply: pb::PushReply,
+    ) -> Result<(), AgentError> {
+        let seqs: HashMap<u64, u64> = reply.acks.iter().map(|a| (a.change_id, a.seq)).collect();
+        let mut records = Vec::with_capacity(changes.len());
+        let mut missing = Vec::new();
+        for c in changes {
+            match seqs.get(&c.change_id) {
+                Some(seq) => {
+                    self.unacked.remove(&c.path);
+                    records.push(c.acked(*seq));
+                }
+                None => missing.push(c.clone()),
+            }
+        }
+        let epoch = self.observe_epoch(reply.epoch);
+        let n = records.len() as u64;
+        let (state, next) = (self.state.clone(), self.next_change_id);
+        let tracked = blocking(move || {
+            state.commit(&records, epoch, next)?;
+            state.count()
+        })
+        .await??;
+        self.progress
+            .files_tracked
+            .store(tracked, Ordering::Relaxed);
+        self.progress.changes_acked.fetch_add(n, Ordering::Relaxed);
+        self.progress.batches_acked.fetch_add(1, Ordering::Relaxed);
+        self.progress
+            .last_ack_ms
+            .store(lifeboat_common::now_ms(), Ordering::Relaxed);
+        tracing::debug!(
+            changes = n,
+            log_index = reply.log_index,
+            "batch acknowledged"
+        );
+        for c in missing {
+            let tries = self.unacked.entry(c.path.clone()).or_insert(0);
+            *tries += 1;
+            if *tries > MAX_UNACKED_RETRIES {
+                tracing::error!(path = %c.path, "coordinator keeps replying without acknowledging this change; giving up on it until it changes again");
+                self.unacked.remove(&c.path);
+            } else {
+                tracing::warn!(path = %c.path, change_id = c.change_id, "reply did not acknowledge this change; sending it again");
+                self.queue.push_back(c.requeue());
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises the highest epoch seen; returns it.
+    fn observe_epoch(&self, epoch: u64) -> u64 {
+        let prev = self.progress.epoch.fetch_max(epoch, Ordering::Relaxed);
+        if epoch > prev {
+            self.span.record("epoch", epoch);
+            tracing::info!(epoch, "new epoch");
+        }
+        prev.max(epoch)
+    }
+}
+
+/// Runs `fut` unless the shutdown grace runs out first (`None` then).
+async fn until_deadline<T>(stop: &mut StopRx, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        let deadline = *stop.borrow();
+        match deadline {
+            Some(d) => return tokio::time::timeout_at(d, &mut fut).await.ok(),
+            None => {
+                tokio::select! {
+                    r = &mut fut => return Some(r),
+                    _ = stopped(stop) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `backoff` (cut short by the shutdown deadline), then doubles it up to [`BACKOFF_MAX`].
+async fn sleep_or_stop(stop: &mut StopRx, backoff: &mut Duration) {
+    let mut until = Instant::now() + *backoff;
+    if let Some(d) = *stop.borrow() {
+        until = until.min(d);
+    }
+    let _ = until_deadline(stop, tokio::time::sleep_until(until)).await;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+}
+
+async fn heartbeat_loop(
+    client: Arc<PushClient>,
+    progress: Arc<Progress>,
+    state: Arc<StateDb>,
+    agent_id: String,
+    every: Duration,
+    mut stop: StopRx,
+    agent_span: Span,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let sent = &progress.sent;
+        let req = pb::HeartbeatRequest {
+            agent_id: agent_id.clone(),
+            epoch: progress.epoch.load(Ordering::Relaxed),
+            files_tracked: progress.files_tracked.load(Ordering::Relaxed),
+            pending_changes: progress.pending_changes.load(Ordering::Relaxed),
+            bytes_sent: sent.full.load(Ordering::Relaxed) + sent.delta.load(Ordering::Relaxed),
+            changes_acked: progress.changes_acked.load(Ordering::Relaxed),
+        };
+        let result = tokio::select! {
+            r = client.heartbeat(req) => r,
+            _ = stopped(&mut stop) => return,
+        };
+        match result {
+            Ok(reply) => {
+                let prev = progress.epoch.fetch_max(reply.epoch, Ordering::Relaxed);
+                if reply.epoch > prev {
+                    agent_span.record("epoch", reply.epoch);
+                    tracing::info!(epoch = reply.epoch, "new epoch (heartbeat)");
+                    let (state, e) = (state.clone(), reply.epoch);
+                    let r = tokio::task::spawn_blocking(move || state.raise_epoch(e)).await;
+                    if let Ok(Err(err)) = r {
+                        tracing::warn!(error = %err, "cannot persist epoch");
+                    }
+                }
+                if !reply.leader_addr.is_empty() {
+                    client.coordinators.redirect(&reply.leader_addr);
+                }
+            }
+            Err(PushError::NotLeader { leader }) => {
+                client.coordinators.redirect(&leader);
+            }
+            Err(e @ (PushError::Transport { .. } | PushError::Tls(_))) => {
+                let failed = client.coordinators.current();
+                tracing::debug!(error = %e, "heartbeat failed");
+                client.coordinators.rotate(&failed);
+            }
+            Err(e) => tracing::debug!(error = %e, "heartbeat refused"),
+        }
+    }
+}
+
+async fn status_loop(
+    progress: Arc<Progress>,
+    client: Arc<PushClient>,
+    agent_id: String,
+    dir: std::path::PathBuf,
+    activity: Option<Arc<Activity>>,
+    quiet_ms: i64,
+    mut stop: StopRx,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Status> = None;
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let s = progress.snapshot(
+            &agent_id,
+            client.coordinators.current(),
+            activity.as_deref(),
+            quiet_ms,
+        );
+        let same = last.as_ref().is_some_and(|l| {
+            Status {
+                updated_ms: s.updated_ms,
+                ..l.clone()
+            } == s
+                && s.updated_ms - l.updated_ms < STATUS_REFRESH_MS
+        });
+        if same {
+            continue;
+        }
+        let (d, snap) = (dir.clone(), s.clone());
+        match tokio::task::spawn_blocking(move || status::write_atomic(&d, &snap)).await {
+            Ok(Ok(())) => last = Some(s),
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                tracing::warn!(path = %status::path(&dir).display(), error = %e, "cannot write status file");
+            }
+            _ => {}
+        }
+    }
+}

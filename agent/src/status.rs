@@ -1,0 +1,193 @@
+//! Progress counters and `<data_dir>/status.json`, written atomically (temp file in the same
+//! directory, fsync, rename). Tests and `lifeboat demo` poll it: `idle == true` means the initial
+//! scan is done, nothing is dirty, no batch is in flight and the watcher holds no pending events,
+//! i.e. everything seen so far is acknowledged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::push::SendCounters;
+use crate::watch::Activity;
+
+/// File name of the status file inside `data_dir`.
+pub const STATUS_FILE: &str = "status.json";
+
+/// Contents of `status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The agent's id.
+    pub agent_id: String,
+    /// Highest epoch seen.
+    pub epoch: u64,
+    /// Paths with acknowledged state.
+    pub files_tracked: u64,
+    /// Work items queued plus changes in flight.
+    pub pending_changes: u64,
+    /// Payload bytes (full + delta bodies) sent since the process started.
+    pub bytes_sent: u64,
+    /// Bytes of `full` bodies sent since start.
+    pub payload_bytes_full: u64,
+    /// Bytes of `delta` bodies sent since start.
+    pub payload_bytes_delta: u64,
+    /// Changes acknowledged since start.
+    pub changes_acked: u64,
+    /// Batches acknowledged since start.
+    pub batches_acked: u64,
+    /// The initial scan of every root has been planned.
+    pub scan_complete: bool,
+    /// Scan complete, nothing dirty, nothing in flight, no pending watcher events.
+    pub idle: bool,
+    /// Last watcher event taken by the agent, ms since the Unix epoch (0 = none).
+    pub last_event_ms: i64,
+    /// Last acknowledgement, ms since the Unix epoch (0 = none).
+    pub last_ack_ms: i64,
+    /// `host:port` calls currently go to.
+    pub leader: String,
+    /// When this file was written, ms since the Unix epoch.
+    pub updated_ms: i64,
+}
+
+/// Live progress of the agent, shared by its tasks.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Highest epoch seen.
+    pub epoch: AtomicU64,
+    /// Paths with acknowledged state.
+    pub files_tracked: AtomicU64,
+    /// Work items queued plus changes in flight.
+    pub pending_changes: AtomicU64,
+    /// Payload bytes sent.
+    pub sent: Arc<SendCounters>,
+    /// Changes acknowledged since start.
+    pub changes_acked: AtomicU64,
+    /// Batches acknowledged since start.
+    pub batches_acked: AtomicU64,
+    /// Initial scan planned.
+    pub scan_complete: AtomicBool,
+    /// Work is queued or a batch is in flight.
+    pub busy: AtomicBool,
+    /// Last watcher event taken, ms since the Unix epoch.
+    pub last_event_ms: AtomicI64,
+    /// Last acknowledgement, ms since the Unix epoch.
+    pub last_ack_ms: AtomicI64,
+}
+
+impl Progress {
+    /// A snapshot for `status.json`. `activity` (if watching) and `quiet_ms` (how long raw
+    /// events must have been quiet, ms) decide whether the watcher may still hold events.
+    pub fn snapshot(
+        &self,
+        agent_id: &str,
+        leader: String,
+        activity: Option<&Activity>,
+        quiet_ms: i64,
+    ) -> Status {
+        let now = lifeboat_common::now_ms();
+        let full = self.sent.full.load(Ordering::Relaxed);
+        let delta = self.sent.delta.load(Ordering::Relaxed);
+        let scan_complete = self.scan_complete.load(Ordering::Relaxed);
+        let watcher_quiet = activity.is_none_or(|a| {
+            a.queued.load(Ordering::Relaxed) <= 0
+                && now - a.last_raw_ms.load(Ordering::Relaxed) > quiet_ms
+        });
+        Status {
+            agent_id: agent_id.to_string(),
+            epoch: self.epoch.load(Ordering::Relaxed),
+            files_tracked: self.files_tracked.load(Ordering::Relaxed),
+            pending_changes: self.pending_changes.load(Ordering::Relaxed),
+            bytes_sent: full + delta,
+            payload_bytes_full: full,
+            payload_bytes_delta: delta,
+            changes_acked: self.changes_acked.load(Ordering::Relaxed),
+            batches_acked: self.batches_acked.load(Ordering::Relaxed),
+            scan_complete,
+            idle: scan_complete && !self.busy.load(Ordering::Relaxed) && watcher_quiet,
+            last_event_ms: self.last_event_ms.load(Ordering::Relaxed),
+            last_ack_ms: self.last_ack_ms.load(Ordering::Relaxed),
+            leader,
+            updated_ms: now,
+        }
+    }
+}
+
+/// Writes `<dir>/status.json` atomically: temp file in `dir`, fsync, rename.
+///
+/// Errors: I/O errors.
+pub fn write_atomic(dir: &Path, status: &Status) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{STATUS_FILE}.{}.tmp", std::process::id()));
+    let body = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(STATUS_FILE))
+}
+
+/// Reads `<dir>/status.json`.
+///
+/// Errors: I/O errors, or `InvalidData` for malformed JSON.
+pub fn read(dir: &Path) -> std::io::Result<Status> {
+    let b = std::fs::read(dir.join(STATUS_FILE))?;
+    serde_json::from_slice(&b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Path of the status file in `dir`.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(STATUS_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_and_fields() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Progress::default();
+        p.sent.full.store(10, Ordering::Relaxed);
+        p.sent.delta.store(5, Ordering::Relaxed);
+        p.scan_complete.store(true, Ordering::Relaxed);
+        let s = p.snapshot("a1", "h:1".into(), None, 0);
+        assert!(s.idle);
+        assert_eq!(s.bytes_sent, 15);
+        write_atomic(d.path(), &s).unwrap();
+        assert_eq!(read(d.path()).unwrap(), s);
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path(d.path())).unwrap()).unwrap();
+        for k in [
+            "agent_id",
+            "epoch",
+            "files_tracked",
+            "pending_changes",
+            "bytes_sent",
+            "payload_bytes_full",
+            "payload_bytes_delta",
+            "changes_acked",
+            "batches_acked",
+            "scan_complete",
+            "idle",
+            "last_event_ms",
+            "last_ack_ms",
+            "leader",
+            "updated_ms",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        // Busy or a recent raw event: not idle.
+        p.busy.store(true, Ordering::Relaxed);
+        assert!(!p.snapshot("a1", String::new(), None, 0).idle);
+        p.busy.store(false, Ordering::Relaxed);
+        let act = Activity::new(PathBuf::from("/nonexistent"));
+        act.last_raw_ms
+            .store(lifeboat_common::now_ms(), Ordering::Relaxed);
+        assert!(!p.snapshot("a1", String::new(), Some(&act), 10_000).idle);
+        // Only the final file is left behind.
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+}

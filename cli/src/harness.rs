@@ -1,0 +1,355 @@
+//! A local cluster of real processes on 127.0.0.1: N coordinators and agents started from the
+//! binaries next to the current executable (or in `LIFEBOAT_BIN_DIR`), each with a written TOML
+//! config, a log file and a certificate from a throwaway CA. Children are killed when the
+//! [`Cluster`] is dropped and (through `PR_SET_PDEATHSIG`) when this process dies.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use lifeboat_proto::StatusRequest;
+
+use crate::conn::{admin_client, ConnArgs};
+
+/// Options of a test or demo cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// Number of coordinators (3 or 5).
+    pub coordinators: usize,
+    /// `raft.snapshot_logs_since_last`.
+    pub snapshot_logs: u64,
+    /// `raft.max_logs_kept_after_snapshot`.
+    pub logs_kept: u64,
+    /// Extra TOML appended to every coordinator config (e.g. a `[blobs]` section).
+    pub extra_coordinator_toml: String,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            coordinators: 3,
+            snapshot_logs: 1000,
+            logs_kept: 100,
+            extra_coordinator_toml: String::new(),
+        }
+    }
+}
+
+/// One coordinator process.
+pub struct CoordProc {
+    /// Node id (1-based).
+    pub id: u64,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The running process, if started.
+    pub child: Option<Child>,
+}
+
+/// A running local cluster.
+pub struct Cluster {
+    /// Working directory of the cluster.
+    pub dir: PathBuf,
+    /// Certificates directory (`ca.pem`, `coordN`, `agent*`, `admin`).
+    pub certs: PathBuf,
+    /// Coordinators.
+    pub coords: Vec<CoordProc>,
+    /// Agents started with [`Cluster::start_agent`].
+    pub agents: Vec<Child>,
+    bin_dir: PathBuf,
+}
+
+/// Directory holding `lifeboat-coordinator` and `lifeboat-agent`.
+///
+/// Errors: when the binaries cannot be found (build them with `cargo build --release`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(d) = std::env::var("LIFEBOAT_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d.join("lifeboat-coordinator").exists() && d.join("lifeboat-agent").exists() {
+            return Ok(d);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    bail!("lifeboat-coordinator and lifeboat-agent not found next to {}; run `cargo build --release --workspace --bins` or set LIFEBOAT_BIN_DIR", exe.display())
+}
+
+/// A currently free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Spawns `cmd` with stdout/stderr appended to `log`, killed if this process dies.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdout(Stdio::from(f.try_clone()?))
+        .stderr(Stdio::from(f))
+        .stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; this runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("spawn {:?}", cmd.get_program()))
+}
+
+impl Cluster {
+    /// Writes certificates and configs under `dir` and starts every coordinator.
+    ///
+    /// Errors: certificate, config or spawn failures.
+    pub fn start(dir: &Path, opts: &ClusterOpts) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let certs = dir.join("certs");
+        lifeboat_common::tls::init_dev_ca(&certs)?;
+        lifeboat_common::tls::issue_cert(&certs, "admin", &[])?;
+        let n = opts.coordinators;
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let members: String = (0..n)
+            .map(|i| {
+                format!(
+                    "[[members]]\nid = {}\naddr = \"127.0.0.1:{}\"\n",
+                    i + 1,
+                    ports[i]
+                )
+            })
+            .collect();
+        let mut coords = Vec::new();
+        for i in 0..n {
+            let id = (i + 1) as u64;
+            let name = format!("coord{id}");
+            lifeboat_common::tls::issue_cert(&certs, &name, &[])?;
+            let data_dir = dir.join(&name);
+            let config = dir.join(format!("{name}.toml"));
+            let toml = format!(
+                "node_id = {id}\nregion = \"local\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                port = ports[i],
+                data = data_dir.display(),
+                snap = opts.snapshot_logs,
+                kept = opts.logs_kept,
+                certs = certs.display(),
+                extra = opts.extra_coordinator_toml,
+            );
+            std::fs::write(&config, toml)?;
+            coords.push(CoordProc {
+                id,
+                addr: format!("127.0.0.1:{}", ports[i]),
+                config,
+                log: dir.join(format!("{name}.log")),
+                data_dir,
+                child: None,
+            });
+        }
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            certs,
+            coords,
+            agents: Vec::new(),
+            bin_dir: bin_dir()?,
+        };
+        for i in 0..n {
+            c.start_coordinator(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Starts (or restarts) coordinator at index `i` (node id `i + 1`).
+    ///
+    /// Errors: spawn failure.
+    pub fn start_coordinator(&mut self, i: usize) -> anyhow::Result<()> {
+        let c = &mut self.coords[i];
+        let mut cmd = Command::new(self.bin_dir.join("lifeboat-coordinator"));
+        cmd.arg("--config").arg(&c.config);
+        c.child = Some(spawn_logged(cmd, &c.log)?);
+        Ok(())
+    }
+
+    /// SIGKILLs coordinator at index `i` and reaps it.
+    pub fn kill_coordinator(&mut self, i: usize) {
+        if let Some(mut ch) = self.coords[i].child.take() {
+            let _ = ch.kill();
+            let _ = ch.wait();
+        }
+    }
+
+    /// Connection arguments for the admin API (admin certificate, every coordinator).
+    pub fn conn(&self) -> ConnArgs {
+        ConnArgs {
+            coordinators: self.coords.iter().map(|c| c.addr.clone()).collect(),
+            tls_dir: Some(self.certs.clone()),
+            ca: None,
+            cert: None,
+            key: None,
+            insecure: false,
+        }
+    }
+
+    /// Index of the coordinator with node id `id`.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.coords.iter().position(|c| c.id == id)
+    }
+
+    /// Status reply of coordinator `i`, if it answers within 1 s.
+    pub async fn status_of(&self, i: usize) -> Option<lifeboat_proto::StatusReply> {
+        let conn = self.conn();
+        let ch = conn.channel(&self.coords[i].addr).ok()?;
+        let mut c = admin_client(ch);
+        tokio::time::timeout(Duration::from_secs(1), c.status(StatusRequest {}))
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits until a running coordinator (other than `not`) reports itself leader; returns its id.
+    ///
+    /// Errors: no leader within `timeout`.
+    pub async fn wait_leader(&self, timeout: Duration, not: Option<u64>) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for i in 0..self.coords.len() {
+                if self.coords[i].child.is_none() {
+                    continue;
+                }
+                if let Some(s) = self.status_of(i).await {
+                    if s.leader_id == s.node_id && Some(s.node_id) != not && s.state == "Leader" {
+                        return Ok(s.node_id);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no leader elected within {timeout:?}; see the logs in {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Writes an agent config protecting `roots` (name, path) and returns (config path, data dir).
+    ///
+    /// Errors: certificate or I/O failures.
+    pub fn write_agent_config(
+        &self,
+        agent_id: &str,
+        roots: &[(&str, &Path)],
+        extra: &str,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        lifeboat_common::tls::issue_cert(&self.certs, agent_id, &[])?;
+        let data = self.dir.join(agent_id);
+        let coordinators: Vec<String> = self
+            .coords
+            .iter()
+            .map(|c| format!("\"{}\"", c.addr))
+            .collect();
+        let mut toml = format!(
+            "agent_id = \"{agent_id}\"\nregion = \"local\"\ndata_dir = \"{}\"\ncoordinators = [{}]\n{extra}\n",
+            data.display(),
+            coordinators.join(", ")
+        );
+        for (name, path) in roots {
+            toml += &format!(
+                "[[paths]]\nname = \"{name}\"\npath = \"{}\"\n",
+                path.display()
+            );
+        }
+        toml += &format!(
+            "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{agent_id}.pem\"\nkey = \"{c}/{agent_id}.key\"\n",
+            c = self.certs.display()
+        );
+        let cfg = self.dir.join(format!("{agent_id}.toml"));
+        std::fs::write(&cfg, toml)?;
+        Ok((cfg, data))
+    }
+
+    /// Starts an agent with `config`; `once` makes it exit after everything is acknowledged.
+    ///
+    /// Errors: spawn failure.
+    pub fn spawn_agent(&self, config: &Path, once: bool) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(self.bin_dir.join("lifeboat-agent"));
+        cmd.arg("--config").arg(config);
+        if once {
+            cmd.arg("--once");
+        }
+        let log = config.with_extension("log");
+        spawn_logged(cmd, &log)
+    }
+
+    /// Starts a long-running agent owned by the cluster (killed on drop).
+    ///
+    /// Errors: spawn failure.
+    pub fn start_agent(&mut self, config: &Path) -> anyhow::Result<()> {
+        let ch = self.spawn_agent(config, false)?;
+        self.agents.push(ch);
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for i in 0..self.coords.len() {
+            self.kill_coordinator(i);
+        }
+    }
+}
+
+/// The agent's `status.json` in `data_dir`, if present and readable.
+pub fn agent_status(data_dir: &Path) -> Option<serde_json::Value> {
+    let s = std::fs::read(data_dir.join("status.json")).ok()?;
+    serde_json::from_slice(&s).ok()
+}
+
+/// Waits until the agent in `data_dir` reports idle (scan complete, nothing pending, nothing in
+/// flight) with no event for `quiet`. Returns the status.
+///
+/// Errors: not idle within `timeout`, or the agent process exited.
+pub async fn wait_agent_idle(
+    data_dir: &Path,
+    quiet: Duration,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = agent_status(data_dir) {
+            let idle = s["idle"].as_bool() == Some(true)
+                && s["pending_changes"].as_u64() == Some(0)
+                && s["scan_complete"].as_bool() == Some(true);
+            let last_event = s["last_event_ms"].as_i64().unwrap_or(0);
+            let quiet_enough = lifeboat_common::now_ms() - last_event >= quiet.as_millis() as i64;
+            let fresh =
+                lifeboat_common::now_ms() - s["updated_ms"].as_i64().unwrap_or(0) < 5_000 || idle;
+            if idle && quiet_enough && fresh {
+                return Ok(s);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "agent in {} not idle within {timeout:?}; last status: {:?}",
+                data_dir.display(),
+                agent_status(data_dir)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
