@@ -25,7 +25,7 @@ use crate::push::{blamed_change, PushClient, PushError, SendOptions};
 use crate::scan::{Roots, Unmapped};
 use crate::state::{StateDb, StateError};
 use crate::status::{self, Progress, Status};
-use crate::watch::{self, Activity, WatchError, WatchEvent};
+use crate::watch::{self, Activity, WatchEvent};
 
 /// How long an in-flight batch may still take after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -54,9 +54,6 @@ pub enum AgentError {
     /// The state database failed.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The file watcher could not be created.
-    #[error(transparent)]
-    Watch(#[from] WatchError),
     /// Invalid [`Options`].
     #[error("agent options: {0}")]
     Options(String),
@@ -169,7 +166,12 @@ impl Agent {
             cfg.coordinators.clone(),
             opts.part_size,
         ));
-        let span = tracing::info_span!("agent", node = %cfg.agent_id, region = %cfg.region, epoch);
+        let span = tracing::info_span!(
+            "agent",
+            node = %cfg.agent_id,
+            region = %cfg.region,
+            epoch = tracing::field::Empty
+        );
         span.record("epoch", epoch);
         Ok(Agent {
             cfg,
@@ -213,7 +215,8 @@ impl Agent {
     /// batch may finish within [`SHUTDOWN_GRACE`]. Writes `status.json` on the way out and
     /// returns the final status.
     ///
-    /// Errors: [`AgentError`] on state database or watcher setup failures.
+    /// Errors: [`AgentError`] on state database failures. Without a working file watcher the
+    /// agent logs a warning and rescans every [`DEGRADED_RESCAN`].
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -233,11 +236,14 @@ impl Agent {
             let mut signal_task = None;
             if let Some(sd) = shutdown {
                 let tx = stop_tx.clone();
-                signal_task = Some(tokio::spawn(async move {
-                    sd.await;
-                    tracing::info!("shutdown requested; finishing the batch in flight");
-                    let _ = tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
-                }));
+                signal_task = Some(tokio::spawn(
+                    async move {
+                        sd.await;
+                        tracing::info!("shutdown requested; finishing the batch in flight");
+                        let _ = tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
+                    }
+                    .in_current_span(),
+                ));
             }
             let (helpers_tx, helpers_rx) = tokio_watch::channel(None::<Instant>);
             let activity = Arc::new(Activity::new(self.roots.data_dir.clone()));
@@ -251,14 +257,25 @@ impl Agent {
                     .map(|r| r.path.clone())
                     .filter(|p| p.is_dir())
                     .collect();
-                let w = watch::start(
+                if dirs.len() < self.roots.roots.len() {
+                    tracing::error!("some protected roots are missing; they are looked at again every {} s", DEGRADED_RESCAN.as_secs());
+                    self.degraded = true;
+                }
+                match watch::start(
                     &dirs,
                     Duration::from_millis(self.cfg.debounce_ms),
                     activity.clone(),
                     ev_tx,
-                )?;
-                self.degraded = w.incomplete;
-                _watcher = Some(w);
+                ) {
+                    Ok(w) => {
+                        self.degraded |= w.incomplete;
+                        _watcher = Some(w);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch files (check fs.inotify.max_user_instances and fs.inotify.max_user_watches); falling back to a full rescan every {} s", DEGRADED_RESCAN.as_secs());
+                        self.degraded = true;
+                    }
+                }
             }
             let hb = tokio::spawn(
                 heartbeat_loop(
@@ -292,6 +309,7 @@ impl Agent {
             }
             self.progress.busy.store(true, Ordering::Relaxed);
             let mut last_rescan = Instant::now();
+            let mut events_open = true;
             let result = async {
                 loop {
                     while let Ok(ev) = ev_rx.try_recv() {
@@ -318,11 +336,11 @@ impl Agent {
                     }
                     let rescan_at = last_rescan + DEGRADED_RESCAN;
                     tokio::select! {
-                        ev = ev_rx.recv() => {
-                            if let Some(ev) = ev {
-                                self.on_event(ev, &activity);
-                            }
-                        }
+                        ev = ev_rx.recv(), if events_open => match ev {
+                            Some(ev) => self.on_event(ev, &activity),
+                            // No watcher (it could not be created): only rescans.
+                            None => events_open = false,
+                        },
                         _ = stopped(&mut stop_rx) => break,
                         _ = tokio::time::sleep_until(rescan_at), if self.degraded => {
                             tracing::info!("periodic rescan (some directories are not watched)");

@@ -871,4 +871,44 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn own_data_dir_and_missing_root_are_safe() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let state_dir = root.join(".lifeboat");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::write(root.join("f"), b"x").unwrap();
+        let db = StateDb::open(&state_dir).unwrap();
+        let roots = Roots::new(
+            &[PathConfig {
+                name: "data".into(),
+                path: root.clone(),
+                include: vec!["**".into()],
+                exclude: vec![],
+            }],
+            &state_dir,
+        )
+        .unwrap();
+        let mut q = WorkQueue::default();
+        q.push_back(Work::scan_root(0));
+        let changes = plan_all(&mut q, &roots, &db);
+        let paths: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
+        // The agent's own state directory is never replicated.
+        assert_eq!(paths, vec!["data", "data/f"]);
+        ack(&db, &changes);
+        drop(db);
+
+        // A vanished root (unmounted disk, typo) must not turn into tombstones.
+        let (d2, roots2, db2) = setup(&[]);
+        std::fs::write(roots2.roots[0].path.join("g"), b"y").unwrap();
+        let mut q = WorkQueue::default();
+        q.push_back(Work::scan_root(0));
+        let changes = plan_all(&mut q, &roots2, &db2);
+        ack(&db2, &changes);
+        std::fs::remove_dir_all(&roots2.roots[0].path).unwrap();
+        q.push_back(Work::scan_root(0));
+        assert!(plan_all(&mut q, &roots2, &db2).is_empty());
+        drop(d2);
+    }
 }

@@ -109,20 +109,20 @@ pub struct PathConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("config {path}: cannot read: {source}")]
+    #[error("config {path}: cannot read: {error}")]
     Read {
         /// Config file.
         path: PathBuf,
         /// Cause.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The TOML was malformed or had unknown/missing fields.
-    #[error("config {path}: {source}")]
+    #[error("config {path}: {error}")]
     Parse {
         /// Config file.
         path: PathBuf,
         /// Cause (names the line and field).
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     /// `agent_id` was empty or had characters other than `[A-Za-z0-9._-]`.
     #[error("config: agent_id {0:?} is invalid: use 1-128 characters of [A-Za-z0-9._-]")]
@@ -189,13 +189,13 @@ impl Config {
     ///
     /// Errors: [`ConfigError`] naming the file and the problem.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            error: Box::new(e),
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -207,13 +207,14 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<inline>"),
-            source: Box::new(e),
+            error: Box::new(e),
         })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// A config with every default, for one root; convenient for tests and tools.
+    /// A config with every default, no `paths`, and plaintext gRPC (`tls.insecure = true`);
+    /// convenient for tests and tools. Production configs come from [`Config::load`].
     pub fn new(agent_id: &str, data_dir: PathBuf, coordinators: Vec<String>) -> Config {
         Config {
             agent_id: agent_id.to_string(),

@@ -16,6 +16,8 @@
 //! **Invariant**: the local state only advances when the coordinator acknowledged the change;
 //! a batch that was not acknowledged is sent again whole.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod batch;
 pub mod config;

@@ -360,7 +360,8 @@ async fn part_message(
         }
     };
     let body = match (&p.body, opts.force_full) {
-        (Body::Full, false) if p.retained.is_some() => {
+        // A retained payload of a `full` part is its content: good for forced-full resends too.
+        (Body::Full, _) if p.retained.is_some() => {
             PbBody::Full(p.retained.clone().unwrap_or_default())
         }
         (Body::Reuse, false) => PbBody::Reuse(true),

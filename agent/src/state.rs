@@ -36,12 +36,12 @@ pub const STATE_FILE: &str = "agent.redb";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// redb failed (I/O, corruption, lock held by another agent process).
-    #[error("state database {path}: {source}")]
+    #[error("state database {path}: {error}")]
     Db {
         /// The database file.
         path: PathBuf,
         /// Cause.
-        source: Box<redb::Error>,
+        error: Box<redb::Error>,
     },
     /// A stored row could not be decoded.
     #[error("state database: corrupted entry for {path:?}: {reason}")]
@@ -139,7 +139,7 @@ impl StateDb {
         let path = data_dir.join(STATE_FILE);
         let err = |e: redb::Error| StateError::Db {
             path: path.clone(),
-            source: Box::new(e),
+            error: Box::new(e),
         };
         std::fs::create_dir_all(data_dir).map_err(|e| err(e.into()))?;
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
@@ -158,7 +158,7 @@ impl StateDb {
     fn err(&self, e: impl Into<redb::Error>) -> StateError {
         StateError::Db {
             path: self.path.clone(),
-            source: Box::new(e.into()),
+            error: Box::new(e.into()),
         }
     }
 
@@ -312,7 +312,7 @@ impl StateReader {
     pub fn get(&self, path: &str) -> Result<Option<EntryState>, StateError> {
         let v = self.entries.get(path).map_err(|e| StateError::Db {
             path: PathBuf::from(STATE_FILE),
-            source: Box::new(e.into()),
+            error: Box::new(e.into()),
         })?;
         v.map(|v| decode_entry(path, v.value())).transpose()
     }
@@ -323,7 +323,7 @@ impl StateReader {
     pub fn signature(&self, path: &str, index: u32) -> Result<Option<Vec<u8>>, StateError> {
         let v = self.sigs.get((path, index)).map_err(|e| StateError::Db {
             path: PathBuf::from(STATE_FILE),
-            source: Box::new(e.into()),
+            error: Box::new(e.into()),
         })?;
         Ok(v.map(|v| v.value().to_vec()))
     }
@@ -337,7 +337,7 @@ impl StateReader {
             .get(hash.0.as_slice())
             .map_err(|e| StateError::Db {
                 path: PathBuf::from(STATE_FILE),
-                source: Box::new(e.into()),
+                error: Box::new(e.into()),
             })?;
         Ok(v.is_some())
     }
@@ -362,13 +362,13 @@ impl StateReader {
             .range::<&str>((start, Bound::Excluded(end.as_str())))
             .map_err(|e| StateError::Db {
                 path: PathBuf::from(STATE_FILE),
-                source: Box::new(e.into()),
+                error: Box::new(e.into()),
             })?;
         let mut out = Vec::new();
         for item in range {
             let (k, v) = item.map_err(|e| StateError::Db {
                 path: PathBuf::from(STATE_FILE),
-                source: Box::new(e.into()),
+                error: Box::new(e.into()),
             })?;
             let path = k.value().to_string();
             let e = decode_entry(&path, v.value())?;

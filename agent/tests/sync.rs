@@ -278,3 +278,47 @@ async fn watch_mode_sends_changes_and_renames() {
     live.sort();
     assert_eq!(live, vec!["data", "data/first.txt", "data/moved.bin"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_changed_while_sent_is_replanned() {
+    let fake = Fake::new();
+    // The coordinator reads slowly the first time, so the file changes mid-stream.
+    fake.st().slow_ms = 700;
+    fake.st().slow_calls = 1;
+    let addr = serve(fake.clone()).await;
+    let l = Layout::new();
+    let size = 12 * 1024 * 1024; // more than the HTTP/2 windows: the stream must wait
+    let mut data = pseudo_random(size, 6);
+    l.write("f.bin", &data);
+    let agent = Agent::with_options(
+        l.config(vec![addr]),
+        Options {
+            part_size: PART,
+            retain_bytes: 0, // read every part again while streaming
+        },
+    )
+    .unwrap();
+    let task = tokio::spawn(agent.run_once());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Rewrite the tail in place (same size).
+    let n = data.len();
+    for b in &mut data[n - 1000..] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(l.root.join("f.bin"), &data).unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(s.idle);
+    assert_eq!(fake.content("data/f.bin").unwrap(), data);
+    // The first call was cancelled by the agent (the server never acknowledged it), the second
+    // carried the new content.
+    assert_eq!(
+        fake.st().calls,
+        2,
+        "the first stream is cancelled and the batch replanned"
+    );
+    assert_eq!(fake.st().batches_acked, 1);
+}

@@ -1,1 +1,76 @@
+//! Shared helpers of the integration tests: a cluster in a temp dir, a seeded tree, waiting for
+//! the agent, restoring and comparing. The process harness itself is `lifeboat_cli::harness`.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use lifeboat_cli::harness::{agent_status, wait_agent_idle, Cluster, ClusterOpts};
+pub use lifeboat_cli::{restore, tree};
+
+/// A test's scratch space: a temp dir kept on failure (set `LIFEBOAT_KEEP=1` to keep always).
+pub struct Scratch {
+    /// The directory.
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    /// A new scratch dir named after the test.
+    pub fn new(name: &str) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("lifeboat-test-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let keep = std::env::var("LIFEBOAT_KEEP").is_ok();
+        Scratch {
+            dir,
+            _tmp: if keep { None } else { Some(tmp) },
+        }
+    }
+
+    /// Keeps the directory (call on failure paths to leave logs behind).
+    pub fn keep(&mut self) {
+        if let Some(t) = self._tmp.take() {
+            let _ = t.keep();
+        }
+    }
+}
+
+/// Restores the latest version of `prefix` through `cluster` into `to`.
+///
+/// Errors: restore failures.
+pub async fn restore_latest(
+    cluster: &Cluster,
+    prefix: &str,
+    to: &Path,
+) -> anyhow::Result<restore::RestoreReport> {
+    let conn = cluster.conn();
+    let (rows, addr) = restore::list(&conn, prefix, None, false, false).await?;
+    restore::restore(&conn, &addr, rows, to, false).await
+}
+
+/// Waits until the agent whose data dir is `data` is idle (1 s without events), up to 5 minutes.
+///
+/// Errors: timeout.
+pub async fn settle(data: &Path) -> anyhow::Result<serde_json::Value> {
+    wait_agent_idle(data, Duration::from_millis(1000), Duration::from_secs(300)).await
+}
+
+/// Runs `lifeboat-agent --once` with `cfg` and returns its final status.json.
+///
+/// Errors: the agent failing.
+pub async fn agent_once(
+    cluster: &Cluster,
+    cfg: &Path,
+    data: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let mut ch = cluster.spawn_agent(cfg, true)?;
+    let st = tokio::task::spawn_blocking(move || ch.wait()).await??;
+    anyhow::ensure!(
+        st.success(),
+        "agent --once exited with {st}; log {}",
+        cfg.with_extension("log").display()
+    );
+    agent_status(data).ok_or_else(|| anyhow::anyhow!("no status.json in {}", data.display()))
+}

@@ -321,25 +321,26 @@ pub fn agent_status(data_dir: &Path) -> Option<serde_json::Value> {
 }
 
 /// Waits until the agent in `data_dir` reports idle (scan complete, nothing pending, nothing in
-/// flight) with no event for `quiet`. Returns the status.
+/// flight) and has seen no file event for `quiet`, counted from the later of its last event and
+/// the start of this wait. `quiet` must exceed the agent's debounce time (so changes made just
+/// before the call are noticed first). Returns the status.
 ///
-/// Errors: not idle within `timeout`, or the agent process exited.
+/// Errors: not idle within `timeout`.
 pub async fn wait_agent_idle(
     data_dir: &Path,
     quiet: Duration,
     timeout: Duration,
 ) -> anyhow::Result<serde_json::Value> {
+    let started_ms = lifeboat_common::now_ms();
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(s) = agent_status(data_dir) {
             let idle = s["idle"].as_bool() == Some(true)
                 && s["pending_changes"].as_u64() == Some(0)
                 && s["scan_complete"].as_bool() == Some(true);
-            let last_event = s["last_event_ms"].as_i64().unwrap_or(0);
+            let last_event = s["last_event_ms"].as_i64().unwrap_or(0).max(started_ms);
             let quiet_enough = lifeboat_common::now_ms() - last_event >= quiet.as_millis() as i64;
-            let fresh =
-                lifeboat_common::now_ms() - s["updated_ms"].as_i64().unwrap_or(0) < 5_000 || idle;
-            if idle && quiet_enough && fresh {
+            if idle && quiet_enough {
                 return Ok(s);
             }
         }

@@ -70,13 +70,10 @@ pub async fn list(
     Ok((out, addr))
 }
 
-async fn fetch_part(
-    conn: &ConnArgs,
-    addr: &str,
-    hash: &BlobHash,
-    verify: bool,
-) -> anyhow::Result<Vec<u8>> {
-    let mut c = conn.blobs(addr)?;
+type BlobClient = lifeboat_proto::blob_service_client::BlobServiceClient<tonic::transport::Channel>;
+
+async fn fetch_part(client: &BlobClient, hash: &BlobHash, verify: bool) -> anyhow::Result<Vec<u8>> {
+    let mut c = client.clone();
     let mut req = tonic::Request::new(FetchBlobsRequest {
         hashes: vec![hash.to_hex()],
     });
@@ -99,20 +96,15 @@ async fn fetch_part(
 
 /// Fetches and verifies one blob; on a verification failure asks the coordinator to verify and
 /// repair from its peers once, then fails with a corruption error naming the blob.
-async fn get_part(
-    conn: &ConnArgs,
-    addr: &str,
-    hash: &BlobHash,
-    path: &str,
-) -> anyhow::Result<Vec<u8>> {
-    let stored = fetch_part(conn, addr, hash, false).await?;
+async fn get_part(client: &BlobClient, hash: &BlobHash, path: &str) -> anyhow::Result<Vec<u8>> {
+    let stored = fetch_part(client, hash, false).await?;
     let h = *hash;
     match tokio::task::spawn_blocking(move || blob::decode(&h, &stored, lifeboat_common::PART_SIZE))
         .await?
     {
         Ok(raw) => Ok(raw),
         Err(first) => {
-            let stored = fetch_part(conn, addr, hash, true)
+            let stored = fetch_part(client, hash, true)
                 .await
                 .map_err(|e| anyhow!("{path}: {first}; no intact copy on any coordinator ({e})"))?;
             blob::decode(hash, &stored, lifeboat_common::PART_SIZE)
@@ -142,12 +134,7 @@ fn mkdirs(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-async fn restore_file(
-    conn: &ConnArgs,
-    addr: &str,
-    root: &Path,
-    v: &FileVersion,
-) -> anyhow::Result<u64> {
+async fn restore_file(client: &BlobClient, root: &Path, v: &FileVersion) -> anyhow::Result<u64> {
     if let Some((parent, _)) = v.v.path.rsplit_once('/') {
         mkdirs(root, parent)?;
     }
@@ -161,7 +148,7 @@ async fn restore_file(
         .tempfile_in(&dir)?;
     let mut hasher = blake3::Hasher::new();
     for part in &v.v.parts {
-        let raw = get_part(conn, addr, &part.hash, &v.v.path).await?;
+        let raw = get_part(client, &part.hash, &v.v.path).await?;
         if raw.len() as u64 != part.size {
             bail!(
                 "{}: part {} has {} bytes, catalog says {}",
@@ -248,14 +235,13 @@ pub async fn restore(
         mkdirs(&root, &d.v.path)?;
         report.dirs += 1;
     }
-    let conn = Arc::new(conn.clone());
+    let client = conn.blobs(addr)?;
     let root = Arc::new(root);
-    let addr = Arc::new(addr.to_string());
     let mut results = futures::stream::iter(files.into_iter().map(|v| {
-        let (conn, root, addr) = (conn.clone(), root.clone(), addr.clone());
-        async move { restore_file(&conn, &addr, &root, &v).await }
+        let (client, root) = (client.clone(), root.clone());
+        async move { restore_file(&client, &root, &v).await }
     }))
-    .buffer_unordered(4);
+    .buffer_unordered(8);
     while let Some(r) = results.next().await {
         let n = r?;
         report.files += 1;

@@ -57,6 +57,11 @@ pub struct FakeState {
     /// Refuse batches containing these paths with INVALID_ARGUMENT naming the path.
     pub reject_paths: HashSet<String>,
     pub base_missing_errors: u64,
+    /// Wait this long before reading the stream of the first `slow_calls` calls (ms).
+    pub slow_ms: u64,
+    pub slow_calls: u64,
+    /// Calls whose request stream broke (cancelled by the agent).
+    pub broken_streams: u64,
 }
 
 #[derive(Clone, Default)]
@@ -127,6 +132,18 @@ impl AgentService for Fake {
                 return Err(s);
             }
         }
+        let slow = {
+            let mut st = self.st();
+            if st.slow_calls > 0 {
+                st.slow_calls -= 1;
+                Some(std::time::Duration::from_millis(st.slow_ms))
+            } else {
+                None
+            }
+        };
+        if let Some(d) = slow {
+            tokio::time::sleep(d).await;
+        }
         let mut stream = request.into_inner();
         let mut done: Vec<(FileChange, Vec<BlobHash>)> = Vec::new();
         let mut new_blobs: HashMap<BlobHash, Vec<u8>> = HashMap::new();
@@ -150,7 +167,15 @@ impl AgentService for Fake {
             done.push((p.change, p.parts));
             Ok(())
         };
-        while let Some(m) = stream.message().await? {
+        loop {
+            let m = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    self.st().broken_streams += 1;
+                    return Err(e);
+                }
+            };
             match m.msg {
                 Some(Msg::Change(c)) => {
                     if let Some(p) = cur.take() {
