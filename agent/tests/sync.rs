@@ -322,3 +322,41 @@ async fn file_changed_while_sent_is_replanned() {
     );
     assert_eq!(fake.st().batches_acked, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_burst_of_files() {
+    let fake = Fake::new();
+    let addr = serve(fake.clone()).await;
+    let l = Layout::new();
+    let agent = Agent::with_options(l.config(vec![addr]), opts()).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_status(&l.data_dir, 20, "initial sync", |s| s.idle).await;
+    let started = std::time::Instant::now();
+    for d in 0..10 {
+        for f in 0..50 {
+            l.write(&format!("d{d}/f{f}.txt"), format!("{d}/{f}").as_bytes());
+        }
+    }
+    // Rewrite some of them right away (events merge in the debouncer).
+    for f in 0..50 {
+        l.write(&format!("d3/f{f}.txt"), b"rewritten");
+    }
+    let t0 = lifeboat_common::now_ms();
+    let s = wait_status(&l.data_dir, 30, "burst", |s| {
+        s.idle && s.updated_ms > t0 + 100 && s.files_tracked == 1 + 10 + 500
+    })
+    .await;
+    eprintln!(
+        "burst of 550 writes synced in {:?} ({} batches)",
+        started.elapsed(),
+        s.batches_acked
+    );
+    assert_eq!(fake.content("data/d3/f7.txt").unwrap(), b"rewritten");
+    assert_eq!(fake.content("data/d9/f49.txt").unwrap(), b"9/49");
+    assert_eq!(fake.live_paths().len(), 511);
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
