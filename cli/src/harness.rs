@@ -169,6 +169,36 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Writes the config of one more coordinator (next node id, empty `members`: it waits to be
+    /// added with `AddMember`) and starts it. Returns its index.
+    ///
+    /// Errors: certificate, config or spawn failures.
+    pub fn add_coordinator(&mut self) -> anyhow::Result<usize> {
+        let id = self.coords.iter().map(|c| c.id).max().unwrap_or(0) + 1;
+        let name = format!("coord{id}");
+        lifeboat_common::tls::issue_cert(&self.certs, &name, &[])?;
+        let port = free_port();
+        let data_dir = self.dir.join(&name);
+        let config = self.dir.join(format!("{name}.toml"));
+        let toml = format!(
+            "node_id = {id}\nregion = \"local\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
+            data = data_dir.display(),
+            certs = self.certs.display(),
+        );
+        std::fs::write(&config, toml)?;
+        self.coords.push(CoordProc {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+            config,
+            log: self.dir.join(format!("{name}.log")),
+            data_dir,
+            child: None,
+        });
+        let i = self.coords.len() - 1;
+        self.start_coordinator(i)?;
+        Ok(i)
+    }
+
     /// Starts (or restarts) coordinator at index `i` (node id `i + 1`).
     ///
     /// Errors: spawn failure.

@@ -74,6 +74,11 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Change the regional Raft membership (run against any coordinator; the leader applies it).
+    Member {
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
     /// Development certificates (rcgen): a CA and node certificates for mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -85,6 +90,33 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmark: initial sync, ~1% change, restore and agent RSS on a real tree with a 200 MB file.
     Bench(demo::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCmd {
+    /// Add a coordinator: it joins as a learner, catches up (log or snapshot), then becomes a
+    /// voter unless --learner. Start the new coordinator first, with an empty `members` list.
+    Add {
+        /// Node id of the new coordinator (unique, > 0).
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address, host:port.
+        #[arg(long)]
+        addr: String,
+        /// Keep it a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Remove a coordinator from the group (voter or learner).
+    Remove {
+        /// Node id to remove.
+        #[arg(long)]
+        id: u64,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -254,6 +286,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "restored {} files, {} dirs, {} symlinks, {} bytes into {} in {} ms ({:.1} MB/s)",
                     report.files, report.dirs, report.symlinks, report.bytes, to.display(), report.elapsed_ms, report.mb_per_s
                 );
+            }
+        }
+        Cmd::Member { cmd } => {
+            let (reply, addr) = match cmd {
+                MemberCmd::Add {
+                    id,
+                    addr,
+                    learner,
+                    conn,
+                } => {
+                    let (mut admin, via) = conn.admin().await?;
+                    let r = admin
+                        .add_member(lifeboat_proto::AddMemberRequest {
+                            id,
+                            addr,
+                            voter: !learner,
+                        })
+                        .await
+                        .map_err(|e| anyhow!("add member {id} via {via}: {}", e.message()))?;
+                    (r.into_inner(), via)
+                }
+                MemberCmd::Remove { id, conn } => {
+                    let (mut admin, via) = conn.admin().await?;
+                    let r = admin
+                        .remove_member(lifeboat_proto::RemoveMemberRequest { id })
+                        .await
+                        .map_err(|e| anyhow!("remove member {id} via {via}: {}", e.message()))?;
+                    (r.into_inner(), via)
+                }
+            };
+            if output == Output::Json {
+                let v: Vec<_> = reply
+                    .members
+                    .iter()
+                    .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("membership (via {addr}):");
+                for m in &reply.members {
+                    println!(
+                        "  {:>4} {:<22} {}",
+                        m.id,
+                        m.addr,
+                        if m.voter { "voter" } else { "learner" }
+                    );
+                }
             }
         }
         Cmd::Certs {

@@ -191,3 +191,46 @@ impl CoordinatorConfig {
             .unwrap_or_else(|| self.listen.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_example_parses_and_validates() {
+        let text = include_str!("../../deploy/examples/coordinator.toml");
+        let c: CoordinatorConfig = toml::from_str(text).expect("example parses");
+        c.validate().expect("example validates");
+        assert_eq!(c.members.len(), 3);
+        assert_eq!(c.advertise_addr(), "10.0.0.11:7101");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_option_named() {
+        let base = "node_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n";
+        let ok: CoordinatorConfig = toml::from_str(base).unwrap();
+        ok.validate().unwrap();
+        let unknown = toml::from_str::<CoordinatorConfig>(&format!("{base}bogus = 1\n"));
+        assert!(unknown.unwrap_err().to_string().contains("bogus"));
+        let zero: CoordinatorConfig =
+            toml::from_str(&base.replace("node_id = 1", "node_id = 0")).unwrap();
+        assert!(zero.validate().unwrap_err().to_string().contains("node_id"));
+        let not_member: CoordinatorConfig =
+            toml::from_str(&format!("{base}[[members]]\nid = 2\naddr = \"a:1\"\n")).unwrap();
+        assert!(not_member
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("members"));
+        let s3: CoordinatorConfig =
+            toml::from_str(&format!("{base}[blobs]\nbackend = \"s3\"\n")).unwrap();
+        assert!(s3.validate().unwrap_err().to_string().contains("blobs.s3"));
+        let raft: CoordinatorConfig =
+            toml::from_str(&format!("{base}[raft]\nheartbeat_ms = 500\n")).unwrap();
+        assert!(raft
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("heartbeat_ms"));
+    }
+}
