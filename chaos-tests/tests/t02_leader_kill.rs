@@ -52,6 +52,22 @@ async fn leader_sigkill_during_streaming_loses_no_acknowledged_change() -> anyho
         cmp.differences
     );
 
+    // Every blob of the catalog is on the disk of a majority of coordinators (local backend).
+    let (rows, _) = restore::list(&cluster.conn(), "data", None, true, false).await?;
+    let mut checked = 0;
+    for v in &rows {
+        for p in &v.v.parts {
+            let copies = cluster
+                .coords
+                .iter()
+                .filter(|c| c.data_dir.join("blobs").join(p.hash.key()).exists())
+                .count();
+            assert!(copies >= 2, "blob {} of {} on {copies} of 3 coordinators", p.hash, v.v.path);
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "checked {checked} blobs");
+
     // The killed node catches up.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -153,67 +153,54 @@ impl Blobs {
             .map_err(BlobsError::from)
     }
 
+    /// Starts copying blobs to the followers for one batch: each hash given to the returned
+    /// session (once the blob is durable here) is streamed to every voter at once, while the
+    /// batch is still arriving. No-op session for a shared store or a single voter.
+    pub fn start_replication(&self) -> ReplicationSession {
+        let (voters, peers) = self.peers();
+        let needed = voters / 2 + 1;
+        let mut s = ReplicationSession {
+            senders: Vec::new(),
+            tasks: JoinSet::new(),
+            needed,
+            active: !self.store.is_shared() && needed > 1,
+        };
+        if !s.active {
+            return s;
+        }
+        for (id, addr) in peers {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BlobHash>();
+            let me = self.clone();
+            s.senders.push(tx);
+            s.tasks.spawn(async move { (id, me.push_stream(&addr, rx).await) });
+        }
+        s
+    }
+
     /// Copies `hashes` (already durable here) to followers until a majority of voters holds each
     /// of them durably. Copies to the remaining followers continue in the background.
     /// No-op for a shared store.
     ///
     /// Errors: [`BlobsError::NoMajority`].
     pub async fn replicate(&self, hashes: Vec<BlobHash>) -> Result<(), BlobsError> {
-        if self.store.is_shared() || hashes.is_empty() {
-            return Ok(());
+        let s = self.start_replication();
+        for h in hashes {
+            s.send(h);
         }
-        let (voters, peers) = self.peers();
-        let needed = voters / 2 + 1;
-        if needed <= 1 {
-            return Ok(());
-        }
-        let hashes = Arc::new(hashes);
-        let mut set = JoinSet::new();
-        for (id, addr) in peers {
-            let me = self.clone();
-            let hashes = hashes.clone();
-            set.spawn(async move { (id, me.push_to(&addr, &hashes).await) });
-        }
-        let mut got = 1;
-        let mut detail = String::from("no follower answered");
-        while got < needed {
-            match set.join_next().await {
-                Some(Ok((_, Ok(())))) => got += 1,
-                Some(Ok((id, Err(e)))) => detail = format!("node {id}: {e}"),
-                Some(Err(e)) => detail = e.to_string(),
-                None => break,
-            }
-        }
-        // Let the remaining copies finish on their own.
-        tokio::spawn(async move { while set.join_next().await.is_some() {} });
-        if got >= needed {
-            Ok(())
-        } else {
-            Err(BlobsError::NoMajority {
-                got,
-                needed,
-                detail,
-            })
-        }
+        s.finish(true).await
     }
 
-    async fn push_to(&self, addr: &str, hashes: &[BlobHash]) -> Result<(), Status> {
+    /// Streams the blobs whose hashes arrive on `rx` to the peer at `addr` (reading them from the
+    /// local store), until `rx` closes; Ok once the peer confirmed every blob durable.
+    async fn push_stream(&self, addr: &str, mut rx: tokio::sync::mpsc::UnboundedReceiver<BlobHash>) -> Result<(), Status> {
         let mut client = self.client(addr)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<StoredBlob>(4);
+        let (tx, out) = tokio::sync::mpsc::channel::<StoredBlob>(4);
         let store = self.store.clone();
-        let hashes = hashes.to_vec();
         let producer = tokio::spawn(async move {
-            for h in hashes {
+            while let Some(h) = rx.recv().await {
                 match store.get(&h).await {
                     Ok(stored) => {
-                        if tx
-                            .send(StoredBlob {
-                                hash: h.to_hex(),
-                                stored,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(StoredBlob { hash: h.to_hex(), stored }).await.is_err() {
                             return;
                         }
                     }
@@ -224,14 +211,66 @@ impl Blobs {
                 }
             }
         });
-        let res = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
-            client.put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("blob replication timed out"))?;
+        let res = client.put_blobs(tokio_stream::wrappers::ReceiverStream::new(out)).await;
         producer.abort();
         res.map(|_| ())
+    }
+}
+
+/// Blob copies to the followers for one batch (see [`Blobs::start_replication`]).
+pub struct ReplicationSession {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<BlobHash>>,
+    tasks: JoinSet<(NodeId, Result<(), Status>)>,
+    needed: usize,
+    active: bool,
+}
+
+impl ReplicationSession {
+    /// Queues a blob (durable locally) for every follower.
+    pub fn send(&self, hash: BlobHash) {
+        for s in &self.senders {
+            let _ = s.send(hash);
+        }
+    }
+
+    /// A handle that queues blobs, for tasks that finish local writes.
+    pub fn fanout(&self) -> Vec<tokio::sync::mpsc::UnboundedSender<BlobHash>> {
+        self.senders.clone()
+    }
+
+    /// Ends the batch and waits until a majority of voters (this node included) confirmed every
+    /// queued blob durable; `any_blobs` false skips the wait (nothing was sent). The remaining
+    /// copies finish in the background.
+    ///
+    /// Errors: [`BlobsError::NoMajority`].
+    pub async fn finish(mut self, any_blobs: bool) -> Result<(), BlobsError> {
+        self.senders.clear();
+        if !self.active || !any_blobs {
+            tokio::spawn(async move { while self.tasks.join_next().await.is_some() {} });
+            return Ok(());
+        }
+        let mut got = 1;
+        let mut detail = String::from("no follower answered");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        while got < self.needed {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok((_, Ok(()))))) => got += 1,
+                Ok(Some(Ok((id, Err(e))))) => detail = format!("node {id}: {}", e.message()),
+                Ok(Some(Err(e))) => detail = e.to_string(),
+                Ok(None) => break,
+                Err(_) => {
+                    detail = "timed out after 120 s".into();
+                    break;
+                }
+            }
+        }
+        let needed = self.needed;
+        tokio::spawn(async move { while self.tasks.join_next().await.is_some() {} });
+        if got >= needed {
+            Ok(())
+        } else {
+            Err(BlobsError::NoMajority { got, needed, detail })
+        }
     }
 }
 

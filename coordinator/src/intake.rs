@@ -221,6 +221,7 @@ impl Intake {
         let mut fresh: HashSet<BlobHash> = HashSet::new();
         let mut new_blobs: Vec<BlobHash> = Vec::new();
         let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
+        let replication = self.blobs.start_replication();
         while let Some(msg) = stream.next().await {
             let msg = msg?;
             match msg.msg {
@@ -263,11 +264,17 @@ impl Intake {
                         }
                         let store = self.blobs.store.clone();
                         let h = pref.hash;
+                        let fanout = replication.fanout();
                         puts.spawn(async move {
                             store
                                 .put(&h, enc)
                                 .await
-                                .map_err(|e| Status::unavailable(format!("blob store: {e}")))
+                                .map_err(|e| Status::unavailable(format!("blob store: {e}")))?;
+                            // Durable here: now copy it to the followers.
+                            for f in fanout {
+                                let _ = f.send(h);
+                            }
+                            Ok(())
                         });
                     }
                     p.parts.push(pref);
@@ -287,8 +294,8 @@ impl Intake {
                 epoch: self.epoch,
             });
         }
-        self.blobs
-            .replicate(new_blobs)
+        replication
+            .finish(!new_blobs.is_empty())
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let n = versions.len();
