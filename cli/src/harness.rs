@@ -131,7 +131,7 @@ impl Cluster {
             })
             .collect();
         let mut coords = Vec::new();
-        for i in 0..n {
+        for (i, port) in ports.iter().enumerate() {
             let id = (i + 1) as u64;
             let name = format!("coord{id}");
             lifeboat_common::tls::issue_cert(&certs, &name, &[])?;
@@ -139,7 +139,7 @@ impl Cluster {
             let config = dir.join(format!("{name}.toml"));
             let toml = format!(
                 "node_id = {id}\nregion = \"local\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
-                port = ports[i],
+                port = port,
                 data = data_dir.display(),
                 snap = opts.snapshot_logs,
                 kept = opts.logs_kept,
@@ -149,7 +149,7 @@ impl Cluster {
             std::fs::write(&config, toml)?;
             coords.push(CoordProc {
                 id,
-                addr: format!("127.0.0.1:{}", ports[i]),
+                addr: format!("127.0.0.1:{}", port),
                 config,
                 log: dir.join(format!("{name}.log")),
                 data_dir,

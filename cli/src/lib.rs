@@ -5,4 +5,5 @@ pub mod conn;
 pub mod demo;
 pub mod harness;
 pub mod restore;
+pub mod s3server;
 pub mod tree;

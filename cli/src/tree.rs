@@ -57,7 +57,7 @@ pub fn write_large(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     let mut i = 0u64;
     while left > 0 {
         let n = left.min(1 << 20) as usize;
-        let chunk = if i % 2 == 0 {
+        let chunk = if i.is_multiple_of(2) {
             binary(&mut rng, n)
         } else {
             text(&mut rng, n)
