@@ -21,7 +21,7 @@ use tracing::{Instrument, Span};
 use crate::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
 use crate::config::{Config, ConfigError};
 use crate::delta::Body;
-use crate::push::{blamed_change, PushClient, PushError, SendOptions};
+use crate::push::{blamed_change, stale_epoch, PushClient, PushError, SendOptions};
 use crate::scan::{Roots, Unmapped};
 use crate::state::{StateDb, StateError};
 use crate::status::{self, Progress, Status};
@@ -587,6 +587,13 @@ impl Agent {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "push failed; trying the next coordinator");
                         self.client.coordinators.rotate(&failed);
                         sleep_or_stop(stop, &mut backoff).await;
+                    }
+                    Err(PushError::Rejected { message, .. })
+                        if stale_epoch(&message)
+                            .is_some_and(|e| e > self.progress.epoch.load(Ordering::Relaxed)) =>
+                    {
+                        // Fenced with an older epoch: adopt the current one and resend at once.
+                        self.observe_epoch(stale_epoch(&message).unwrap_or(0));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "push refused; retrying");

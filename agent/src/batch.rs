@@ -251,6 +251,8 @@ pub struct Limits {
 /// new path that was renamed, the state of the source.
 struct KnownFor<'a> {
     reader: &'a StateReader,
+    /// Part hashes sent earlier in the same batch (the coordinator accepts `reuse` of those).
+    in_batch: &'a HashSet<BlobHash>,
     base_path: String,
     base: Option<EntryState>,
 }
@@ -270,7 +272,7 @@ impl Known for KnownFor<'_> {
             .flatten()
     }
     fn is_acked(&self, hash: &BlobHash) -> bool {
-        self.reader.is_acked_blob(hash).unwrap_or(false)
+        self.in_batch.contains(hash) || self.reader.is_acked_blob(hash).unwrap_or(false)
     }
 }
 
@@ -284,6 +286,10 @@ struct Planner<'a> {
     paths: HashSet<String>,
     bytes: u64,
     retain_left: u64,
+    /// Part buffer reused across files.
+    scratch: Vec<u8>,
+    /// Hashes of the parts in this batch (earlier parts carry the content of later equal ones).
+    part_hashes: HashSet<BlobHash>,
 }
 
 /// Plans the next batch: takes work from the front of `queue` until the batch holds
@@ -308,6 +314,8 @@ pub fn build_batch(
         paths: HashSet::new(),
         bytes: 0,
         retain_left: limits.retain_bytes,
+        scratch: Vec::new(),
+        part_hashes: HashSet::new(),
     };
     if let Some(c) = queue.carried.take() {
         p.add(c);
@@ -328,6 +336,7 @@ impl Planner<'_> {
 
     fn add(&mut self, c: PlannedChange) {
         self.bytes += c.payload_bytes();
+        self.part_hashes.extend(c.parts.iter().map(|p| p.hash));
         self.paths.insert(c.path.clone());
         self.batch.push(c);
     }
@@ -590,17 +599,26 @@ impl Planner<'_> {
             let known = match (&st, rename_from) {
                 (Some(_), _) | (None, None) => KnownFor {
                     reader: &self.reader,
+                    in_batch: &self.part_hashes,
                     base_path: wire.clone(),
                     base: st.clone(),
                 },
                 (None, Some((from, from_state))) => KnownFor {
                     reader: &self.reader,
+                    in_batch: &self.part_hashes,
                     base_path: from,
                     base: Some(from_state),
                 },
             };
             let mut retain = self.retain_left;
-            match delta::plan_file(&fs_path, self.limits.part_size, &known, &mut retain, false) {
+            match delta::plan_file(
+                &fs_path,
+                self.limits.part_size,
+                &known,
+                &mut retain,
+                false,
+                &mut self.scratch,
+            ) {
                 Ok(plan) => {
                     self.retain_left = retain;
                     c.size = plan.size;
@@ -716,7 +734,9 @@ mod tests {
         assert_eq!(f.size, 10_000);
         assert_eq!(f.parts.len(), 3);
         assert_eq!(f.blake3, Some(BlobHash::of(&[7u8; 10_000])));
-        // Identical parts: the second and later are still planned full (nothing acked yet).
+        // Parts 0 and 1 are equal: part 1 reuses part 0, sent earlier in the same batch.
+        let bodies: Vec<u64> = f.parts.iter().map(|p| p.payload_bytes()).collect();
+        assert_eq!(bodies, vec![4096, 0, 10_000 - 2 * 4096]);
         assert!(changes.iter().all(|c| c.change_id > 0));
         let ids: Vec<u64> = changes.iter().map(|c| c.change_id).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
@@ -782,8 +802,11 @@ mod tests {
         }
         assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 6);
         // Byte bound: each file is 9000 bytes of payload; 10000 allows one per batch.
-        std::fs::write(root.join("f0"), vec![50u8; 9000]).unwrap();
-        std::fs::write(root.join("f1"), vec![51u8; 9000]).unwrap();
+        // Content without repeated parts (equal parts would be deduplicated).
+        let varied =
+            |seed: u32| -> Vec<u8> { (0..9000u32).map(|i| ((i * i + seed) % 251) as u8).collect() };
+        std::fs::write(root.join("f0"), varied(1)).unwrap();
+        std::fs::write(root.join("f1"), varied(2)).unwrap();
         let mut q = WorkQueue::default();
         for f in ["f0", "f1"] {
             q.push_back(Work::Path {

@@ -196,10 +196,12 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Reads `path` one part of `part_size` bytes at a time, hashing each part and the whole file,
-/// computing signatures and choosing each part's [`Body`] against `known`. Payloads are kept in
+/// computing signatures and choosing each part's [`Body`] against `known` (a part equal to an
+/// earlier part of the same file is `reuse`: the coordinator stores it by then). Payloads are kept in
 /// [`PartPlan::retained`] while `retain_budget` (bytes) allows; `force_full` sends every part
 /// whole. If the size or mtime changed while reading, the file is read again (up to
-/// [`READ_RETRIES`] times), then what was read last is used.
+/// [`READ_RETRIES`] times), then what was read last is used. `scratch` is the part buffer,
+/// grown to `part_size` once and reused across files.
 ///
 /// Errors: I/O errors (the caller decides whether the path vanished); `InvalidInput` if the path
 /// is no longer a regular file.
@@ -209,8 +211,12 @@ pub fn plan_file(
     known: &dyn Known,
     retain_budget: &mut u64,
     force_full: bool,
+    scratch: &mut Vec<u8>,
 ) -> std::io::Result<FilePlan> {
-    let mut buf = vec![0u8; part_size];
+    if scratch.len() != part_size {
+        scratch.resize(part_size, 0);
+    }
+    let buf = scratch.as_mut_slice();
     let mut attempt = 0;
     loop {
         let mut budget = *retain_budget;
@@ -223,10 +229,12 @@ pub fn plan_file(
             ));
         }
         let mut whole = blake3::Hasher::new();
-        let mut parts = Vec::new();
+        let mut parts: Vec<PartPlan> = Vec::new();
+        // Hashes of earlier parts of this file: an equal later part is sent as `reuse`.
+        let mut seen = std::collections::HashSet::new();
         let mut total = 0u64;
         loop {
-            let n = read_full(&mut f, &mut buf)?;
+            let n = read_full(&mut f, buf)?;
             if n == 0 {
                 break;
             }
@@ -236,9 +244,12 @@ pub fn plan_file(
             let index = parts.len();
             let (body, delta_bytes) = if force_full {
                 (Body::Full, None)
+            } else if seen.contains(&hash) {
+                (Body::Reuse, None)
             } else {
                 choose(index, data, &hash, known)
             };
+            seen.insert(hash);
             let retained = match (&body, delta_bytes) {
                 (Body::Full, _) if budget >= n as u64 => {
                     budget -= n as u64;
@@ -406,7 +417,7 @@ mod tests {
         let data = pseudo_random(part * 2 + 1234, 4);
         std::fs::write(&p, &data).unwrap();
         let mut budget = 0;
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false).unwrap();
+        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
         assert_eq!(plan.size, data.len() as u64);
         assert_eq!(plan.blake3, BlobHash::of(&data));
         let sizes: Vec<u64> = plan.parts.iter().map(|p| p.size).collect();
@@ -425,17 +436,17 @@ mod tests {
 
         // An exact multiple of the part size has no empty trailing part; an empty file none.
         std::fs::write(&p, &data[..part * 2]).unwrap();
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false).unwrap();
+        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
         assert_eq!(plan.parts.len(), 2);
         std::fs::write(&p, b"").unwrap();
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false).unwrap();
+        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
         assert!(plan.parts.is_empty());
         assert_eq!(plan.blake3, BlobHash::of(b""));
 
         // Payloads are kept within the budget only.
         std::fs::write(&p, &data).unwrap();
         let mut budget = part as u64 + 1300;
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false).unwrap();
+        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
         let kept: Vec<bool> = plan.parts.iter().map(|p| p.retained.is_some()).collect();
         assert_eq!(kept, vec![true, false, true]);
         assert_eq!(budget, 1300 - 1234);
@@ -463,7 +474,7 @@ mod tests {
         edited[part + 100] ^= 0x55;
         std::fs::write(&p, &edited).unwrap();
         let mut budget = u64::MAX;
-        let plan = plan_file(&p, part, &prev, &mut budget, false).unwrap();
+        let plan = plan_file(&p, part, &prev, &mut budget, false, &mut Vec::new()).unwrap();
         let kinds: Vec<&str> = plan
             .parts
             .iter()
@@ -476,7 +487,7 @@ mod tests {
         assert_eq!(kinds, vec!["reuse", "delta", "reuse"]);
         assert!(plan.payload_bytes() < 8 * 1024, "{}", plan.payload_bytes());
         // force_full ignores what is known.
-        let plan = plan_file(&p, part, &prev, &mut budget, true).unwrap();
+        let plan = plan_file(&p, part, &prev, &mut budget, true, &mut Vec::new()).unwrap();
         assert!(plan.parts.iter().all(|p| p.body == Body::Full));
     }
 }

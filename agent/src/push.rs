@@ -118,6 +118,16 @@ pub fn classify(addr: &str, status: &Status) -> PushError {
     }
 }
 
+/// The current epoch named by a `stale_epoch` refusal (`"... the current epoch is N"`).
+pub fn stale_epoch(message: &str) -> Option<u64> {
+    if !message.starts_with("stale_epoch") {
+        return None;
+    }
+    let (_, rest) = message.rsplit_once("current epoch is ")?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
 /// Finds the change an `INVALID_ARGUMENT` message is about: a quoted wire path, a bare wire path,
 /// or `change_id=N` / `change N`. Returns its index in `changes`.
 pub fn blamed_change(message: &str, changes: &[PlannedChange]) -> Option<usize> {
@@ -506,6 +516,11 @@ mod tests {
             classify("a:1", &Status::invalid_argument("bad path")),
             PushError::Invalid(_)
         ));
+        assert_eq!(
+            stale_epoch("stale_epoch: change stamped with epoch 1 but the current epoch is 12"),
+            Some(12)
+        );
+        assert_eq!(stale_epoch("the current epoch is 12"), None);
     }
 
     #[test]
