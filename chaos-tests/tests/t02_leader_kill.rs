@@ -62,7 +62,12 @@ async fn leader_sigkill_during_streaming_loses_no_acknowledged_change() -> anyho
                 .iter()
                 .filter(|c| c.data_dir.join("blobs").join(p.hash.key()).exists())
                 .count();
-            assert!(copies >= 2, "blob {} of {} on {copies} of 3 coordinators", p.hash, v.v.path);
+            assert!(
+                copies >= 2,
+                "blob {} of {} on {copies} of 3 coordinators",
+                p.hash,
+                v.v.path
+            );
             checked += 1;
         }
     }

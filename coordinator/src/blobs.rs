@@ -172,7 +172,8 @@ impl Blobs {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BlobHash>();
             let me = self.clone();
             s.senders.push(tx);
-            s.tasks.spawn(async move { (id, me.push_stream(&addr, rx).await) });
+            s.tasks
+                .spawn(async move { (id, me.push_stream(&addr, rx).await) });
         }
         s
     }
@@ -192,7 +193,11 @@ impl Blobs {
 
     /// Streams the blobs whose hashes arrive on `rx` to the peer at `addr` (reading them from the
     /// local store), until `rx` closes; Ok once the peer confirmed every blob durable.
-    async fn push_stream(&self, addr: &str, mut rx: tokio::sync::mpsc::UnboundedReceiver<BlobHash>) -> Result<(), Status> {
+    async fn push_stream(
+        &self,
+        addr: &str,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<BlobHash>,
+    ) -> Result<(), Status> {
         let mut client = self.client(addr)?;
         let (tx, out) = tokio::sync::mpsc::channel::<StoredBlob>(4);
         let store = self.store.clone();
@@ -200,7 +205,14 @@ impl Blobs {
             while let Some(h) = rx.recv().await {
                 match store.get(&h).await {
                     Ok(stored) => {
-                        if tx.send(StoredBlob { hash: h.to_hex(), stored }).await.is_err() {
+                        if tx
+                            .send(StoredBlob {
+                                hash: h.to_hex(),
+                                stored,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -211,7 +223,9 @@ impl Blobs {
                 }
             }
         });
-        let res = client.put_blobs(tokio_stream::wrappers::ReceiverStream::new(out)).await;
+        let res = client
+            .put_blobs(tokio_stream::wrappers::ReceiverStream::new(out))
+            .await;
         producer.abort();
         res.map(|_| ())
     }
@@ -269,7 +283,11 @@ impl ReplicationSession {
         if got >= needed {
             Ok(())
         } else {
-            Err(BlobsError::NoMajority { got, needed, detail })
+            Err(BlobsError::NoMajority {
+                got,
+                needed,
+                detail,
+            })
         }
     }
 }
