@@ -161,11 +161,9 @@ impl Agent {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let next_change_id = state.next_change_id()?.max(now_us).max(1);
-        let client = Arc::new(PushClient::new(
-            cfg.tls.clone(),
-            cfg.coordinators.clone(),
-            opts.part_size,
-        ));
+        let mut client = PushClient::new(cfg.tls.clone(), cfg.coordinators.clone(), opts.part_size);
+        client.agent_id = cfg.agent_id.clone();
+        let client = Arc::new(client);
         let span = tracing::info_span!(
             "agent",
             node = %cfg.agent_id,

@@ -172,6 +172,8 @@ pub fn blamed_change(message: &str, changes: &[PlannedChange]) -> Option<usize> 
 pub struct Coordinators {
     addrs: Vec<String>,
     cur: Mutex<(String, usize)>,
+    /// Address last confirmed to be the leader (empty: none).
+    confirmed: Mutex<String>,
 }
 
 impl Coordinators {
@@ -181,7 +183,25 @@ impl Coordinators {
         Coordinators {
             addrs,
             cur: Mutex::new((first, 0)),
+            confirmed: Mutex::new(String::new()),
         }
+    }
+
+    /// Records that `addr` answered as the leader.
+    pub fn confirm(&self, addr: &str) {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = addr.to_string();
+    }
+
+    /// Whether `addr` was confirmed as the leader since the last switch.
+    pub fn is_confirmed(&self, addr: &str) -> bool {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) == addr
+    }
+
+    fn unconfirm(&self) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The address calls go to now.
@@ -197,6 +217,7 @@ impl Coordinators {
         }
         tracing::info!(leader, previous = %cur.0, "following the leader");
         cur.0 = leader.to_string();
+        self.unconfirm();
         true
     }
 
@@ -212,6 +233,7 @@ impl Coordinators {
             None => cur.1 % self.addrs.len(),
         };
         *cur = (self.addrs[next].clone(), next + 1);
+        self.unconfirm();
         tracing::debug!(next = %cur.0, failed, "trying the next coordinator");
     }
 }
@@ -232,6 +254,8 @@ pub struct PushClient {
     /// Where calls go.
     pub coordinators: Coordinators,
     part_size: usize,
+    /// Agent id used when probing for the leader (empty: never probe).
+    pub agent_id: String,
 }
 
 impl std::fmt::Debug for PushClient {
@@ -260,6 +284,7 @@ impl PushClient {
             channels: Mutex::new(HashMap::new()),
             coordinators: Coordinators::new(coordinators),
             part_size,
+            agent_id: String::new(),
         }
     }
 
@@ -289,6 +314,32 @@ impl PushClient {
     ) -> Result<pb::PushReply, PushError> {
         let addr = self.coordinators.current();
         let mut client = self.client(&addr)?;
+        // Ask who leads before streaming: a follower's refusal would otherwise arrive only after
+        // HTTP/2 flow control let megabytes of parts go out.
+        if !self.agent_id.is_empty() && !self.coordinators.is_confirmed(&addr) {
+            let probe = pb::HeartbeatRequest {
+                agent_id: self.agent_id.clone(),
+                epoch: opts.epoch,
+                ..Default::default()
+            };
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(probe)).await {
+                Err(_) => {
+                    return Err(PushError::Transport {
+                        addr,
+                        message: "leader probe timed out".into(),
+                    })
+                }
+                Ok(Err(status)) => return Err(classify(&addr, &status)),
+                Ok(Ok(r)) => {
+                    let leader = r.into_inner().leader_addr;
+                    if leader == addr {
+                        self.coordinators.confirm(&addr);
+                    } else if !leader.is_empty() {
+                        return Err(PushError::NotLeader { leader });
+                    }
+                }
+            }
+        }
         let payload: u64 = if opts.force_full {
             batch.iter().map(|c| c.size).sum()
         } else {
@@ -302,7 +353,10 @@ impl PushClient {
             r = call => match r {
                 Err(_) => Err(PushError::Transport { addr, message: format!("no reply within {} s", timeout.as_secs()) }),
                 Ok(Err(status)) => Err(classify(&addr, &status)),
-                Ok(Ok(reply)) => Ok(reply.into_inner()),
+                Ok(Ok(reply)) => {
+                    self.coordinators.confirm(&addr);
+                    Ok(reply.into_inner())
+                }
             },
             Ok(path) = abort_rx => Err(PushError::Changed { path }),
         }
