@@ -3,7 +3,7 @@
 //! purged them). In both cases the node must end with the same catalog as the leader, and a
 //! restore served by that node alone must rebuild the tree byte for byte.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,10 +14,67 @@ use lifeboat_cli::harness::{bin_dir, spawn_logged};
 use lifeboat_common::catalog::FileVersion;
 use lifeboat_proto::{ListVersionsRequest, StatusReply, TriggerSnapshotRequest};
 
-/// Index of the current leader (waits up to 30 s for one).
-async fn leader_index(cluster: &Cluster) -> anyhow::Result<usize> {
-    let id = cluster.wait_leader(Duration::from_secs(30), None).await?;
-    cluster.index_of(id).context("leader is a member")
+/// Runs a test body with a fresh scratch dir, keeping the dir when the body fails or panics.
+async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use futures::FutureExt;
+    let mut scratch = Scratch::new(name);
+    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
+        .catch_unwind()
+        .await;
+    if !matches!(res, Ok(Ok(()))) {
+        scratch.keep();
+        eprintln!("scratch kept in {}", scratch.dir.display());
+    }
+    match res {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// Index of the leader once every running coordinator agrees on it (twice, 300 ms apart).
+/// `Cluster::wait_leader` can return a node that is superseded a few ms later: openraft lets
+/// several candidates win the same term and the higher node id takes over.
+async fn settled_leader(cluster: &Cluster) -> anyhow::Result<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut prev = None;
+    loop {
+        let mut ids = Vec::new();
+        for i in 0..cluster.coords.len() {
+            if cluster.coords[i].child.is_some() {
+                ids.push(
+                    cluster
+                        .status_of(i)
+                        .await
+                        .map(|s| (s.leader_id, s.node_id, s.state)),
+                );
+            }
+        }
+        let agreed = match ids.first() {
+            Some(Some((l, _, _))) if *l != 0 => {
+                let all_agree = ids.iter().all(|s| matches!(s, Some((x, _, _)) if x == l));
+                let leads = ids
+                    .iter()
+                    .any(|s| matches!(s, Some((x, n, st)) if x == n && st == "Leader"));
+                (all_agree && leads).then_some(*l)
+            }
+            _ => None,
+        };
+        match (agreed, prev) {
+            (Some(l), Some(p)) if l == p => {
+                return cluster.index_of(l).context("leader is a member");
+            }
+            _ => prev = agreed,
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "coordinators did not agree on a leader within 30 s: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Latest live versions under `prefix`, read from coordinator `addr` itself (no switch to the
@@ -55,7 +112,7 @@ async fn wait_caught_up(
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
-        let li = leader_index(cluster).await?;
+        let li = settled_leader(cluster).await?;
         if let (Some(l), Some(s)) = (cluster.status_of(li).await, cluster.status_of(f).await) {
             if li != f
                 && s.last_applied >= l.last_applied
@@ -115,17 +172,16 @@ async fn restore_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_coordinator_catches_up_from_its_redb_log() -> anyhow::Result<()> {
-    let mut scratch = Scratch::new("t03-redb-log");
-    let res = async {
-        let src = scratch.dir.join("src");
+    run("t03-redb-log", |scratch| async move {
+        let src = scratch.join("src");
         tree::generate(&src, 120, 0, 301)?;
-        let mut cluster = Cluster::start(&scratch.dir.join("cluster"), &ClusterOpts::default())?;
-        let li = leader_index(&cluster).await?;
-        let f = (li + 1) % cluster.coords.len();
-        let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "")?;
+        let mut cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "batch_max_changes = 20\n")?;
 
         let st = agent_once(&cluster, &cfg, &agent_data).await?;
         assert_eq!(st["pending_changes"].as_u64(), Some(0), "first sync left changes: {st}");
+        let li = settled_leader(&cluster).await?;
+        let f = (li + 1) % cluster.coords.len();
         // The follower has the first sync before it dies.
         let (_, before) = wait_caught_up(&cluster, f, Duration::from_secs(20)).await?;
 
@@ -133,7 +189,7 @@ async fn restarted_coordinator_catches_up_from_its_redb_log() -> anyhow::Result<
         let m = tree::mutate(&src, 60, 302)?;
         eprintln!("mutations while node {} is down: {m:?}", cluster.coords[f].id);
         agent_once(&cluster, &cfg, &agent_data).await?;
-        let li = leader_index(&cluster).await?;
+        let li = settled_leader(&cluster).await?;
         let grown = cluster.status_of(li).await.context("leader status")?;
         assert!(
             grown.last_applied > before.last_applied && grown.versions > before.versions,
@@ -156,29 +212,24 @@ async fn restarted_coordinator_catches_up_from_its_redb_log() -> anyhow::Result<
         assert_eq!(s.versions, l.versions);
         assert_eq!(s.entries, l.entries);
 
-        restore_through(&cluster, f, "data", &src, &scratch.dir.join("restore")).await?;
+        restore_through(&cluster, f, "data", &src, &scratch.join("restore")).await?;
         anyhow::Ok(())
-    }
-    .await;
-    if res.is_err() {
-        scratch.keep();
-    }
-    res
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_coordinator_catches_up_by_snapshot() -> anyhow::Result<()> {
-    let mut scratch = Scratch::new("t03-snapshot");
-    let res = async {
-        let src = scratch.dir.join("src");
+    run("t03-snapshot", |scratch| async move {
+        let src = scratch.join("src");
         tree::generate(&src, 100, 0, 311)?;
         let opts = ClusterOpts {
             snapshot_logs: 10,
             logs_kept: 0,
             ..ClusterOpts::default()
         };
-        let mut cluster = Cluster::start(&scratch.dir.join("cluster"), &opts)?;
-        let li = leader_index(&cluster).await?;
+        let mut cluster = Cluster::start(&scratch.join("cluster"), &opts)?;
+        let li = settled_leader(&cluster).await?;
         let f = (li + 1) % cluster.coords.len();
         // Let the follower learn the initial membership, then kill it before any push.
         let (_, early) = wait_caught_up(&cluster, f, Duration::from_secs(20)).await?;
@@ -192,7 +243,7 @@ async fn lagging_coordinator_catches_up_by_snapshot() -> anyhow::Result<()> {
             tree::mutate(&src, 25, 320 + round)?;
             agent_once(&cluster, &cfg, &agent_data).await?;
         }
-        let li = leader_index(&cluster).await?;
+        let li = settled_leader(&cluster).await?;
         let leader_addr = cluster.coords[li].addr.clone();
         let mut admin = admin_client(cluster.conn().channel(&leader_addr)?);
         let snap = admin
@@ -250,12 +301,8 @@ async fn lagging_coordinator_catches_up_by_snapshot() -> anyhow::Result<()> {
             log.display()
         );
 
-        restore_through(&cluster, f, "data", &src, &scratch.dir.join("restore")).await?;
+        restore_through(&cluster, f, "data", &src, &scratch.join("restore")).await?;
         anyhow::Ok(())
-    }
-    .await;
-    if res.is_err() {
-        scratch.keep();
-    }
-    res
+    })
+    .await
 }

@@ -239,7 +239,7 @@ async fn demo_body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<Dem
     let kill_at = Instant::now();
     cluster.kill_coordinator(li);
     let new_leader = cluster
-        .wait_leader(Duration::from_secs(30), Some(leader))
+        .wait_first_leader(Duration::from_secs(30), Some(leader))
         .await?;
     let leader_change_ms = kill_at.elapsed().as_millis() as u64;
     say(json, &format!("SIGKILLed leader node {leader} after {acked_before_kill} acknowledged changes; node {new_leader} leads after {leader_change_ms} ms"));

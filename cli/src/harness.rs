@@ -247,10 +247,16 @@ impl Cluster {
             .map(|r| r.into_inner())
     }
 
-    /// Waits until a running coordinator (other than `not`) reports itself leader; returns its id.
+    /// Waits until a running coordinator (other than `not`) first reports itself leader; returns
+    /// its id. Fast (for measuring leader-change time), but openraft may still hand leadership to
+    /// a higher node id in the same term: use [`Cluster::wait_leader`] before acting on it.
     ///
     /// Errors: no leader within `timeout`.
-    pub async fn wait_leader(&self, timeout: Duration, not: Option<u64>) -> anyhow::Result<u64> {
+    pub async fn wait_first_leader(
+        &self,
+        timeout: Duration,
+        not: Option<u64>,
+    ) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             for i in 0..self.coords.len() {
@@ -270,6 +276,52 @@ impl Cluster {
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until every running coordinator answers and names the same leader (other than
+    /// `not`), which reports itself `Leader`, twice 300 ms apart; returns its id.
+    ///
+    /// Errors: no settled leader within `timeout`.
+    pub async fn wait_leader(&self, timeout: Duration, not: Option<u64>) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut prev: Option<u64> = None;
+        loop {
+            let mut views = Vec::new();
+            for i in 0..self.coords.len() {
+                if self.coords[i].child.is_some() {
+                    views.push(self.status_of(i).await);
+                }
+            }
+            let agreed = match views.first() {
+                Some(Some(first)) if first.leader_id != 0 && Some(first.leader_id) != not => {
+                    let l = first.leader_id;
+                    let all = views
+                        .iter()
+                        .all(|v| matches!(v, Some(s) if s.leader_id == l));
+                    let leads = views
+                        .iter()
+                        .any(|v| matches!(v, Some(s) if s.node_id == l && s.state == "Leader"));
+                    (all && leads).then_some(l)
+                }
+                _ => None,
+            };
+            match (agreed, prev) {
+                (Some(l), Some(p)) if l == p => return Ok(l),
+                _ => prev = agreed,
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "coordinators did not agree on a leader within {timeout:?}; see the logs in {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(if agreed.is_some() {
+                300
+            } else {
+                50
+            }))
+            .await;
         }
     }
 

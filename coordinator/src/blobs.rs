@@ -133,7 +133,14 @@ impl Blobs {
             if let Some(Ok(b)) = s.next().await {
                 if blob::decode(hash, &b.stored, lifeboat_common::PART_SIZE).is_ok() {
                     // Repair the local copy (fetched from a peer, verified above).
-                    let _ = self.store.put(hash, b.stored.clone()).await;
+                    match self.store.replace(hash, b.stored.clone()).await {
+                        Ok(()) => {
+                            tracing::warn!(blob = %hash, peer = %addr, "local blob copy was missing or corrupted; repaired from a peer")
+                        }
+                        Err(e) => {
+                            tracing::error!(blob = %hash, error = %e, "repair of local blob copy failed")
+                        }
+                    }
                     return Ok(b.stored);
                 }
             }

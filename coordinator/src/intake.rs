@@ -56,6 +56,8 @@ struct Pending {
     change: FileChange,
     kind: EntryKind,
     parts: Vec<PartRef>,
+    /// blake3 of the content rebuilt so far, checked against the declared whole-file hash.
+    hasher: blake3::Hasher,
 }
 
 fn bad(msg: impl Into<String>) -> Status {
@@ -112,6 +114,15 @@ impl Intake {
                 c.part_count
             )));
         }
+        if !c.deleted && p.kind == EntryKind::File {
+            let got = BlobHash(*p.hasher.finalize().as_bytes());
+            if got.to_hex() != c.blake3 {
+                return Err(bad(format!(
+                    "{}: content hashes to {got}, the change declares {}; refusing a version no restore could verify",
+                    c.path, c.blake3
+                )));
+            }
+        }
         let sum: u64 = p.parts.iter().map(|x| x.size).sum();
         if !c.deleted && p.kind == EntryKind::File && sum != c.size {
             return Err(bad(format!(
@@ -146,6 +157,7 @@ impl Intake {
         &self,
         part: PartData,
         fresh: &HashSet<BlobHash>,
+        hasher: &mut blake3::Hasher,
     ) -> Result<(PartRef, Option<Vec<u8>>), Status> {
         let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
         if part.size > lifeboat_common::PART_SIZE as u64 {
@@ -163,12 +175,16 @@ impl Intake {
         let raw = match part.body {
             None => return Err(bad("part without body")),
             Some(Body::Reuse(_)) => {
-                if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false)
-                {
-                    return Ok((pref, None));
+                // Read (locally, else from a peer after a leader change) and verify the blob: its
+                // content is part of the whole-file hash checked in `finish`.
+                let raw = self.blobs.get_raw(&hash).await.map_err(base_missing)?;
+                if raw.len() != size {
+                    return Err(bad(format!(
+                        "reused blob {hash} has {} bytes, part declares {size}",
+                        raw.len()
+                    )));
                 }
-                // Not here: a peer may have it (leader changed since it was acknowledged).
-                self.blobs.get_stored(&hash).await.map_err(base_missing)?;
+                hasher.update(&raw);
                 return Ok((pref, None));
             }
             Some(Body::Full(data)) => data,
@@ -196,6 +212,7 @@ impl Intake {
                 raw.len()
             )));
         }
+        hasher.update(&raw);
         if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
             // Still verify what was sent.
             if BlobHash::of(&raw) != hash {
@@ -236,6 +253,7 @@ impl Intake {
                         change: c,
                         kind,
                         parts: Vec::new(),
+                        hasher: blake3::Hasher::new(),
                     });
                 }
                 Some(Msg::Part(part)) => {
@@ -253,7 +271,15 @@ impl Intake {
                             p.change.part_count
                         )));
                     }
-                    let (pref, encoded) = self.rebuild_part(part, &fresh).await?;
+                    let reuses_fresh = matches!(part.body, Some(Body::Reuse(_)))
+                        && BlobHash::from_hex(&part.hash).is_ok_and(|h| fresh.contains(&h));
+                    if reuses_fresh {
+                        // The blob came earlier in this batch: let its write finish first.
+                        while let Some(r) = puts.join_next().await {
+                            r.map_err(|e| Status::internal(e.to_string()))??;
+                        }
+                    }
+                    let (pref, encoded) = self.rebuild_part(part, &fresh, &mut p.hasher).await?;
                     if let Some(enc) = encoded {
                         fresh.insert(pref.hash);
                         new_blobs.push(pref.hash);

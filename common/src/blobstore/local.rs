@@ -72,6 +72,17 @@ impl BlobStore for LocalBlobStore {
         .map_err(|e| BlobStoreError::Config(format!("blob writer task failed: {e}")))?
     }
 
+    async fn replace(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
+        let path = self.path_of(hash);
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("blob path has a parent");
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            write_atomic(&path, &stored).map_err(|e| io(&path, e))
+        })
+        .await
+        .map_err(|e| BlobStoreError::Config(format!("blob writer task failed: {e}")))?
+    }
+
     async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError> {
         let path = self.path_of(hash);
         match tokio::fs::read(&path).await {

@@ -48,6 +48,12 @@ pub enum BlobStoreError {
 pub trait BlobStore: Send + Sync + 'static {
     /// Stores `stored` (encoded bytes) under `hash`, durably. Idempotent.
     async fn put(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError>;
+    /// Stores `stored` under `hash` durably even if a (corrupted) copy exists: used to repair a
+    /// blob from a verified peer copy. The default is [`BlobStore::put`] (right for stores whose
+    /// `put` always overwrites, like S3).
+    async fn replace(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
+        self.put(hash, stored).await
+    }
     /// Returns the stored bytes. Errors: [`BlobStoreError::NotFound`] when absent.
     async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError>;
     /// Whether the blob is present.

@@ -1,0 +1,493 @@
+//! Paths are untrusted on both ends: the coordinator refuses bad paths (and content that does not
+//! hash to what was declared) straight from the wire, restore never writes through a symlink it
+//! finds in the target, and symlinks in a protected tree are replicated as links, never followed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lifeboat_chaos_tests::{
+    agent_once, restore, restore_latest, tree, Cluster, ClusterOpts, Scratch,
+};
+use lifeboat_common::blob::BlobHash;
+use lifeboat_proto::agent_service_client::AgentServiceClient;
+use lifeboat_proto::part_data::Body;
+use lifeboat_proto::push_message::Msg;
+use lifeboat_proto::{
+    EntryKind, FileChange, ListVersionsRequest, PartData, PushMessage, PushReply, VersionRow,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Every catalog row (all versions, tombstones too) as sent by the leader, unparsed, so that even
+/// a path `FileVersion::from_pb` would refuse shows up.
+async fn raw_rows(cluster: &Cluster) -> anyhow::Result<Vec<VersionRow>> {
+    let (mut admin, _) = cluster.conn().admin().await?;
+    let mut s = admin
+        .list_versions(ListVersionsRequest {
+            prefix: String::new(),
+            at_ms: 0,
+            all_versions: true,
+            include_deleted: true,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = s.message().await? {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn change(id: u64, path: &str, kind: EntryKind) -> FileChange {
+    FileChange {
+        change_id: id,
+        path: path.to_string(),
+        kind: kind as i32,
+        mode: 0o755,
+        mtime_ns: 1_700_000_000_000_000_000,
+        root: "data".into(),
+        ..Default::default()
+    }
+}
+
+fn msg_change(c: FileChange) -> PushMessage {
+    PushMessage {
+        msg: Some(Msg::Change(c)),
+    }
+}
+
+async fn push(
+    client: &mut AgentServiceClient<Channel>,
+    msgs: Vec<PushMessage>,
+) -> Result<PushReply, tonic::Status> {
+    client
+        .push_changes(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Index of the leader once every running coordinator agrees on it (twice, 300 ms apart).
+/// `Cluster::wait_leader` can return a node that is superseded a few ms later: openraft lets
+/// several candidates win the same term and the higher node id takes over.
+async fn settled_leader(cluster: &Cluster) -> anyhow::Result<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut prev = None;
+    loop {
+        let mut ids = Vec::new();
+        for i in 0..cluster.coords.len() {
+            if cluster.coords[i].child.is_some() {
+                ids.push(
+                    cluster
+                        .status_of(i)
+                        .await
+                        .map(|s| (s.leader_id, s.node_id, s.state)),
+                );
+            }
+        }
+        let agreed = match ids.first() {
+            Some(Some((l, _, _))) if *l != 0 => {
+                let all_agree = ids.iter().all(|s| matches!(s, Some((x, _, _)) if x == l));
+                let leads = ids
+                    .iter()
+                    .any(|s| matches!(s, Some((x, n, st)) if x == n && st == "Leader"));
+                (all_agree && leads).then_some(*l)
+            }
+            _ => None,
+        };
+        match (agreed, prev) {
+            (Some(l), Some(p)) if l == p => {
+                return cluster.index_of(l).context("leader is a member");
+            }
+            _ => prev = agreed,
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "coordinators did not agree on a leader within 30 s: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A raw agent client on the leader, once the leader accepts pushes: pushes the well-formed
+/// directory change `control` (retrying while no leader is settled) and returns the client and
+/// the reply.
+async fn ready_client(
+    cluster: &Cluster,
+    control: &str,
+) -> anyhow::Result<(AgentServiceClient<Channel>, PushReply)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let li = settled_leader(cluster).await?;
+        let mut client = AgentServiceClient::new(cluster.conn().channel(&cluster.coords[li].addr)?);
+        match push(
+            &mut client,
+            vec![msg_change(change(1, control, EntryKind::Dir))],
+        )
+        .await
+        {
+            Ok(r) => return Ok((client, r)),
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => anyhow::bail!("control push of {control:?} refused: {s:?}"),
+        }
+    }
+}
+
+/// Runs a test body with a fresh scratch dir, keeping the dir when the body fails or panics.
+async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use futures::FutureExt;
+    let mut scratch = Scratch::new(name);
+    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
+        .catch_unwind()
+        .await;
+    if !matches!(res, Ok(Ok(()))) {
+        scratch.keep();
+        eprintln!("scratch kept in {}", scratch.dir.display());
+    }
+    match res {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// Paths of coordinator `i`'s local copy of blob `h`.
+fn blob_file(cluster: &Cluster, i: usize, h: &BlobHash) -> std::path::PathBuf {
+    cluster.coords[i].data_dir.join("blobs").join(h.key())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
+    run("t04-wire-paths", |scratch| async move {
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        // Control: a well-formed change through the same raw client is accepted and listed.
+        let (mut client, ok) = ready_client(&cluster, "data/wire-ok").await?;
+        assert_eq!(ok.acks.len(), 1, "control push: {ok:?}");
+
+        let bad_paths: &[(&str, &str)] = &[
+            ("../escape", "'..'"),
+            ("/etc/passwd", "absolute"),
+            ("data/../../x", "'..'"),
+            ("data//x", "empty or '.' component"),
+            ("data\\x", "backslash"),
+            ("data/./x", "empty or '.' component"),
+            ("", "empty path"),
+        ];
+        for (i, (p, why)) in bad_paths.iter().enumerate() {
+            let err = push(
+                &mut client,
+                vec![msg_change(change(10 + i as u64, p, EntryKind::Dir))],
+            )
+            .await
+            .expect_err(&format!("path {p:?} was accepted"));
+            assert_eq!(err.code(), Code::InvalidArgument, "path {p:?}: {err:?}");
+            assert!(
+                err.message().contains(why),
+                "path {p:?}: message {:?} does not name the problem ({why})",
+                err.message()
+            );
+        }
+
+        // rename_from is a path from the wire too.
+        let mut c = change(30, "data/renamed-target", EntryKind::Dir);
+        c.rename_from = "data/../../etc".into();
+        let err = push(&mut client, vec![msg_change(c)])
+            .await
+            .expect_err("rename_from with '..' was accepted");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("'..'"), "{:?}", err.message());
+
+        // One call is one batch: a bad change refuses the good one sent with it.
+        let err = push(
+            &mut client,
+            vec![
+                msg_change(change(40, "data/good-in-bad-batch", EntryKind::Dir)),
+                msg_change(change(41, "../escape2", EntryKind::Dir)),
+            ],
+        )
+        .await
+        .expect_err("batch with a bad path was accepted");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+        // A part whose content does not hash to the declared part hash.
+        let content = b"what the agent really sent\n".repeat(100);
+        let declared = BlobHash::of(b"something else entirely");
+        let mut fc = change(50, "data/badhash.txt", EntryKind::File);
+        fc.mode = 0o644;
+        fc.size = content.len() as u64;
+        fc.blake3 = declared.to_hex();
+        fc.part_count = 1;
+        let part = PartData {
+            index: 0,
+            hash: declared.to_hex(),
+            size: content.len() as u64,
+            body: Some(Body::Full(content.clone())),
+            base_hash: String::new(),
+        };
+        let err = push(
+            &mut client,
+            vec![
+                msg_change(fc),
+                PushMessage {
+                    msg: Some(Msg::Part(part)),
+                },
+            ],
+        )
+        .await
+        .expect_err("part with a wrong hash was accepted");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("does not hash to"),
+            "{:?}",
+            err.message()
+        );
+        for i in 0..cluster.coords.len() {
+            for h in [declared, BlobHash::of(&content)] {
+                let f = blob_file(&cluster, i, &h);
+                assert!(
+                    !f.exists(),
+                    "refused part was stored anyway at {}",
+                    f.display()
+                );
+            }
+        }
+
+        // Nothing refused reached the catalog; the control did.
+        let rows = raw_rows(&cluster).await?;
+        let paths: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+        assert!(
+            paths.contains(&"data/wire-ok"),
+            "control missing from {paths:?}"
+        );
+        for p in bad_paths.iter().map(|(p, _)| *p).chain([
+            "data/renamed-target",
+            "data/good-in-bad-batch",
+            "../escape2",
+            "data/badhash.txt",
+        ]) {
+            assert!(
+                !paths.contains(&p),
+                "refused path {p:?} is in the catalog: {paths:?}"
+            );
+        }
+        assert_eq!(rows.len(), 1, "unexpected catalog rows: {paths:?}");
+        // The CLI's listing agrees (and would fail on a bad row).
+        let (listed, _) = restore::list(&cluster.conn(), "", None, false, true).await?;
+        let listed: Vec<&str> = listed.iter().map(|v| v.v.path.as_str()).collect();
+        assert_eq!(listed, vec!["data/wire-ok"]);
+        anyhow::Ok(())
+    })
+    .await
+}
+
+/// Whole-file blake3 declared by the agent that does not match the content of its (correctly
+/// hashed) parts. Accepting it commits a version no restore can ever verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_refuses_file_hash_not_matching_its_parts() -> anyhow::Result<()> {
+    run("t04-file-hash", |scratch| async move {
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        let (mut client, _) = ready_client(&cluster, "data/control").await?;
+        let content = b"honest part, dishonest file hash\n".repeat(50);
+        let part_hash = BlobHash::of(&content);
+        let mut fc = change(1, "data/lying.txt", EntryKind::File);
+        fc.mode = 0o644;
+        fc.size = content.len() as u64;
+        fc.blake3 = BlobHash::of(b"not the content").to_hex();
+        fc.part_count = 1;
+        let part = PartData {
+            index: 0,
+            hash: part_hash.to_hex(),
+            size: content.len() as u64,
+            body: Some(Body::Full(content.clone())),
+            base_hash: String::new(),
+        };
+        let r = push(
+            &mut client,
+            vec![
+                msg_change(fc),
+                PushMessage {
+                    msg: Some(Msg::Part(part)),
+                },
+            ],
+        )
+        .await;
+        // PRODUCT BUG (see report): coordinator/src/intake.rs `finish` takes the file's blake3
+        // from the wire without checking it against the rebuilt parts.
+        let err =
+            r.expect_err("a file whose declared blake3 does not match its parts was committed");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let rows = raw_rows(&cluster).await?;
+        assert!(
+            rows.iter().all(|r| r.path != "data/lying.txt"),
+            "committed anyway"
+        );
+        anyhow::Ok(())
+    })
+    .await
+}
+
+fn write(p: &Path, data: &[u8]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(p.parent().unwrap())?;
+    std::fs::write(p, data)?;
+    Ok(())
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_never_writes_through_a_symlink() -> anyhow::Result<()> {
+    run("t04-restore-symlink", |scratch| async move {
+        let src = scratch.join("src");
+        tree::generate(&src, 60, 0, 401)?;
+        write(&src.join("sub/a.txt"), b"alpha\n")?;
+        write(&src.join("sub/deeper/b.txt"), &b"bravo ".repeat(1000))?;
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "")?;
+        agent_once(&cluster, &cfg, &agent_data).await?;
+
+        // Control: a clean target restores fine.
+        let clean = scratch.join("clean");
+        restore_latest(&cluster, "data", &clean).await?;
+        let cmp = tree::compare(&src, &clean.join("data"))?;
+        assert!(cmp.equal(), "clean restore differs: {:?}", cmp.differences);
+
+        // A target where data/sub is a symlink to a directory outside the target.
+        let target = scratch.join("target");
+        let outside = scratch.join("outside");
+        std::fs::create_dir_all(target.join("data"))?;
+        std::fs::create_dir_all(&outside)?;
+        std::os::unix::fs::symlink(&outside, target.join("data/sub"))?;
+        let err = restore_latest(&cluster, "data", &target)
+            .await
+            .err()
+            .context("restore through a symlinked data/sub succeeded")?;
+        let msg = format!("{err:#}");
+        eprintln!("restore refused: {msg}");
+        assert!(
+            msg.contains("symlink"),
+            "error does not mention the symlink: {msg}"
+        );
+        assert!(
+            entries(&outside).is_empty(),
+            "restore wrote outside the target through the symlink: {:?}",
+            entries(&outside)
+        );
+        assert!(
+            std::fs::symlink_metadata(target.join("data/sub"))?
+                .file_type()
+                .is_symlink(),
+            "the symlink in the target was replaced"
+        );
+        anyhow::Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_are_replicated_as_links_not_followed() -> anyhow::Result<()> {
+    run("t04-symlink-replication", |scratch| async move {
+        let src = scratch.join("src");
+        tree::generate(&src, 60, 0, 411)?;
+        let outside = scratch.join("outside");
+        let secret =
+            b"TOP SECRET: outside the protected root, must never be replicated\n".repeat(20);
+        write(&outside.join("secret.txt"), &secret)?;
+        write(&outside.join("nested/more.txt"), b"also outside\n")?;
+        std::os::unix::fs::symlink(&outside, src.join("escape"))?;
+        std::os::unix::fs::symlink("../outside", src.join("rel-escape"))?;
+        // A link to a file outside, too.
+        std::os::unix::fs::symlink(outside.join("secret.txt"), src.join("secret-link"))?;
+
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "")?;
+        agent_once(&cluster, &cfg, &agent_data).await?;
+
+        let rows = raw_rows(&cluster).await?;
+        let links = [
+            ("data/escape", outside.display().to_string()),
+            ("data/rel-escape", "../outside".to_string()),
+            (
+                "data/secret-link",
+                outside.join("secret.txt").display().to_string(),
+            ),
+        ];
+        for (p, target) in &links {
+            let row = rows
+                .iter()
+                .find(|r| r.path == *p)
+                .with_context(|| format!("{p} not in the catalog"))?;
+            assert_eq!(
+                row.kind,
+                EntryKind::Symlink as i32,
+                "{p} not stored as a symlink: {row:?}"
+            );
+            assert_eq!(&row.symlink_target, target, "{p}");
+            assert!(
+                row.parts.is_empty() && row.blake3.is_empty(),
+                "{p} has content: {row:?}"
+            );
+            let under = format!("{p}/");
+            let inside: Vec<&str> = rows
+                .iter()
+                .filter(|r| r.path.starts_with(&under))
+                .map(|r| r.path.as_str())
+                .collect();
+            assert!(inside.is_empty(), "the link {p} was followed: {inside:?}");
+        }
+        let secret_hash = BlobHash::of(&secret);
+        for r in &rows {
+            assert!(
+                !r.parts.iter().any(|x| x.hash == secret_hash.to_hex()),
+                "the outside file's content is in the catalog as {}",
+                r.path
+            );
+        }
+        for i in 0..cluster.coords.len() {
+            let f = blob_file(&cluster, i, &secret_hash);
+            assert!(
+                !f.exists(),
+                "the outside file's content was stored: {}",
+                f.display()
+            );
+        }
+
+        let to = scratch.join("restore");
+        restore_latest(&cluster, "data", &to).await?;
+        for (p, target) in &links {
+            let dest = to.join(p);
+            let md = std::fs::symlink_metadata(&dest)
+                .with_context(|| format!("{} not restored", dest.display()))?;
+            assert!(
+                md.file_type().is_symlink(),
+                "{} restored as {:?}, not a symlink",
+                dest.display(),
+                md.file_type()
+            );
+            assert_eq!(std::fs::read_link(&dest)?.display().to_string(), *target);
+        }
+        let cmp = tree::compare(&src, &to.join("data"))?;
+        assert!(cmp.equal(), "restore differs: {:?}", cmp.differences);
+        assert_eq!(
+            std::fs::read(outside.join("secret.txt"))?,
+            secret,
+            "the outside file was touched"
+        );
+        anyhow::Ok(())
+    })
+    .await
+}
