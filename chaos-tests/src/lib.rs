@@ -74,3 +74,13 @@ pub async fn agent_once(
     );
     agent_status(data).ok_or_else(|| anyhow::anyhow!("no status.json in {}", data.display()))
 }
+
+/// Index of the settled leader (every running coordinator agrees on it), waiting up to 30 s.
+///
+/// Errors: no settled leader.
+pub async fn settled_leader(cluster: &Cluster) -> anyhow::Result<usize> {
+    let id = cluster.wait_leader(Duration::from_secs(30), None).await?;
+    cluster
+        .index_of(id)
+        .ok_or_else(|| anyhow::anyhow!("leader {id} is not a member"))
+}

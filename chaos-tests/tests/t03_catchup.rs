@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lifeboat_chaos_tests::{agent_once, restore, tree, Cluster, ClusterOpts, Scratch};
+use lifeboat_chaos_tests::{
+    agent_once, restore, settled_leader, tree, Cluster, ClusterOpts, Scratch,
+};
 use lifeboat_cli::conn::{admin_client, ConnArgs};
 use lifeboat_cli::harness::{bin_dir, spawn_logged};
 use lifeboat_common::catalog::FileVersion;
@@ -32,48 +34,6 @@ where
     match res {
         Ok(r) => r,
         Err(p) => std::panic::resume_unwind(p),
-    }
-}
-
-/// Index of the leader once every running coordinator agrees on it (twice, 300 ms apart).
-/// `Cluster::wait_leader` can return a node that is superseded a few ms later: openraft lets
-/// several candidates win the same term and the higher node id takes over.
-async fn settled_leader(cluster: &Cluster) -> anyhow::Result<usize> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut prev = None;
-    loop {
-        let mut ids = Vec::new();
-        for i in 0..cluster.coords.len() {
-            if cluster.coords[i].child.is_some() {
-                ids.push(
-                    cluster
-                        .status_of(i)
-                        .await
-                        .map(|s| (s.leader_id, s.node_id, s.state)),
-                );
-            }
-        }
-        let agreed = match ids.first() {
-            Some(Some((l, _, _))) if *l != 0 => {
-                let all_agree = ids.iter().all(|s| matches!(s, Some((x, _, _)) if x == l));
-                let leads = ids
-                    .iter()
-                    .any(|s| matches!(s, Some((x, n, st)) if x == n && st == "Leader"));
-                (all_agree && leads).then_some(*l)
-            }
-            _ => None,
-        };
-        match (agreed, prev) {
-            (Some(l), Some(p)) if l == p => {
-                return cluster.index_of(l).context("leader is a member");
-            }
-            _ => prev = agreed,
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "coordinators did not agree on a leader within 30 s: {ids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
