@@ -147,8 +147,51 @@ async fn restore_file(client: &BlobClient, root: &Path, v: &FileVersion) -> anyh
         .prefix(".lifeboat-restore-")
         .tempfile_in(&dir)?;
     let mut hasher = blake3::Hasher::new();
-    for part in &v.v.parts {
-        let raw = get_part(client, &part.hash, &v.v.path).await?;
+    // One request streams every part in order; up to 4 parts decode in parallel while the
+    // previous ones are written. A part that fails to decode is fetched again with verification
+    // (and repair) on the coordinator.
+    let hashes: Vec<String> = v.v.parts.iter().map(|p| p.hash.to_hex()).collect();
+    let stream = if hashes.is_empty() {
+        None
+    } else {
+        Some(
+            client
+                .clone()
+                .fetch_blobs(FetchBlobsRequest { hashes })
+                .await
+                .map_err(|e| anyhow!("{}: fetch blobs: {}", v.v.path, e.message()))?
+                .into_inner(),
+        )
+    };
+    let decoded = futures::stream::iter(stream)
+        .flatten()
+        .zip(futures::stream::iter(v.v.parts.iter().cloned()))
+        .map(|(item, part)| async move {
+            let stored = match item {
+                Ok(b) => b.stored,
+                Err(_) => {
+                    return get_part(client, &part.hash, &v.v.path)
+                        .await
+                        .map(|raw| (part, raw))
+                }
+            };
+            let h = part.hash;
+            match tokio::task::spawn_blocking(move || {
+                blob::decode(&h, &stored, lifeboat_common::PART_SIZE)
+            })
+            .await?
+            {
+                Ok(raw) => Ok((part, raw)),
+                Err(_) => get_part(client, &part.hash, &v.v.path)
+                    .await
+                    .map(|raw| (part, raw)),
+            }
+        })
+        .buffered(4);
+    futures::pin_mut!(decoded);
+    let mut parts_done = 0;
+    while let Some(r) = decoded.next().await {
+        let (part, raw) = r?;
         if raw.len() as u64 != part.size {
             bail!(
                 "{}: part {} has {} bytes, catalog says {}",
@@ -160,6 +203,14 @@ async fn restore_file(client: &BlobClient, root: &Path, v: &FileVersion) -> anyh
         }
         hasher.update(&raw);
         tmp.write_all(&raw)?;
+        parts_done += 1;
+    }
+    if parts_done != v.v.parts.len() {
+        bail!(
+            "{}: the coordinator sent {parts_done} of {} parts",
+            v.v.path,
+            v.v.parts.len()
+        );
     }
     let got = BlobHash(*hasher.finalize().as_bytes());
     if Some(got) != v.v.blake3 {
@@ -241,7 +292,7 @@ pub async fn restore(
         let (client, root) = (client.clone(), root.clone());
         async move { restore_file(&client, &root, &v).await }
     }))
-    .buffer_unordered(8);
+    .buffer_unordered(12);
     while let Some(r) = results.next().await {
         let n = r?;
         report.files += 1;
