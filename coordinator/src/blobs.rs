@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::{NodeId, RegionRaft};
 
+/// Blobs a follower verifies and writes concurrently within one `PutBlobs` call.
+const PUTS_IN_FLIGHT: usize = 16;
+
 /// Request header: answer from the local store only (set on node-to-node fetches, so a missing
 /// blob never bounces between peers).
 pub const NO_FORWARD_HEADER: &str = "x-lifeboat-no-forward";
@@ -313,27 +316,39 @@ impl BlobService for BlobServer {
     ) -> Result<Response<PutBlobsReply>, Status> {
         let mut s = req.into_inner();
         let mut n = 0;
+        // Verify and store up to PUTS_IN_FLIGHT blobs at once (each put waits for its fsyncs);
+        // reply only when every one is durable.
+        let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
         while let Some(b) = s.next().await {
             let b = b?;
             let hash =
                 BlobHash::from_hex(&b.hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if self.blobs.store.contains(&hash).await.unwrap_or(false) {
-                n += 1;
-                continue;
+            while puts.len() >= PUTS_IN_FLIGHT {
+                if let Some(r) = puts.join_next().await {
+                    r.map_err(|e| Status::internal(e.to_string()))??;
+                }
             }
-            let stored = b.stored;
-            let stored = tokio::task::spawn_blocking(move || {
-                blob::decode(&hash, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            self.blobs
-                .store
-                .put(&hash, stored)
+            let store = self.blobs.store.clone();
+            puts.spawn(async move {
+                if store.contains(&hash).await.unwrap_or(false) {
+                    return Ok(());
+                }
+                let stored = b.stored;
+                let stored = tokio::task::spawn_blocking(move || {
+                    blob::decode(&hash, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
+                })
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                store
+                    .put(&hash, stored)
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))
+            });
             n += 1;
+        }
+        while let Some(r) = puts.join_next().await {
+            r.map_err(|e| Status::internal(e.to_string()))??;
         }
         Ok(Response::new(PutBlobsReply { stored: n }))
     }
