@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: a cluster in a temp dir, a seeded tree, waiting for
 //! the agent, restoring and comparing. The process harness itself is `lifeboat_cli::harness`.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

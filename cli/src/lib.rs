@@ -1,6 +1,8 @@
 //! Library side of the `lifeboat` CLI: connection options, restore, the local process harness used
 //! by `demo`, `bench` and the integration tests, and demo-tree generation and comparison.
 
+#![warn(missing_docs)]
+
 pub mod conn;
 pub mod demo;
 pub mod harness;

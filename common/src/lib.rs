@@ -3,6 +3,8 @@
 //!
 //! Library code here returns typed errors (`thiserror`); binaries wrap them with `anyhow`.
 
+#![warn(missing_docs)]
+
 pub mod blob;
 pub mod blobstore;
 pub mod catalog;
