@@ -22,8 +22,15 @@ pub struct ClusterOpts {
     pub snapshot_logs: u64,
     /// `raft.max_logs_kept_after_snapshot`.
     pub logs_kept: u64,
-    /// Extra TOML appended to every coordinator config (e.g. a `[blobs]` section).
+    /// Extra TOML appended to every coordinator config (e.g. a `[blobs]` or `[replication]`
+    /// section).
     pub extra_coordinator_toml: String,
+    /// Region name written into coordinator and agent configs (default `local`).
+    pub region: String,
+    /// Certificates directory of another cluster whose CA (`ca.pem`, `ca.key`) this one reuses,
+    /// so that the two clusters (e.g. an active and a standby region) trust each other. `None`:
+    /// a fresh CA.
+    pub ca_from: Option<PathBuf>,
 }
 
 impl Default for ClusterOpts {
@@ -33,6 +40,8 @@ impl Default for ClusterOpts {
             snapshot_logs: 1000,
             logs_kept: 100,
             extra_coordinator_toml: String::new(),
+            region: "local".into(),
+            ca_from: None,
         }
     }
 }
@@ -63,6 +72,8 @@ pub struct Cluster {
     pub coords: Vec<CoordProc>,
     /// Agents started with [`Cluster::start_agent`].
     pub agents: Vec<Child>,
+    /// Region name of its coordinators and agents.
+    pub region: String,
     bin_dir: PathBuf,
 }
 
@@ -84,10 +95,19 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     bail!("lifeboat-coordinator and lifeboat-agent not found next to {}; run `cargo build --release --workspace --bins` or set LIFEBOAT_BIN_DIR", exe.display())
 }
 
-/// A currently free TCP port on 127.0.0.1.
+/// A currently free TCP port on 127.0.0.1, never one this process handed out before (so two
+/// clusters started back to back, whose processes bind later, cannot get the same port).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Spawns `cmd` with stdout/stderr appended to `log`, killed if this process dies.
@@ -117,6 +137,13 @@ impl Cluster {
     pub fn start(dir: &Path, opts: &ClusterOpts) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let certs = dir.join("certs");
+        if let Some(from) = &opts.ca_from {
+            std::fs::create_dir_all(&certs)?;
+            for f in ["ca.pem", "ca.key"] {
+                std::fs::copy(from.join(f), certs.join(f))
+                    .with_context(|| format!("copy {} from {}", f, from.display()))?;
+            }
+        }
         lifeboat_common::tls::init_dev_ca(&certs)?;
         lifeboat_common::tls::issue_cert(&certs, "admin", &[])?;
         let n = opts.coordinators;
@@ -138,8 +165,9 @@ impl Cluster {
             let data_dir = dir.join(&name);
             let config = dir.join(format!("{name}.toml"));
             let toml = format!(
-                "node_id = {id}\nregion = \"local\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                "node_id = {id}\nregion = \"{region}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
                 port = port,
+                region = opts.region,
                 data = data_dir.display(),
                 snap = opts.snapshot_logs,
                 kept = opts.logs_kept,
@@ -161,6 +189,7 @@ impl Cluster {
             certs,
             coords,
             agents: Vec::new(),
+            region: opts.region.clone(),
             bin_dir: bin_dir()?,
         };
         for i in 0..n {
@@ -181,7 +210,8 @@ impl Cluster {
         let data_dir = self.dir.join(&name);
         let config = self.dir.join(format!("{name}.toml"));
         let toml = format!(
-            "node_id = {id}\nregion = \"local\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
+            "node_id = {id}\nregion = \"{region}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
+            region = self.region,
             data = data_dir.display(),
             certs = self.certs.display(),
         );
@@ -228,6 +258,12 @@ impl Cluster {
             key: None,
             insecure: false,
         }
+    }
+
+    /// Addresses of every coordinator (running or not), e.g. for another region's
+    /// `[replication] upstream`.
+    pub fn addrs(&self) -> Vec<String> {
+        self.coords.iter().map(|c| c.addr.clone()).collect()
     }
 
     /// Index of the coordinator with node id `id`.
@@ -342,7 +378,8 @@ impl Cluster {
             .map(|c| format!("\"{}\"", c.addr))
             .collect();
         let mut toml = format!(
-            "agent_id = \"{agent_id}\"\nregion = \"local\"\ndata_dir = \"{}\"\ncoordinators = [{}]\n{extra}\n",
+            "agent_id = \"{agent_id}\"\nregion = \"{}\"\ndata_dir = \"{}\"\ncoordinators = [{}]\n{extra}\n",
+            self.region,
             data.display(),
             coordinators.join(", ")
         );

@@ -203,6 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "members": s.members.iter().map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect::<Vec<_>>(),
                     "agents": s.agents.iter().map(|a| serde_json::json!({"agent_id": a.agent_id, "last_seen_ms_ago": a.last_seen_ms_ago, "files_tracked": a.files_tracked, "pending_changes": a.pending_changes, "bytes_sent": a.bytes_sent, "changes_acked": a.changes_acked})).collect::<Vec<_>>(),
                     "entries": s.entries, "bytes": s.bytes, "versions": s.versions,
+                    "role": s.role, "upstream_seq": s.upstream_seq,
+                    "upstream_last_seq": s.upstream_last_seq, "lag_entries": s.lag_entries,
+                    "lag_ms": s.lag_ms, "replication_state": s.replication_state,
+                    "replication_error": s.replication_error,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -232,6 +236,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "catalog: {} entries, {} bytes, {} versions",
                     s.entries, s.bytes, s.versions
                 );
+                if s.role == "standby" {
+                    println!(
+                        "replication: standby, {}  upstream seq {} of {}  lag {} entries, {} ms",
+                        s.replication_state,
+                        s.upstream_seq,
+                        s.upstream_last_seq,
+                        s.lag_entries,
+                        s.lag_ms
+                    );
+                    if !s.replication_error.is_empty() {
+                        println!("  last error: {}", s.replication_error);
+                    }
+                } else if !s.role.is_empty() {
+                    println!("replication: {} (takes writes)", s.role);
+                }
                 println!("agents ({}):", s.agents.len());
                 for a in &s.agents {
                     println!(

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::intake::AgentTable;
 use crate::leader::LeaderInfo;
 use crate::raft::{Catalog, RegionRaft};
+use crate::replication::ReplicationStatus;
 
 /// The `AdminService` implementation.
 pub struct Admin {
@@ -29,6 +30,8 @@ pub struct Admin {
     pub epoch: u64,
     /// Agent heartbeats.
     pub agents: AgentTable,
+    /// Cross-region replication progress (role, lag).
+    pub replication: ReplicationStatus,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -55,6 +58,7 @@ impl AdminService for Admin {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let m = self.raft.metrics().borrow().clone();
         let stats = self.catalog.stats().map_err(internal)?;
+        let repl = self.replication.report(&self.catalog).map_err(internal)?;
         let agents = self
             .agents
             .lock()
@@ -84,6 +88,13 @@ impl AdminService for Admin {
             epoch: self.epoch,
             snapshot_index: m.snapshot.map(|s| s.index).unwrap_or(0),
             state: format!("{:?}", m.state),
+            role: repl.role,
+            upstream_seq: repl.upstream_seq,
+            upstream_last_seq: repl.upstream_last_seq,
+            lag_entries: repl.lag_entries,
+            lag_ms: repl.lag_ms,
+            replication_state: repl.state,
+            replication_error: repl.error,
         }))
     }
 

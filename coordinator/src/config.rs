@@ -69,6 +69,43 @@ impl Default for RaftTuning {
     }
 }
 
+/// `[replication]`: cross-region replication (DESIGN.md 3.4). A region whose coordinators list an
+/// `upstream` is a **standby**: its leader continuously copies the upstream (active) region's
+/// catalog and blobs, and its intake refuses agent pushes. Times in ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Coordinators (`host:port`) of the active region to copy from; any of them works (the
+    /// subscriber follows their leader). Empty (default): this region is the source.
+    pub upstream: Vec<String>,
+    /// Most catalog rows per replicated batch, i.e. per Raft entry (default 500, 1..=5000).
+    pub batch_rows: u32,
+    /// Replication lag (age of the oldest upstream change not yet applied) at or above which the
+    /// state is `degraded`, ms (default 5000).
+    pub lag_degraded_ms: u64,
+    /// Lag at or above which the state is `failed`, ms (default 30000; must exceed
+    /// `lag_degraded_ms`).
+    pub lag_failed_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            upstream: Vec::new(),
+            batch_rows: 500,
+            lag_degraded_ms: 5000,
+            lag_failed_ms: 30000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// True when this region copies another one (`upstream` is not empty).
+    pub fn is_standby(&self) -> bool {
+        !self.upstream.is_empty()
+    }
+}
+
 fn default_region() -> String {
     "local".into()
 }
@@ -107,6 +144,9 @@ pub struct CoordinatorConfig {
     /// Mutual TLS.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Cross-region replication (standby regions only).
+    #[serde(default)]
+    pub replication: ReplicationConfig,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -181,6 +221,32 @@ impl CoordinatorConfig {
         if self.epoch == 0 {
             return Err(ConfigError::Invalid("epoch must be >= 1".into()));
         }
+        let rp = &self.replication;
+        if !(1..=5000).contains(&rp.batch_rows) {
+            return Err(ConfigError::Invalid(
+                "replication.batch_rows must be between 1 and 5000".into(),
+            ));
+        }
+        if rp.lag_degraded_ms == 0 || rp.lag_failed_ms <= rp.lag_degraded_ms {
+            return Err(ConfigError::Invalid(
+                "replication: need 0 < lag_degraded_ms < lag_failed_ms".into(),
+            ));
+        }
+        for u in &rp.upstream {
+            let ok = u
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "replication.upstream: {u:?} is not host:port"
+                )));
+            }
+            if *u == self.advertise_addr() || self.members.iter().any(|m| m.addr == *u) {
+                return Err(ConfigError::Invalid(format!(
+                    "replication.upstream: {u} is a member of this region; list the coordinators of the active region"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -203,6 +269,20 @@ mod tests {
         c.validate().expect("example validates");
         assert_eq!(c.members.len(), 3);
         assert_eq!(c.advertise_addr(), "10.0.0.11:7101");
+        assert_eq!(c.replication, ReplicationConfig::default());
+        assert!(!c.replication.is_standby());
+        // The commented [replication] section of the example, uncommented, parses too.
+        let uncommented: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [replication]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        assert!(uncommented.contains("upstream"), "{uncommented}");
+        let with: CoordinatorConfig = toml::from_str(&format!("{text}\n{uncommented}")).unwrap();
+        with.validate()
+            .expect("example with [replication] validates");
+        assert!(with.replication.is_standby());
     }
 
     #[test]
@@ -232,5 +312,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("heartbeat_ms"));
+        let lag: CoordinatorConfig = toml::from_str(&format!(
+            "{base}[replication]\nlag_degraded_ms = 9000\nlag_failed_ms = 9000\n"
+        ))
+        .unwrap();
+        assert!(lag
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lag_failed_ms"));
+        let up: CoordinatorConfig =
+            toml::from_str(&format!("{base}[replication]\nupstream = [\"nohost\"]\n")).unwrap();
+        assert!(up
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replication.upstream"));
+        let own: CoordinatorConfig = toml::from_str(&format!(
+            "{base}[replication]\nupstream = [\"127.0.0.1:1\"]\n"
+        ))
+        .unwrap();
+        assert!(own
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("member of this region"));
+        let rows: CoordinatorConfig =
+            toml::from_str(&format!("{base}[replication]\nbatch_rows = 0\n")).unwrap();
+        assert!(rows
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("batch_rows"));
     }
 }

@@ -33,8 +33,8 @@ use crate::raft::{RegionRaft, Request as RaftRequest};
 /// Last heartbeat of each agent.
 pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
 
-/// Most part encodes/writes in flight per batch (bounds memory to about 8 x 2 x 4 MiB).
-const MAX_PUTS_IN_FLIGHT: usize = 8;
+/// Most part encodes/writes in flight per batch (bounds memory to about 16 x 2 x 4 MiB).
+const MAX_PUTS_IN_FLIGHT: usize = 16;
 
 /// The `AgentService` implementation.
 pub struct Intake {
@@ -50,7 +50,12 @@ pub struct Intake {
     pub epoch: u64,
     /// Heartbeats.
     pub agents: AgentTable,
+    /// This region is a standby (`[replication] upstream` set): agent pushes are refused.
+    pub standby: bool,
 }
+
+/// Message of the `FAILED_PRECONDITION` a standby region answers to `PushChanges`.
+pub const STANDBY_REFUSAL: &str = "standby region: writes go to the active region";
 
 struct Pending {
     change: FileChange,
@@ -362,6 +367,9 @@ impl AgentService for Intake {
         &self,
         req: Request<Streaming<PushMessage>>,
     ) -> Result<Response<PushReply>, Status> {
+        if self.standby {
+            return Err(Status::failed_precondition(STANDBY_REFUSAL));
+        }
         self.leader.ensure_leader()?;
         let span = tracing::info_span!("push_changes", region = %self.region, node = self.leader.node_id, epoch = self.epoch);
         let started = Instant::now();

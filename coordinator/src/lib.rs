@@ -1,11 +1,16 @@
 //! Lifeboat coordinator: a regional openraft group whose state machine is the file catalog, the
 //! intake of agents' changes (blob durable, then Raft commit, then ack), blob replication between
-//! coordinators, and the admin API.
+//! coordinators, the admin API, and cross-region replication (a standby region's leader copies the
+//! active region's catalog and blobs).
+
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod blobs;
 pub mod config;
+pub mod failover;
 pub mod intake;
 pub mod leader;
 pub mod node;
 pub mod raft;
+pub mod replication;

@@ -1,5 +1,6 @@
-//! Assembles a coordinator: redb file, Raft, blob store, and the gRPC server hosting the Raft,
-//! agent, admin and blob services (mutual TLS unless `insecure`).
+//! Assembles a coordinator: redb file, Raft, blob store, the gRPC server hosting the Raft, agent,
+//! admin, blob and replication services (mutual TLS unless `insecure`), and, in a standby region,
+//! the replication supervisor (copies the upstream region while this node leads).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use lifeboat_proto::admin_service_server::AdminServiceServer;
 use lifeboat_proto::agent_service_server::AgentServiceServer;
 use lifeboat_proto::blob_service_server::BlobServiceServer;
 use lifeboat_proto::raft_service_server::RaftServiceServer;
+use lifeboat_proto::replication_service_server::ReplicationServiceServer;
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
 use crate::admin::Admin;
@@ -19,6 +21,7 @@ use crate::intake::Intake;
 use crate::leader::LeaderInfo;
 use crate::raft::network::{Network, RaftServer};
 use crate::raft::{LogStore, RegionRaft, StateMachineStore};
+use crate::replication::{ReplicationServer, ReplicationStatus, Replicator};
 
 /// Opens the configured blob store.
 ///
@@ -116,6 +119,27 @@ pub async fn run(
         region: cfg.region.clone(),
         epoch: cfg.epoch,
         agents: Arc::clone(&agents),
+        standby: cfg.replication.is_standby(),
+    };
+    let replication = ReplicationStatus::new(cfg.replication.clone());
+    let replicator = cfg.replication.is_standby().then(|| {
+        tracing::info!(upstream = ?cfg.replication.upstream, "standby region: agent pushes are refused; the leader copies the upstream region");
+        Replicator {
+            raft: raft.clone(),
+            node_id: cfg.node_id,
+            region: cfg.region.clone(),
+            catalog: catalog.clone(),
+            blobs: blobs.clone(),
+            tls: cfg.tls.clone(),
+            cfg: cfg.replication.clone(),
+            status: replication.clone(),
+        }
+        .spawn()
+    });
+    let repl_server = ReplicationServer {
+        catalog: catalog.clone(),
+        leader: leader.clone(),
+        region: cfg.region.clone(),
     };
     let admin = Admin {
         raft: raft.clone(),
@@ -124,6 +148,7 @@ pub async fn run(
         region: cfg.region.clone(),
         epoch: cfg.epoch,
         agents,
+        replication,
     };
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
@@ -158,6 +183,11 @@ pub async fn run(
             BlobServiceServer::new(BlobServer { blobs })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+        )
+        .add_service(
+            ReplicationServiceServer::new(repl_server)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -170,6 +200,9 @@ pub async fn run(
         )
         .await
         .context("gRPC server")?;
+    if let Some(r) = replicator {
+        r.abort();
+    }
     raft.shutdown().await.ok();
     Ok(())
 }

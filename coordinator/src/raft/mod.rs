@@ -11,7 +11,7 @@ pub mod state_machine;
 pub mod types;
 
 pub use log_store::LogStore;
-pub use state_machine::{Catalog, StateMachineStore};
+pub use state_machine::{Catalog, ReplicationMeta, StateMachineStore};
 pub use types::{NodeId, Request, Response, TypeConfig};
 
 /// The openraft handle of the regional group.

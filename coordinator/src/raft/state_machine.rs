@@ -5,11 +5,14 @@
 //! | `catalog.versions` | (path, seq) | JSON [`FileVersion`] |
 //! | `catalog.latest` | path | seq of the newest version |
 //! | `catalog.by_seq` | seq | path (for "changes since seq" subscriptions) |
-//! | `catalog.meta` | `last_applied`, `membership`, `next_seq`, `live_entries`, `live_bytes` | JSON |
+//! | `catalog.meta` | `last_applied`, `membership`, `stats` ([`CatalogStats`]), `replication` ([`ReplicationMeta`]) | JSON |
 //! | `catalog.snapshot` | `meta`, `data` | the current openraft snapshot |
 //!
 //! Applying entries is one redb write transaction per `apply` call. A snapshot is the JSON of
 //! [`SnapshotData`]: every version plus the sequence counter; installing one replaces the tables.
+//!
+//! A standby region's catalog also records how far it has copied the upstream (active) region's
+//! catalog ([`ReplicationMeta`]), committed in the same transaction as the copied versions.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use redb::{
     WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::types::{sto_err, NodeId, Request, Response, StorageError, TypeConfig};
 
@@ -41,6 +45,21 @@ pub struct SnapshotData {
     pub next_seq: u64,
     /// Every version of every path.
     pub versions: Vec<FileVersion>,
+    /// Cross-region replication progress (absent in snapshots of older versions: zero).
+    #[serde(default)]
+    pub replication: ReplicationMeta,
+}
+
+/// How far a standby's catalog has copied the upstream region's catalog (all zero on a source).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationMeta {
+    /// Highest upstream sequence number applied here (0 = nothing copied yet).
+    pub upstream_seq: u64,
+    /// Newest upstream sequence number known when the last replicated batch was cut.
+    pub upstream_last_seq: u64,
+    /// Region name of the upstream that served the last replicated batch.
+    #[serde(default)]
+    pub upstream_region: String,
 }
 
 /// Live-entry counters kept up to date by `apply`.
@@ -56,10 +75,13 @@ pub struct CatalogStats {
     pub next_seq: u64,
 }
 
-/// Read access to the catalog, for the admin API and intake (any node; reads are local).
+/// Read access to the catalog, for the admin API, intake and replication (any node; reads are
+/// local).
 #[derive(Clone)]
 pub struct Catalog {
     db: Arc<Database>,
+    /// Newest local sequence number, published after every applied transaction.
+    last_seq: Arc<watch::Sender<u64>>,
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
@@ -71,9 +93,82 @@ fn unjson<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, StorageError> {
 }
 
 impl Catalog {
-    /// Catalog view of `db`.
+    /// Catalog view of `db`. Its [`Catalog::watch_last_seq`] is only notified when it comes
+    /// from [`StateMachineStore::catalog`].
     pub fn new(db: Arc<Database>) -> Self {
-        Catalog { db }
+        let last_seq = Catalog::read_last_seq(&db).unwrap_or(0);
+        Catalog {
+            db,
+            last_seq: Arc::new(watch::channel(last_seq).0),
+        }
+    }
+
+    fn read_last_seq(db: &Database) -> Result<u64, StorageError> {
+        let tx = db.begin_read().map_err(|e| sto_err(false, e))?;
+        let m = tx.open_table(META).map_err(|e| sto_err(false, e))?;
+        let s: CatalogStats = match m.get("stats").map_err(|e| sto_err(false, e))? {
+            Some(v) => unjson(v.value())?,
+            None => CatalogStats::default(),
+        };
+        Ok(s.next_seq.saturating_sub(1))
+    }
+
+    /// Newest sequence number committed in this catalog (0 when empty).
+    ///
+    /// Errors: storage failures.
+    pub fn last_seq(&self) -> Result<u64, StorageError> {
+        Catalog::read_last_seq(&self.db)
+    }
+
+    /// A receiver that changes whenever the state machine applies entries (value: the newest
+    /// sequence number). Lets subscribers wait for new versions instead of polling.
+    pub fn watch_last_seq(&self) -> watch::Receiver<u64> {
+        self.last_seq.subscribe()
+    }
+
+    /// Committed versions with sequence numbers `>= from_seq`, in sequence order, at most
+    /// `max_rows` of them (the `catalog.by_seq` index, then `catalog.versions`).
+    ///
+    /// Errors: storage failures.
+    pub fn changes_since(
+        &self,
+        from_seq: u64,
+        max_rows: usize,
+    ) -> Result<Vec<FileVersion>, StorageError> {
+        let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
+        let by_seq = tx.open_table(BY_SEQ).map_err(|e| sto_err(false, e))?;
+        let versions = tx.open_table(VERSIONS).map_err(|e| sto_err(false, e))?;
+        let mut out = Vec::new();
+        for item in by_seq.range(from_seq..).map_err(|e| sto_err(false, e))? {
+            if out.len() >= max_rows {
+                break;
+            }
+            let (k, v) = item.map_err(|e| sto_err(false, e))?;
+            let (seq, path) = (k.value(), v.value());
+            if let Some(row) = versions.get((path, seq)).map_err(|e| sto_err(false, e))? {
+                out.push(unjson(row.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cross-region replication progress (all zero unless this region is a standby).
+    ///
+    /// Errors: storage failures.
+    pub fn replication(&self) -> Result<ReplicationMeta, StorageError> {
+        let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
+        let m = tx.open_table(META).map_err(|e| sto_err(false, e))?;
+        match m.get("replication").map_err(|e| sto_err(false, e))? {
+            Some(v) => unjson(v.value()),
+            None => Ok(ReplicationMeta::default()),
+        }
+    }
+
+    /// Highest upstream sequence number committed in this (standby) catalog; 0 when none.
+    ///
+    /// Errors: storage failures.
+    pub fn upstream_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.replication()?.upstream_seq)
     }
 
     /// Newest version of each path under `prefix` (a path prefix on '/' boundaries, or "" for
@@ -178,6 +273,7 @@ impl Catalog {
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
+    catalog: Catalog,
 }
 
 impl StateMachineStore {
@@ -192,12 +288,19 @@ impl StateMachineStore {
         tx.open_table(META).map_err(|e| sto_err(true, e))?;
         tx.open_table(SNAPSHOT).map_err(|e| sto_err(true, e))?;
         tx.commit().map_err(|e| sto_err(true, e))?;
-        Ok(StateMachineStore { db })
+        let catalog = Catalog::new(db.clone());
+        Ok(StateMachineStore { db, catalog })
     }
 
-    /// Read view of the same tables.
+    /// Read view of the same tables (its sequence watch is notified by `apply`).
     pub fn catalog(&self) -> Catalog {
-        Catalog::new(self.db.clone())
+        self.catalog.clone()
+    }
+
+    fn publish_last_seq(&self, next_seq: u64) {
+        self.catalog
+            .last_seq
+            .send_replace(next_seq.saturating_sub(1));
     }
 }
 
@@ -285,6 +388,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 Some(b) => unjson(&b)?,
                 None => CatalogStats::default(),
             };
+            let replication: ReplicationMeta = match get("replication")? {
+                Some(b) => unjson(&b)?,
+                None => ReplicationMeta::default(),
+            };
             let t = tx.open_table(VERSIONS).map_err(|e| sto_err(false, e))?;
             let mut versions = Vec::new();
             for item in t.iter().map_err(|e| sto_err(false, e))? {
@@ -294,6 +401,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let data = json(&SnapshotData {
                 next_seq: stats.next_seq,
                 versions,
+                replication,
             })?;
             (data, last_applied, membership)
         };
@@ -355,6 +463,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if stats.next_seq == 0 {
             stats.next_seq = 1;
         }
+        let mut repl: Option<ReplicationMeta> = None;
         let mut out = Vec::new();
         let mut last_applied = None;
         for entry in entries {
@@ -386,13 +495,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                     out.push(Response { seqs });
                 }
+                EntryPayload::Normal(Request::ApplyReplicated {
+                    versions,
+                    upstream_region,
+                    upstream_last_seq,
+                }) => {
+                    if repl.is_none() {
+                        repl = Some(meta_get(&tx, "replication")?.unwrap_or_default());
+                    }
+                    let r = repl.as_mut().expect("set above");
+                    let mut seqs = Vec::with_capacity(versions.len());
+                    for up in versions {
+                        // Already applied (the same rows proposed again after a leader change).
+                        if up.seq <= r.upstream_seq {
+                            continue;
+                        }
+                        r.upstream_seq = up.seq;
+                        let fv = FileVersion {
+                            seq: stats.next_seq,
+                            commit_time_ms: up.commit_time_ms,
+                            v: up.v,
+                        };
+                        stats.next_seq += 1;
+                        insert_version(&tx, &fv, &mut stats)?;
+                        seqs.push(fv.seq);
+                    }
+                    r.upstream_last_seq = upstream_last_seq.max(r.upstream_seq);
+                    r.upstream_region = upstream_region;
+                    out.push(Response { seqs });
+                }
             }
         }
         meta_put(&tx, "stats", &stats)?;
+        if let Some(r) = &repl {
+            meta_put(&tx, "replication", r)?;
+        }
         if let Some(la) = last_applied {
             meta_put(&tx, "last_applied", &Some(la))?;
         }
         tx.commit().map_err(|e| sto_err(true, e))?;
+        self.publish_last_seq(stats.next_seq);
         Ok(out)
     }
 
@@ -426,6 +568,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             insert_version(&tx, fv, &mut stats)?;
         }
         meta_put(&tx, "stats", &stats)?;
+        meta_put(&tx, "replication", &data.replication)?;
         meta_put(&tx, "last_applied", &meta.last_log_id)?;
         meta_put(&tx, "membership", &meta.last_membership)?;
         {
@@ -435,7 +578,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             s.insert("data", bytes.as_slice())
                 .map_err(|e| sto_err(true, e))?;
         }
-        tx.commit().map_err(|e| sto_err(true, e))
+        tx.commit().map_err(|e| sto_err(true, e))?;
+        self.publish_last_seq(stats.next_seq);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -480,6 +625,111 @@ mod tests {
                 StateMachineStore::open(db)?,
             ))
         }
+    }
+
+    fn upstream_version(seq: u64, path: &str, commit_time_ms: i64) -> FileVersion {
+        FileVersion {
+            seq,
+            commit_time_ms,
+            v: lifeboat_common::catalog::NewVersion {
+                path: path.into(),
+                kind: lifeboat_common::catalog::EntryKind::Dir,
+                deleted: false,
+                size: 0,
+                mode: 0o755,
+                mtime_ns: 0,
+                blake3: None,
+                parts: vec![],
+                symlink_target: None,
+                epoch: 7,
+                region: "eu-west".into(),
+                agent_id: String::new(),
+                rename_from: None,
+            },
+        }
+    }
+
+    fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(req),
+        }
+    }
+
+    /// Replicated versions get local sequence numbers but keep their commit time, epoch and
+    /// region; a batch proposed twice (two leaders) is applied once; the progress survives a
+    /// snapshot.
+    #[tokio::test]
+    async fn replicated_versions_are_applied_once_with_original_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("t.redb")).unwrap());
+        let mut sm = StateMachineStore::open(db).unwrap();
+        let cat = sm.catalog();
+        let mut seq_rx = cat.watch_last_seq();
+        let batch = |from: u64, to: u64| Request::ApplyReplicated {
+            versions: (from..=to)
+                .map(|s| upstream_version(s, &format!("data/d{s}"), 1000 + s as i64))
+                .collect(),
+            upstream_region: "eu-west".into(),
+            upstream_last_seq: 10,
+        };
+        let out = sm
+            .apply([entry(1, batch(1, 3)), entry(2, batch(2, 5))])
+            .await
+            .unwrap();
+        assert_eq!(out[0].seqs, vec![1, 2, 3]);
+        assert_eq!(out[1].seqs, vec![4, 5], "rows 2 and 3 were applied already");
+        assert!(seq_rx.has_changed().unwrap());
+        assert_eq!(*seq_rx.borrow_and_update(), 5);
+        assert_eq!(cat.upstream_seq().unwrap(), 5);
+        let r = cat.replication().unwrap();
+        assert_eq!(
+            (r.upstream_last_seq, r.upstream_region.as_str()),
+            (10, "eu-west")
+        );
+        let v = cat.latest("data/d4").unwrap().unwrap();
+        assert_eq!((v.seq, v.commit_time_ms, v.v.epoch), (4, 1004, 7));
+        assert_eq!(v.v.region, "eu-west");
+        let rows = cat.changes_since(2, 2).unwrap();
+        assert_eq!(rows.iter().map(|v| v.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(cat.last_seq().unwrap(), 5);
+        // A local commit after replicated ones continues the local sequence.
+        let out = sm
+            .apply([entry(
+                3,
+                Request::CommitVersions {
+                    versions: vec![upstream_version(0, "data/local", 0).v],
+                    commit_time_ms: 5000,
+                },
+            )])
+            .await
+            .unwrap();
+        assert_eq!(out[0].seqs, vec![6]);
+
+        // Snapshot into a fresh store: the replication progress comes along.
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let db2 = Arc::new(Database::create(dir2.path().join("t.redb")).unwrap());
+        let mut sm2 = StateMachineStore::open(db2).unwrap();
+        sm2.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        let cat2 = sm2.catalog();
+        assert_eq!(cat2.replication().unwrap(), r);
+        assert_eq!(cat2.last_seq().unwrap(), 6);
+        assert_eq!(*cat2.watch_last_seq().borrow(), 6);
+        let out = sm2.apply([entry(9, batch(4, 6))]).await.unwrap();
+        assert_eq!(out[0].seqs, vec![7], "only upstream row 6 is new");
+
+        // Snapshots written before replication existed still load.
+        let old = serde_json::json!({"next_seq": 1, "versions": []});
+        let d: SnapshotData = serde_json::from_value(old).unwrap();
+        assert_eq!(d.replication, ReplicationMeta::default());
     }
 
     /// openraft's own storage conformance suite against our redb log and state machine.

@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use lifeboat_common::catalog::NewVersion;
+use lifeboat_common::catalog::{FileVersion, NewVersion};
 use serde::{Deserialize, Serialize};
 
 /// Node ids are small integers from the config, unique across the whole deployment.
@@ -19,6 +19,21 @@ pub enum Request {
         versions: Vec<NewVersion>,
         /// Commit time in ms since the Unix epoch.
         commit_time_ms: i64,
+    },
+    /// Versions copied from the upstream (active) region by a standby region's leader, whose
+    /// blobs are already durable here. Each version gets a new local sequence number but keeps
+    /// its `commit_time_ms`, `epoch` and `region` (so point-in-time restore in the standby uses
+    /// the original commit times). `versions[i].seq` is the upstream sequence number: the state
+    /// machine skips versions at or below the committed `upstream_seq` (an entry proposed by a
+    /// deposed leader and one proposed again by its successor may both commit) and records the
+    /// highest one applied, in the same transaction.
+    ApplyReplicated {
+        /// Upstream versions in upstream sequence order.
+        versions: Vec<FileVersion>,
+        /// Region name of the upstream coordinator that served them.
+        upstream_region: String,
+        /// Newest upstream sequence number known when the batch was cut (for lag reports).
+        upstream_last_seq: u64,
     },
 }
 
