@@ -86,3 +86,27 @@ pub async fn settled_leader(cluster: &Cluster) -> anyhow::Result<usize> {
         .index_of(id)
         .ok_or_else(|| anyhow::anyhow!("leader {id} is not a member"))
 }
+
+/// Runs a test body with a fresh scratch dir named `name`, keeping the dir (and printing where)
+/// when the body fails or panics.
+///
+/// Errors: the body's error.
+pub async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use futures::FutureExt;
+    let mut scratch = Scratch::new(name);
+    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
+        .catch_unwind()
+        .await;
+    if !matches!(res, Ok(Ok(()))) {
+        scratch.keep();
+        eprintln!("scratch kept in {}", scratch.dir.display());
+    }
+    match res {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}

@@ -3,39 +3,16 @@
 //! purged them). In both cases the node must end with the same catalog as the leader, and a
 //! restore served by that node alone must rebuild the tree byte for byte.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lifeboat_chaos_tests::{
-    agent_once, restore, settled_leader, tree, Cluster, ClusterOpts, Scratch,
-};
+use lifeboat_chaos_tests::{agent_once, restore, run, settled_leader, tree, Cluster, ClusterOpts};
 use lifeboat_cli::conn::{admin_client, ConnArgs};
 use lifeboat_cli::harness::{bin_dir, spawn_logged};
 use lifeboat_common::catalog::FileVersion;
 use lifeboat_proto::{ListVersionsRequest, StatusReply, TriggerSnapshotRequest};
-
-/// Runs a test body with a fresh scratch dir, keeping the dir when the body fails or panics.
-async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(PathBuf) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    use futures::FutureExt;
-    let mut scratch = Scratch::new(name);
-    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
-        .catch_unwind()
-        .await;
-    if !matches!(res, Ok(Ok(()))) {
-        scratch.keep();
-        eprintln!("scratch kept in {}", scratch.dir.display());
-    }
-    match res {
-        Ok(r) => r,
-        Err(p) => std::panic::resume_unwind(p),
-    }
-}
 
 /// Latest live versions under `prefix`, read from coordinator `addr` itself (no switch to the
 /// leader, unlike `restore::list`).

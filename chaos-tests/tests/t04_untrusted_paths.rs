@@ -2,12 +2,12 @@
 //! hash to what was declared) straight from the wire, restore never writes through a symlink it
 //! finds in the target, and symlinks in a protected tree are replicated as links, never followed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_chaos_tests::{
-    agent_once, restore, restore_latest, settled_leader, tree, Cluster, ClusterOpts, Scratch,
+    agent_once, restore, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
 };
 use lifeboat_common::blob::BlobHash;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
@@ -90,27 +90,6 @@ async fn ready_client(
             }
             Err(s) => anyhow::bail!("control push of {control:?} refused: {s:?}"),
         }
-    }
-}
-
-/// Runs a test body with a fresh scratch dir, keeping the dir when the body fails or panics.
-async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(PathBuf) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    use futures::FutureExt;
-    let mut scratch = Scratch::new(name);
-    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
-        .catch_unwind()
-        .await;
-    if !matches!(res, Ok(Ok(()))) {
-        scratch.keep();
-        eprintln!("scratch kept in {}", scratch.dir.display());
-    }
-    match res {
-        Ok(r) => r,
-        Err(p) => std::panic::resume_unwind(p),
     }
 }
 

@@ -8,31 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_chaos_tests::{
-    agent_once, restore, restore_latest, settled_leader, tree, Cluster, ClusterOpts, Scratch,
+    agent_once, restore, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
 };
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::catalog::{EntryKind, FileVersion};
-
-/// Runs a test body with a fresh scratch dir, keeping the dir when the body fails or panics.
-async fn run<F, Fut>(name: &str, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(PathBuf) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    use futures::FutureExt;
-    let mut scratch = Scratch::new(name);
-    let res = std::panic::AssertUnwindSafe(body(scratch.dir.clone()))
-        .catch_unwind()
-        .await;
-    if !matches!(res, Ok(Ok(()))) {
-        scratch.keep();
-        eprintln!("scratch kept in {}", scratch.dir.display());
-    }
-    match res {
-        Ok(r) => r,
-        Err(p) => std::panic::resume_unwind(p),
-    }
-}
 
 /// Coordinator `i`'s local copy of blob `h`.
 fn blob_file(cluster: &Cluster, i: usize, h: &BlobHash) -> PathBuf {
