@@ -287,6 +287,17 @@ impl Agent {
                 )
                 .in_current_span(),
             );
+            // Warm-standby replicas follow the catalog while the agent watches (not with --once).
+            let replicas = if watching {
+                crate::replica::spawn_all(
+                    &self.cfg,
+                    self.state.clone(),
+                    &self.progress,
+                    helpers_rx.clone(),
+                )
+            } else {
+                Vec::new()
+            };
             let quiet_ms = (self.cfg.debounce_ms * 3 / 2 + 50) as i64;
             let writer = tokio::spawn(
                 status_loop(
@@ -354,6 +365,9 @@ impl Agent {
             drop(_watcher);
             let _ = helpers_tx.send(Some(Instant::now()));
             let _ = hb.await;
+            for r in replicas {
+                let _ = r.await;
+            }
             let _ = writer.await;
             if let Some(t) = signal_task {
                 t.abort();

@@ -12,6 +12,14 @@
 //! [tls]
 //! insecure = true
 //! ```
+//!
+//! An agent in a standby region keeps warm replicas instead (or as well):
+//!
+//! ```toml
+//! [[replicas]]
+//! name = "data"              # catalog root name replicated by the active region's agents
+//! path = "/srv/replica/data" # absolute; must not overlap a [[paths]] entry
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -80,8 +88,14 @@ pub struct Config {
     /// Interval between heartbeats to the leader, in ms. Default 500.
     #[serde(default = "defaults::heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// The directories to protect.
+    /// The directories to protect. May be empty (or omitted) when `replicas` is not.
+    #[serde(default)]
     pub paths: Vec<PathConfig>,
+    /// Warm-standby replicas (`[[replicas]]`): catalog roots of this region's catalog (in a standby
+    /// region, the active region's catalog replicated by the coordinators) kept applied to local
+    /// directories. Default none.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -103,6 +117,22 @@ pub struct PathConfig {
     /// Globs of entries to skip; an excluded directory excludes everything below it. Default none.
     #[serde(default)]
     pub exclude: Vec<String>,
+}
+
+/// One warm-standby replica (`[[replicas]]`): the agent follows its region's catalog
+/// (`SubscribeCatalog`) and applies every version under `"<name>/"` to `path` (files written to a
+/// temp file, verified, fsync'd and renamed into place; directories, symlinks and deletions
+/// mirrored; never through a symlink, never outside `path`). See `crate::replica`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Catalog root name to replicate (the `name` of the protecting agent's `[[paths]]` entry).
+    /// Must be a single valid path component, unique among replicas.
+    pub name: String,
+    /// Absolute directory where the replica is kept (created if missing). Must not overlap
+    /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
+    /// Entries under it that are not in the catalog are left alone.
+    pub path: PathBuf,
 }
 
 /// Why a configuration was refused.
@@ -136,9 +166,17 @@ pub enum ConfigError {
     /// A numeric setting was zero.
     #[error("config: `{0}` must be greater than 0")]
     Zero(&'static str),
-    /// `paths` was empty.
-    #[error("config: no [[paths]] configured: nothing to protect")]
+    /// `paths` and `replicas` were both empty.
+    #[error("config: no [[paths]] and no [[replicas]] configured: nothing to do")]
     NoPaths,
+    /// A replica entry was invalid.
+    #[error("config: replicas {name:?}: {reason}")]
+    BadReplica {
+        /// Replica name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// A root name was not a single path component.
     #[error("config: paths.name {name:?} is invalid: {reason}")]
     BadRootName {
@@ -226,6 +264,7 @@ impl Config {
             batch_max_changes: defaults::batch_max_changes(),
             heartbeat_ms: defaults::heartbeat_ms(),
             paths: Vec::new(),
+            replicas: Vec::new(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -271,9 +310,10 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.paths.is_empty() {
+        if self.paths.is_empty() && self.replicas.is_empty() {
             return Err(ConfigError::NoPaths);
         }
+        self.validate_replicas()?;
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),
@@ -317,6 +357,45 @@ impl Config {
             }
             if self.tls.key.is_none() {
                 return Err(ConfigError::TlsMissing("key"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_replicas(&self) -> Result<(), ConfigError> {
+        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        for (i, r) in self.replicas.iter().enumerate() {
+            let bad = |reason: String| ConfigError::BadReplica {
+                name: r.name.clone(),
+                reason,
+            };
+            if r.name.contains('/') {
+                return Err(bad("name must be one path component (no '/')".into()));
+            }
+            lifeboat_common::path::validate_rel_path(&r.name)
+                .map_err(|e| bad(format!("bad name: {e}")))?;
+            if !r.path.is_absolute() {
+                return Err(bad(format!("path {:?} must be absolute", r.path)));
+            }
+            if let Some(p) = self.paths.iter().find(|p| overlap(&p.path, &r.path)) {
+                return Err(bad(format!(
+                    "path {:?} overlaps watched paths {:?} ({:?}); a replica must not be watched",
+                    r.path, p.name, p.path
+                )));
+            }
+            if overlap(&self.data_dir, &r.path) {
+                return Err(bad(format!(
+                    "path {:?} overlaps data_dir {:?}",
+                    r.path, self.data_dir
+                )));
+            }
+            for q in &self.replicas[..i] {
+                if q.name == r.name {
+                    return Err(bad("name is used twice".into()));
+                }
+                if overlap(&q.path, &r.path) {
+                    return Err(bad(format!("path overlaps replicas {:?}", q.name)));
+                }
             }
         }
         Ok(())
@@ -398,6 +477,35 @@ insecure = true
         assert!(matches!(err(&nested), ConfigError::NestedRoots { .. }));
         let no_paths = "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\npaths = []\n[tls]\ninsecure = true\n";
         assert!(matches!(err(no_paths), ConfigError::NoPaths));
+        let replica = |name: &str, path: &str| {
+            format!("{GOOD}\n[[replicas]]\nname = \"{name}\"\npath = \"{path}\"\n")
+        };
+        assert!(Config::from_toml(&replica("data", "/srv/replica")).is_ok());
+        for (name, path) in [
+            ("data", "/srv/data/replica"),
+            ("data", "/srv"),
+            ("data", "/srv/data"),
+            ("data", "relative"),
+            ("a/b", "/srv/replica"),
+            ("..", "/srv/replica"),
+            ("data", "/var/lib/lifeboat"),
+        ] {
+            let e = err(&replica(name, path));
+            assert!(
+                matches!(e, ConfigError::BadReplica { .. }),
+                "{name} {path}: {e}"
+            );
+        }
+        let twice = format!(
+            "{}[[replicas]]\nname = \"data\"\npath = \"/srv/r2\"\n",
+            replica("data", "/srv/r1")
+        );
+        assert!(matches!(err(&twice), ConfigError::BadReplica { .. }));
+        // A standby agent may have replicas and no paths.
+        let standby = "agent_id = \"b\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\n[[replicas]]\nname = \"data\"\npath = \"/r\"\n[tls]\ninsecure = true\n";
+        let c = Config::from_toml(standby).unwrap();
+        assert!(c.paths.is_empty());
+        assert_eq!(c.replicas[0].path, PathBuf::from("/r"));
         let missing = "data_dir = \"/d\"\ncoordinators = [\"h:1\"]\npaths = []\n";
         let e = err(missing);
         assert!(e.to_string().contains("agent_id"), "{e}");

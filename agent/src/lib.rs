@@ -10,6 +10,7 @@
 //! - [`delta`]: reading files part by part, hashing, reuse/delta/full choice.
 //! - [`batch`]: the work queue and the batch planner.
 //! - [`push`]: the gRPC client, the lazy part stream, leader following.
+//! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
 //!
@@ -23,11 +24,12 @@ pub mod batch;
 pub mod config;
 pub mod delta;
 pub mod push;
+pub mod replica;
 pub mod scan;
 pub mod state;
 pub mod status;
 pub mod watch;
 
 pub use agent::{Agent, AgentError, Options};
-pub use config::{Config, ConfigError, PathConfig};
+pub use config::{Config, ConfigError, PathConfig, ReplicaConfig};
 pub use status::Status;

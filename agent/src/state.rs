@@ -26,6 +26,12 @@ const ACKED_BLOBS: TableDefinition<&[u8], ()> = TableDefinition::new("acked_blob
 /// Counters: `epoch`, `next_change_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Replica name → last catalog sequence number applied to that replica (warm standby).
+const REPLICA_SEQ: TableDefinition<&str, u64> = TableDefinition::new("replica_seq");
+/// (replica name, relative path) → nothing: a directory tombstone applied while the directory
+/// was not empty yet; removed once it is.
+const REPLICA_RMDIR: TableDefinition<(&str, &str), ()> = TableDefinition::new("replica_rmdir");
+
 const META_EPOCH: &str = "epoch";
 const META_NEXT_CHANGE_ID: &str = "next_change_id";
 
@@ -150,6 +156,8 @@ impl StateDb {
             txn.open_table(SIGNATURES)?;
             txn.open_table(ACKED_BLOBS)?;
             txn.open_table(META)?;
+            txn.open_table(REPLICA_SEQ)?;
+            txn.open_table(REPLICA_RMDIR)?;
             Ok(())
         })?;
         Ok(me)
@@ -285,6 +293,57 @@ impl StateDb {
                 .unwrap_or(0);
             if next_change_id > cur {
                 meta.insert(META_NEXT_CHANGE_ID, next_change_id)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Last catalog sequence number applied to replica `name` (0: none).
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn replica_seq(&self, name: &str) -> Result<u64, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(REPLICA_SEQ).map_err(|e| self.err(e))?;
+        Ok(t.get(name)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Directories of replica `name` whose tombstone is applied but which were not empty yet.
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn replica_pending_rmdirs(&self, name: &str) -> Result<Vec<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(REPLICA_RMDIR).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in t
+            .range((name, "")..(name, "\u{10FFFF}"))
+            .map_err(|e| self.err(e))?
+        {
+            let (k, _) = r.map_err(|e| self.err(e))?;
+            out.push(k.value().1.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Records, in one write transaction, that replica `name` applied everything up to `seq`
+    /// (durably), with its pending directory removals now exactly `pending_rmdirs`.
+    ///
+    /// Errors: [`StateError::Db`]; nothing is recorded then.
+    pub fn replica_commit(
+        &self,
+        name: &str,
+        seq: u64,
+        pending_rmdirs: &[String],
+    ) -> Result<(), StateError> {
+        self.write(|txn| {
+            let mut seqs = txn.open_table(REPLICA_SEQ)?;
+            seqs.insert(name, seq)?;
+            let mut rm = txn.open_table(REPLICA_RMDIR)?;
+            rm.retain_in((name, "")..(name, "\u{10FFFF}"), |_, _| false)?;
+            for p in pending_rmdirs {
+                rm.insert((name, p.as_str()), ())?;
             }
             Ok(())
         })
@@ -503,5 +562,24 @@ mod tests {
             .unwrap()
             .is_acked_blob(&BlobHash::of(b"world"))
             .unwrap());
+    }
+
+    #[test]
+    fn replica_progress_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            assert_eq!(db.replica_seq("data").unwrap(), 0);
+            db.replica_commit("data", 42, &["d/e".into(), "d".into()])
+                .unwrap();
+            db.replica_commit("other", 7, &["x".into()]).unwrap();
+        }
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.replica_seq("data").unwrap(), 42);
+        assert_eq!(db.replica_seq("other").unwrap(), 7);
+        assert_eq!(db.replica_pending_rmdirs("data").unwrap(), vec!["d", "d/e"]);
+        db.replica_commit("data", 50, &[]).unwrap();
+        assert!(db.replica_pending_rmdirs("data").unwrap().is_empty());
+        assert_eq!(db.replica_pending_rmdirs("other").unwrap(), vec!["x"]);
     }
 }

@@ -47,8 +47,31 @@ pub struct Status {
     pub last_ack_ms: i64,
     /// `host:port` calls currently go to.
     pub leader: String,
+    /// Warm standby: the lowest catalog sequence number applied by every `[[replicas]]` entry
+    /// (0 without replicas).
+    #[serde(default)]
+    pub replica_applied_seq: u64,
+    /// Warm standby: catalog rows known (newest sequence number the region's coordinators
+    /// reported) but not yet applied, summed over replicas.
+    #[serde(default)]
+    pub replica_lag_entries: u64,
+    /// Warm standby: rows refused since start (unsafe path, e.g. a symlink on the way), logged
+    /// as errors and skipped.
+    #[serde(default)]
+    pub replica_refused: u64,
     /// When this file was written, ms since the Unix epoch.
     pub updated_ms: i64,
+}
+
+/// Live progress of one warm-standby replica.
+#[derive(Debug, Default)]
+pub struct ReplicaProgress {
+    /// Last catalog sequence number durably applied.
+    pub applied_seq: AtomicU64,
+    /// Newest catalog sequence number the coordinators reported.
+    pub known_seq: AtomicU64,
+    /// Rows refused (unsafe path) since start.
+    pub refused: AtomicU64,
 }
 
 /// Live progress of the agent, shared by its tasks.
@@ -74,6 +97,8 @@ pub struct Progress {
     pub last_event_ms: AtomicI64,
     /// Last acknowledgement, ms since the Unix epoch.
     pub last_ack_ms: AtomicI64,
+    /// One entry per `[[replicas]]` entry being applied.
+    pub replicas: std::sync::Mutex<Vec<Arc<ReplicaProgress>>>,
 }
 
 impl Progress {
@@ -94,6 +119,22 @@ impl Progress {
             a.queued.load(Ordering::Relaxed) <= 0
                 && now - a.last_raw_ms.load(Ordering::Relaxed) > quiet_ms
         });
+        let (mut replica_applied_seq, mut replica_lag_entries, mut replica_refused) =
+            (u64::MAX, 0, 0);
+        for r in self
+            .replicas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let applied = r.applied_seq.load(Ordering::Relaxed);
+            replica_applied_seq = replica_applied_seq.min(applied);
+            replica_lag_entries += r.known_seq.load(Ordering::Relaxed).saturating_sub(applied);
+            replica_refused += r.refused.load(Ordering::Relaxed);
+        }
+        if replica_applied_seq == u64::MAX {
+            replica_applied_seq = 0;
+        }
         Status {
             agent_id: agent_id.to_string(),
             epoch: self.epoch.load(Ordering::Relaxed),
@@ -109,6 +150,9 @@ impl Progress {
             last_event_ms: self.last_event_ms.load(Ordering::Relaxed),
             last_ack_ms: self.last_ack_ms.load(Ordering::Relaxed),
             leader,
+            replica_applied_seq,
+            replica_lag_entries,
+            replica_refused,
             updated_ms: now,
         }
     }
@@ -174,10 +218,19 @@ mod tests {
             "last_event_ms",
             "last_ack_ms",
             "leader",
+            "replica_applied_seq",
+            "replica_lag_entries",
+            "replica_refused",
             "updated_ms",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
+        let r = Arc::new(ReplicaProgress::default());
+        r.applied_seq.store(7, Ordering::Relaxed);
+        r.known_seq.store(10, Ordering::Relaxed);
+        p.replicas.lock().unwrap().push(r);
+        let s = p.snapshot("a1", String::new(), None, 0);
+        assert_eq!((s.replica_applied_seq, s.replica_lag_entries), (7, 3));
         // Busy or a recent raw event: not idle.
         p.busy.store(true, Ordering::Relaxed);
         assert!(!p.snapshot("a1", String::new(), None, 0).idle);

@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod blob;
 pub mod blobstore;
 pub mod catalog;

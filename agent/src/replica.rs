@@ -1,0 +1,516 @@
+//! Warm standby (DESIGN.md 3.4, last step): keeps each `[[replicas]]` directory equal to the
+//! region's catalog under `"<name>/"`.
+//!
+//! One task per replica subscribes (`ReplicationService.SubscribeCatalog`, `follow = true`) to
+//! the agent's own region's coordinators from the last sequence number it applied (persisted in
+//! the agent's redb state), following the leader redirect ([`crate::push::classify`],
+//! [`Coordinators`]) and rotating through the configured addresses with a backoff of 100 ms
+//! doubling to 5 s on other failures. Every row of a batch is applied in sequence order:
+//!
+//! - a file: its blobs fetched with `BlobService.FetchBlobs` from the same coordinator, each
+//!   verified, the whole file verified, written to a temp file in the destination directory,
+//!   fsync'd with mode and mtime, renamed into place ([`lifeboat_common::apply::write_file`]);
+//! - a directory: created (a non-directory in the way is replaced), mode and mtime set;
+//! - a symlink: created as a link (an existing entry is replaced, never followed);
+//! - a tombstone: the entry removed (a symlink is unlinked, never followed); a directory only
+//!   once empty: a directory tombstone applied while children remain is kept pending (persisted)
+//!   and retried after every batch, so children tombstones later in the catalog empty it first.
+//!
+//! Every path goes through [`lifeboat_common::path::safe_join`]: a row whose path is unsafe (e.g.
+//! a symlink planted on the way) is refused with an error logged and skipped (counted in
+//! `replica_refused`); nothing is written outside the replica directory. Other failures (RPC,
+//! verification, I/O) restart the subscription from the last applied sequence number.
+//!
+//! **Invariant**: the applied sequence number is persisted only after every row up to it is
+//! durably applied (files fsync'd before the rename, touched directories fsync'd after).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+use futures::StreamExt;
+use lifeboat_common::apply::{self, ApplyError, BlobClient};
+use lifeboat_common::catalog::{EntryKind, FileVersion};
+use lifeboat_common::path::safe_join;
+use lifeboat_common::tls::TlsConfig;
+use lifeboat_common::MAX_MESSAGE_BYTES;
+use lifeboat_proto::blob_service_client::BlobServiceClient;
+use lifeboat_proto::replication_service_client::ReplicationServiceClient;
+use lifeboat_proto::SubscribeRequest;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::config::ReplicaConfig;
+use crate::push::{classify, Coordinators, PushError};
+use crate::state::StateDb;
+use crate::status::ReplicaProgress;
+
+/// Prefix of the temp files written next to their destination.
+pub const TEMP_PREFIX: &str = ".lifeboat-replica-";
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why a subscription session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Push(#[from] PushError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One replica being kept up to date.
+pub struct Replica {
+    cfg: ReplicaConfig,
+    tls: TlsConfig,
+    coordinators: Coordinators,
+    channels: HashMap<String, Channel>,
+    state: Arc<StateDb>,
+    progress: Arc<ReplicaProgress>,
+    root: PathBuf,
+    applied: u64,
+    pending_rmdirs: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("name", &self.cfg.name)
+            .field("path", &self.cfg.path)
+            .field("applied", &self.applied)
+            .finish()
+    }
+}
+
+/// The directory holding `rel` (fsync'd once the batch is applied).
+fn parent_of(root: &Path, rel: &str) -> PathBuf {
+    match rel.rsplit_once('/') {
+        Some((parent, _)) => root.join(parent),
+        None => root.to_path_buf(),
+    }
+}
+
+fn is_unsafe_path(e: &ApplyError) -> bool {
+    matches!(e, ApplyError::Path(_))
+}
+
+impl Replica {
+    /// A replica task for `cfg`, talking to `coordinators` with `tls`.
+    pub fn new(
+        cfg: ReplicaConfig,
+        tls: TlsConfig,
+        coordinators: Vec<String>,
+        state: Arc<StateDb>,
+        progress: Arc<ReplicaProgress>,
+    ) -> Replica {
+        Replica {
+            root: cfg.path.clone(),
+            cfg,
+            tls,
+            coordinators: Coordinators::new(coordinators),
+            channels: HashMap::new(),
+            state,
+            progress,
+            applied: 0,
+            pending_rmdirs: BTreeSet::new(),
+        }
+    }
+
+    fn channel(&mut self, addr: &str) -> Result<Channel, PushError> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self.tls.channel(addr)?;
+        self.channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Runs until `stop` carries a deadline.
+    pub async fn run(mut self, mut stop: watch::Receiver<Option<Instant>>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let res = tokio::select! {
+                r = self.session() => r,
+                _ = stop.wait_for(|d| d.is_some()) => return,
+            };
+            let wait = match res {
+                Ok(()) => BACKOFF_MIN,
+                Err(SessionError::Push(PushError::NotLeader { leader })) => {
+                    self.coordinators.redirect(&leader);
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                Err(e) => {
+                    let addr = self.coordinators.current();
+                    tracing::warn!(replica = %self.cfg.name, coordinator = %addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "replica subscription interrupted");
+                    if matches!(e, SessionError::Push(_)) {
+                        self.coordinators.rotate(&addr);
+                    }
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|d| d.is_some()) => return,
+            }
+        }
+    }
+
+    async fn load(&mut self) -> Result<(), SessionError> {
+        let path = self.cfg.path.clone();
+        std::fs::create_dir_all(&path).map_err(|e| {
+            SessionError::Other(format!("create replica dir {}: {e}", path.display()))
+        })?;
+        self.root = path
+            .canonicalize()
+            .map_err(|e| SessionError::Other(format!("{}: {e}", path.display())))?;
+        let (state, name) = (self.state.clone(), self.cfg.name.clone());
+        let (applied, pending) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::state::StateError>((
+                state.replica_seq(&name)?,
+                state.replica_pending_rmdirs(&name)?,
+            ))
+        })
+        .await
+        .map_err(|e| SessionError::Other(e.to_string()))??;
+        self.applied = applied;
+        self.pending_rmdirs = pending.into_iter().collect();
+        self.progress.applied_seq.store(applied, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn session(&mut self) -> Result<(), SessionError> {
+        self.load().await?;
+        let addr = self.coordinators.current();
+        let ch = self.channel(&addr)?;
+        let mut repl =
+            ReplicationServiceClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let blobs: BlobClient = BlobServiceClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut stream = repl
+            .subscribe_catalog(SubscribeRequest {
+                from_seq: self.applied + 1,
+                follow: true,
+                max_rows: 0,
+                any_node: false,
+            })
+            .await
+            .map_err(|s| classify(&addr, &s))?
+            .into_inner();
+        tracing::info!(replica = %self.cfg.name, coordinator = %addr, from_seq = self.applied + 1, "replica subscribed to the region's catalog");
+        self.coordinators.confirm(&addr);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|s| classify(&addr, &s))?;
+            self.progress
+                .known_seq
+                .fetch_max(batch.last_seq, Ordering::Relaxed);
+            let Some(last) = batch.rows.last().map(|r| r.seq) else {
+                continue;
+            };
+            let mut touched = BTreeSet::new();
+            for row in &batch.rows {
+                if row.seq <= self.applied {
+                    continue;
+                }
+                let v = match FileVersion::from_pb(row) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(replica = %self.cfg.name, seq = row.seq, path = ?row.path, error = %e, "bad catalog row refused; skipped");
+                        self.progress.refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                match self.apply(&blobs, &v, &mut touched).await {
+                    Ok(()) => {}
+                    Err(e) if is_unsafe_path(&e) => {
+                        tracing::error!(replica = %self.cfg.name, seq = v.seq, path = %v.v.path, error = %e, "replica refused an unsafe path; skipped, nothing written");
+                        self.progress.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.retry_rmdirs(&mut touched);
+            self.persist(last, touched).await?;
+        }
+        Err(SessionError::Other(
+            "the coordinator ended the subscription".into(),
+        ))
+    }
+
+    /// fsyncs touched directories, then records `seq` (and the pending removals) durably.
+    async fn persist(&mut self, seq: u64, touched: BTreeSet<PathBuf>) -> Result<(), SessionError> {
+        let (state, name) = (self.state.clone(), self.cfg.name.clone());
+        let pending: Vec<String> = self.pending_rmdirs.iter().cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            for d in touched {
+                // A directory removed later in the batch has nothing left to sync.
+                if let Ok(f) = std::fs::File::open(&d) {
+                    f.sync_all()
+                        .map_err(|e| SessionError::Other(format!("fsync {}: {e}", d.display())))?;
+                }
+            }
+            state.replica_commit(&name, seq, &pending)?;
+            Ok::<(), SessionError>(())
+        })
+        .await
+        .map_err(|e| SessionError::Other(e.to_string()))??;
+        self.applied = seq;
+        self.progress.applied_seq.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A row creates something at `rel`: neither it nor its ancestors may be removed any more.
+    fn keep_dirs(&mut self, rel: &str) {
+        let mut p = rel;
+        loop {
+            self.pending_rmdirs.remove(p);
+            match p.rsplit_once('/') {
+                Some((parent, _)) => p = parent,
+                None => break,
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        blobs: &BlobClient,
+        v: &FileVersion,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<(), ApplyError> {
+        let name = self.cfg.name.as_str();
+        let rel = if v.v.path == name {
+            None
+        } else {
+            match v
+                .v
+                .path
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('/'))
+            {
+                Some(r) => Some(r.to_string()),
+                // Another root: not ours.
+                None => return Ok(()),
+            }
+        };
+        let root = self.root.clone();
+        let Some(rel) = rel else {
+            // The root itself: its mode only (never removed).
+            if v.v.kind == EntryKind::Dir && !v.v.deleted {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(v.v.mode & 0o7777))
+                    .map_err(|error| ApplyError::Io {
+                        context: format!("chmod {}", root.display()),
+                        error,
+                    })?;
+            }
+            return Ok(());
+        };
+        if v.v.deleted {
+            return self.remove(&root, &rel, v.v.kind, touched);
+        }
+        match v.v.kind {
+            EntryKind::File => {
+                apply::write_file(blobs, &root, &rel, v, TEMP_PREFIX, true).await?;
+            }
+            EntryKind::Dir => {
+                apply::mkdirs(&root, &rel)?;
+                apply::set_dir_meta(&root, &rel, v.v.mode, v.v.mtime_ns)?;
+            }
+            EntryKind::Symlink => {
+                let target = v.v.symlink_target.clone().unwrap_or_default();
+                apply::write_symlink(&root, &rel, &target, true)?;
+            }
+        }
+        self.keep_dirs(&rel);
+        touched.insert(parent_of(&root, &rel));
+        Ok(())
+    }
+
+    /// Applies a tombstone: unlinks a file or symlink (never following it); a directory is
+    /// removed once empty (kept pending until then).
+    fn remove(
+        &mut self,
+        root: &Path,
+        rel: &str,
+        kind: EntryKind,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<(), ApplyError> {
+        let p = safe_join(root, rel, true)?;
+        let md = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => {
+                return Err(ApplyError::Io {
+                    context: format!("stat {}", p.display()),
+                    error,
+                })
+            }
+        };
+        if md.is_dir() {
+            if kind == EntryKind::Dir {
+                self.pending_rmdirs.insert(rel.to_string());
+            } else {
+                tracing::warn!(replica = %self.cfg.name, path = rel, "tombstone of a {kind:?} but a directory is there; left alone");
+            }
+            return Ok(());
+        }
+        if kind == EntryKind::Dir {
+            // Replaced by a file or link since; the newer row owns the path.
+            return Ok(());
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(ApplyError::Io {
+                    context: format!("remove {}", p.display()),
+                    error,
+                })
+            }
+        }
+        touched.insert(parent_of(root, rel));
+        Ok(())
+    }
+
+    /// Removes pending directories that are empty now (deepest first).
+    fn retry_rmdirs(&mut self, touched: &mut BTreeSet<PathBuf>) {
+        if self.pending_rmdirs.is_empty() {
+            return;
+        }
+        let mut pending: Vec<String> = self.pending_rmdirs.iter().cloned().collect();
+        pending.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+        let root = self.root.clone();
+        for rel in pending {
+            let done = match safe_join(&root, &rel, true) {
+                Err(e) => {
+                    tracing::error!(replica = %self.cfg.name, path = %rel, error = %e, "replica refused an unsafe path; directory left alone");
+                    true
+                }
+                Ok(p) => match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => match std::fs::remove_dir(&p) {
+                        Ok(()) => {
+                            touched.insert(parent_of(&root, &rel));
+                            true
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => false,
+                        Err(e) => {
+                            tracing::warn!(replica = %self.cfg.name, path = %rel, error = %e, "cannot remove a deleted directory; will retry");
+                            false
+                        }
+                    },
+                    _ => true,
+                },
+            };
+            if done {
+                self.pending_rmdirs.remove(&rel);
+            }
+        }
+    }
+}
+
+/// Starts one task per replica of `cfg`, registering their progress in `progress`.
+pub fn spawn_all(
+    cfg: &crate::Config,
+    state: Arc<StateDb>,
+    progress: &crate::status::Progress,
+    stop: watch::Receiver<Option<Instant>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use tracing::Instrument;
+    cfg.replicas
+        .iter()
+        .map(|r| {
+            let p = Arc::new(ReplicaProgress::default());
+            progress
+                .replicas
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(p.clone());
+            let rep = Replica::new(
+                r.clone(),
+                cfg.tls.clone(),
+                cfg.coordinators.clone(),
+                state.clone(),
+                p,
+            );
+            tokio::spawn(rep.run(stop.clone()).in_current_span())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(root: &Path, data: &Path) -> Replica {
+        let state = Arc::new(StateDb::open(data).unwrap());
+        let mut r = Replica::new(
+            ReplicaConfig {
+                name: "data".into(),
+                path: root.to_path_buf(),
+            },
+            TlsConfig::default(),
+            vec!["127.0.0.1:1".into()],
+            state,
+            Arc::new(ReplicaProgress::default()),
+        );
+        r.root = root.canonicalize().unwrap();
+        r
+    }
+
+    #[test]
+    fn tombstones_remove_entries_and_empty_dirs_only() {
+        let d = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"x").unwrap();
+        let root = d.path().join("replica");
+        std::fs::create_dir_all(root.join("dir/sub")).unwrap();
+        std::fs::write(root.join("dir/sub/f"), b"f").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("dir/link")).unwrap();
+        let mut r = replica(&root, data.path());
+        let root = r.root.clone();
+        let mut touched = BTreeSet::new();
+        // The directory's tombstone before its children's: kept pending.
+        r.remove(&root, "dir", EntryKind::Dir, &mut touched)
+            .unwrap();
+        r.remove(&root, "dir/sub", EntryKind::Dir, &mut touched)
+            .unwrap();
+        r.retry_rmdirs(&mut touched);
+        assert!(root.join("dir/sub").is_dir());
+        assert_eq!(r.pending_rmdirs.len(), 2);
+        r.remove(&root, "dir/sub/f", EntryKind::File, &mut touched)
+            .unwrap();
+        // The link is removed itself, never followed.
+        r.remove(&root, "dir/link", EntryKind::Symlink, &mut touched)
+            .unwrap();
+        assert!(outside.path().join("keep").exists());
+        // Missing entries are fine.
+        r.remove(&root, "dir/nope", EntryKind::File, &mut touched)
+            .unwrap();
+        r.retry_rmdirs(&mut touched);
+        assert!(!root.join("dir").exists());
+        assert!(r.pending_rmdirs.is_empty());
+        // A new entry under a pending directory keeps it.
+        std::fs::create_dir_all(root.join("k/j")).unwrap();
+        r.remove(&root, "k", EntryKind::Dir, &mut touched).unwrap();
+        r.keep_dirs("k/j/new");
+        assert!(r.pending_rmdirs.is_empty());
+        // Through a planted symlink: refused as an unsafe path.
+        std::os::unix::fs::symlink(outside.path(), root.join("evil")).unwrap();
+        let e = r
+            .remove(&root, "evil/keep", EntryKind::File, &mut touched)
+            .unwrap_err();
+        assert!(is_unsafe_path(&e), "{e}");
+        assert!(outside.path().join("keep").exists());
+    }
+}
