@@ -88,6 +88,10 @@ pub struct Agent {
     cfg: Config,
     opts: Options,
     roots: Arc<Roots>,
+    /// Number of configured `[[paths]]` roots (the snapshot root, if any, follows them).
+    watched_roots: usize,
+    /// Index of the reserved `_snapshots` root when `[[exec_sources]]` are configured.
+    snap_root: Option<usize>,
     state: Arc<StateDb>,
     client: Arc<PushClient>,
     progress: Arc<Progress>,
@@ -147,7 +151,18 @@ impl Agent {
             )));
         }
         let state = Arc::new(StateDb::open(&cfg.data_dir)?);
-        let roots = Arc::new(Roots::new(&cfg.paths, &cfg.data_dir)?);
+        let mut roots = Roots::new(&cfg.paths, &cfg.data_dir)?;
+        let watched_roots = roots.roots.len();
+        let snap_root = (!cfg.exec_sources.is_empty()).then(|| {
+            let dir = crate::exec::snapshots_dir(&cfg.data_dir);
+            roots.roots.push(crate::scan::Root {
+                name: crate::config::SNAPSHOTS_ROOT.to_string(),
+                path: std::fs::canonicalize(&dir).unwrap_or(dir),
+                filter: crate::scan::Filter::default_all(),
+            });
+            watched_roots
+        });
+        let roots = Arc::new(roots);
         let epoch = state.epoch()?;
         let progress = Arc::new(Progress::default());
         progress.epoch.store(epoch, Ordering::Relaxed);
@@ -175,6 +190,8 @@ impl Agent {
             cfg,
             opts,
             roots,
+            watched_roots,
+            snap_root,
             state,
             client,
             progress,
@@ -255,7 +272,7 @@ impl Agent {
                     .map(|r| r.path.clone())
                     .filter(|p| p.is_dir())
                     .collect();
-                if dirs.len() < self.roots.roots.len() {
+                if dirs.len() < self.watched_roots {
                     tracing::error!("some protected roots are missing; they are looked at again every {} s", DEGRADED_RESCAN.as_secs());
                     self.degraded = true;
                 }
@@ -307,14 +324,26 @@ impl Agent {
                     self.cfg.data_dir.clone(),
                     watching.then(|| activity.clone()),
                     quiet_ms,
-                    helpers_rx,
+                    helpers_rx.clone(),
                 )
                 .in_current_span(),
             );
 
-            tracing::info!(roots = self.roots.roots.len(), "initial scan");
-            for i in 0..self.roots.roots.len() {
+            tracing::info!(roots = self.watched_roots, "initial scan");
+            for i in 0..self.watched_roots {
                 self.queue.push_back(Work::scan_root(i));
+            }
+            // Exec snapshot sources run while the agent watches (not with --once); snapshots
+            // left unacknowledged by an earlier run are sent first.
+            let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<String>();
+            let mut execs = Vec::new();
+            if let Some(root) = self.snap_root {
+                for rel in crate::exec::leftovers(&self.cfg) {
+                    self.queue_snapshot(root, rel);
+                }
+                if watching {
+                    execs = crate::exec::spawn_all(&self.cfg, snap_tx, helpers_rx.clone());
+                }
             }
             self.progress.busy.store(true, Ordering::Relaxed);
             let mut last_rescan = Instant::now();
@@ -323,6 +352,9 @@ impl Agent {
                 loop {
                     while let Ok(ev) = ev_rx.try_recv() {
                         self.on_event(ev, &activity);
+                    }
+                    while let Ok(rel) = snap_rx.try_recv() {
+                        self.on_snapshot(rel);
                     }
                     if stop_rx.borrow().is_some() {
                         break;
@@ -350,6 +382,7 @@ impl Agent {
                             // No watcher (it could not be created): only rescans.
                             None => events_open = false,
                         },
+                        Some(rel) = snap_rx.recv() => self.on_snapshot(rel),
                         _ = stopped(&mut stop_rx) => break,
                         _ = tokio::time::sleep_until(rescan_at), if self.degraded => {
                             tracing::info!("periodic rescan (some directories are not watched)");
@@ -367,6 +400,9 @@ impl Agent {
             let _ = hb.await;
             for r in replicas {
                 let _ = r.await;
+            }
+            for e in execs {
+                let _ = e.await;
             }
             let _ = writer.await;
             if let Some(t) = signal_task {
@@ -400,8 +436,26 @@ impl Agent {
     }
 
     fn rescan_all(&mut self) {
-        for i in 0..self.roots.roots.len() {
+        for i in 0..self.watched_roots {
             self.queue.push_back(Work::scan_root(i));
+        }
+    }
+
+    /// Queues a finished exec snapshot (`<source>/<timestamp>.snap` below the snapshot root).
+    fn queue_snapshot(&mut self, root: usize, rel: String) {
+        self.queue.push_back(Work::Path {
+            root,
+            rel,
+            rename_from: None,
+            walk: false,
+            sweep: false,
+        });
+    }
+
+    fn on_snapshot(&mut self, rel: String) {
+        if let Some(root) = self.snap_root {
+            self.progress.busy.store(true, Ordering::Relaxed);
+            self.queue_snapshot(root, rel);
         }
     }
 
@@ -626,11 +680,15 @@ impl Agent {
         let seqs: HashMap<u64, u64> = reply.acks.iter().map(|a| (a.change_id, a.seq)).collect();
         let mut records = Vec::with_capacity(changes.len());
         let mut missing = Vec::new();
+        let mut spooled = Vec::new();
         for c in changes {
             match seqs.get(&c.change_id) {
                 Some(seq) => {
                     self.unacked.remove(&c.path);
                     records.push(c.acked(*seq));
+                    if Some(c.root) == self.snap_root && !c.deleted {
+                        spooled.push(c.fs_path.clone());
+                    }
                 }
                 None => missing.push(c.clone()),
             }
@@ -646,6 +704,12 @@ impl Agent {
         self.progress
             .files_tracked
             .store(tracked, Ordering::Relaxed);
+        // Exec snapshots live in the catalog now; the local copy is no longer needed.
+        for p in spooled {
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove an acknowledged snapshot file");
+            }
+        }
         self.progress.changes_acked.fetch_add(n, Ordering::Relaxed);
         self.progress.batches_acked.fetch_add(1, Ordering::Relaxed);
         self.progress

@@ -20,6 +20,15 @@
 //! name = "data"              # catalog root name replicated by the active region's agents
 //! path = "/srv/replica/data" # absolute; must not overlap a [[paths]] entry
 //! ```
+//!
+//! Exec snapshot sources store a command's stdout at `_snapshots/<name>/<timestamp>.snap`:
+//!
+//! ```toml
+//! [[exec_sources]]
+//! name = "pg"
+//! snapshot_command = ["sh", "-c", "pg_dumpall"]
+//! restore_command = ["psql", "-f", "-"]
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +64,16 @@ pub mod defaults {
     }
     pub(super) fn heartbeat_ms() -> u64 {
         HEARTBEAT_MS
+    }
+    /// Seconds between exec snapshots.
+    pub const EXEC_INTERVAL_SECS: u64 = 3600;
+    /// Seconds an exec snapshot command may run.
+    pub const EXEC_TIMEOUT_SECS: u64 = 600;
+    pub(super) fn exec_interval_secs() -> u64 {
+        EXEC_INTERVAL_SECS
+    }
+    pub(super) fn exec_timeout_secs() -> u64 {
+        EXEC_TIMEOUT_SECS
     }
     pub(super) fn include() -> Vec<String> {
         INCLUDE.iter().map(|s| s.to_string()).collect()
@@ -96,6 +115,10 @@ pub struct Config {
     /// directories. Default none.
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
+    /// Exec snapshot sources (`[[exec_sources]]`): a command whose stdout is stored as a
+    /// point-in-time snapshot at `_snapshots/<name>/<UTC timestamp>.snap`. Default none.
+    #[serde(default)]
+    pub exec_sources: Vec<ExecSourceConfig>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -117,6 +140,29 @@ pub struct PathConfig {
     /// Globs of entries to skip; an excluded directory excludes everything below it. Default none.
     #[serde(default)]
     pub exclude: Vec<String>,
+}
+
+/// Catalog root name reserved for exec snapshots (`_snapshots/<source>/<timestamp>.snap`).
+pub const SNAPSHOTS_ROOT: &str = "_snapshots";
+
+/// One exec snapshot source (`[[exec_sources]]`): `snapshot_command`'s stdout becomes a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSourceConfig {
+    /// Source name: one path component, unique among sources.
+    pub name: String,
+    /// argv of the snapshot command (no shell unless the argv runs one). Must not be empty.
+    pub snapshot_command: Vec<String>,
+    /// argv of the matching restore command (documentation only; the snapshot is piped into its
+    /// stdin by `lifeboat restore-snapshot --exec -- CMD...`). Default none.
+    #[serde(default)]
+    pub restore_command: Vec<String>,
+    /// Seconds between snapshots (one is also taken at start). Default 3600.
+    #[serde(default = "defaults::exec_interval_secs")]
+    pub interval_secs: u64,
+    /// Seconds a snapshot command may run before it is killed and the snapshot fails. Default 600.
+    #[serde(default = "defaults::exec_timeout_secs")]
+    pub timeout_secs: u64,
 }
 
 /// One warm-standby replica (`[[replicas]]`): the agent follows its region's catalog
@@ -173,6 +219,14 @@ pub enum ConfigError {
     #[error("config: replicas {name:?}: {reason}")]
     BadReplica {
         /// Replica name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// An `[[exec_sources]]` entry is invalid.
+    #[error("config: exec_sources {name:?}: {reason}")]
+    BadExecSource {
+        /// The source name.
         name: String,
         /// Why.
         reason: String,
@@ -265,6 +319,7 @@ impl Config {
             heartbeat_ms: defaults::heartbeat_ms(),
             paths: Vec::new(),
             replicas: Vec::new(),
+            exec_sources: Vec::new(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -310,10 +365,11 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.paths.is_empty() && self.replicas.is_empty() {
+        if self.paths.is_empty() && self.replicas.is_empty() && self.exec_sources.is_empty() {
             return Err(ConfigError::NoPaths);
         }
         self.validate_replicas()?;
+        self.validate_exec_sources()?;
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),
@@ -323,6 +379,9 @@ impl Config {
                 return Err(bad("must be one path component (no '/')"));
             }
             lifeboat_common::path::validate_rel_path(&p.name).map_err(|e| bad(&e.to_string()))?;
+            if p.name == SNAPSHOTS_ROOT {
+                return Err(bad("is reserved for [[exec_sources]] snapshots"));
+            }
             if !p.path.is_absolute() {
                 return Err(ConfigError::RelativePath {
                     name: p.name.clone(),
@@ -357,6 +416,36 @@ impl Config {
             }
             if self.tls.key.is_none() {
                 return Err(ConfigError::TlsMissing("key"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_exec_sources(&self) -> Result<(), ConfigError> {
+        for (i, e) in self.exec_sources.iter().enumerate() {
+            let bad = |reason: String| ConfigError::BadExecSource {
+                name: e.name.clone(),
+                reason,
+            };
+            if e.name.contains('/') {
+                return Err(bad("name must be one path component (no '/')".into()));
+            }
+            lifeboat_common::path::validate_rel_path(&e.name)
+                .map_err(|err| bad(format!("name: {err}")))?;
+            if self.exec_sources[..i].iter().any(|q| q.name == e.name) {
+                return Err(bad("name is used twice".into()));
+            }
+            if e.snapshot_command.is_empty() || e.snapshot_command[0].is_empty() {
+                return Err(bad(
+                    "snapshot_command must be a non-empty argv list, e.g. [\"sh\", \"-c\", \"pg_dumpall\"]"
+                        .into(),
+                ));
+            }
+            if e.interval_secs == 0 {
+                return Err(bad("interval_secs must be at least 1".into()));
+            }
+            if e.timeout_secs == 0 {
+                return Err(bad("timeout_secs must be at least 1".into()));
             }
         }
         Ok(())
@@ -509,5 +598,35 @@ insecure = true
         let missing = "data_dir = \"/d\"\ncoordinators = [\"h:1\"]\npaths = []\n";
         let e = err(missing);
         assert!(e.to_string().contains("agent_id"), "{e}");
+    }
+    #[test]
+    fn exec_sources_parse_and_validate() {
+        let err = |s: &str| Config::from_toml(s).unwrap_err();
+        let src = |body: &str| format!("{GOOD}\n[[exec_sources]]\n{body}\n");
+        let c = Config::from_toml(&src(
+            "name = \"pg\"\nsnapshot_command = [\"sh\", \"-c\", \"pg_dumpall\"]",
+        ))
+        .unwrap();
+        let e = &c.exec_sources[0];
+        assert_eq!(e.interval_secs, defaults::EXEC_INTERVAL_SECS);
+        assert_eq!(e.timeout_secs, defaults::EXEC_TIMEOUT_SECS);
+        assert!(e.restore_command.is_empty());
+        for body in [
+            "name = \"a/b\"\nsnapshot_command = [\"x\"]",
+            "name = \"..\"\nsnapshot_command = [\"x\"]",
+            "name = \"pg\"\nsnapshot_command = []",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\ninterval_secs = 0",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\ntimeout_secs = 0",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\n[[exec_sources]]\nname = \"pg\"\nsnapshot_command = [\"y\"]",
+        ] {
+            let e = err(&src(body));
+            assert!(matches!(e, ConfigError::BadExecSource { .. }), "{body}: {e}");
+        }
+        // The snapshot root name is reserved.
+        let e = err(&GOOD.replace("name = \"data\"", "name = \"_snapshots\""));
+        assert!(e.to_string().contains("reserved"), "{e}");
+        // An agent may have only exec sources.
+        let only = "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\n[[exec_sources]]\nname = \"pg\"\nsnapshot_command = [\"true\"]\n[tls]\ninsecure = true\n";
+        assert!(Config::from_toml(only).is_ok());
     }
 }

@@ -23,6 +23,7 @@ pub mod agent;
 pub mod batch;
 pub mod config;
 pub mod delta;
+pub mod exec;
 pub mod push;
 pub mod replica;
 pub mod scan;

@@ -49,6 +49,18 @@ impl Filter {
         })
     }
 
+    /// A filter including everything and excluding nothing.
+    pub fn default_all() -> Filter {
+        let mut inc = GlobSetBuilder::new();
+        if let Ok(g) = GlobBuilder::new("**").literal_separator(true).build() {
+            inc.add(g);
+        }
+        Filter {
+            include: inc.build().unwrap_or_else(|_| GlobSet::empty()),
+            exclude: GlobSet::empty(),
+        }
+    }
+
     /// Whether `rel` or one of its ancestor directories matches an exclude glob. The root (`""`)
     /// is never excluded.
     pub fn is_excluded(&self, rel: &str) -> bool {

@@ -74,6 +74,29 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Restore an exec snapshot (`[[exec_sources]]` of an agent): the newest
+    /// `_snapshots/SOURCE/*.snap` at or before --at, verified by blake3, written to a file
+    /// (temp + fsync + rename) or piped into a restore command's stdin.
+    #[command(name = "restore-snapshot")]
+    RestoreSnapshot {
+        /// Exec source name (the `name` of the agent's `[[exec_sources]]` entry).
+        #[arg(long)]
+        source: String,
+        /// `latest` or an RFC 3339 time: the newest snapshot committed at or before it.
+        #[arg(long, default_value = "latest")]
+        at: String,
+        /// Write the snapshot to this file.
+        #[arg(long, conflicts_with = "exec")]
+        to_file: Option<PathBuf>,
+        /// Pipe the snapshot into the command given after `--` (e.g. `--exec -- psql -f -`).
+        #[arg(long)]
+        exec: bool,
+        /// The restore command and its arguments (after `--`, with --exec).
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Change the regional Raft membership (run against any coordinator; the leader applies it).
     Member {
         #[command(subcommand)]
@@ -304,6 +327,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "restored {} files, {} dirs, {} symlinks, {} bytes into {} in {} ms ({:.1} MB/s)",
                     report.files, report.dirs, report.symlinks, report.bytes, to.display(), report.elapsed_ms, report.mb_per_s
+                );
+            }
+        }
+        Cmd::RestoreSnapshot {
+            source,
+            at,
+            to_file,
+            exec,
+            command,
+            conn,
+        } => {
+            let target = match (to_file, exec) {
+                (Some(f), false) if command.is_empty() => restore::SnapshotTarget::File(f),
+                (None, true) if !command.is_empty() => restore::SnapshotTarget::Exec(command),
+                _ => bail!("give exactly one of --to-file PATH or --exec -- CMD [ARGS...]"),
+            };
+            let at_ms = parse_at(&at)?;
+            let r = restore::restore_snapshot(&conn, &source, at_ms, &at, target).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "restored snapshot {} ({} bytes, blake3 {}, taken {})",
+                    r.snapshot, r.bytes, r.blake3, r.taken_at
                 );
             }
         }

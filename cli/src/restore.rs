@@ -156,3 +156,128 @@ pub async fn restore(
     report.mb_per_s = report.bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(report)
 }
+
+/// Where `lifeboat restore-snapshot` puts the snapshot.
+#[derive(Debug, Clone)]
+pub enum SnapshotTarget {
+    /// Write it to this file (temp + fsync + rename).
+    File(std::path::PathBuf),
+    /// Pipe it into this command's stdin (argv, no shell).
+    Exec(Vec<String>),
+}
+
+/// What `lifeboat restore-snapshot` restored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    /// Exec source name.
+    pub source: String,
+    /// Catalog path of the snapshot (`_snapshots/<source>/<timestamp>.snap`).
+    pub snapshot: String,
+    /// Content bytes.
+    pub bytes: u64,
+    /// blake3 of the content (verified).
+    pub blake3: String,
+    /// When the agent took it (RFC 3339, from the snapshot's name).
+    pub taken_at: String,
+}
+
+/// `20261124T012233Z` → `2026-11-24T01:22:33Z`.
+fn taken_at(stem: &str) -> Option<String> {
+    let b = stem.as_bytes();
+    let ok = b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+    ok.then(|| {
+        format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &stem[..4],
+            &stem[4..6],
+            &stem[6..8],
+            &stem[9..11],
+            &stem[11..13],
+            &stem[13..15]
+        )
+    })
+}
+
+/// Restores the newest snapshot of exec source `source` committed at or before `at_ms` (None =
+/// latest) into `target`; `at` is only used in messages.
+///
+/// Errors: no such snapshot, RPC or verification failures, I/O, or the restore command failing
+/// (named in the error).
+pub async fn restore_snapshot(
+    conn: &ConnArgs,
+    source: &str,
+    at_ms: Option<i64>,
+    at: &str,
+    target: SnapshotTarget,
+) -> anyhow::Result<SnapshotReport> {
+    lifeboat_common::path::validate_rel_path(source)
+        .ok()
+        .filter(|_| !source.contains('/'))
+        .ok_or_else(|| anyhow!("--source {source:?} must be one path component"))?;
+    let prefix = format!("_snapshots/{source}/");
+    let (rows, addr) = list(conn, &prefix, at_ms, false, false).await?;
+    let v = rows
+        .into_iter()
+        .filter(|v| {
+            v.v.kind == EntryKind::File
+                && !v.v.deleted
+                && v.v.path.starts_with(&prefix)
+                && v.v.path.ends_with(".snap")
+        })
+        .max_by(|a, b| (&a.v.path, a.seq).cmp(&(&b.v.path, b.seq)))
+        .ok_or_else(|| {
+            anyhow!(
+                "no snapshot of exec source {source:?} as of {at} (see `lifeboat ls _snapshots`)"
+            )
+        })?;
+    let name = v.v.path[prefix.len()..].to_string();
+    let client = conn.blobs(&addr)?;
+    let written = match &target {
+        SnapshotTarget::File(path) => {
+            let file_name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| anyhow!("--to-file {}: needs a UTF-8 file name", path.display()))?;
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            let root = dir
+                .canonicalize()
+                .with_context(|| format!("--to-file: directory {}", dir.display()))?;
+            apply::write_file(&client, &root, file_name, &v, ".lifeboat-restore-", false).await?
+        }
+        SnapshotTarget::Exec(argv) => {
+            let tmp = tempfile::tempdir().context("create a temp directory")?;
+            let root = tmp.path().canonicalize()?;
+            let n = apply::write_file(&client, &root, "snapshot", &v, ".lifeboat-restore-", false)
+                .await?;
+            let input =
+                std::fs::File::open(root.join("snapshot")).context("open the restored snapshot")?;
+            let status = tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::from(input))
+                .status()
+                .await
+                .with_context(|| format!("cannot start restore command {argv:?}"))?;
+            if !status.success() {
+                anyhow::bail!("restore command {argv:?} failed: {status}");
+            }
+            n
+        }
+    };
+    Ok(SnapshotReport {
+        source: source.to_string(),
+        snapshot: v.v.path.clone(),
+        bytes: written,
+        blake3: v.v.blake3.map(|h| h.to_hex()).unwrap_or_default(),
+        taken_at: taken_at(name.trim_end_matches(".snap")).unwrap_or_else(|| {
+            jiff::Timestamp::from_millisecond(v.commit_time_ms)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        }),
+    })
+}
