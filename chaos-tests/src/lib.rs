@@ -110,3 +110,71 @@ where
         Err(p) => std::panic::resume_unwind(p),
     }
 }
+
+/// Runs the real `lifeboat` binary: `lifeboat ARGS --coordinator <all of cluster> --tls-dir
+/// <cluster certs>`.
+pub fn lifeboat(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    lifeboat_then(cluster, args, &[])
+}
+
+/// Runs `lifeboat ARGS <connection flags> TAIL` (TAIL: `--exec -- CMD...`, which must come last).
+pub fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::process::Output {
+    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let coords: Vec<String> = cluster.coords.iter().map(|c| c.addr.clone()).collect();
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--coordinator")
+        .arg(coords.join(","))
+        .arg("--tls-dir")
+        .arg(&cluster.certs)
+        .args(tail)
+        .output()
+        .expect("run lifeboat")
+}
+
+/// Parses a successful `lifeboat --output json` run; panics with its stderr otherwise.
+pub fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "lifeboat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+/// Starts region A (active) and region B (standby of A, same CA) under `dir`, each with a settled
+/// leader.
+pub async fn two_regions(dir: &std::path::Path) -> anyhow::Result<(Cluster, Cluster)> {
+    let a = Cluster::start(
+        &dir.join("region-a"),
+        &ClusterOpts {
+            region: "eu-west".into(),
+            ..Default::default()
+        },
+    )?;
+    let upstream: Vec<String> = a.addrs().iter().map(|x| format!("\"{x}\"")).collect();
+    let b = Cluster::start(
+        &dir.join("region-b"),
+        &ClusterOpts {
+            region: "us-east".into(),
+            ca_from: Some(a.certs.clone()),
+            extra_coordinator_toml: format!(
+                "\n[replication]\nupstream = [{}]\nbatch_rows = 200\n",
+                upstream.join(", ")
+            ),
+            ..Default::default()
+        },
+    )?;
+    settled_leader(&a).await?;
+    settled_leader(&b).await?;
+    Ok((a, b))
+}
+
+/// Status from the leader of `cluster` (through the CLI's leader discovery).
+pub async fn leader_status(cluster: &Cluster) -> anyhow::Result<lifeboat_proto::StatusReply> {
+    let (mut admin, _) = cluster.conn().admin().await?;
+    Ok(admin
+        .status(lifeboat_proto::StatusRequest {})
+        .await?
+        .into_inner())
+}

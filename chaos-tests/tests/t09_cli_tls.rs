@@ -1,34 +1,11 @@
 //! The `lifeboat` binary against a real cluster: `status`/`ls`/`versions` with `--output json`,
 //! point-in-time `restore --at`, and mutual TLS refusing clients without a cluster certificate.
 
-use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_chaos_tests::*;
 use lifeboat_proto::admin_service_client::AdminServiceClient;
 use lifeboat_proto::StatusRequest;
-
-fn lifeboat(cluster: &Cluster, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
-    let coords: Vec<String> = cluster.coords.iter().map(|c| c.addr.clone()).collect();
-    Command::new(bin)
-        .args(args)
-        .arg("--coordinator")
-        .arg(coords.join(","))
-        .arg("--tls-dir")
-        .arg(&cluster.certs)
-        .output()
-        .expect("run lifeboat")
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "lifeboat failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json output")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_status_versions_and_point_in_time_restore() -> anyhow::Result<()> {

@@ -12,44 +12,10 @@ use std::time::{Duration, Instant};
 use lifeboat_chaos_tests::*;
 use lifeboat_common::catalog::FileVersion;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
-use lifeboat_proto::{PushMessage, StatusReply, StatusRequest};
+use lifeboat_proto::{PushMessage, StatusReply};
 
 /// Message of the standby's refusal (`lifeboat_coordinator::intake::STANDBY_REFUSAL`).
 const STANDBY_REFUSAL: &str = "standby region: writes go to the active region";
-
-/// Starts region A (active) and region B (standby of A, same CA) under `dir`, each with a settled
-/// leader.
-async fn two_regions(dir: &std::path::Path) -> anyhow::Result<(Cluster, Cluster)> {
-    let a = Cluster::start(
-        &dir.join("region-a"),
-        &ClusterOpts {
-            region: "eu-west".into(),
-            ..Default::default()
-        },
-    )?;
-    let upstream: Vec<String> = a.addrs().iter().map(|x| format!("\"{x}\"")).collect();
-    let b = Cluster::start(
-        &dir.join("region-b"),
-        &ClusterOpts {
-            region: "us-east".into(),
-            ca_from: Some(a.certs.clone()),
-            extra_coordinator_toml: format!(
-                "\n[replication]\nupstream = [{}]\nbatch_rows = 200\n",
-                upstream.join(", ")
-            ),
-            ..Default::default()
-        },
-    )?;
-    settled_leader(&a).await?;
-    settled_leader(&b).await?;
-    Ok((a, b))
-}
-
-/// Status from the leader of `cluster` (through the CLI's leader discovery).
-async fn leader_status(cluster: &Cluster) -> anyhow::Result<StatusReply> {
-    let (mut admin, _) = cluster.conn().admin().await?;
-    Ok(admin.status(StatusRequest {}).await?.into_inner())
-}
 
 /// Waits until B's leader reports that it has applied everything A's leader committed (and A has
 /// at least `min_versions` versions). Returns B's status.

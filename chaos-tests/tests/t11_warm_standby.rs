@@ -8,39 +8,6 @@
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_proto::{StatusReply, StatusRequest};
-
-/// Starts region A (active) and region B (standby of A, same CA), each with a settled leader.
-async fn two_regions(dir: &std::path::Path) -> anyhow::Result<(Cluster, Cluster)> {
-    let a = Cluster::start(
-        &dir.join("region-a"),
-        &ClusterOpts {
-            region: "eu-west".into(),
-            ..Default::default()
-        },
-    )?;
-    let upstream: Vec<String> = a.addrs().iter().map(|x| format!("\"{x}\"")).collect();
-    let b = Cluster::start(
-        &dir.join("region-b"),
-        &ClusterOpts {
-            region: "us-east".into(),
-            ca_from: Some(a.certs.clone()),
-            extra_coordinator_toml: format!(
-                "\n[replication]\nupstream = [{}]\nbatch_rows = 200\n",
-                upstream.join(", ")
-            ),
-            ..Default::default()
-        },
-    )?;
-    settled_leader(&a).await?;
-    settled_leader(&b).await?;
-    Ok((a, b))
-}
-
-async fn leader_status(cluster: &Cluster) -> anyhow::Result<StatusReply> {
-    let (mut admin, _) = cluster.conn().admin().await?;
-    Ok(admin.status(StatusRequest {}).await?.into_inner())
-}
 
 /// Waits until B's leader applied everything A's leader committed and B's agent (data dir
 /// `replica_data`) applied B's whole catalog with no lag. Returns the agent's status.

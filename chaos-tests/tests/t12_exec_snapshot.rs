@@ -7,34 +7,6 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
 
-fn lifeboat(cluster: &Cluster, args: &[&str]) -> std::process::Output {
-    lifeboat_then(cluster, args, &[])
-}
-
-/// Runs `lifeboat ARGS <connection flags> TAIL` (TAIL: `--exec -- CMD...`, which must come last).
-fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
-    let coords: Vec<String> = cluster.coords.iter().map(|c| c.addr.clone()).collect();
-    Command::new(bin)
-        .args(args)
-        .arg("--coordinator")
-        .arg(coords.join(","))
-        .arg("--tls-dir")
-        .arg(&cluster.certs)
-        .args(tail)
-        .output()
-        .expect("run lifeboat")
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "lifeboat failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json output")
-}
-
 fn snapshot_paths(cluster: &Cluster) -> Vec<String> {
     let out = lifeboat(cluster, &["ls", "_snapshots", "--output", "json"]);
     if !out.status.success() {
