@@ -15,7 +15,7 @@ use conn::ConnArgs;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Lifeboat admin CLI: inspect the catalog, restore files, generate dev certificates, run the demo",
+    about = "Lifeboat admin CLI: inspect the catalog, restore files and exec snapshots, manage members, generate dev certificates, run the demo and benchmark",
     long_about = "Lifeboat admin CLI. Talks gRPC with mutual TLS to any coordinator of a region (it finds the leader).\n\nStart here: `lifeboat demo` runs a whole local cluster and proves a restore is byte-equal."
 )]
 struct Cli {
