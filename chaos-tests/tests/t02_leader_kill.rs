@@ -57,11 +57,7 @@ async fn leader_sigkill_during_streaming_loses_no_acknowledged_change() -> anyho
     let mut checked = 0;
     for v in &rows {
         for p in &v.v.parts {
-            let copies = cluster
-                .coords
-                .iter()
-                .filter(|c| c.data_dir.join("blobs").join(p.hash.key()).exists())
-                .count();
+            let copies = cluster.local_blob_copies(&p.hash);
             assert!(
                 copies >= 2,
                 "blob {} of {} on {copies} of 3 coordinators",

@@ -107,11 +107,7 @@ fn assert_blobs_on_majority(b: &Cluster, rows: &[FileVersion]) -> usize {
             if !checked.insert(p.hash) {
                 continue;
             }
-            let copies = b
-                .coords
-                .iter()
-                .filter(|c| c.data_dir.join("blobs").join(p.hash.key()).exists())
-                .count();
+            let copies = b.local_blob_copies(&p.hash);
             assert!(
                 copies >= 2,
                 "blob {} of {} on {copies} of B's coordinators",

@@ -248,6 +248,15 @@ impl Cluster {
         }
     }
 
+    /// How many coordinators of this cluster hold blob `hash` in their local blob store
+    /// (`<data_dir>/blobs/blobs/<2 hex>/<hex>`); 0 with the S3 backend.
+    pub fn local_blob_copies(&self, hash: &lifeboat_common::blob::BlobHash) -> usize {
+        self.coords
+            .iter()
+            .filter(|c| c.data_dir.join("blobs").join(hash.key()).exists())
+            .count()
+    }
+
     /// Connection arguments for the admin API (admin certificate, every coordinator).
     pub fn conn(&self) -> ConnArgs {
         ConnArgs {
