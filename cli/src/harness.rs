@@ -31,6 +31,14 @@ pub struct ClusterOpts {
     /// so that the two clusters (e.g. an active and a standby region) trust each other. `None`:
     /// a fresh CA.
     pub ca_from: Option<PathBuf>,
+    /// Node id of the first coordinator (the others follow); ids must be unique across the
+    /// regions of a global group (default 1).
+    pub first_id: u64,
+    /// Ports to listen on (one per coordinator), e.g. allocated up front so that a `[global]`
+    /// section can name every node. `None`: free ports.
+    pub ports: Option<Vec<u16>>,
+    /// Write `witness = true` (a global group's witness).
+    pub witness: bool,
 }
 
 impl Default for ClusterOpts {
@@ -42,6 +50,9 @@ impl Default for ClusterOpts {
             extra_coordinator_toml: String::new(),
             region: "local".into(),
             ca_from: None,
+            first_id: 1,
+            ports: None,
+            witness: false,
         }
     }
 }
@@ -147,25 +158,30 @@ impl Cluster {
         lifeboat_common::tls::init_dev_ca(&certs)?;
         lifeboat_common::tls::issue_cert(&certs, "admin", &[])?;
         let n = opts.coordinators;
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports: Vec<u16> = match &opts.ports {
+            Some(p) if p.len() == n => p.clone(),
+            Some(p) => anyhow::bail!("{} ports for {n} coordinators", p.len()),
+            None => (0..n).map(|_| free_port()).collect(),
+        };
+        let first = opts.first_id.max(1);
         let members: String = (0..n)
             .map(|i| {
                 format!(
                     "[[members]]\nid = {}\naddr = \"127.0.0.1:{}\"\n",
-                    i + 1,
+                    first + i as u64,
                     ports[i]
                 )
             })
             .collect();
         let mut coords = Vec::new();
         for (i, port) in ports.iter().enumerate() {
-            let id = (i + 1) as u64;
+            let id = first + i as u64;
             let name = format!("coord{id}");
             lifeboat_common::tls::issue_cert(&certs, &name, &[])?;
             let data_dir = dir.join(&name);
             let config = dir.join(format!("{name}.toml"));
             let toml = format!(
-                "node_id = {id}\nregion = \"{region}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                "node_id = {id}\nregion = \"{region}\"\n{witness}listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
                 port = port,
                 region = opts.region,
                 data = data_dir.display(),
@@ -173,6 +189,7 @@ impl Cluster {
                 kept = opts.logs_kept,
                 certs = certs.display(),
                 extra = opts.extra_coordinator_toml,
+                witness = if opts.witness { "witness = true\n" } else { "" },
             );
             std::fs::write(&config, toml)?;
             coords.push(CoordProc {

@@ -4,8 +4,10 @@
 #![warn(missing_docs)]
 
 pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod harness;
+pub mod regions;
 pub mod restore;
 pub mod s3server;
 pub mod tree;

@@ -1,6 +1,6 @@
 //! `lifeboat`: the operator CLI (status, ls, versions, restore, certs) plus `demo` and `bench`.
 
-use lifeboat_cli::{conn, demo, restore};
+use lifeboat_cli::{conn, control, demo, restore};
 
 use std::path::PathBuf;
 
@@ -113,6 +113,49 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmark: initial sync, ~1% change, restore and agent RSS on a real tree with a 200 MB file.
     Bench(demo::BenchArgs),
+    /// Planned switchover to another region: fences the active region (its lease is no longer
+    /// renewed), waits until the target holds every committed change, then promotes it under
+    /// epoch + 1 and runs its traffic hooks. Zero data loss; writes pause for about one lease.
+    Switchover {
+        /// Target region.
+        #[arg(long)]
+        to: String,
+        /// Longest wait for the target to catch up, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Switch back to the region that was active before the last failover or switchover (same
+    /// procedure and guarantees as `switchover`).
+    Failback {
+        /// Longest wait for the target to catch up, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Failover drill: with --simulate, print the exact plan a failover would follow now (orders,
+    /// hooks, expected RPO from the current lag, whether the policy would refuse) without acting.
+    Drill {
+        /// Only print the plan (required: live drills are `switchover`).
+        #[arg(long)]
+        simulate: bool,
+        /// Target region (default: the one the policy would pick).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The control audit log: failovers, switchovers, promotions, hooks and refusals, with
+    /// epoch, actor and outcome.
+    Audit {
+        /// Most entries (newest last).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +253,45 @@ fn print_versions(rows: &[FileVersion], output: Output) -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let output = cli.output;
     match cli.cmd {
+        Cmd::Switchover {
+            to,
+            timeout_s,
+            conn,
+        } => {
+            let r = control::switchover(
+                &conn,
+                Some(to),
+                false,
+                std::time::Duration::from_secs(timeout_s),
+            )
+            .await?;
+            print_done(output, &r)?;
+        }
+        Cmd::Failback { timeout_s, conn } => {
+            let r =
+                control::switchover(&conn, None, true, std::time::Duration::from_secs(timeout_s))
+                    .await?;
+            print_done(output, &r)?;
+        }
+        Cmd::Drill { simulate, to, conn } => {
+            if !simulate {
+                bail!("only `lifeboat drill --simulate` exists: a live drill is `lifeboat switchover --to REGION` followed by `lifeboat failback`");
+            }
+            let p = control::call(&conn, "drill", serde_json::json!({ "to": to })).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                control::print_plan(&p);
+            }
+        }
+        Cmd::Audit { limit, conn } => {
+            let v = control::call(&conn, "audit", serde_json::json!({ "limit": limit })).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                control::print_audit(&v);
+            }
+        }
         Cmd::Status { conn } => {
             let (mut admin, addr) = conn.admin().await?;
             let s = admin
@@ -217,8 +299,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow!("status from {addr}: {}", e.message()))?
                 .into_inner();
+            let global = control::call(&conn, "status", serde_json::json!({}))
+                .await
+                .ok();
             if output == Output::Json {
                 let v = serde_json::json!({
+                    "global": global,
                     "node_id": s.node_id, "region": s.region, "state": s.state,
                     "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
                     "last_applied": s.last_applied, "last_log_index": s.last_log_index,
@@ -233,6 +319,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(g) = &global {
+                    control::print_status(g);
+                }
                 println!(
                     "region {}  epoch {}  (answered by node {} at {addr}, {})",
                     s.region, s.epoch, s.node_id, s.state
@@ -450,4 +539,18 @@ async fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn print_done(output: Output, r: &serde_json::Value) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        println!(
+            "{} is active at epoch {} (writes paused {} ms; no acknowledged change lost)",
+            r["to"].as_str().unwrap_or("?"),
+            r["epoch"],
+            r["rto_ms"]
+        );
+    }
+    Ok(())
 }

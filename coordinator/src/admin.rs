@@ -11,6 +11,10 @@ use lifeboat_proto::{
 use openraft::{BasicNode, ChangeMembers};
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
+use crate::control::role::Role;
+use crate::control::runtime::ControlRuntime;
 use crate::intake::AgentTable;
 use crate::leader::LeaderInfo;
 use crate::raft::{Catalog, RegionRaft};
@@ -26,12 +30,14 @@ pub struct Admin {
     pub leader: LeaderInfo,
     /// Region name.
     pub region: String,
-    /// Current epoch.
-    pub epoch: u64,
+    /// Role and epoch.
+    pub role: Arc<Role>,
     /// Agent heartbeats.
     pub agents: AgentTable,
     /// Cross-region replication progress (role, lag).
     pub replication: ReplicationStatus,
+    /// Control runtime of the global group (None without `[global]`).
+    pub control: Option<Arc<ControlRuntime>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -85,10 +91,18 @@ impl AdminService for Admin {
             entries: stats.live_entries,
             bytes: stats.live_bytes,
             versions: stats.versions,
-            epoch: self.epoch,
+            epoch: self.role.epoch(),
             snapshot_index: m.snapshot.map(|s| s.index).unwrap_or(0),
             state: format!("{:?}", m.state),
-            role: repl.role,
+            role: if self.role.is_global() {
+                if self.role.is_standby() {
+                    "standby".into()
+                } else {
+                    "active".into()
+                }
+            } else {
+                repl.role
+            },
             upstream_seq: repl.upstream_seq,
             upstream_last_seq: repl.upstream_last_seq,
             lag_entries: repl.lag_entries,
@@ -204,5 +218,27 @@ impl AdminService for Admin {
                 ));
             }
         }
+    }
+
+    async fn control(
+        &self,
+        req: Request<lifeboat_proto::ControlRequest>,
+    ) -> Result<Response<lifeboat_proto::ControlReply>, Status> {
+        let Some(c) = &self.control else {
+            return Err(Status::failed_precondition(
+                "this coordinator has no [global] section: regions, failover and switchover need the global group",
+            ));
+        };
+        let r = req.into_inner();
+        if r.body.len() > 1 << 20 {
+            return Err(Status::invalid_argument("control body over 1 MiB"));
+        }
+        let body = if r.body.is_empty() {
+            b"{}".to_vec()
+        } else {
+            r.body
+        };
+        let out = c.handle(&r.op, &body).await?;
+        Ok(Response::new(lifeboat_proto::ControlReply { body: out }))
     }
 }

@@ -106,6 +106,124 @@ impl ReplicationConfig {
     }
 }
 
+/// A voter of the global group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalMember {
+    /// Node id (the coordinator's `node_id`).
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// Region of the coordinator, or the witness site's name for the witness.
+    pub region: String,
+    /// This voter is the witness (votes in the global group, hosts no region).
+    #[serde(default)]
+    pub witness: bool,
+}
+
+/// One traffic-move hook, run by the new active region's leader after promotion, with
+/// `LIFEBOAT_EPOCH`, `LIFEBOAT_ACTIVE_REGION` and `LIFEBOAT_PREVIOUS_REGION` set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TrafficHook {
+    /// Runs a command (argv, no shell); its exit status and the first 4 KiB of its output go to
+    /// the audit log.
+    Exec {
+        /// Hook name for the audit log.
+        name: String,
+        /// argv.
+        command: Vec<String>,
+        /// Timeout, ms (default 10000).
+        #[serde(default = "default_hook_timeout")]
+        timeout_ms: u64,
+    },
+    /// HTTP POST of a JSON body `{"epoch", "active_region", "previous_region", "at_ms"}` to an
+    /// `http://` URL (for `https`, use an exec hook with curl).
+    Webhook {
+        /// Hook name for the audit log.
+        name: String,
+        /// URL.
+        url: String,
+        /// Timeout, ms (default 10000).
+        #[serde(default = "default_hook_timeout")]
+        timeout_ms: u64,
+    },
+}
+
+impl TrafficHook {
+    /// The hook's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TrafficHook::Exec { name, .. } | TrafficHook::Webhook { name, .. } => name,
+        }
+    }
+}
+
+fn default_hook_timeout() -> u64 {
+    10_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_sync_timeout() -> u64 {
+    10_000
+}
+
+/// `[global]`: the global group of every coordinator of every region plus a witness (DESIGN.md
+/// section 2), holding the control record. Without this section the region runs alone (static
+/// role from `[replication]`, epoch from `epoch`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// Every voter: all coordinators of all regions and the witness. Same list on every node.
+    pub members: Vec<GlobalMember>,
+    /// Region active when the control record is first created.
+    pub initial_active: String,
+    /// Failover policy written into the control record at creation.
+    #[serde(default)]
+    pub policy: crate::failover::Policy,
+    /// Acknowledge agent changes only once a standby region committed them (RPO 0; default
+    /// true). Writes stall (agents retry) while no standby confirms.
+    #[serde(default = "default_true")]
+    pub synchronous: bool,
+    /// How long a batch waits for a standby's confirmation, ms (default 10000).
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_ms: u64,
+    /// Traffic-move hooks this region runs when it becomes active.
+    #[serde(default)]
+    pub traffic_hooks: Vec<TrafficHook>,
+}
+
+impl GlobalConfig {
+    /// Region names (witness excluded), in the order of `members`.
+    pub fn regions(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in self.members.iter().filter(|m| !m.witness) {
+            if !out.contains(&m.region) {
+                out.push(m.region.clone());
+            }
+        }
+        out
+    }
+
+    /// Coordinator addresses of `region`.
+    pub fn addrs_of(&self, region: &str) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| !m.witness && m.region == region)
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
+    /// The topology for [`crate::failover::Topology::check`].
+    pub fn topology(&self) -> crate::failover::Topology {
+        crate::failover::Topology {
+            regions: self.regions(),
+            witness: self.members.iter().any(|m| m.witness),
+        }
+    }
+}
+
 fn default_region() -> String {
     "local".into()
 }
@@ -147,6 +265,13 @@ pub struct CoordinatorConfig {
     /// Cross-region replication (standby regions only).
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// The global group (regions, witness, failover policy). Optional.
+    #[serde(default)]
+    pub global: Option<GlobalConfig>,
+    /// This process is the witness: it votes in the global group only (no regional group, no
+    /// agents, no blobs). Requires `[global]`.
+    #[serde(default)]
+    pub witness: bool,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -246,6 +371,51 @@ impl CoordinatorConfig {
                     "replication.upstream: {u} is a member of this region; list the coordinators of the active region"
                 )));
             }
+        }
+        if let Some(g) = &self.global {
+            let me = g
+                .members
+                .iter()
+                .find(|m| m.id == self.node_id)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "global.members does not include this node (node_id = {})",
+                        self.node_id
+                    ))
+                })?;
+            if me.witness != self.witness {
+                return Err(ConfigError::Invalid(
+                    "witness = true must match this node's global.members entry (witness = true)"
+                        .into(),
+                ));
+            }
+            if !self.witness && me.region != self.region {
+                return Err(ConfigError::Invalid(format!(
+                    "global.members lists node {} in region {:?} but region = {:?}",
+                    self.node_id, me.region, self.region
+                )));
+            }
+            if !g.regions().contains(&g.initial_active) {
+                return Err(ConfigError::Invalid(format!(
+                    "global.initial_active {:?} is not a region of global.members",
+                    g.initial_active
+                )));
+            }
+            if !self.replication.upstream.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "[replication] upstream and [global] exclude each other: with a global group the standby regions follow the active region named by the control record".into(),
+                ));
+            }
+            let mut ids: Vec<u64> = g.members.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != g.members.len() {
+                return Err(ConfigError::Invalid("global.members: duplicate id".into()));
+            }
+        } else if self.witness {
+            return Err(ConfigError::Invalid(
+                "witness = true needs a [global] section".into(),
+            ));
         }
         Ok(())
     }

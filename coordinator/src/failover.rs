@@ -36,6 +36,7 @@ pub enum FailoverMode {
 
 /// Failover policy, part of the control record. Times in ms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// How long the active region must look unhealthy before it is suspect (ms, default 1000).
     pub detection_timeout_ms: u64,

@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::blobs::{Blobs, BlobsError};
+use crate::control::role::Role;
 use crate::leader::LeaderInfo;
 use crate::raft::{RegionRaft, Request as RaftRequest};
 
@@ -46,16 +47,48 @@ pub struct Intake {
     pub leader: LeaderInfo,
     /// Region name stamped on versions.
     pub region: String,
-    /// Current epoch (fencing token).
-    pub epoch: u64,
+    /// Active/standby, epoch (fencing token) and lease: asked before accepting and before
+    /// acknowledging a batch.
+    pub role: Arc<Role>,
     /// Heartbeats.
     pub agents: AgentTable,
-    /// This region is a standby (`[replication] upstream` set): agent pushes are refused.
-    pub standby: bool,
+    /// Synchronous cross-region acknowledgement (RPO 0), when configured.
+    pub sync: Option<SyncAck>,
 }
 
-/// Message of the `FAILED_PRECONDITION` a standby region answers to `PushChanges`.
-pub const STANDBY_REFUSAL: &str = "standby region: writes go to the active region";
+pub use crate::control::role::STANDBY_REFUSAL;
+
+/// Synchronous replication to the standby regions: a batch is acknowledged only once one
+/// standby region confirmed (`ConfirmApplied`) an upstream sequence at or above the batch's.
+#[derive(Clone)]
+pub struct SyncAck {
+    /// Highest confirmed upstream sequence per standby region.
+    pub confirmed: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, u64>>,
+    /// How long to wait for a confirmation before answering `UNAVAILABLE` (the agent retries;
+    /// nothing is acknowledged that a standby does not hold).
+    pub timeout: std::time::Duration,
+}
+
+impl SyncAck {
+    /// Waits until some standby region confirmed `seq`.
+    ///
+    /// Errors: `UNAVAILABLE` after the timeout.
+    pub async fn wait(&self, seq: u64) -> Result<(), Status> {
+        let mut rx = self.confirmed.clone();
+        let ok = tokio::time::timeout(self.timeout, async {
+            rx.wait_for(|m| m.values().any(|&s| s >= seq)).await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        match ok {
+            true => Ok(()),
+            false => Err(Status::unavailable(format!(
+                "no standby region confirmed seq {seq} within {} ms; not acknowledged (synchronous replication, consistency-first policy)",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
 
 struct Pending {
     change: FileChange,
@@ -74,15 +107,15 @@ fn base_missing(e: impl std::fmt::Display) -> Status {
 }
 
 impl Intake {
-    fn check_change(&self, c: &FileChange) -> Result<EntryKind, Status> {
+    fn check_change(&self, c: &FileChange, epoch: u64) -> Result<EntryKind, Status> {
         validate_rel_path(&c.path).map_err(|e| bad(e.to_string()))?;
         if !c.rename_from.is_empty() {
             validate_rel_path(&c.rename_from).map_err(|e| bad(e.to_string()))?;
         }
-        if c.epoch != 0 && c.epoch < self.epoch {
+        if c.epoch != 0 && c.epoch < epoch {
             return Err(Status::failed_precondition(format!(
-                "stale_epoch: change stamped with epoch {} but the current epoch is {}",
-                c.epoch, self.epoch
+                "stale_epoch: change stamped with epoch {} but the current epoch is {epoch}",
+                c.epoch
             )));
         }
         let kind = lifeboat_common::catalog::EntryKind::from_pb(c.kind)
@@ -109,7 +142,7 @@ impl Intake {
         Ok(kind)
     }
 
-    fn finish(&self, p: Pending) -> Result<NewVersion, Status> {
+    fn finish(&self, p: Pending, epoch: u64) -> Result<NewVersion, Status> {
         let c = p.change;
         if p.parts.len() != c.part_count as usize {
             return Err(bad(format!(
@@ -150,7 +183,7 @@ impl Intake {
             parts: p.parts,
             symlink_target: (p.kind == EntryKind::Symlink && !c.deleted)
                 .then_some(c.symlink_target),
-            epoch: self.epoch,
+            epoch,
             region: self.region.clone(),
             agent_id: String::new(),
             rename_from: (!c.rename_from.is_empty()).then_some(c.rename_from),
@@ -236,7 +269,11 @@ impl Intake {
         Ok((pref, Some(encoded)))
     }
 
-    async fn push(&self, mut stream: Streaming<PushMessage>) -> Result<PushReply, Status> {
+    async fn push(
+        &self,
+        mut stream: Streaming<PushMessage>,
+        epoch: u64,
+    ) -> Result<PushReply, Status> {
         let mut versions = Vec::new();
         let mut change_ids = Vec::new();
         let mut current: Option<Pending> = None;
@@ -250,9 +287,9 @@ impl Intake {
                 None => return Err(bad("empty message")),
                 Some(Msg::Change(c)) => {
                     if let Some(p) = current.take() {
-                        versions.push(self.finish(p)?);
+                        versions.push(self.finish(p, epoch)?);
                     }
-                    let kind = self.check_change(&c)?;
+                    let kind = self.check_change(&c, epoch)?;
                     change_ids.push(c.change_id);
                     current = Some(Pending {
                         change: c,
@@ -313,7 +350,7 @@ impl Intake {
             }
         }
         if let Some(p) = current.take() {
-            versions.push(self.finish(p)?);
+            versions.push(self.finish(p, epoch)?);
         }
         while let Some(r) = puts.join_next().await {
             r.map_err(|e| Status::internal(e.to_string()))??;
@@ -322,7 +359,7 @@ impl Intake {
             return Ok(PushReply {
                 acks: vec![],
                 log_index: 0,
-                epoch: self.epoch,
+                epoch,
             });
         }
         replication
@@ -349,6 +386,17 @@ impl Intake {
                 "state machine returned a wrong number of sequence numbers",
             ));
         }
+        if let (Some(sync), Some(&max)) = (&self.sync, seqs.iter().max()) {
+            sync.wait(max).await?;
+        }
+        // Acknowledge only under a still valid lease of the same epoch: a region fenced while
+        // the batch was in flight must not acknowledge it (rule 1 and 2).
+        let now_epoch = self.role.write_gate()?;
+        if now_epoch != epoch {
+            return Err(Status::unavailable(format!(
+                "epoch changed from {epoch} to {now_epoch} during the batch; not acknowledged"
+            )));
+        }
         Ok(PushReply {
             acks: change_ids
                 .into_iter()
@@ -356,7 +404,7 @@ impl Intake {
                 .map(|(change_id, seq)| Ack { change_id, seq })
                 .collect(),
             log_index: resp.log_id.index,
-            epoch: self.epoch,
+            epoch,
         })
     }
 }
@@ -367,13 +415,14 @@ impl AgentService for Intake {
         &self,
         req: Request<Streaming<PushMessage>>,
     ) -> Result<Response<PushReply>, Status> {
-        if self.standby {
-            return Err(Status::failed_precondition(STANDBY_REFUSAL));
-        }
+        let epoch = self.role.write_gate()?;
         self.leader.ensure_leader()?;
-        let span = tracing::info_span!("push_changes", region = %self.region, node = self.leader.node_id, epoch = self.epoch);
+        let span = tracing::info_span!("push_changes", region = %self.region, node = self.leader.node_id, epoch);
         let started = Instant::now();
-        let reply = self.push(req.into_inner()).instrument(span.clone()).await;
+        let reply = self
+            .push(req.into_inner(), epoch)
+            .instrument(span.clone())
+            .await;
         match &reply {
             Ok(r) => {
                 tracing::debug!(parent: &span, changes = r.acks.len(), ms = started.elapsed().as_millis() as u64, "batch committed")
@@ -396,9 +445,12 @@ impl AgentService for Intake {
         self.agents
             .lock()
             .insert(hb.agent_id.clone(), (Instant::now(), hb));
+        let v = self.role.view();
         Ok(Response::new(HeartbeatReply {
-            epoch: self.epoch,
+            epoch: v.epoch,
             leader_addr: self.leader.leader_addr().unwrap_or_default(),
+            active_region: v.active_region,
+            region: self.region.clone(),
         }))
     }
 }

@@ -8,9 +8,11 @@
 pub mod admin;
 pub mod blobs;
 pub mod config;
+pub mod control;
 pub mod failover;
 pub mod intake;
 pub mod leader;
+pub mod lease;
 pub mod node;
 pub mod raft;
 pub mod replication;

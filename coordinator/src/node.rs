@@ -17,7 +17,11 @@ use openraft::{BasicNode, Config, SnapshotPolicy};
 use crate::admin::Admin;
 use crate::blobs::{BlobServer, Blobs};
 use crate::config::{BlobBackend, CoordinatorConfig};
+use crate::control::role::Role;
+use crate::control::runtime::{ControlRuntime, Regional};
+use crate::control::store::ControlStore;
 use crate::intake::Intake;
+use crate::intake::SyncAck;
 use crate::leader::LeaderInfo;
 use crate::raft::network::{Network, RaftServer};
 use crate::raft::{LogStore, RegionRaft, StateMachineStore};
@@ -111,44 +115,132 @@ pub async fn run(
         raft: raft.clone(),
         node_id: cfg.node_id,
     };
-    let agents = Default::default();
+    let agents: crate::intake::AgentTable = Default::default();
+    let role = Arc::new(match &cfg.global {
+        Some(_) if cfg.witness => Role::fixed(&cfg.region, 1, true),
+        Some(_) => Role::global(&cfg.region),
+        None => Role::fixed(&cfg.region, cfg.epoch, cfg.replication.is_standby()),
+    });
+    let confirmed = Arc::new(tokio::sync::watch::channel(BTreeMap::new()).0);
+    let sync = cfg
+        .global
+        .as_ref()
+        .filter(|g| g.synchronous && g.regions().len() > 1 && !cfg.witness)
+        .map(|g| SyncAck {
+            confirmed: confirmed.subscribe(),
+            timeout: std::time::Duration::from_millis(g.sync_timeout_ms),
+        });
     let intake = Intake {
         raft: raft.clone(),
         blobs: blobs.clone(),
         leader: leader.clone(),
         region: cfg.region.clone(),
-        epoch: cfg.epoch,
+        role: role.clone(),
         agents: Arc::clone(&agents),
-        standby: cfg.replication.is_standby(),
+        sync,
     };
     let replication = ReplicationStatus::new(cfg.replication.clone());
-    let replicator = cfg.replication.is_standby().then(|| {
+    let replicator_template = Replicator {
+        raft: raft.clone(),
+        node_id: cfg.node_id,
+        region: cfg.region.clone(),
+        catalog: catalog.clone(),
+        blobs: blobs.clone(),
+        tls: cfg.tls.clone(),
+        cfg: cfg.replication.clone(),
+        status: replication.clone(),
+        upstream_region: None,
+    };
+    let replicator = (cfg.global.is_none() && cfg.replication.is_standby()).then(|| {
         tracing::info!(upstream = ?cfg.replication.upstream, "standby region: agent pushes are refused; the leader copies the upstream region");
-        Replicator {
-            raft: raft.clone(),
-            node_id: cfg.node_id,
-            region: cfg.region.clone(),
-            catalog: catalog.clone(),
-            blobs: blobs.clone(),
-            tls: cfg.tls.clone(),
-            cfg: cfg.replication.clone(),
-            status: replication.clone(),
-        }
-        .spawn()
+        replicator_template.clone().spawn()
     });
+
+    // The global group: a second openraft instance in this process, with its own tables.
+    let mut control = None;
+    let mut global_raft = None;
+    let mut control_tasks = Vec::new();
+    if let Some(g) = &cfg.global {
+        let glog = LogStore::open(db.clone(), "global")?;
+        let gsm = ControlStore::open(db.clone())?;
+        let gconfig = Config {
+            cluster_name: "lifeboat-global".into(),
+            heartbeat_interval: cfg.raft.heartbeat_ms,
+            election_timeout_min: cfg.raft.election_timeout_min_ms,
+            election_timeout_max: cfg.raft.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: cfg.raft.max_logs_kept_after_snapshot,
+            ..Default::default()
+        }
+        .validate()
+        .context("global raft config")?;
+        let gnet = Network {
+            tls: cfg.tls.clone(),
+            group: "global".into(),
+        };
+        let graft: RegionRaft =
+            openraft::Raft::new(cfg.node_id, Arc::new(gconfig), gnet, glog, gsm.clone())
+                .await
+                .context("start global raft")?;
+        if !graft.is_initialized().await? {
+            let members: BTreeMap<u64, BasicNode> = g
+                .members
+                .iter()
+                .map(|m| {
+                    (
+                        m.id,
+                        BasicNode {
+                            addr: m.addr.clone(),
+                        },
+                    )
+                })
+                .collect();
+            if let Err(e) = graft.initialize(members).await {
+                tracing::info!(error = %e, "global initialize skipped");
+            }
+        }
+        if let Err(e) = g.topology().check() {
+            if g.policy.automatic {
+                tracing::error!(reason = %e, "automatic failover is refused for this topology; manual `lifeboat switchover` still works");
+            }
+        }
+        let regional = (!cfg.witness).then(|| Regional {
+            raft: raft.clone(),
+            catalog: catalog.clone(),
+            replication: replication.clone(),
+            agents: Arc::clone(&agents),
+            replicator: replicator_template.clone(),
+        });
+        let rt = ControlRuntime::new(
+            cfg.node_id,
+            cfg.region.clone(),
+            cfg.witness,
+            graft.clone(),
+            gsm,
+            g.clone(),
+            cfg.tls.clone(),
+            role.clone(),
+            regional,
+        );
+        control_tasks = rt.spawn();
+        control = Some(rt);
+        global_raft = Some(graft);
+    }
     let repl_server = ReplicationServer {
         catalog: catalog.clone(),
         leader: leader.clone(),
         region: cfg.region.clone(),
+        confirmed,
     };
     let admin = Admin {
         raft: raft.clone(),
         catalog,
         leader: leader.clone(),
         region: cfg.region.clone(),
-        epoch: cfg.epoch,
+        role,
         agents,
         replication,
+        control,
     };
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
@@ -165,9 +257,12 @@ pub async fn run(
         .with_context(|| format!("listen address {:?}", cfg.listen))?;
     let router = builder
         .add_service(
-            RaftServiceServer::new(RaftServer { raft: raft.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            RaftServiceServer::new(RaftServer {
+                raft: raft.clone(),
+                global: global_raft.clone(),
+            })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
             AgentServiceServer::new(intake)
@@ -202,6 +297,12 @@ pub async fn run(
         .context("gRPC server")?;
     if let Some(r) = replicator {
         r.abort();
+    }
+    for t in control_tasks {
+        t.abort();
+    }
+    if let Some(g) = global_raft {
+        g.shutdown().await.ok();
     }
     raft.shutdown().await.ok();
     Ok(())

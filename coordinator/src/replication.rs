@@ -90,6 +90,8 @@ pub struct ReplicationServer {
     pub leader: LeaderInfo,
     /// This region's name, sent in every batch.
     pub region: String,
+    /// Upstream sequence numbers confirmed by each standby region (`ConfirmApplied`).
+    pub confirmed: Arc<tokio::sync::watch::Sender<std::collections::BTreeMap<String, u64>>>,
 }
 
 #[tonic::async_trait]
@@ -126,6 +128,26 @@ impl ReplicationService for ReplicationServer {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn confirm_applied(
+        &self,
+        req: Request<lifeboat_proto::ConfirmAppliedRequest>,
+    ) -> Result<Response<lifeboat_proto::ConfirmAppliedReply>, Status> {
+        let r = req.into_inner();
+        if r.region.is_empty() || r.region.len() > 128 {
+            return Err(Status::invalid_argument("region must be 1..128 bytes"));
+        }
+        self.confirmed.send_if_modified(|m| {
+            let e = m.entry(r.region).or_insert(0);
+            if r.upstream_seq > *e {
+                *e = r.upstream_seq;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(Response::new(lifeboat_proto::ConfirmAppliedReply {}))
     }
 }
 
@@ -506,6 +528,18 @@ fn rpc_error(addr: &str, op: &'static str, s: Status) -> ReplicationError {
     }
 }
 
+/// Aborts the follower task when the supervisor is dropped or aborted (after a failover the
+/// control runtime aborts the supervisor of the old upstream).
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
 /// The follower of a standby region: runs on whichever node leads the regional group.
 #[derive(Clone)]
 pub struct Replicator {
@@ -525,6 +559,9 @@ pub struct Replicator {
     pub cfg: ReplicationConfig,
     /// Shared progress for `Status`.
     pub status: ReplicationStatus,
+    /// Name of the upstream region when known (global group): progress is read for it, and
+    /// versions that originated in this region are not copied back.
+    pub upstream_region: Option<String>,
 }
 
 impl Replicator {
@@ -537,18 +574,18 @@ impl Replicator {
 
     async fn supervise(self) {
         let mut metrics = self.raft.metrics();
-        let mut task: Option<JoinHandle<()>> = None;
+        let mut task = AbortOnDrop(None);
         loop {
             let leading = metrics.borrow_and_update().state == ServerState::Leader;
-            if leading && task.as_ref().is_none_or(|t| t.is_finished()) {
+            if leading && task.0.as_ref().is_none_or(|t| t.is_finished()) {
                 tracing::info!(upstream = ?self.cfg.upstream, "leading a standby region: copying the upstream catalog");
                 self.status.start();
                 let me = self.clone();
-                task = Some(tokio::spawn(
+                task.0 = Some(tokio::spawn(
                     async move { me.follow().await }.in_current_span(),
                 ));
             } else if !leading {
-                if let Some(t) = task.take() {
+                if let Some(t) = task.0.take() {
                     tracing::info!("leadership lost: replication stops on this node");
                     t.abort();
                     self.status.stop();
@@ -558,7 +595,7 @@ impl Replicator {
                 break;
             }
         }
-        if let Some(t) = task.take() {
+        if let Some(t) = task.0.take() {
             t.abort();
         }
         self.status.stop();
@@ -643,10 +680,11 @@ impl Replicator {
         let mut fetch = BlobServiceClient::new(ch)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let mut applied = self
-            .catalog
-            .upstream_seq()
-            .map_err(|e| ReplicationError::Storage(e.to_string()))?;
+        let mut applied = match &self.upstream_region {
+            Some(r) => self.catalog.upstream_seq_of(r),
+            None => self.catalog.upstream_seq(),
+        }
+        .map_err(|e| ReplicationError::Storage(e.to_string()))?;
         let mut stream = sub
             .subscribe_catalog(SubscribeRequest {
                 from_seq: applied + 1,
@@ -680,11 +718,16 @@ impl Replicator {
             if batch.rows.is_empty() {
                 continue;
             }
-            let versions = parse_rows(addr, &batch, applied)?;
+            let mut versions = parse_rows(addr, &batch, applied)?;
             let Some(last) = versions.last() else {
                 continue;
             };
             let (last_seq, last_commit) = (last.seq, last.commit_time_ms);
+            if self.upstream_region.is_some() {
+                // Versions that originated here came back from the new active region after a
+                // failover: this catalog already has them.
+                versions.retain(|v| v.v.region != self.region);
+            }
             let started = Instant::now();
             let copied = self.copy_blobs(&mut fetch, addr, &versions).await?;
             let n = versions.len();
@@ -693,10 +736,19 @@ impl Replicator {
                     versions,
                     upstream_region: batch.region.clone(),
                     upstream_last_seq: batch.last_seq,
+                    skip_through: last_seq,
                 })
                 .await
                 .map_err(|e| ReplicationError::Commit(e.to_string()))?;
             applied = last_seq;
+            // Tell the upstream (synchronous acknowledgement of its agents' changes).
+            let confirm = sub.confirm_applied(lifeboat_proto::ConfirmAppliedRequest {
+                region: self.region.clone(),
+                upstream_seq: applied,
+            });
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), confirm).await {
+                tracing::debug!(error = %e, "ConfirmApplied timed out");
+            }
             self.status.applied(applied, last_commit);
             tracing::debug!(
                 rows = n,

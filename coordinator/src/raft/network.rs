@@ -139,26 +139,36 @@ impl RaftNetwork<TypeConfig> for Connection {
     }
 }
 
-/// Server side: hands incoming Raft RPCs to the local openraft instance.
+/// Server side: hands incoming Raft RPCs to the local openraft instance of the named group
+/// (`region` or `global`).
 pub struct RaftServer {
     /// The local Raft of the regional group.
     pub raft: RegionRaft,
+    /// The local Raft of the global group, when configured.
+    pub global: Option<RegionRaft>,
 }
 
-fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, Status> {
-    if m.group != "region" {
-        return Err(Status::not_found(format!(
-            "unknown raft group {:?}",
-            m.group
-        )));
+impl RaftServer {
+    fn pick<T: DeserializeOwned>(&self, m: &RaftMessage) -> Result<(&RegionRaft, T), Status> {
+        let raft = match (m.group.as_str(), &self.global) {
+            ("region", _) => &self.raft,
+            ("global", Some(g)) => g,
+            _ => {
+                return Err(Status::not_found(format!(
+                    "unknown raft group {:?}",
+                    m.group
+                )))
+            }
+        };
+        let v = serde_json::from_slice(&m.data)
+            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        Ok((raft, v))
     }
-    serde_json::from_slice(&m.data)
-        .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
+fn encode<T: Serialize>(group: &str, v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
     Ok(tonic::Response::new(RaftMessage {
-        group: "region".into(),
+        group: group.into(),
         data: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?,
     }))
 }
@@ -169,23 +179,23 @@ impl RaftService for RaftServer {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, Status> {
-        let r: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        encode(&self.raft.append_entries(r).await)
+        let (raft, r): (_, AppendEntriesRequest<TypeConfig>) = self.pick(req.get_ref())?;
+        encode(&req.get_ref().group, &raft.append_entries(r).await)
     }
 
     async fn install_snapshot(
         &self,
         req: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, Status> {
-        let r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
-        encode(&self.raft.install_snapshot(r).await)
+        let (raft, r): (_, InstallSnapshotRequest<TypeConfig>) = self.pick(req.get_ref())?;
+        encode(&req.get_ref().group, &raft.install_snapshot(r).await)
     }
 
     async fn vote(
         &self,
         req: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, Status> {
-        let r: VoteRequest<NodeId> = decode(req.get_ref())?;
-        encode(&self.raft.vote(r).await)
+        let (raft, r): (_, VoteRequest<NodeId>) = self.pick(req.get_ref())?;
+        encode(&req.get_ref().group, &raft.vote(r).await)
     }
 }

@@ -60,6 +60,10 @@ pub struct ReplicationMeta {
     /// Region name of the upstream that served the last replicated batch.
     #[serde(default)]
     pub upstream_region: String,
+    /// Progress kept for upstream regions this region copied before (after a failover the
+    /// upstream changes; each region's catalog has its own sequence numbers).
+    #[serde(default)]
+    pub by_region: std::collections::BTreeMap<String, u64>,
 }
 
 /// Live-entry counters kept up to date by `apply`.
@@ -169,6 +173,18 @@ impl Catalog {
     /// Errors: storage failures.
     pub fn upstream_seq(&self) -> Result<u64, StorageError> {
         Ok(self.replication()?.upstream_seq)
+    }
+
+    /// Highest sequence number of `region`'s catalog applied here (0 if never copied).
+    ///
+    /// Errors: storage failures.
+    pub fn upstream_seq_of(&self, region: &str) -> Result<u64, StorageError> {
+        let r = self.replication()?;
+        Ok(if r.upstream_region == region {
+            r.upstream_seq
+        } else {
+            r.by_region.get(region).copied().unwrap_or(0)
+        })
     }
 
     /// Newest version of each path under `prefix` (a path prefix on '/' boundaries, or "" for
@@ -493,17 +509,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         insert_version(&tx, &fv, &mut stats)?;
                         seqs.push(fv.seq);
                     }
-                    out.push(Response { seqs });
+                    out.push(Response {
+                        seqs,
+                        accepted: true,
+                    });
                 }
                 EntryPayload::Normal(Request::ApplyReplicated {
                     versions,
                     upstream_region,
                     upstream_last_seq,
+                    skip_through,
                 }) => {
                     if repl.is_none() {
                         repl = Some(meta_get(&tx, "replication")?.unwrap_or_default());
                     }
                     let r = repl.as_mut().expect("set above");
+                    if !r.upstream_region.is_empty() && r.upstream_region != upstream_region {
+                        // A new upstream (after a failover): park the old one's progress.
+                        let old = std::mem::take(&mut r.upstream_region);
+                        r.by_region.insert(old, r.upstream_seq);
+                        r.upstream_seq = r.by_region.remove(&upstream_region).unwrap_or(0);
+                        r.upstream_last_seq = r.upstream_seq;
+                    }
                     let mut seqs = Vec::with_capacity(versions.len());
                     for up in versions {
                         // Already applied (the same rows proposed again after a leader change).
@@ -520,10 +547,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         insert_version(&tx, &fv, &mut stats)?;
                         seqs.push(fv.seq);
                     }
+                    r.upstream_seq = r.upstream_seq.max(skip_through);
                     r.upstream_last_seq = upstream_last_seq.max(r.upstream_seq);
                     r.upstream_region = upstream_region;
-                    out.push(Response { seqs });
+                    out.push(Response {
+                        seqs,
+                        accepted: true,
+                    });
                 }
+                EntryPayload::Normal(Request::Control(_)) => out.push(Response::default()),
             }
         }
         meta_put(&tx, "stats", &stats)?;
@@ -672,6 +704,7 @@ mod tests {
                 .collect(),
             upstream_region: "eu-west".into(),
             upstream_last_seq: 10,
+            skip_through: 0,
         };
         let out = sm
             .apply([entry(1, batch(1, 3)), entry(2, batch(2, 5))])

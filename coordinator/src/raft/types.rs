@@ -5,6 +5,8 @@ use std::io::Cursor;
 use lifeboat_common::catalog::{FileVersion, NewVersion};
 use serde::{Deserialize, Serialize};
 
+use crate::control::record::ControlCommand;
+
 /// Node ids are small integers from the config, unique across the whole deployment.
 pub type NodeId = u64;
 
@@ -34,7 +36,15 @@ pub enum Request {
         upstream_region: String,
         /// Newest upstream sequence number known when the batch was cut (for lag reports).
         upstream_last_seq: u64,
+        /// Upstream rows up to this sequence number were examined (some may have been left
+        /// out, e.g. versions that originated in this region and came back after a failover):
+        /// `upstream_seq` advances to at least this value.
+        #[serde(default)]
+        skip_through: u64,
     },
+    /// A command of the global group's control record (only ever proposed to the global group;
+    /// the regional state machine ignores it).
+    Control(ControlCommand),
 }
 
 /// Result of applying one log entry.
@@ -43,6 +53,10 @@ pub struct Response {
     /// Sequence numbers assigned to the committed versions, in request order (empty for
     /// membership and blank entries).
     pub seqs: Vec<u64>,
+    /// For [`Request::Control`]: whether the command was applied (a compare-and-set on the
+    /// epoch may refuse a stale decision).
+    #[serde(default)]
+    pub accepted: bool,
 }
 
 openraft::declare_raft_types!(

@@ -1,0 +1,139 @@
+//! Issue 3: two regions of 3 coordinators and a witness form one global group. Region A is
+//! active; its agent's changes are acknowledged only once region B committed them (synchronous
+//! replication). Every process of A is SIGKILLed: the global group (B's 3 + witness = 4 of 7)
+//! fails B over under epoch 2 after A's lease surely expired, B's traffic hook runs with the
+//! epoch and regions in its environment, and a restore from B is byte-equal with every
+//! acknowledged change (RPO 0). A restarts and rejoins as a standby that refuses writes; a
+//! planned `lifeboat failback` then moves back to A under epoch 3 with nothing lost.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use lifeboat_chaos_tests::*;
+use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_cli::tree;
+
+fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
+    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let conn = regions.conn();
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--coordinator")
+        .arg(conn.coordinators.join(","))
+        .arg("--tls-dir")
+        .arg(conn.tls_dir.unwrap())
+        .output()
+        .expect("run lifeboat")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> anyhow::Result<()> {
+    run("t15", |dir| async move {
+        let hook_out = dir.join("hook-b.out");
+        let mut hooks = BTreeMap::new();
+        hooks.insert(
+            "b".to_string(),
+            format!(
+                "[[global.traffic_hooks]]\nkind = \"exec\"\nname = \"move-dns\"\ncommand = [\"sh\", \"-c\", \"echo $LIFEBOAT_EPOCH $LIFEBOAT_ACTIVE_REGION $LIFEBOAT_PREVIOUS_REGION >> {}\"]\n",
+                hook_out.display()
+            ),
+        );
+        let mut regions = Regions::start(
+            &dir.join("regions"),
+            &RegionsOpts {
+                hooks_toml: hooks,
+                ..Default::default()
+            },
+        )?;
+        let s = regions.wait_active("a", 1, Duration::from_secs(60)).await?;
+        assert_eq!(s["state"]["record"]["epoch"], 1);
+        assert!(s["automatic"].get("Ok").is_some(), "2 regions + witness: automatic failover allowed: {s}");
+
+        // Drill: the plan names the target, the new epoch and the hook, and acts on nothing.
+        let drill = json(&run_cli(&regions, &["drill", "--simulate", "--output", "json"]));
+        assert_eq!(drill["to"], "b");
+        assert_eq!(drill["new_epoch"], 2);
+        assert_eq!(drill["hooks"][0], "move-dns");
+        assert_eq!(drill["expected_rpo_entries"], 0);
+
+        // Region A's agent replicates a tree; every acknowledged change is in B.
+        let src = dir.join("src");
+        tree::generate(&src, 60, 4096, 7)?;
+        let (cfg, data) = regions
+            .region("a")
+            .write_agent_config("agent-a", &[("data", &src)], "")?;
+        regions.region_mut("a").start_agent(&cfg)?;
+        let st = settle(&data).await?;
+        assert!(st["changes_acked"].as_u64().unwrap() > 0, "{st}");
+        assert_eq!(st["pending_changes"], 0, "{st}");
+
+        // Lose region A entirely.
+        let killed = Instant::now();
+        regions.kill_region("a");
+        let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
+        let rto = killed.elapsed();
+        eprintln!("failover: b active at epoch 2 after {rto:?}; status {s}");
+        let hook = std::fs::read_to_string(&hook_out)?;
+        assert_eq!(hook.trim(), "2 b a", "hook environment: epoch, active, previous");
+        assert!(s["state"]["last_rto_ms"].as_u64().is_some(), "measured RTO recorded");
+
+        // RPO 0: B holds every acknowledged change.
+        let restored = dir.join("restored-b");
+        restore_latest(regions.region("b"), "data", &restored).await?;
+        let c = tree::compare(&src, &restored.join("data"))?;
+        assert!(c.equal(), "{:?}", c.differences);
+
+        // The audit log has the failover, the promotion, the hook and the completion.
+        let audit = json(&run_cli(&regions, &["audit", "--output", "json"]));
+        let actions: Vec<&str> = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        for a in ["failover", "promote", "traffic-hook", "completed"] {
+            assert!(actions.contains(&a), "audit lacks {a}: {audit}");
+        }
+
+        // A comes back: standby of B, refusing agent writes (its lease is gone).
+        regions.start_region("a")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = regions.control_status().await;
+            let a_standby = s.as_ref().is_some_and(|s| {
+                s["regions"].as_array().unwrap().iter().any(|r| {
+                    r["region"] == "a" && r["role"] == "standby" && r["healthy"] == true
+                })
+            });
+            if a_standby {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "a did not rejoin as standby: {s:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Changes made in B (through B's own agent) reach A once it is standby.
+        let src_b = dir.join("src-b");
+        tree::generate(&src_b, 10, 2048, 9)?;
+        let (cfg_b, data_b) = regions
+            .region("b")
+            .write_agent_config("agent-b", &[("data-b", &src_b)], "")?;
+        regions.region_mut("b").start_agent(&cfg_b)?;
+        settle(&data_b).await?;
+
+        // Planned failback: back to A under epoch 3, nothing lost.
+        let out = run_cli(&regions, &["failback", "--output", "json"]);
+        let fb = json(&out);
+        assert_eq!(fb["to"], "a");
+        assert_eq!(fb["epoch"], 3);
+        let restored = dir.join("restored-a");
+        restore_latest(regions.region("a"), "data-b", &restored).await?;
+        let c = tree::compare(&src_b, &restored.join("data-b"))?;
+        assert!(c.equal(), "{:?}", c.differences);
+        let restored = dir.join("restored-a2");
+        restore_latest(regions.region("a"), "data", &restored).await?;
+        let c = tree::compare(&src, &restored.join("data"))?;
+        assert!(c.equal(), "{:?}", c.differences);
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,224 @@
+//! Operator commands of the global group: `status` (its part), `switchover`, `failback`,
+//! `drill --simulate` and `audit`. They call `AdminService.Control` on any coordinator (it
+//! forwards to the global leader); documents are JSON (see
+//! `lifeboat_coordinator::control::api`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use lifeboat_proto::ControlRequest;
+use serde_json::{json, Value};
+
+use crate::conn::{admin_client, ConnArgs};
+
+/// Calls `op` with `body` on the first coordinator that answers.
+///
+/// Errors: the server's message (e.g. a refused switchover and why), or no coordinator
+/// reachable.
+pub async fn call(conn: &ConnArgs, op: &str, body: Value) -> anyhow::Result<Value> {
+    let mut errors = Vec::new();
+    for addr in &conn.coordinators {
+        let mut c = admin_client(conn.channel(addr)?);
+        let req = ControlRequest {
+            op: op.into(),
+            body: serde_json::to_vec(&body)?,
+        };
+        match c.control(req).await {
+            Ok(r) => return Ok(serde_json::from_slice(&r.into_inner().body)?),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
+                bail!("{op}: {}", s.message())
+            }
+            Err(s) => errors.push(format!("{addr}: {}", s.message())),
+        }
+    }
+    Err(anyhow!(
+        "{op}: no coordinator answered ({})",
+        errors.join("; ")
+    ))
+}
+
+fn ms_ago(now: u64, t: u64) -> String {
+    if t == 0 {
+        return "never".into();
+    }
+    if t > now {
+        return format!("in {} ms", t - now);
+    }
+    format!("{} ms ago", now - t)
+}
+
+/// Prints the global part of `lifeboat status`.
+pub fn print_status(s: &Value) {
+    let rec = &s["state"]["record"];
+    let now = s["now_ms"].as_u64().unwrap_or(0);
+    let phase = rec["phase"]["phase"].as_str().unwrap_or("?");
+    let active = rec["phase"]["region"]
+        .as_str()
+        .or(rec["phase"]["to"].as_str())
+        .unwrap_or("?");
+    println!(
+        "global: active region {active}  epoch {}  phase {phase}  (global leader node {})",
+        rec["epoch"], s["global_leader"]
+    );
+    println!(
+        "  lease: holder {}  expires {}",
+        rec["lease_holder"].as_str().unwrap_or("none"),
+        ms_ago(now, s["lease_expiry_ms"].as_u64().unwrap_or(0))
+    );
+    match s["automatic"].get("Err") {
+        Some(e) => println!("  automatic failover: OFF: {}", e.as_str().unwrap_or("")),
+        None => println!(
+            "  automatic failover: {}",
+            if s["state"]["policy"]["automatic"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off (policy)"
+            }
+        ),
+    }
+    if let Some(b) = s["blocked"].as_str() {
+        println!("  failover blocked: {b}");
+    }
+    if let Some(t) = s["switchover_to"].as_str() {
+        println!("  switchover to {t} in progress");
+    }
+    let last_change = rec["last_change_ms"].as_u64().unwrap_or(0);
+    println!(
+        "  last failover: {}  measured RTO {}",
+        ms_ago(now, last_change),
+        s["state"]["last_rto_ms"]
+            .as_u64()
+            .map(|v| format!("{v} ms"))
+            .unwrap_or_else(|| "n/a".into())
+    );
+    println!("  regions:");
+    for r in s["regions"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<10} {:<8} {:<9} leader node {:<3} lag {} ms / {} entries  promoted epoch {}  agents {}{}",
+            r["region"].as_str().unwrap_or("?"),
+            r["role"].as_str().unwrap_or("?"),
+            if r["healthy"].as_bool() == Some(true) { "healthy" } else { "UNHEALTHY" },
+            r["node_id"],
+            r["lag_ms"],
+            r["lag_entries"],
+            r["promoted_epoch"],
+            r["agents"],
+            r["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!("  ({d})")).unwrap_or_default()
+        );
+    }
+}
+
+/// `lifeboat switchover --to R` / `lifeboat failback`: asks, then waits until the target is
+/// active (or `wait` runs out). Returns the final status document.
+///
+/// Errors: refused switchover (reason from the global leader) or timeout.
+pub async fn switchover(
+    conn: &ConnArgs,
+    to: Option<String>,
+    failback: bool,
+    wait: Duration,
+) -> anyhow::Result<Value> {
+    let actor = format!(
+        "operator {} via lifeboat CLI",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    let started = Instant::now();
+    let r = call(
+        conn,
+        "switchover",
+        json!({"to": to, "failback": failback, "actor": actor, "timeout_ms": wait.as_millis() as u64}),
+    )
+    .await?;
+    let target = r["to"].as_str().unwrap_or_default().to_string();
+    let epoch = r["epoch"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{}: {} -> {target}: fencing {}, waiting for {target} to catch up...",
+        if failback { "failback" } else { "switchover" },
+        r["from"].as_str().unwrap_or("?"),
+        r["from"].as_str().unwrap_or("?")
+    );
+    loop {
+        if let Ok(s) = call(conn, "status", json!({})).await {
+            let rec = &s["state"]["record"];
+            if rec["epoch"].as_u64() > Some(epoch)
+                && rec["phase"]["phase"] == "active"
+                && rec["phase"]["region"] == target.as_str()
+            {
+                return Ok(json!({
+                    "from": r["from"], "to": target, "epoch": rec["epoch"],
+                    "rto_ms": s["state"]["last_rto_ms"], "elapsed_ms": started.elapsed().as_millis() as u64,
+                }));
+            }
+            if s["switchover_to"].is_null()
+                && rec["epoch"].as_u64() == Some(epoch)
+                && started.elapsed() > Duration::from_secs(1)
+            {
+                let last = s["state"]["audit"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .cloned()
+                    .unwrap_or_default();
+                bail!(
+                    "switchover did not happen: {}",
+                    last["detail"].as_str().unwrap_or("see `lifeboat audit`")
+                );
+            }
+        }
+        if started.elapsed() > wait + Duration::from_secs(5) {
+            bail!("switchover to {target} not complete after {} s; see `lifeboat status` and `lifeboat audit`", wait.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints a drill plan.
+pub fn print_plan(p: &Value) {
+    println!(
+        "drill (simulated, nothing done): failover {} -> {} at epoch {}",
+        p["from"].as_str().unwrap_or("?"),
+        p["to"].as_str().unwrap_or("?"),
+        p["new_epoch"]
+    );
+    for (i, s) in p["steps"].as_array().into_iter().flatten().enumerate() {
+        println!("  {}. {}", i + 1, s.as_str().unwrap_or(""));
+    }
+    println!(
+        "expected RPO: {} ms, {} entries{}",
+        p["expected_rpo_ms"],
+        p["expected_rpo_entries"],
+        if p["synchronous"].as_bool() == Some(true) {
+            " (synchronous replication: acknowledged changes are already in the standby)"
+        } else {
+            ""
+        }
+    );
+    println!("expected RTO: about {} ms", p["expected_rto_ms"]);
+    match p["refused"].as_str() {
+        Some(r) => println!("the policy would REFUSE this failover now: {r}"),
+        None => println!("the policy would allow this failover now"),
+    }
+}
+
+/// Prints audit entries.
+pub fn print_audit(v: &Value) {
+    for e in v.as_array().into_iter().flatten() {
+        let at = jiff::Timestamp::from_millisecond(e["at_ms"].as_i64().unwrap_or(0))
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        println!(
+            "{:>5} {} epoch {:<3} {:<13} {:<8} {} — {}",
+            e["seq"],
+            at,
+            e["epoch"],
+            e["action"].as_str().unwrap_or(""),
+            e["outcome"].as_str().unwrap_or(""),
+            e["actor"].as_str().unwrap_or(""),
+            e["detail"].as_str().unwrap_or("")
+        );
+    }
+}

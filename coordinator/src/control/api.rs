@@ -1,0 +1,169 @@
+//! JSON documents of the `AdminService.Control` RPC: `op` selects the operation, `body` and the
+//! reply are the JSON of the types below. Decoding rejects unknown or malformed documents with
+//! `INVALID_ARGUMENT`.
+//!
+//! | op | body | reply | served by |
+//! |---|---|---|---|
+//! | `renew` | [`RenewRequest`] | [`RenewReply`] | global leader |
+//! | `report` | `{}` | [`RegionReport`] | any coordinator (about itself) |
+//! | `status` | `{}` | [`ControlStatus`] | global leader (forwarded) |
+//! | `switchover` | [`SwitchoverRequest`] | [`SwitchoverReply`] | global leader (forwarded) |
+//! | `drill` | [`DrillRequest`] | [`DrillPlan`] | global leader (forwarded) |
+//! | `audit` | [`AuditRequest`] | `Vec<AuditEntry>` | any global voter (committed state) |
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{AuditEntry, ControlState};
+
+/// Lease renewal asked by the active region's leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// Asking region.
+    pub region: String,
+    /// Epoch it believes current.
+    pub epoch: u64,
+    /// Asking node.
+    pub node_id: u64,
+}
+
+/// Answer to a renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewReply {
+    /// Granted?
+    pub granted: bool,
+    /// Lease length, ms, measured by the holder from when it sent the request.
+    pub lease_ms: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Current active region.
+    pub active_region: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// What one coordinator says about its region (the global leader polls these).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegionReport {
+    /// Region.
+    pub region: String,
+    /// Answering node.
+    pub node_id: u64,
+    /// The node leads its regional group.
+    pub regional_leader: bool,
+    /// Regional health as the leader sees it (a leader with a quorum; agents' checks).
+    pub healthy: bool,
+    /// Why not healthy.
+    pub detail: String,
+    /// `active` or `standby`.
+    pub role: String,
+    /// Highest epoch this region completed promotion for.
+    pub promoted_epoch: u64,
+    /// The leader holds a valid lease now.
+    pub leased: bool,
+    /// Replication lag behind the active region (standby), ms.
+    pub lag_ms: u64,
+    /// Replication lag, entries.
+    pub lag_entries: u64,
+    /// Replication lag, bytes (live bytes of the upstream not yet here; estimate).
+    pub lag_bytes: u64,
+    /// Highest upstream sequence committed here (standby).
+    pub upstream_seq: u64,
+    /// Highest local catalog sequence.
+    pub last_seq: u64,
+    /// Agents heard from in the last 5 s.
+    pub agents: u64,
+    /// Traffic hooks this region would run on promotion.
+    pub hooks: Vec<String>,
+    /// Audit entries of orders this region executed, not yet committed by the global leader.
+    pub pending_audit: Vec<AuditEntry>,
+}
+
+/// `lifeboat status` view of the global group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlStatus {
+    /// Committed state (record, policy, audit tail trimmed to the last 20).
+    pub state: ControlState,
+    /// Global leader node id.
+    pub global_leader: u64,
+    /// The leader's lease expiry for the active region, ms since the Unix epoch.
+    pub lease_expiry_ms: u64,
+    /// The leader's clock, ms since the Unix epoch.
+    pub now_ms: u64,
+    /// Latest report of each region.
+    pub regions: Vec<RegionReport>,
+    /// Why an automatic failover is currently refused, if it is.
+    pub blocked: Option<String>,
+    /// Whether automatic failover is allowed by the topology (else the reason).
+    pub automatic: Result<(), String>,
+    /// A switchover in progress: target region.
+    pub switchover_to: Option<String>,
+}
+
+/// Planned switchover (or failback when `to` is None and `failback` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// Target region.
+    pub to: Option<String>,
+    /// Back to the previous active region.
+    #[serde(default)]
+    pub failback: bool,
+    /// Who asked (for the audit log).
+    pub actor: String,
+    /// Longest wait for the target to catch up, ms (default 60000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Switchover accepted (it runs asynchronously; poll `status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwitchoverReply {
+    /// From region.
+    pub from: String,
+    /// To region.
+    pub to: String,
+    /// Epoch before the switchover (the new one is this + 1).
+    pub epoch: u64,
+}
+
+/// `lifeboat drill --simulate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillRequest {
+    /// Region to fail over to (default: the one the policy would pick).
+    pub to: Option<String>,
+}
+
+/// The exact plan a failover would follow now, without acting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillPlan {
+    /// Active region now.
+    pub from: String,
+    /// Target.
+    pub to: String,
+    /// Epoch after the failover.
+    pub new_epoch: u64,
+    /// Steps in order.
+    pub steps: Vec<String>,
+    /// Hooks the target would run.
+    pub hooks: Vec<String>,
+    /// Expected RPO: lag of the target now (ms, entries). 0 with synchronous replication.
+    pub expected_rpo_ms: u64,
+    /// Expected RPO in catalog entries.
+    pub expected_rpo_entries: u64,
+    /// Whether synchronous replication guarantees RPO 0 for acknowledged changes.
+    pub synchronous: bool,
+    /// Why the policy would refuse this failover now, if it would.
+    pub refused: Option<String>,
+    /// Expected time until the target takes writes, ms (detection + lease + drift).
+    pub expected_rto_ms: u64,
+}
+
+/// `lifeboat audit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRequest {
+    /// Most entries, newest last (default 100).
+    pub limit: Option<usize>,
+}

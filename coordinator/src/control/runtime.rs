@@ -1,0 +1,1066 @@
+//! The control path at run time (DESIGN.md section 4): every coordinator runs
+//!
+//! - the **global leader loop** (acts only on the global group's leader): polls every region's
+//!   coordinators for a [`RegionReport`], keeps the working control record in memory (leases
+//!   granted, last renewal per region), runs [`failover::step`] every tick and commits its
+//!   decisions (suspect, recovered, failover start and completion, audit) through the global
+//!   Raft group; drives planned switchovers;
+//! - the **region loop** (acts only on a regional leader): follows the committed record into
+//!   [`Role`], renews the lease while its region is active, promotes its region when the record
+//!   names it (stops copying, runs the traffic hooks, then reports the promotion), and copies the
+//!   active region's catalog while standby.
+//!
+//! The witness runs the global leader loop only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_common::tls::TlsConfig;
+use lifeboat_proto::admin_service_client::AdminServiceClient;
+use lifeboat_proto::ControlRequest;
+use openraft::ServerState;
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use super::api::*;
+use super::hooks::{self, HookContext};
+use super::record::{AuditEntry, ControlCommand, ControlState};
+use super::role::{now_ms, Role};
+use super::store::ControlStore;
+use crate::config::GlobalConfig;
+use crate::failover::{self, Action, ControlRecord, Phase, RegionView};
+use crate::intake::AgentTable;
+use crate::lease;
+use crate::raft::{Catalog, RegionRaft, Request as RaftRequest, TypeConfig};
+use crate::replication::{ReplicationStatus, Replicator};
+
+/// The openraft handle of the global group.
+pub type GlobalRaft = openraft::Raft<TypeConfig>;
+
+/// Tick of both loops.
+const TICK: Duration = Duration::from_millis(100);
+/// Timeout of one report or renewal RPC.
+const RPC_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// Calls `op` on `addr` with a JSON body and decodes the JSON reply.
+///
+/// Errors: transport or server errors as `Status`.
+pub async fn call<B: Serialize, R: DeserializeOwned>(
+    tls: &TlsConfig,
+    addr: &str,
+    op: &str,
+    body: &B,
+    timeout: Duration,
+) -> Result<R, Status> {
+    let ch = tls
+        .channel(addr)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut c = AdminServiceClient::new(ch);
+    let req = ControlRequest {
+        op: op.into(),
+        body: serde_json::to_vec(body).map_err(|e| Status::internal(e.to_string()))?,
+    };
+    let reply = tokio::time::timeout(timeout, c.control(req))
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("{op} to {addr} timed out")))??;
+    serde_json::from_slice(&reply.into_inner().body)
+        .map_err(|e| Status::internal(format!("bad {op} reply from {addr}: {e}")))
+}
+
+/// Parts of a regional coordinator the region loop drives (absent on the witness).
+#[derive(Clone)]
+pub struct Regional {
+    /// Regional Raft.
+    pub raft: RegionRaft,
+    /// Catalog.
+    pub catalog: Catalog,
+    /// Replication progress.
+    pub replication: ReplicationStatus,
+    /// Agent heartbeats.
+    pub agents: AgentTable,
+    /// Template of the replicator (its upstream is replaced by the active region's).
+    pub replicator: Replicator,
+}
+
+struct LeaderWork {
+    rec: ControlRecord,
+    committed_epoch: u64,
+    last_renew: HashMap<String, u64>,
+    reports: BTreeMap<String, (u64, RegionReport)>,
+    blocked: Option<String>,
+    /// When the active region was last known healthy before the current failover (RTO start).
+    failover_start_ms: Option<u64>,
+    switchover: Option<Switchover>,
+}
+
+#[derive(Clone)]
+struct Switchover {
+    from: String,
+    to: String,
+    actor: String,
+    started_ms: u64,
+    deadline_ms: u64,
+    failback: bool,
+}
+
+#[derive(Default)]
+struct RegionLocal {
+    promoting: Option<u64>,
+    pending_audit: Vec<AuditEntry>,
+    replicating_from: Option<(String, JoinHandle<()>)>,
+    last_renew_ms: u64,
+}
+
+/// The control runtime of one coordinator.
+pub struct ControlRuntime {
+    /// This node.
+    pub node_id: u64,
+    /// This node's region (the witness's site name on the witness).
+    pub region: String,
+    /// This node is the witness.
+    pub witness: bool,
+    /// Global Raft.
+    pub global: GlobalRaft,
+    /// Global state machine.
+    pub store: ControlStore,
+    /// `[global]`.
+    pub cfg: GlobalConfig,
+    /// TLS for RPCs to other coordinators.
+    pub tls: TlsConfig,
+    /// Role shared with intake.
+    pub role: Arc<Role>,
+    /// Regional parts (None on the witness).
+    pub regional: Option<Regional>,
+    leader: Mutex<Option<LeaderWork>>,
+    local: Mutex<RegionLocal>,
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("bad control request: {e}"))
+}
+
+fn audit(epoch: u64, actor: String, action: &str, detail: String, outcome: &str) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at_ms: now_ms(),
+        epoch,
+        actor,
+        action: action.into(),
+        detail,
+        outcome: outcome.into(),
+    }
+}
+
+impl ControlRuntime {
+    /// Builds the runtime.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: u64,
+        region: String,
+        witness: bool,
+        global: GlobalRaft,
+        store: ControlStore,
+        cfg: GlobalConfig,
+        tls: TlsConfig,
+        role: Arc<Role>,
+        regional: Option<Regional>,
+    ) -> Arc<Self> {
+        Arc::new(ControlRuntime {
+            node_id,
+            region,
+            witness,
+            global,
+            store,
+            cfg,
+            tls,
+            role,
+            regional,
+            leader: Mutex::new(None),
+            local: Mutex::new(RegionLocal::default()),
+        })
+    }
+
+    /// Starts both loops; they end when the process does.
+    pub fn spawn(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        use tracing::Instrument;
+        let mut v = Vec::new();
+        let me = self.clone();
+        let span = tracing::info_span!("global", node = self.node_id, region = %self.region);
+        v.push(tokio::spawn(
+            async move {
+                loop {
+                    me.global_tick().await;
+                    tokio::time::sleep(TICK).await;
+                }
+            }
+            .instrument(span),
+        ));
+        if self.regional.is_some() {
+            let me = self.clone();
+            let span =
+                tracing::info_span!("region_control", node = self.node_id, region = %self.region);
+            v.push(tokio::spawn(
+                async move {
+                    loop {
+                        me.region_tick().await;
+                        tokio::time::sleep(TICK).await;
+                    }
+                }
+                .instrument(span),
+            ));
+        }
+        v
+    }
+
+    fn global_leader(&self) -> Option<(u64, String)> {
+        let m = self.global.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    fn is_global_leader(&self) -> bool {
+        self.global.metrics().borrow().state == ServerState::Leader
+    }
+
+    async fn propose(&self, cmd: ControlCommand) -> Result<bool, String> {
+        match self.global.client_write(RaftRequest::Control(cmd)).await {
+            Ok(r) => Ok(r.data.accepted),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    // ----- global leader loop -------------------------------------------------------------
+
+    async fn global_tick(&self) {
+        if !self.is_global_leader() {
+            *self.leader.lock() = None;
+            return;
+        }
+        let state = self.store.state();
+        let Some(committed) = state.record.clone() else {
+            let topo = self.cfg.topology();
+            let mut policy = self.cfg.policy.clone();
+            if let Err(e) = topo.check() {
+                if policy.automatic {
+                    tracing::error!(reason = %e, "automatic failover disabled");
+                }
+                policy.automatic = false;
+            }
+            let rec = ControlRecord::new(&self.cfg.initial_active, now_ms(), &policy);
+            match self
+                .propose(ControlCommand::Init {
+                    record: rec,
+                    policy,
+                    regions: topo.regions,
+                    witness: topo.witness,
+                })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(active = %self.cfg.initial_active, "control record created")
+                }
+                Err(e) => tracing::warn!(error = %e, "creating the control record failed"),
+            }
+            return;
+        };
+        let now = now_ms();
+        {
+            let mut l = self.leader.lock();
+            let stale = l
+                .as_ref()
+                .is_some_and(|w| w.committed_epoch != committed.epoch && w.switchover.is_none());
+            if l.is_none() || stale {
+                let mut rec = committed.clone();
+                lease::on_became_leader(&mut rec, now, &state.policy);
+                let mut last_renew = HashMap::new();
+                last_renew.insert(rec.active_region().to_string(), now);
+                let prev = l.take();
+                tracing::info!(epoch = rec.epoch, active = %rec.active_region(), "global leader: control loop starts");
+                *l = Some(LeaderWork {
+                    failover_start_ms: prev.as_ref().and_then(|p| p.failover_start_ms),
+                    rec,
+                    committed_epoch: committed.epoch,
+                    last_renew,
+                    reports: prev.map(|p| p.reports).unwrap_or_default(),
+                    blocked: None,
+                    switchover: None,
+                });
+            }
+        }
+        let reports = self.poll_reports().await;
+        let now = now_ms();
+        let mut commits: Vec<ControlCommand> = Vec::new();
+        {
+            let mut guard = self.leader.lock();
+            let Some(w) = guard.as_mut() else { return };
+            for r in reports {
+                if !r.pending_audit.is_empty() {
+                    commits.push(ControlCommand::Audit {
+                        entries: r.pending_audit.clone(),
+                    });
+                }
+                w.reports.insert(r.region.clone(), (now, r));
+            }
+            let policy = state.policy.clone();
+            let active = w.rec.active_region().to_string();
+            let views: Vec<RegionView> = state
+                .regions
+                .iter()
+                .map(|region| {
+                    let fresh = w
+                        .reports
+                        .get(region)
+                        .filter(|(t, _)| now.saturating_sub(*t) <= policy.detection_timeout_ms);
+                    let mut healthy = fresh.is_some_and(|(_, r)| r.regional_leader && r.healthy);
+                    if *region == active
+                        && matches!(w.rec.phase, Phase::Active { .. } | Phase::Suspect { .. })
+                    {
+                        // The active region's renewals are its heartbeat to the global group.
+                        let renewed = w.last_renew.get(region).copied().unwrap_or(0);
+                        healthy &= now.saturating_sub(renewed) <= policy.detection_timeout_ms;
+                    }
+                    let (lag_ms, promoted) = fresh
+                        .map(|(_, r)| (r.lag_ms, r.promoted_epoch))
+                        .unwrap_or((u64::MAX / 4, 0));
+                    RegionView {
+                        region: region.clone(),
+                        healthy,
+                        lag_ms: if *region == active { 0 } else { lag_ms },
+                        promoted_epoch: promoted,
+                    }
+                })
+                .collect();
+            if let Some(sw) = w.switchover.clone() {
+                self.drive_switchover(w, &sw, &views, now, &policy, &mut commits);
+            } else {
+                let before = w.rec.clone();
+                let actions = failover::step(&mut w.rec, &views, now, &policy);
+                let mut audit_entries = Vec::new();
+                let mut decide = false;
+                let mut previous = None;
+                let mut rto = None;
+                let actor = format!("global leader node {}", self.node_id);
+                for a in actions {
+                    match a {
+                        Action::RenewLease { .. } => {}
+                        Action::Suspect { region } => {
+                            decide = true;
+                            w.failover_start_ms = Some(before.last_healthy_ms);
+                            audit_entries.push(audit(
+                                w.rec.epoch,
+                                actor.clone(),
+                                "suspect",
+                                format!(
+                                    "{region} unhealthy for {} ms: lease renewals refused",
+                                    policy.detection_timeout_ms
+                                ),
+                                "started",
+                            ));
+                        }
+                        Action::Recovered { region } => {
+                            decide = true;
+                            w.failover_start_ms = None;
+                            audit_entries.push(audit(
+                                w.rec.epoch,
+                                actor.clone(),
+                                "recovered",
+                                format!(
+                                    "{region} healthy again before its lease could be taken over"
+                                ),
+                                "ok",
+                            ));
+                        }
+                        Action::StartFailover {
+                            from,
+                            to,
+                            epoch,
+                            expected_rpo_ms,
+                        } => {
+                            decide = true;
+                            previous = Some(from.clone());
+                            w.blocked = None;
+                            audit_entries.push(audit(epoch, actor.clone(), "failover", format!("{from} lost (lease expired + {} ms drift); promoting {to} at epoch {epoch}; expected RPO {expected_rpo_ms} ms; {from} fenced", policy.max_clock_drift_ms), "started"));
+                            tracing::warn!(%from, %to, epoch, "failover started");
+                        }
+                        Action::CompleteFailover { region, epoch } => {
+                            decide = true;
+                            rto = w.failover_start_ms.take().map(|s| now.saturating_sub(s));
+                            w.last_renew.insert(region.clone(), now);
+                            audit_entries.push(audit(
+                                epoch,
+                                actor.clone(),
+                                "completed",
+                                format!(
+                                    "{region} active at epoch {epoch}; measured RTO {} ms",
+                                    rto.unwrap_or(0)
+                                ),
+                                "ok",
+                            ));
+                            tracing::warn!(%region, epoch, rto_ms = rto.unwrap_or(0), "failover completed");
+                        }
+                        Action::Blocked { reason } => {
+                            if w.blocked.as_ref() != Some(&reason) {
+                                commits.push(ControlCommand::Audit {
+                                    entries: vec![audit(
+                                        w.rec.epoch,
+                                        actor.clone(),
+                                        "blocked",
+                                        reason.clone(),
+                                        "refused",
+                                    )],
+                                });
+                                tracing::warn!(%reason, "failover refused");
+                                w.blocked = Some(reason);
+                            }
+                        }
+                    }
+                }
+                if decide {
+                    commits.push(ControlCommand::Decide {
+                        expect_epoch: w.committed_epoch,
+                        record: w.rec.clone(),
+                        previous_region: previous,
+                        rto_ms: rto,
+                        audit: audit_entries,
+                    });
+                }
+            }
+        }
+        for c in commits {
+            let decide_epoch = match &c {
+                ControlCommand::Decide { record, .. } => Some(record.epoch),
+                _ => None,
+            };
+            match self.propose(c).await {
+                Ok(true) => {
+                    if let Some(e) = decide_epoch {
+                        if let Some(w) = self.leader.lock().as_mut() {
+                            w.committed_epoch = e;
+                        }
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(
+                        "decision refused by the state machine (stale epoch): reloading the record"
+                    );
+                    *self.leader.lock() = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "committing a control decision failed");
+                    *self.leader.lock() = None;
+                }
+            }
+        }
+    }
+
+    fn drive_switchover(
+        &self,
+        w: &mut LeaderWork,
+        sw: &Switchover,
+        views: &[RegionView],
+        now: u64,
+        policy: &failover::Policy,
+        commits: &mut Vec<ControlCommand>,
+    ) {
+        let actor = sw.actor.clone();
+        let what = if sw.failback {
+            "failback"
+        } else {
+            "switchover"
+        };
+        if now > sw.deadline_ms {
+            commits.push(ControlCommand::Audit {
+                entries: vec![audit(
+                    w.rec.epoch,
+                    actor,
+                    what,
+                    format!(
+                        "{} -> {}: {} did not catch up in time; {} stays active",
+                        sw.from, sw.to, sw.to, sw.from
+                    ),
+                    "failed",
+                )],
+            });
+            w.switchover = None;
+            w.last_renew.insert(sw.from.clone(), now);
+            return;
+        }
+        match w.rec.phase.clone() {
+            Phase::Active { region } | Phase::Suspect { region, .. } if region == sw.from => {
+                // Fenced: renewals of `from` are refused while a switchover is pending. Move on
+                // once its lease surely expired or it reported that it holds none.
+                let from_report = w.reports.get(&sw.from).map(|(_, r)| r.clone());
+                let unleased = from_report
+                    .as_ref()
+                    .is_some_and(|r| r.regional_leader && !r.leased);
+                let expired = now >= w.rec.lease_expiry_ms + policy.max_clock_drift_ms;
+                if !(unleased || expired) {
+                    return;
+                }
+                // Zero data loss: the target holds everything the old region committed.
+                let from_last = from_report.map(|r| r.last_seq);
+                let to_seq = w
+                    .reports
+                    .get(&sw.to)
+                    .map(|(_, r)| r.upstream_seq)
+                    .unwrap_or(0);
+                let caught_up = match from_last {
+                    Some(l) => to_seq >= l,
+                    None => expired && views.iter().any(|v| v.region == sw.to && v.lag_ms == 0),
+                };
+                let to_healthy = views.iter().any(|v| v.region == sw.to && v.healthy);
+                if !caught_up || !to_healthy {
+                    return;
+                }
+                w.rec.epoch += 1;
+                w.rec.lease_holder = None;
+                w.rec.last_change_ms = Some(now);
+                w.rec.phase = Phase::FailingOver {
+                    from: sw.from.clone(),
+                    to: sw.to.clone(),
+                    started_ms: now,
+                };
+                w.failover_start_ms = Some(sw.started_ms);
+                commits.push(ControlCommand::Decide {
+                    expect_epoch: w.committed_epoch,
+                    record: w.rec.clone(),
+                    previous_region: Some(sw.from.clone()),
+                    rto_ms: None,
+                    audit: vec![audit(
+                        w.rec.epoch,
+                        actor,
+                        what,
+                        format!(
+                            "{} fenced and {} caught up (seq {to_seq}); promoting {} at epoch {}",
+                            sw.from, sw.to, sw.to, w.rec.epoch
+                        ),
+                        "started",
+                    )],
+                });
+            }
+            Phase::FailingOver { to, .. } if to == sw.to => {
+                if views
+                    .iter()
+                    .any(|v| v.region == sw.to && v.promoted_epoch >= w.rec.epoch)
+                {
+                    w.rec.phase = Phase::Active {
+                        region: sw.to.clone(),
+                    };
+                    w.rec.last_healthy_ms = now;
+                    w.rec.lease_holder = Some(sw.to.clone());
+                    w.rec.lease_expiry_ms = now + policy.lease_ms;
+                    w.last_renew.insert(sw.to.clone(), now);
+                    let rto = now.saturating_sub(sw.started_ms);
+                    commits.push(ControlCommand::Decide {
+                        expect_epoch: w.committed_epoch,
+                        record: w.rec.clone(),
+                        previous_region: None,
+                        rto_ms: Some(rto),
+                        audit: vec![audit(w.rec.epoch, actor, "completed", format!("{what} to {} done at epoch {}: writes paused {rto} ms, no acknowledged change lost", sw.to, w.rec.epoch), "ok")],
+                    });
+                    w.switchover = None;
+                    w.failover_start_ms = None;
+                }
+            }
+            _ => {
+                w.switchover = None;
+            }
+        }
+    }
+
+    async fn poll_reports(&self) -> Vec<RegionReport> {
+        let mut set = tokio::task::JoinSet::new();
+        for m in self.cfg.members.iter().filter(|m| !m.witness) {
+            let tls = self.tls.clone();
+            let addr = m.addr.clone();
+            let local = m.id == self.node_id;
+            let me_report = local.then(|| self.report());
+            set.spawn(async move {
+                if let Some(r) = me_report {
+                    return Some(r);
+                }
+                call::<_, RegionReport>(&tls, &addr, "report", &serde_json::json!({}), RPC_TIMEOUT)
+                    .await
+                    .ok()
+            });
+        }
+        let mut best: BTreeMap<String, RegionReport> = BTreeMap::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(r)) = r {
+                let replace = match best.get(&r.region) {
+                    None => true,
+                    Some(b) => !b.regional_leader && r.regional_leader,
+                };
+                if replace {
+                    best.insert(r.region.clone(), r);
+                }
+            }
+        }
+        best.into_values().collect()
+    }
+
+    // ----- region loop --------------------------------------------------------------------
+
+    /// This node's report about its region. Drains the pending audit entries (they are
+    /// committed by the global leader that asked).
+    pub fn report(&self) -> RegionReport {
+        let Some(reg) = &self.regional else {
+            return RegionReport {
+                region: self.region.clone(),
+                node_id: self.node_id,
+                ..Default::default()
+            };
+        };
+        let m = reg.raft.metrics().borrow().clone();
+        let leading = m.state == ServerState::Leader;
+        let view = self.role.view();
+        let repl = reg.replication.report(&reg.catalog).ok();
+        let last_seq = reg.catalog.last_seq().unwrap_or(0);
+        let agents = reg
+            .agents
+            .lock()
+            .values()
+            .filter(|(t, _)| t.elapsed() < Duration::from_secs(5))
+            .count() as u64;
+        let standby = self.role.is_standby();
+        let (healthy, detail) = if !leading {
+            (false, "not the regional leader".to_string())
+        } else if standby {
+            match &repl {
+                Some(r) if r.state == "failed" => {
+                    (false, format!("replication failed: {}", r.error))
+                }
+                _ => (true, String::new()),
+            }
+        } else {
+            (true, String::new())
+        };
+        let pending = if leading {
+            std::mem::take(&mut self.local.lock().pending_audit)
+        } else {
+            Vec::new()
+        };
+        RegionReport {
+            region: self.region.clone(),
+            node_id: self.node_id,
+            regional_leader: leading,
+            healthy,
+            detail,
+            role: if standby { "standby" } else { "active" }.into(),
+            promoted_epoch: view.promoted_epoch,
+            leased: view.lease.valid(now_ms(), view.epoch),
+            lag_ms: repl.as_ref().map(|r| r.lag_ms.max(0) as u64).unwrap_or(0),
+            lag_entries: repl.as_ref().map(|r| r.lag_entries).unwrap_or(0),
+            lag_bytes: 0,
+            upstream_seq: repl.as_ref().map(|r| r.upstream_seq).unwrap_or(0),
+            last_seq,
+            agents,
+            hooks: self
+                .cfg
+                .traffic_hooks
+                .iter()
+                .map(|h| h.name().to_string())
+                .collect(),
+            pending_audit: pending,
+        }
+    }
+
+    async fn region_tick(self: &Arc<Self>) {
+        let Some(reg) = self.regional.clone() else {
+            return;
+        };
+        let state = self.store.state();
+        let Some(rec) = state.record.clone() else {
+            return;
+        };
+        let active = rec.active_region().to_string();
+        let epoch = rec.epoch;
+        self.role.set_record(&active, epoch);
+        let leading = reg.raft.metrics().borrow().state == ServerState::Leader;
+        if active != self.region {
+            self.role.lease_refused();
+            if leading {
+                self.ensure_replicating(&reg, &active);
+            } else {
+                self.stop_replicating();
+            }
+            return;
+        }
+        self.stop_replicating();
+        if !leading {
+            self.role.lease_refused();
+            return;
+        }
+        let view = self.role.view();
+        if view.promoted_epoch < epoch {
+            match &rec.phase {
+                Phase::FailingOver { from, .. } => self.start_promotion(epoch, from.clone()),
+                // Already promoted earlier (this node became regional leader afterwards), or the
+                // initial record.
+                _ => self.role.set_promoted(epoch),
+            }
+            return;
+        }
+        if !matches!(rec.phase, Phase::Active { .. }) {
+            return;
+        }
+        let now = now_ms();
+        let interval = (state.policy.lease_ms / 4).max(50);
+        {
+            let mut l = self.local.lock();
+            if now.saturating_sub(l.last_renew_ms) < interval {
+                return;
+            }
+            l.last_renew_ms = now;
+        }
+        self.renew(epoch).await;
+    }
+
+    async fn renew(&self, epoch: u64) {
+        let req = RenewRequest {
+            region: self.region.clone(),
+            epoch,
+            node_id: self.node_id,
+        };
+        let sent = now_ms();
+        let reply = if self.is_global_leader() {
+            self.handle_renew(req)
+        } else if let Some((_, addr)) = self.global_leader() {
+            call::<_, RenewReply>(&self.tls, &addr, "renew", &req, RPC_TIMEOUT).await
+        } else {
+            return;
+        };
+        match reply {
+            Ok(r) if r.granted => self.role.lease_granted(sent, r.lease_ms, r.epoch),
+            Ok(r) => {
+                tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
+                self.role.lease_refused();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "lease renewal failed; the lease runs out unless renewed")
+            }
+        }
+    }
+
+    /// Grantor side of a renewal (global leader only).
+    ///
+    /// Errors: `UNAVAILABLE` when this node does not lead the global group.
+    pub fn handle_renew(&self, req: RenewRequest) -> Result<RenewReply, Status> {
+        let mut guard = self.leader.lock();
+        let Some(w) = guard.as_mut() else {
+            return Err(Status::unavailable("not the global leader (or not ready)"));
+        };
+        let policy = self.store.state().policy;
+        if w.switchover.as_ref().is_some_and(|s| s.from == req.region) {
+            return Ok(RenewReply {
+                granted: false,
+                lease_ms: 0,
+                epoch: w.rec.epoch,
+                active_region: w.rec.active_region().into(),
+                reason: "switchover in progress: this region is fenced".into(),
+            });
+        }
+        let now = now_ms();
+        match lease::grant(&mut w.rec, &req.region, req.epoch, now, &policy) {
+            Ok(ms) => {
+                w.last_renew.insert(req.region.clone(), now);
+                Ok(RenewReply {
+                    granted: true,
+                    lease_ms: ms,
+                    epoch: w.rec.epoch,
+                    active_region: w.rec.active_region().into(),
+                    reason: String::new(),
+                })
+            }
+            Err(e) => Ok(RenewReply {
+                granted: false,
+                lease_ms: 0,
+                epoch: w.rec.epoch,
+                active_region: w.rec.active_region().into(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn start_promotion(self: &Arc<Self>, epoch: u64, previous: String) {
+        {
+            let mut l = self.local.lock();
+            if l.promoting.is_some_and(|e| e >= epoch) {
+                return;
+            }
+            l.promoting = Some(epoch);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let started = now_ms();
+            tracing::warn!(epoch, %previous, "promoting this region");
+            let ctx = HookContext {
+                epoch,
+                active_region: me.region.clone(),
+                previous_region: previous.clone(),
+                node_id: me.node_id,
+            };
+            let mut entries = vec![audit(
+                epoch,
+                format!("region {} leader node {}", me.region, me.node_id),
+                "promote",
+                format!("replication from {previous} stopped; this region takes writes at epoch {epoch} once the global group confirms"),
+                "ok",
+            )];
+            for h in &me.cfg.traffic_hooks {
+                entries.push(hooks::run(h, &ctx).await);
+            }
+            me.role.set_promoted(epoch);
+            let mut l = me.local.lock();
+            l.pending_audit.extend(entries);
+            l.promoting = None;
+            tracing::warn!(
+                epoch,
+                ms = now_ms() - started,
+                "promotion done; waiting for the global group to confirm"
+            );
+        });
+    }
+
+    fn ensure_replicating(&self, reg: &Regional, active: &str) {
+        let mut l = self.local.lock();
+        if let Some((from, h)) = &l.replicating_from {
+            if from == active && !h.is_finished() {
+                return;
+            }
+        }
+        if let Some((_, h)) = l.replicating_from.take() {
+            h.abort();
+        }
+        let mut r = reg.replicator.clone();
+        r.cfg.upstream = self.cfg.addrs_of(active);
+        r.upstream_region = Some(active.to_string());
+        tracing::info!(%active, "standby: copying the active region");
+        l.replicating_from = Some((active.to_string(), r.spawn()));
+    }
+
+    fn stop_replicating(&self) {
+        if let Some((from, h)) = self.local.lock().replicating_from.take() {
+            tracing::info!(%from, "replication stopped");
+            h.abort();
+        }
+    }
+
+    // ----- admin ops ----------------------------------------------------------------------
+
+    /// Serves one `Control` op (forwarding to the global leader where needed).
+    ///
+    /// Errors: `INVALID_ARGUMENT` for bad documents or unknown ops, `UNAVAILABLE` without a
+    /// global leader, `FAILED_PRECONDITION` for refused switchovers.
+    pub async fn handle(&self, op: &str, body: &[u8]) -> Result<Vec<u8>, Status> {
+        fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
+            serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))
+        }
+        let leader_only = matches!(op, "renew" | "status" | "switchover" | "drill");
+        if leader_only && !self.is_global_leader() {
+            let (_, addr) = self
+                .global_leader()
+                .ok_or_else(|| Status::unavailable("no global leader elected"))?;
+            let v: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
+            let r: serde_json::Value =
+                call(&self.tls, &addr, op, &v, Duration::from_secs(10)).await?;
+            return enc(&r);
+        }
+        match op {
+            "renew" => enc(&self.handle_renew(serde_json::from_slice(body).map_err(bad)?)?),
+            "report" => enc(&self.report()),
+            "status" => enc(&self.status()?),
+            "audit" => {
+                let r: AuditRequest = serde_json::from_slice(body).map_err(bad)?;
+                let s = self.store.state();
+                let n = r.limit.unwrap_or(100);
+                let skip = s.audit.len().saturating_sub(n);
+                enc(&s.audit[skip..].to_vec())
+            }
+            "switchover" => enc(&self.switchover(serde_json::from_slice(body).map_err(bad)?)?),
+            "drill" => enc(&self.drill(serde_json::from_slice(body).map_err(bad)?)?),
+            other => Err(Status::invalid_argument(format!(
+                "unknown control op {other:?}"
+            ))),
+        }
+    }
+
+    fn status(&self) -> Result<ControlStatus, Status> {
+        let mut state: ControlState = self.store.state();
+        let skip = state.audit.len().saturating_sub(20);
+        state.audit.drain(..skip);
+        let l = self.leader.lock();
+        let w = l
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("global leader not ready"))?;
+        Ok(ControlStatus {
+            state,
+            global_leader: self.node_id,
+            lease_expiry_ms: w.rec.lease_expiry_ms,
+            now_ms: now_ms(),
+            regions: w
+                .reports
+                .values()
+                .map(|(t, r)| {
+                    let mut r = r.clone();
+                    let age = now_ms().saturating_sub(*t);
+                    if age > 1000 {
+                        r.healthy = false;
+                        r.regional_leader = false;
+                        r.leased = false;
+                        r.detail = format!("unreachable: no report for {age} ms");
+                    }
+                    r
+                })
+                .collect(),
+            blocked: w.blocked.clone(),
+            automatic: self.cfg.topology().check().map_err(|e| e.to_string()),
+            switchover_to: w.switchover.as_ref().map(|s| s.to.clone()),
+        })
+    }
+
+    fn switchover(&self, req: SwitchoverRequest) -> Result<SwitchoverReply, Status> {
+        let state = self.store.state();
+        let mut l = self.leader.lock();
+        let w = l
+            .as_mut()
+            .ok_or_else(|| Status::unavailable("global leader not ready"))?;
+        if w.switchover.is_some() {
+            return Err(Status::failed_precondition(
+                "a switchover is already in progress",
+            ));
+        }
+        let Phase::Active { region: from } = w.rec.phase.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "the control record is not in a steady state ({:?}); retry when it is",
+                w.rec.phase
+            )));
+        };
+        let to = match (&req.to, req.failback) {
+            (Some(t), _) => t.clone(),
+            (None, true) => state.previous_region.clone().ok_or_else(|| {
+                Status::failed_precondition("no previous active region to fail back to")
+            })?,
+            (None, false) => return Err(Status::invalid_argument("switchover needs --to REGION")),
+        };
+        if !state.regions.contains(&to) {
+            return Err(Status::invalid_argument(format!(
+                "unknown region {to:?}; regions are {:?}",
+                state.regions
+            )));
+        }
+        if to == from {
+            return Err(Status::failed_precondition(format!(
+                "{to} is already active"
+            )));
+        }
+        let now = now_ms();
+        let healthy = w
+            .reports
+            .get(&to)
+            .is_some_and(|(t, r)| now.saturating_sub(*t) < 2000 && r.regional_leader && r.healthy);
+        if !healthy {
+            return Err(Status::failed_precondition(format!(
+                "{to} is not healthy (no recent report from its regional leader); switchover refused"
+            )));
+        }
+        w.switchover = Some(Switchover {
+            from: from.clone(),
+            to: to.clone(),
+            actor: req.actor,
+            started_ms: now,
+            deadline_ms: now + req.timeout_ms.unwrap_or(60_000),
+            failback: req.failback,
+        });
+        tracing::warn!(%from, %to, "switchover requested: fencing {from}");
+        Ok(SwitchoverReply {
+            from,
+            to,
+            epoch: w.rec.epoch,
+        })
+    }
+
+    fn drill(&self, req: DrillRequest) -> Result<DrillPlan, Status> {
+        let state = self.store.state();
+        let l = self.leader.lock();
+        let w = l
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("global leader not ready"))?;
+        let from = w.rec.active_region().to_string();
+        let p = &state.policy;
+        let mut candidates: Vec<&RegionReport> = w
+            .reports
+            .values()
+            .map(|(_, r)| r)
+            .filter(|r| r.region != from)
+            .collect();
+        candidates.sort_by_key(|r| (!(r.regional_leader && r.healthy), r.lag_ms));
+        let target =
+            match &req.to {
+                Some(t) => w.reports.get(t).map(|(_, r)| r).ok_or_else(|| {
+                    Status::invalid_argument(format!("no report from region {t:?}"))
+                })?,
+                None => candidates
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Status::failed_precondition("no other region reports"))?,
+            };
+        let mut refused = None;
+        if !(target.regional_leader && target.healthy) {
+            refused = Some(format!(
+                "{} is not healthy: {}",
+                target.region, target.detail
+            ));
+        } else if !self.cfg.synchronous
+            && p.mode == failover::FailoverMode::ConsistencyFirst
+            && target.lag_ms > p.rpo_budget_ms
+        {
+            refused = Some(format!(
+                "{} lags {} ms, above the RPO budget of {} ms (consistency-first)",
+                target.region, target.lag_ms, p.rpo_budget_ms
+            ));
+        } else if let Err(e) = self.cfg.topology().check() {
+            refused = Some(format!("automatic failover refused: {e}"));
+        }
+        let e2 = w.rec.epoch + 1;
+        let to = target.region.clone();
+        let steps = vec![
+            format!("detect: {from} unhealthy for {} ms (its lease renewals and reports stop)", p.detection_timeout_ms),
+            format!("fence {from}: refuse its lease renewals; its coordinators stop acknowledging writes when their lease ({} ms) runs out", p.lease_ms),
+            format!("wait until {from}'s lease surely expired: expiry + max clock drift {} ms", p.max_clock_drift_ms),
+            format!("commit FailingOver({from} -> {to}) at epoch {e2} in the global group"),
+            format!("promote {to}: stop copying {from}, agents apply the new role to their databases (REPLICAOF NO ONE / pg_promote) and refuse orders older than epoch {e2}"),
+            format!("run {} traffic hook(s) in {to}: {:?}", target.hooks.len(), target.hooks),
+            format!("commit Active({to}) at epoch {e2}; {to} renews its lease and takes writes; {from} rejoins as standby when it returns"),
+        ];
+        Ok(DrillPlan {
+            from,
+            to,
+            new_epoch: e2,
+            steps,
+            hooks: target.hooks.clone(),
+            expected_rpo_ms: if self.cfg.synchronous {
+                0
+            } else {
+                target.lag_ms
+            },
+            expected_rpo_entries: if self.cfg.synchronous {
+                0
+            } else {
+                target.lag_entries
+            },
+            synchronous: self.cfg.synchronous,
+            refused,
+            expected_rto_ms: p.detection_timeout_ms.max(p.lease_ms) + p.max_clock_drift_ms + 500,
+        })
+    }
+}
