@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// Keep the workdir afterwards (it is always kept when the demo fails).
     #[arg(long)]
     pub keep: bool,
+    /// Run the single-region demo instead (3 coordinators, a Raft leader SIGKILLed mid-stream,
+    /// restart and catch-up, restore throughput).
+    #[arg(long)]
+    pub single_region: bool,
 }
 
 /// Options of `lifeboat bench`.
@@ -79,7 +83,7 @@ pub struct DemoSummary {
     pub workdir: PathBuf,
 }
 
-fn workdir(w: &Option<PathBuf>, what: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn workdir(w: &Option<PathBuf>, what: &str) -> anyhow::Result<PathBuf> {
     let d = match w {
         Some(d) => d.clone(),
         None => tempfile::Builder::new()
@@ -91,7 +95,7 @@ fn workdir(w: &Option<PathBuf>, what: &str) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
-fn dir_size(root: &Path) -> (u64, u64) {
+pub(crate) fn dir_size(root: &Path) -> (u64, u64) {
     let (mut files, mut bytes) = (0, 0);
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -113,7 +117,7 @@ fn dir_size(root: &Path) -> (u64, u64) {
     (files, bytes)
 }
 
-fn say(json: bool, msg: &str) {
+pub(crate) fn say(json: bool, msg: &str) {
     if !json {
         eprintln!("demo: {msg}");
     }
@@ -123,6 +127,9 @@ fn say(json: bool, msg: &str) {
 ///
 /// Errors: any step failing, or the restore differing from the source.
 pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    if !args.single_region {
+        return crate::demo_regions::run(args, json).await;
+    }
     let wd = workdir(&args.workdir, "demo")?;
     let res = tokio::select! {
         r = demo_body(&args, &wd, json) => r,
@@ -159,7 +166,10 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     }
 }
 
-async fn demo_body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<DemoSummary> {
+/// Prepares the demo's working copy `wd/work/data`: a copy of `--source` or a generated tree.
+///
+/// Errors: I/O, or `--source` not a directory.
+pub(crate) fn prepare_work(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<PathBuf> {
     let work = wd.join("work/data");
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
@@ -200,6 +210,14 @@ async fn demo_body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<Dem
             tree::generate(&work, args.files, args.large_mb * 1_000_000, 42)?;
         }
     }
+    Ok(work)
+}
+
+async fn demo_body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<DemoSummary> {
+    if !args.single_region {
+        bail!("internal: the two-region demo runs in demo_regions");
+    }
+    let work = prepare_work(args, wd, json)?;
     let mut cluster = Cluster::start(&wd.join("cluster"), &ClusterOpts::default())?;
     let leader = cluster.wait_leader(Duration::from_secs(30), None).await?;
     say(

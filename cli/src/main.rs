@@ -107,10 +107,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
-    /// Run a local 3-coordinator cluster and one agent on loopback, replicate a directory, kill
-    /// the Raft leader mid-stream, restore, and prove every byte came back. Exits non-zero if
-    /// anything differs.
+    /// Run two local regions (3 coordinators each) and a witness on loopback: region a's agent
+    /// replicates a directory, region b's agent keeps a warm replica; every process of region a
+    /// is SIGKILLed; prints the measured RTO (kill -> b active, its traffic hook ran, replica
+    /// complete) and RPO (acknowledged changes missing in b; must be 0), then restarts a as a
+    /// standby. Exits non-zero if anything acknowledged is missing. `--single-region`: the
+    /// in-region leader-kill demo.
     Demo(demo::DemoArgs),
+    /// Failover benchmark: kill the active region N times (default 20) with default lease and
+    /// detection settings; prints RTO median and worst.
+    #[command(name = "bench-failover")]
+    BenchFailover(lifeboat_cli::demo_regions::FailoverBenchArgs),
     /// Benchmark: initial sync, ~1% change, restore and agent RSS on a real tree with a 200 MB file.
     Bench(demo::BenchArgs),
     /// Planned switchover to another region: fences the active region (its lease is no longer
@@ -522,6 +529,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo(args) => demo::run_demo(args, output == Output::Json).await?,
         Cmd::Bench(args) => demo::run_bench(args, output == Output::Json).await?,
+        Cmd::BenchFailover(args) => {
+            lifeboat_cli::demo_regions::bench(args, output == Output::Json).await?
+        }
     }
     Ok(())
 }

@@ -40,7 +40,9 @@ pub enum FailoverMode {
 pub struct Policy {
     /// How long the active region must look unhealthy before it is suspect (ms, default 1000).
     pub detection_timeout_ms: u64,
-    /// Lease length granted to the active region (ms, default 2000).
+    /// Lease length granted to the active region (ms, default 1500). The active region renews
+    /// every quarter lease; a lost region is replaced about `lease + max_clock_drift` after its
+    /// last renewal.
     pub lease_ms: u64,
     /// Largest clock difference assumed between any two nodes (ms, default 250).
     pub max_clock_drift_ms: u64,
@@ -59,7 +61,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             detection_timeout_ms: 1000,
-            lease_ms: 2000,
+            lease_ms: 1500,
             max_clock_drift_ms: 250,
             rpo_budget_ms: 0,
             mode: FailoverMode::ConsistencyFirst,
@@ -427,14 +429,14 @@ mod tests {
         let p = Policy::default();
         let mut r = ControlRecord::new("a", 0, &p);
         step(&mut r, &views((true, 0), (true, 0), 0), 500, &p);
-        assert_eq!(r.lease_expiry_ms, 2500);
+        assert_eq!(r.lease_expiry_ms, 2000);
         // A lost at t=500: suspect after the detection timeout.
         assert!(step(&mut r, &views((false, 0), (true, 0), 0), 1000, &p).is_empty());
         let a = step(&mut r, &views((false, 0), (true, 0), 0), 1500, &p);
         assert_eq!(a, vec![Action::Suspect { region: "a".into() }]);
-        // Lease expiry 2500 + drift 250: nothing before 2750.
-        assert!(step(&mut r, &views((false, 0), (true, 0), 0), 2749, &p).is_empty());
-        let a = step(&mut r, &views((false, 0), (true, 0), 0), 2750, &p);
+        // Lease expiry 2000 + drift 250: nothing before 2250.
+        assert!(step(&mut r, &views((false, 0), (true, 0), 0), 2249, &p).is_empty());
+        let a = step(&mut r, &views((false, 0), (true, 0), 0), 2250, &p);
         assert!(
             matches!(&a[0], Action::StartFailover { to, epoch: 2, .. } if to == "b"),
             "{a:?}"

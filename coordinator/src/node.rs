@@ -47,6 +47,39 @@ pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn 
     })
 }
 
+/// openraft settings of one group from `[raft]`.
+fn raft_config(cfg: &CoordinatorConfig, cluster_name: String) -> anyhow::Result<Config> {
+    Config {
+        cluster_name,
+        heartbeat_interval: cfg.raft.heartbeat_ms,
+        election_timeout_min: cfg.raft.election_timeout_min_ms,
+        election_timeout_max: cfg.raft.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: cfg.raft.max_logs_kept_after_snapshot,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft config")
+}
+
+/// Initializes a new group with its founding voters (id, address). Every founding member calls
+/// this with the same membership; openraft accepts that, and an initialized group skips it.
+async fn initialize(
+    raft: &RegionRaft,
+    members: impl Iterator<Item = (u64, String)>,
+) -> anyhow::Result<()> {
+    if raft.is_initialized().await? {
+        return Ok(());
+    }
+    let members: BTreeMap<u64, BasicNode> =
+        members.map(|(id, addr)| (id, BasicNode { addr })).collect();
+    if let Err(e) = raft.initialize(members).await {
+        tracing::info!(error = %e, "initialize skipped");
+    }
+    Ok(())
+}
+
 /// Runs a coordinator until `shutdown` resolves.
 ///
 /// Errors: start-up failures (config, storage, bind), each with context.
@@ -67,44 +100,18 @@ pub async fn run(
     let sm = StateMachineStore::open(db.clone())?;
     let catalog = sm.catalog();
 
-    let raft_config = Config {
-        cluster_name: format!("lifeboat-{}", cfg.region),
-        heartbeat_interval: cfg.raft.heartbeat_ms,
-        election_timeout_min: cfg.raft.election_timeout_min_ms,
-        election_timeout_max: cfg.raft.election_timeout_max_ms,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs_since_last),
-        max_in_snapshot_log_to_keep: cfg.raft.max_logs_kept_after_snapshot,
-        install_snapshot_timeout: 10_000,
-        ..Default::default()
-    }
-    .validate()
-    .context("raft config")?;
+    let region_config = raft_config(&cfg, format!("lifeboat-{}", cfg.region))?;
     let network = Network {
         tls: cfg.tls.clone(),
         group: "region".into(),
     };
     let raft: RegionRaft =
-        openraft::Raft::new(cfg.node_id, Arc::new(raft_config), network, log, sm)
+        openraft::Raft::new(cfg.node_id, Arc::new(region_config), network, log, sm)
             .await
             .context("start raft")?;
 
-    if !cfg.members.is_empty() && !raft.is_initialized().await? {
-        let members: BTreeMap<u64, BasicNode> = cfg
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    BasicNode {
-                        addr: m.addr.clone(),
-                    },
-                )
-            })
-            .collect();
-        // Every initial member calls initialize with the same membership; openraft accepts this.
-        if let Err(e) = raft.initialize(members).await {
-            tracing::info!(error = %e, "initialize skipped");
-        }
+    if !cfg.members.is_empty() {
+        initialize(&raft, cfg.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
     }
 
     let store = open_blob_store(&cfg).await?;
@@ -163,17 +170,7 @@ pub async fn run(
     if let Some(g) = &cfg.global {
         let glog = LogStore::open(db.clone(), "global")?;
         let gsm = ControlStore::open(db.clone())?;
-        let gconfig = Config {
-            cluster_name: "lifeboat-global".into(),
-            heartbeat_interval: cfg.raft.heartbeat_ms,
-            election_timeout_min: cfg.raft.election_timeout_min_ms,
-            election_timeout_max: cfg.raft.election_timeout_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: cfg.raft.max_logs_kept_after_snapshot,
-            ..Default::default()
-        }
-        .validate()
-        .context("global raft config")?;
+        let gconfig = raft_config(&cfg, "lifeboat-global".into())?;
         let gnet = Network {
             tls: cfg.tls.clone(),
             group: "global".into(),
@@ -182,23 +179,7 @@ pub async fn run(
             openraft::Raft::new(cfg.node_id, Arc::new(gconfig), gnet, glog, gsm.clone())
                 .await
                 .context("start global raft")?;
-        if !graft.is_initialized().await? {
-            let members: BTreeMap<u64, BasicNode> = g
-                .members
-                .iter()
-                .map(|m| {
-                    (
-                        m.id,
-                        BasicNode {
-                            addr: m.addr.clone(),
-                        },
-                    )
-                })
-                .collect();
-            if let Err(e) = graft.initialize(members).await {
-                tracing::info!(error = %e, "global initialize skipped");
-            }
-        }
+        initialize(&graft, g.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
         if let Err(e) = g.topology().check() {
             if g.policy.automatic {
                 tracing::error!(reason = %e, "automatic failover is refused for this topology; manual `lifeboat switchover` still works");

@@ -716,8 +716,14 @@ impl ControlRuntime {
         let now = now_ms();
         let interval = (state.policy.lease_ms / 4).max(50);
         {
+            // Renew every quarter lease, and at once while no valid lease is held (right after a
+            // promotion completes, or a lost renewal).
             let mut l = self.local.lock();
-            if now.saturating_sub(l.last_renew_ms) < interval {
+            let held = view.lease.valid(now, epoch);
+            if held && now.saturating_sub(l.last_renew_ms) < interval {
+                return;
+            }
+            if !held && now.saturating_sub(l.last_renew_ms) < TICK.as_millis() as u64 {
                 return;
             }
             l.last_renew_ms = now;
