@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod conn;
+pub mod db_restore;
 pub mod demo;
 pub mod harness;
 pub mod restore;
