@@ -161,8 +161,11 @@ pub async fn fetch(
 ) -> anyhow::Result<Fetched> {
     let (src, ts) = parse_id(id)?;
     let prefix = format!("_snapshots/{src}/{ts}.");
-    let (rows, addr) = list(conn, &prefix, None, false, false).await?;
-    let live = |v: &&FileVersion| v.v.kind == EntryKind::File && !v.v.deleted;
+    // Catalog listings match whole path components: list the source's directory.
+    let (rows, addr) = list(conn, &format!("_snapshots/{src}"), None, false, false).await?;
+    let live = |v: &&FileVersion| {
+        v.v.kind == EntryKind::File && !v.v.deleted && v.v.path.starts_with(&prefix)
+    };
     let meta_v = rows
         .iter()
         .filter(live)
