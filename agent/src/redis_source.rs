@@ -986,6 +986,77 @@ mod tests {
         assert_eq!(resp(&[b"SYNC"]), b"*1\r\n$4\r\nSYNC\r\n");
     }
 
+    const BASE: &str =
+        "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\n[tls]\ninsecure = true\n";
+
+    fn with(body: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}\n[[redis_sources]]\n{body}\n"))
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let c = with("name = \"cache\"\naddr = \"127.0.0.1:6379\"\nschedule = \"*/5 * * * *\"\nprimary_by_region = { eu = \"10.0.0.1:6379\" }").unwrap();
+        let s = &c.redis_sources[0];
+        assert_eq!(s.retention.keep_last, defaults::KEEP_LAST);
+        assert_eq!(s.timeout_secs, defaults::TIMEOUT_SECS);
+        assert!(!s.enforce_min_replicas && !s.tls);
+        assert_eq!(s.primary_by_region["eu"], "10.0.0.1:6379");
+        assert!(next_delay(s, true) <= Duration::from_secs(300));
+        let ok = with("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5").unwrap();
+        assert_eq!(next_delay(&ok.redis_sources[0], true), Duration::ZERO);
+        assert_eq!(
+            next_delay(&ok.redis_sources[0], false),
+            Duration::from_secs(5)
+        );
+        for (body, why) in [
+            ("name = \"a/b\"\naddr = \"h:1\"\ninterval_s = 5", "path component"),
+            ("name = \"..\"\naddr = \"h:1\"\ninterval_s = 5", "name"),
+            ("name = \"c\"\naddr = \"h\"\ninterval_s = 5", "addr"),
+            ("name = \"c\"\naddr = \"h:1\"", "exactly one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nschedule = \"* * * * *\"", "exactly one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 0", "at least 1"),
+            ("name = \"c\"\naddr = \"h:1\"\nschedule = \"not cron\"", "schedule"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls = true", "tls not supported yet"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\npassword_env = \"P\"\npassword_file = \"/p\"", "at most one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nretention = { keep_last = 0 }", "keep_last"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nprimary_by_region = { eu = \"x\" }", "primary_by_region.eu"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\n[[redis_sources]]\nname = \"c\"\naddr = \"h:2\"\ninterval_s = 5", "twice"),
+        ] {
+            let e = with(body).unwrap_err();
+            assert!(matches!(e, ConfigError::BadRedisSource { .. }), "{body}: {e}");
+            assert!(e.to_string().contains(why), "{body}: {e}");
+        }
+        // Names are unique across exec and redis sources.
+        let e = Config::from_toml(&format!(
+            "{BASE}\n[[exec_sources]]\nname = \"c\"\nsnapshot_command = [\"true\"]\n[[redis_sources]]\nname = \"c\"\naddr = \"h:1\"\ninterval_s = 5\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn example_config_redis_block_is_valid() {
+        let text = include_str!("../../deploy/examples/agent.toml");
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == "# [[redis_sources]]" {
+                inside = true;
+            }
+            if inside && line.starts_with("# ") {
+                out += &line[2..];
+            } else {
+                inside = false;
+                out += line;
+            }
+            out.push('\n');
+        }
+        let c = Config::from_toml(&out).expect("example with [[redis_sources]] uncommented");
+        assert_eq!(c.redis_sources.len(), 1);
+        assert_eq!(c.redis_sources[0].schedule.as_deref(), Some("*/5 * * * *"));
+        assert_eq!(c.redis_sources[0].primary_by_region.len(), 2);
+    }
+
     #[test]
     fn secret_debug_is_redacted() {
         assert_eq!(format!("{:?}", Secret("hunter2".into())), "<redacted>");

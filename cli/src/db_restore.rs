@@ -385,10 +385,10 @@ pub async fn redis_conn(
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Duration::from_secs(5))
         .set_response_timeout(Duration::from_secs(60));
-    Ok(redis::Client::open(info)?
+    redis::Client::open(info)?
         .get_multiplexed_async_connection_with_config(&cfg)
         .await
-        .with_context(|| format!("connect to redis {addr}"))?)
+        .with_context(|| format!("connect to redis {addr}"))
 }
 
 /// Copies every key of every database of `from` to `to_addr` (DUMP + PTTL, RESTORE … REPLACE),

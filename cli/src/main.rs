@@ -66,7 +66,7 @@ enum Cmd {
     Restore {
         /// Restore a database snapshot instead of paths.
         #[command(subcommand)]
-        db: Option<RestoreDb>,
+        db: Option<Box<RestoreDb>>,
         /// Path prefix to restore (default: everything).
         #[arg(long, default_value = "")]
         path: String,
@@ -336,10 +336,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_versions(&rows, output)?;
         }
-        Cmd::Restore {
-            db: Some(RestoreDb::Redis(args)),
-            ..
-        } => {
+        Cmd::Restore { db: Some(db), .. } => {
+            let RestoreDb::Redis(args) = *db;
             let r = db_restore::restore_redis(&args).await?;
             db_restore::print_restore(&r, output == Output::Json)?;
         }
