@@ -23,6 +23,10 @@ struct Redis {
 
 impl Redis {
     fn start(dir: &Path) -> anyhow::Result<Redis> {
+        Redis::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Redis> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
         let child = Command::new("redis-server")
@@ -39,6 +43,7 @@ impl Redis {
             ])
             .arg("--logfile")
             .arg(dir.join("redis.log"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -358,6 +363,98 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         assert_eq!(v["ok"], false);
         assert!(v["error"].as_str().unwrap_or_default().contains("corrupted"), "{v}");
+        Ok(())
+    })
+    .await
+}
+
+/// Measurement, run on demand: `cargo test --release -p lifeboat-chaos-tests --test t13_redis
+/// bench -- --ignored --nocapture`. Fills a Redis with `DEBUG POPULATE 5000000 key 100` (about
+/// 500 MB of RDB; `LIFEBOAT_BENCH_KEYS` overrides the count), times `redis-cli --rdb` on it, then
+/// times the agent's snapshot path from the start of the snapshot (sidecar `start_ms`) to both
+/// catalog entries being acknowledged. `LIFEBOAT_BENCH_RDB_COMPRESSION=no` turns off RDB compression.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_snapshot_vs_redis_cli() -> anyhow::Result<()> {
+    run("t13-bench", |dir| async move {
+        let keys: u64 = std::env::var("LIFEBOAT_BENCH_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000_000);
+        let r = Redis::start_with(
+            &dir.join("redis"),
+            &[
+                "--enable-debug-command",
+                "yes",
+                "--rdbcompression",
+                if std::env::var("LIFEBOAT_BENCH_RDB_COMPRESSION").is_ok_and(|v| v == "no") {
+                    "no"
+                } else {
+                    "yes"
+                },
+            ],
+        )?;
+        let mut c = r.con().await?;
+        let _: () = redis::cmd("DEBUG").arg("POPULATE").arg(keys).arg("key").arg(100).query_async(&mut c).await?;
+        let mem: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        let used = mem.lines().find(|l| l.starts_with("used_memory_human:")).unwrap_or("").trim();
+        eprintln!("dataset: {keys} keys, {used}");
+        let t = Instant::now();
+        let out = Command::new("redis-cli")
+            .args(["-p", &r.port.to_string(), "--rdb"])
+            .arg(dir.join("cli.rdb"))
+            .output()?;
+        let cli_s = t.elapsed().as_secs_f64();
+        anyhow::ensure!(out.status.success(), "redis-cli: {}", String::from_utf8_lossy(&out.stderr));
+        let cli_bytes = std::fs::metadata(dir.join("cli.rdb"))?.len();
+        std::fs::remove_file(dir.join("cli.rdb"))?;
+        eprintln!("redis-cli --rdb: {cli_bytes} bytes in {cli_s:.2} s");
+
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src)?;
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[redis_sources]]\nname = \"big\"\naddr = \"{}\"\ninterval_s = 86400\n",
+            r.addr()
+        );
+        let (cfg, _data) = cluster.write_agent_config("a1", &[("data", &src)], &extra)?;
+        cluster.start_agent(&cfg)?;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        let (id, acked_ms) = loop {
+            let out = lifeboat(&cluster, &["ls", "_snapshots", "--output", "json"]);
+            let rows: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let paths: Vec<&str> = rows.iter().filter_map(|r| r["path"].as_str()).collect();
+            let meta = paths.iter().find_map(|p| {
+                p.strip_prefix("_snapshots/")?.strip_suffix(".rdb.meta.json")
+            });
+            if let Some(id) = meta {
+                if paths.contains(&format!("_snapshots/{id}.rdb").as_str()) {
+                    let ms = rows
+                        .iter()
+                        .filter_map(|r| r["commit_time_ms"].as_i64())
+                        .max()
+                        .unwrap_or(0);
+                    break (id.to_string(), ms);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no snapshot within 30 min");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let side = dir.join("side");
+        restore_latest(&cluster, &format!("_snapshots/{id}.rdb.meta.json"), &side).await?;
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            side.join(format!("_snapshots/{id}.rdb.meta.json")),
+        )?)?;
+        let start = meta["start_ms"].as_i64().unwrap();
+        let end = meta["end_ms"].as_i64().unwrap();
+        eprintln!(
+            "lifeboat: {} bytes; RDB fetched to the spool in {:.2} s; acknowledged by the coordinators {:.2} s after the snapshot started",
+            meta["bytes"],
+            (end - start) as f64 / 1000.0,
+            (acked_ms - start) as f64 / 1000.0
+        );
         Ok(())
     })
     .await
