@@ -670,7 +670,7 @@ async fn fetch_rdb(
         msg: "connect timed out".into(),
     })?
     .map_err(net)?;
-    let mut r = BufReader::with_capacity(256 * 1024, sock);
+    let mut r = BufReader::with_capacity(64 * 1024, sock);
     if let Some(pw) = password(src)? {
         let cmd = match &src.username {
             Some(u) => resp(&[b"AUTH", u.as_bytes(), pw.0.as_bytes()]),
@@ -720,7 +720,7 @@ async fn fetch_rdb(
         bytes: 0,
         head: Vec::with_capacity(5),
     };
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 1024 * 1024];
     if let Some(mark) = spec.strip_prefix("EOF:") {
         let mark = mark.as_bytes();
         if mark.len() != 40 {
@@ -730,22 +730,27 @@ async fn fetch_rdb(
             )));
         }
         // Everything but the last 40 bytes seen is RDB; the stream ends with the mark.
-        let mut tail: Vec<u8> = Vec::with_capacity(40 + buf.len());
+        let mut tail: Vec<u8> = Vec::with_capacity(80);
         loop {
             let n = r.read(&mut buf).await.map_err(net)?;
             if n == 0 {
                 return Err(proto("stream ended before the EOF mark".into()));
             }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() >= 40 && tail.ends_with(mark) {
-                let body = tail.len() - 40;
-                sink.write(&tail[..body], spool).await?;
-                break;
+            if n >= 40 {
+                sink.write(&tail, spool).await?;
+                sink.write(&buf[..n - 40], spool).await?;
+                tail.clear();
+                tail.extend_from_slice(&buf[n - 40..n]);
+            } else {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 40 {
+                    let body = tail.len() - 40;
+                    sink.write(&tail[..body], spool).await?;
+                    tail.drain(..body);
+                }
             }
-            if tail.len() > 40 {
-                let body = tail.len() - 40;
-                sink.write(&tail[..body], spool).await?;
-                tail.drain(..body);
+            if tail == mark {
+                break;
             }
         }
     } else {
@@ -788,6 +793,9 @@ struct RdbSink {
 
 impl RdbSink {
     async fn write(&mut self, data: &[u8], spool: &Path) -> Result<(), RedisSourceError> {
+        if data.is_empty() {
+            return Ok(());
+        }
         if self.head.len() < 5 {
             let take = (5 - self.head.len()).min(data.len());
             self.head.extend_from_slice(&data[..take]);

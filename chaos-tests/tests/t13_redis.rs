@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lifeboat_agent::redis_source::{apply_role, health, RedisSourceConfig};
+use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
 use lifeboat_chaos_tests::*;
 use lifeboat_cli::harness::free_port;
 use lifeboat_common::blob::{self, BlobHash};
@@ -192,6 +192,61 @@ async fn apply_role_follows_and_promotes() -> anyhow::Result<()> {
         drop(b);
         let h = health(&sb).await;
         assert!(!h.healthy, "a dead Redis is unhealthy: {h:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// Both transfer forms (`$<len>` from a disk-based sync, `$EOF:<mark>` from a diskless one) give
+/// the same keys and a sidecar matching the file; a server that is down records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
+    run("t13-forms", |dir| async move {
+        for (name, diskless) in [("disk", "no"), ("diskless", "yes")] {
+            let r = Redis::start_with(&dir.join(name), &["--repl-diskless-sync", diskless])?;
+            let mut c = r.con().await?;
+            for i in 0..500 {
+                set(&mut c, &format!("k{i}"), &"v".repeat(i)).await?;
+            }
+            let data = dir.join(format!("agent-{name}"));
+            let src = source(name, &r.addr(), &[]);
+            let meta = take_snapshot(&src, &data, 7).await?;
+            let file = data.join("snapshots").join(format!("{}.rdb", meta.id));
+            let bytes = std::fs::read(&file)?;
+            assert_eq!(&bytes[..5], b"REDIS", "{name}");
+            assert_eq!(
+                blake3::hash(&bytes).to_hex().as_str(),
+                meta.blake3,
+                "{name}"
+            );
+            assert_eq!(bytes.len() as u64, meta.bytes, "{name}");
+            assert_eq!(
+                (meta.keys, meta.epoch, meta.kind.as_str()),
+                (500, 7, "redis"),
+                "{name}"
+            );
+            let side: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(file.with_extension("rdb.meta.json"))?)?;
+            assert_eq!(
+                side["blake3"].as_str(),
+                Some(meta.blake3.as_str()),
+                "{name}"
+            );
+            // The dump loads: a redis-server started on it has the same keys.
+            let check = dir.join(format!("check-{name}"));
+            std::fs::create_dir_all(&check)?;
+            std::fs::copy(&file, check.join("dump.rdb"))?;
+            let loaded = Redis::start(&check)?;
+            let n: u64 = redis::cmd("DBSIZE")
+                .query_async(&mut loaded.con().await?)
+                .await?;
+            assert_eq!(n, 500, "{name}");
+        }
+        let dead = source("dead", &format!("127.0.0.1:{}", free_port()), &[]);
+        assert!(take_snapshot(&dead, &dir.join("agent-dead"), 0)
+            .await
+            .is_err());
+        assert!(!dir.join("agent-dead/snapshots/dead").exists());
         Ok(())
     })
     .await
