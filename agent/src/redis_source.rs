@@ -715,7 +715,8 @@ async fn fetch_rdb(
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot chmod {}: {e}", spool.display())))?;
     let mut sink = RdbSink {
-        file,
+        // Few large writes: every write of a tokio file is a round trip to the blocking pool.
+        file: tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file),
         hasher: blake3::Hasher::new(),
         bytes: 0,
         head: Vec::with_capacity(5),
@@ -778,6 +779,11 @@ async fn fetch_rdb(
         )));
     }
     sink.file
+        .flush()
+        .await
+        .map_err(|e| RedisSourceError::Io(format!("cannot write {}: {e}", spool.display())))?;
+    sink.file
+        .get_ref()
         .sync_all()
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot fsync {}: {e}", spool.display())))?;
@@ -785,7 +791,7 @@ async fn fetch_rdb(
 }
 
 struct RdbSink {
-    file: tokio::fs::File,
+    file: tokio::io::BufWriter<tokio::fs::File>,
     hasher: blake3::Hasher,
     bytes: u64,
     head: Vec<u8>,
