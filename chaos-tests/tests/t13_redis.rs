@@ -198,7 +198,8 @@ async fn apply_role_follows_and_promotes() -> anyhow::Result<()> {
 }
 
 /// Both transfer forms (`$<len>` from a disk-based sync, `$EOF:<mark>` from a diskless one) give
-/// the same keys and a sidecar matching the file; a server that is down records nothing.
+/// the same keys and a sidecar matching the file; AUTH with a password file works, a wrong
+/// password or a server that is down records nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
     run("t13-forms", |dir| async move {
@@ -242,6 +243,26 @@ async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
                 .await?;
             assert_eq!(n, 500, "{name}");
         }
+        // AUTH: a password from password_file; a wrong one is refused and records nothing.
+        let r = Redis::start_with(&dir.join("auth"), &["--requirepass", "s3cret"])?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(r.addr()).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "redis with a password not up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::fs::write(dir.join("pw"), "s3cret\n")?;
+        std::fs::write(dir.join("bad-pw"), "wrong\n")?;
+        let mut src = source("auth", &r.addr(), &[]);
+        src.password_file = Some(dir.join("bad-pw"));
+        let e = take_snapshot(&src, &dir.join("agent-auth"), 0)
+            .await
+            .unwrap_err();
+        assert!(!e.to_string().contains("wrong"), "no secret in errors: {e}");
+        assert!(!format!("{src:?}").contains("s3cret"));
+        src.password_file = Some(dir.join("pw"));
+        let meta = take_snapshot(&src, &dir.join("agent-auth"), 0).await?;
+        assert_eq!(meta.keys, 0);
+        assert!(health(&src).await.healthy);
         let dead = source("dead", &format!("127.0.0.1:{}", free_port()), &[]);
         assert!(take_snapshot(&dead, &dir.join("agent-dead"), 0)
             .await

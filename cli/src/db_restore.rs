@@ -524,6 +524,11 @@ fn place_file(from: &Path, dest: &Path) -> anyhow::Result<()> {
 
 /// `lifeboat verify snapshot`: downloads snapshot `args.id`, checks it, and (per sidecar `kind`)
 /// restores it into a scratch server. Never fails: problems are in the report (`ok = false`).
+///
+/// Redis checks: `blake3` (catalog and sidecar), `header` (`REDIS`), `load` (a scratch
+/// `redis-server` loads it), `keys` (keys loaded, all databases, equal the sidecar's `keys`, which
+/// the agent read from `INFO keyspace` just before requesting the RDB: a Redis taking writes at
+/// that moment can make this check fail although the RDB itself is sound; the detail shows both).
 pub async fn verify(args: &VerifyArgs) -> VerifyReport {
     let started = Instant::now();
     let mut r = VerifyReport {
