@@ -27,14 +27,15 @@ use lifeboat_common::catalog::{EntryKind, FileVersion};
 use crate::conn::ConnArgs;
 use crate::restore::list;
 
-/// `lifeboat restore redis` arguments.
+/// `lifeboat restore redis` arguments (exactly one of `--file` and `--to`).
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["file", "to"])))]
 pub struct RedisRestoreArgs {
     /// Snapshot id `<source>/<UTC ts>` (see `lifeboat ls _snapshots`).
     #[arg(long)]
     pub snapshot: String,
     /// Write the verified RDB to this file (temp + fsync + rename).
-    #[arg(long, conflicts_with = "to", required_unless_present = "to")]
+    #[arg(long)]
     pub file: Option<PathBuf>,
     /// Load it into the running Redis at HOST:PORT: every key copied with DUMP + RESTORE …
     /// REPLACE (keys not in the snapshot are left alone).
