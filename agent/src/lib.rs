@@ -10,6 +10,7 @@
 //! - [`delta`]: reading files part by part, hashing, reuse/delta/full choice.
 //! - [`batch`]: the work queue and the batch planner.
 //! - [`push`]: the gRPC client, the lazy part stream, leader following.
+//! - [`redis_source`]: `[[redis_sources]]`: RDB snapshots, `apply_role`, `health`.
 //! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
@@ -22,9 +23,11 @@
 pub mod agent;
 pub mod batch;
 pub mod config;
+pub mod db;
 pub mod delta;
 pub mod exec;
 pub mod push;
+pub mod redis_source;
 pub mod replica;
 pub mod scan;
 pub mod state;

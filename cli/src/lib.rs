@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod control;
+pub mod db_restore;
 pub mod demo;
 pub mod demo_regions;
 pub mod harness;

@@ -1,6 +1,6 @@
 //! `lifeboat`: the operator CLI (status, ls, versions, restore, certs) plus `demo` and `bench`.
 
-use lifeboat_cli::{conn, control, demo, restore};
+use lifeboat_cli::{conn, control, db_restore, demo, restore};
 
 use std::path::PathBuf;
 
@@ -61,7 +61,12 @@ enum Cmd {
     },
     /// Restore paths under a prefix, as of a time, into a directory (bytes, modes, mtimes;
     /// every blob and file verified by blake3; nothing written outside DIR or through a symlink).
+    /// `restore redis ...` restores a database snapshot instead.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Restore {
+        /// Restore a database snapshot instead of paths.
+        #[command(subcommand)]
+        db: Option<Box<RestoreDb>>,
         /// Path prefix to restore (default: everything).
         #[arg(long, default_value = "")]
         path: String,
@@ -69,8 +74,8 @@ enum Cmd {
         #[arg(long, default_value = "latest")]
         at: String,
         /// Target directory (created if missing).
-        #[arg(long)]
-        to: PathBuf,
+        #[arg(long, required = true)]
+        to: Option<PathBuf>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -96,6 +101,11 @@ enum Cmd {
         command: Vec<String>,
         #[command(flatten)]
         conn: ConnArgs,
+    },
+    /// Verify a stored snapshot by restoring it into a scratch server.
+    Verify {
+        #[command(subcommand)]
+        cmd: VerifyCmd,
     },
     /// Change the regional Raft membership (run against any coordinator; the leader applies it).
     Member {
@@ -163,6 +173,20 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RestoreDb {
+    /// Restore a Redis snapshot (`[[redis_sources]]`): the RDB, verified by blake3 against the
+    /// catalog and its sidecar, written to --file or loaded into the Redis at --to.
+    Redis(db_restore::RedisRestoreArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum VerifyCmd {
+    /// Download snapshot ID (`<source>/<UTC ts>`), verify it and load it into a scratch server;
+    /// prints a report (ok/failed, keys, bytes, duration) and exits non-zero when it failed.
+    Snapshot(db_restore::VerifyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -408,7 +432,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_versions(&rows, output)?;
         }
-        Cmd::Restore { path, at, to, conn } => {
+        Cmd::Restore { db: Some(db), .. } => {
+            let RestoreDb::Redis(args) = *db;
+            let r = db_restore::restore_redis(&args).await?;
+            db_restore::print_restore(&r, output == Output::Json)?;
+        }
+        Cmd::Verify {
+            cmd: VerifyCmd::Snapshot(args),
+        } => {
+            let r = db_restore::verify(&args).await;
+            db_restore::print_verify(&r, output == Output::Json)?;
+            if !r.ok {
+                bail!(
+                    "snapshot {} failed verification: {}",
+                    r.snapshot,
+                    r.error.as_deref().unwrap_or("a check failed")
+                );
+            }
+        }
+        Cmd::Restore {
+            db: None,
+            path,
+            at,
+            to,
+            conn,
+        } => {
+            let to = to.ok_or_else(|| anyhow!("--to DIR is required"))?;
             let at_ms = parse_at(&at)?;
             let (rows, addr) = restore::list(&conn, &path, at_ms, false, false).await?;
             if rows.is_empty() {

@@ -1,0 +1,1078 @@
+//! Redis sources (`[[redis_sources]]`): point-in-time RDB snapshots taken over the replication
+//! protocol, plus the role reconciler ([`apply_role`]) and health probe ([`health`]) the failover
+//! side calls.
+//!
+//! **Snapshots.** Like `redis-cli --rdb`: connect, `AUTH` if a password is configured,
+//! `REPLCONF rdb-only 1` (Redis ≥ 7; ignored when refused), `SYNC`, then read the RDB payload in
+//! either form the primary sends (`$<len>\r\n<len bytes>` or the diskless
+//! `$EOF:<40-byte mark>\r\n<bytes><mark>`), streamed into `data_dir/spool/<name>.rdb.tmp`
+//! (never whole in memory) while hashing it with blake3. The payload must start with `REDIS`.
+//! The finished file is moved to `data_dir/snapshots/<name>/<UTC ts>.rdb` and a JSON sidecar
+//! ([`SnapshotMeta`]) is written next to it as `<UTC ts>.rdb.meta.json`; both travel through the
+//! regular file pipeline under the reserved root `_snapshots/` and are removed locally once the
+//! coordinators acknowledge them (as exec snapshots are, see `crate::exec`).
+//!
+//! **Snapshot id**: `<name>/<UTC ts>` (e.g. `cache/20261124T012233Z`): the catalog holds it as
+//! `_snapshots/<id>.rdb` and `_snapshots/<id>.rdb.meta.json`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::config::{Config, ConfigError};
+use crate::db::DbHealth;
+use crate::exec::{snapshots_dir, spool_dir};
+
+/// Defaults of [`RedisSourceConfig`].
+pub mod defaults {
+    /// Local snapshots kept by `retention.keep_last`.
+    pub const KEEP_LAST: usize = 3;
+    /// Seconds a snapshot may take before it is abandoned.
+    pub const TIMEOUT_SECS: u64 = 600;
+    /// `min-replicas-max-lag` applied with `enforce_min_replicas`, seconds.
+    pub const MIN_REPLICAS_MAX_LAG_S: u64 = 10;
+    pub(super) fn keep_last() -> usize {
+        KEEP_LAST
+    }
+    pub(super) fn timeout_secs() -> u64 {
+        TIMEOUT_SECS
+    }
+    pub(super) fn min_replicas_max_lag_s() -> u64 {
+        MIN_REPLICAS_MAX_LAG_S
+    }
+}
+
+/// One Redis source (`[[redis_sources]]`).
+///
+/// ```toml
+/// [[redis_sources]]
+/// name = "cache"                  # one path component, unique among all sources
+/// addr = "127.0.0.1:6379"         # host:port of the Redis this agent snapshots and manages
+/// password_env = "REDIS_PASSWORD" # or password_file = "/etc/lifeboat/redis.pass" (optional)
+/// username = "lifeboat"           # ACL user (optional; default user when absent)
+/// schedule = "*/5 * * * *"        # cron (croner syntax), or interval_s = 300; exactly one
+/// retention = { keep_last = 3 }
+/// primary_by_region = { eu = "10.0.1.5:6379", us = "10.1.1.5:6379" }
+/// ```
+///
+/// **Fencing**: operators should set `min-replicas-to-write 1` and `min-replicas-max-lag 10` on
+/// every Redis of the group, so that an old primary cut off from its replicas refuses writes
+/// (`NOREPLICAS`) instead of diverging. With `enforce_min_replicas = true`, [`apply_role`] sets
+/// both (`CONFIG SET`) on every call. A lone primary then refuses writes until a replica follows.
+///
+/// The `Debug` output holds no secret: only the name of the variable or file with the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSourceConfig {
+    /// Source name: one path component, unique across `[[exec_sources]]` and `[[redis_sources]]`.
+    pub name: String,
+    /// `host:port` of the Redis server.
+    pub addr: String,
+    /// ACL user name for `AUTH`. Default none (the default user).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Environment variable holding the password. At most one of `password_env`/`password_file`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// TLS towards Redis. Not supported yet: `true` is refused by validation.
+    #[serde(default)]
+    pub tls: bool,
+    /// Cron expression (croner syntax, 5 or 6 fields, UTC) of snapshot times. Exactly one of
+    /// `schedule` and `interval_s`.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Seconds between snapshots (one is also taken at start). Exactly one of `schedule` and
+    /// `interval_s`.
+    #[serde(default)]
+    pub interval_s: Option<u64>,
+    /// Local retention of snapshots not yet acknowledged.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Seconds a snapshot may take (connection to last byte). Default 600.
+    #[serde(default = "defaults::timeout_secs")]
+    pub timeout_secs: u64,
+    /// Region → `host:port` of the Redis primary that runs in that region. [`apply_role`] points
+    /// a standby at `primary_by_region[active_region]`.
+    #[serde(default)]
+    pub primary_by_region: BTreeMap<String, String>,
+    /// When true, [`apply_role`] also sets `min-replicas-to-write 1` and `min-replicas-max-lag`
+    /// (see the fencing note above). Default false.
+    #[serde(default)]
+    pub enforce_min_replicas: bool,
+    /// `min-replicas-max-lag` (seconds) used with `enforce_min_replicas`. Default 10.
+    #[serde(default = "defaults::min_replicas_max_lag_s")]
+    pub min_replicas_max_lag_s: u64,
+}
+
+/// Local retention (`retention = { keep_last = N }`).
+///
+/// Acknowledged snapshots are removed locally at once; `keep_last` bounds the snapshots waiting
+/// in `data_dir/snapshots/<name>/` (e.g. while the coordinators are unreachable): after each new
+/// snapshot, older local ones beyond the newest `keep_last` are deleted. Pruning snapshots from
+/// the catalog is out of scope (they stay until removed there).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Local snapshots kept (at least 1). Default 3.
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_last: defaults::KEEP_LAST,
+        }
+    }
+}
+
+/// The JSON sidecar `_snapshots/<id>.rdb.meta.json` of a Redis snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Snapshot id `<source>/<UTC ts>`.
+    pub id: String,
+    /// Source name.
+    pub source: String,
+    /// `"redis"`.
+    pub kind: String,
+    /// When the snapshot started / ended, ms since the Unix epoch.
+    pub start_ms: i64,
+    /// See `start_ms`.
+    pub end_ms: i64,
+    /// RDB size in bytes.
+    pub bytes: u64,
+    /// blake3 of the RDB, hex.
+    pub blake3: String,
+    /// Control epoch the agent had seen (0 if unknown).
+    pub epoch: u64,
+    /// `redis_version` from `INFO server`.
+    pub redis_version: String,
+    /// Keys in all databases (`INFO keyspace`) just before the RDB was requested.
+    pub keys: u64,
+}
+
+/// Why a Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSourceError {
+    /// A command or connection failed.
+    #[error("redis {addr}: {msg}")]
+    Redis {
+        /// Server.
+        addr: String,
+        /// What failed.
+        msg: String,
+    },
+    /// The replication stream was not a valid RDB transfer.
+    #[error("redis {addr}: bad RDB transfer: {msg}")]
+    Protocol {
+        /// Server.
+        addr: String,
+        /// What was wrong.
+        msg: String,
+    },
+    /// The password could not be read.
+    #[error("redis source {name}: {msg}")]
+    Password {
+        /// Source.
+        name: String,
+        /// Cause (never the password).
+        msg: String,
+    },
+    /// Local file errors.
+    #[error("{0}")]
+    Io(String),
+    /// `apply_role` cannot decide (e.g. no primary for the active region).
+    #[error("redis source {name}: {msg}")]
+    Role {
+        /// Source.
+        name: String,
+        /// Cause.
+        msg: String,
+    },
+}
+
+/// A password; `Debug` prints `<redacted>`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Validates every `[[redis_sources]]` entry of `cfg` (called by `Config::validate`).
+///
+/// Errors: [`ConfigError::BadRedisSource`] naming the source and the rule.
+pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    for (i, s) in cfg.redis_sources.iter().enumerate() {
+        let bad = |reason: String| ConfigError::BadRedisSource {
+            name: s.name.clone(),
+            reason,
+        };
+        if s.name.contains('/') {
+            return Err(bad("name must be one path component (no '/')".into()));
+        }
+        lifeboat_common::path::validate_rel_path(&s.name)
+            .map_err(|err| bad(format!("name: {err}")))?;
+        if cfg.redis_sources[..i].iter().any(|q| q.name == s.name)
+            || cfg.exec_sources.iter().any(|q| q.name == s.name)
+        {
+            return Err(bad(
+                "name is used twice (names are unique across all sources)".into(),
+            ));
+        }
+        split_addr(&s.addr).map_err(|e| bad(format!("addr: {e}")))?;
+        for (region, a) in &s.primary_by_region {
+            split_addr(a).map_err(|e| bad(format!("primary_by_region.{region}: {e}")))?;
+        }
+        if s.tls {
+            return Err(bad("tls not supported yet".into()));
+        }
+        if s.password_env.is_some() && s.password_file.is_some() {
+            return Err(bad(
+                "give at most one of password_env and password_file".into()
+            ));
+        }
+        match (&s.schedule, s.interval_s) {
+            (Some(c), None) => {
+                c.parse::<croner::Cron>()
+                    .map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
+            }
+            (None, Some(0)) => return Err(bad("interval_s must be at least 1".into())),
+            (None, Some(_)) => {}
+            _ => return Err(bad("give exactly one of schedule and interval_s".into())),
+        }
+        if s.retention.keep_last == 0 {
+            return Err(bad("retention.keep_last must be at least 1".into()));
+        }
+        if s.timeout_secs == 0 {
+            return Err(bad("timeout_secs must be at least 1".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `"host:port"` → (host, port).
+///
+/// Errors: missing host or a port that is not 1..=65535.
+pub fn split_addr(addr: &str) -> Result<(String, u16), String> {
+    let (h, p) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not host:port"))?;
+    let port = p
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{addr:?}: bad port"))?;
+    if h.is_empty() || h.contains('/') {
+        return Err(format!("{addr:?}: bad host"));
+    }
+    Ok((h.trim_matches(['[', ']']).to_string(), port))
+}
+
+fn password(src: &RedisSourceConfig) -> Result<Option<Secret>, RedisSourceError> {
+    let err = |msg: String| RedisSourceError::Password {
+        name: src.name.clone(),
+        msg,
+    };
+    if let Some(var) = &src.password_env {
+        return std::env::var(var)
+            .map(|p| Some(Secret(p)))
+            .map_err(|_| err(format!("password_env {var} is not set")));
+    }
+    if let Some(f) = &src.password_file {
+        let s = std::fs::read_to_string(f)
+            .map_err(|e| err(format!("password_file {}: {e}", f.display())))?;
+        return Ok(Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())));
+    }
+    Ok(None)
+}
+
+fn redis_err(addr: &str) -> impl Fn(redis::RedisError) -> RedisSourceError + '_ {
+    move |e| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// Connects to `addr` with the source's credentials (5 s connect, 30 s response timeouts).
+async fn connect(
+    src: &RedisSourceConfig,
+    addr: &str,
+) -> Result<redis::aio::MultiplexedConnection, RedisSourceError> {
+    let (host, port) = split_addr(addr).map_err(|msg| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg,
+    })?;
+    let info = redis::ConnectionInfo {
+        addr: redis::ConnectionAddr::Tcp(host, port),
+        redis: redis::RedisConnectionInfo {
+            username: src.username.clone(),
+            password: password(src)?.map(|s| s.0),
+            ..Default::default()
+        },
+    };
+    let client = redis::Client::open(info).map_err(redis_err(addr))?;
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(Duration::from_secs(30));
+    client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+        .map_err(redis_err(addr))
+}
+
+/// `INFO <section>` as a map of `field → value`.
+async fn info(
+    con: &mut redis::aio::MultiplexedConnection,
+    addr: &str,
+    section: &str,
+) -> Result<BTreeMap<String, String>, RedisSourceError> {
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(con)
+        .await
+        .map_err(redis_err(addr))?;
+    Ok(parse_info(&text))
+}
+
+/// Parses `INFO` text (`field:value` lines; `#` comments ignored).
+pub fn parse_info(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Sum of `keys=N` over the `dbN:keys=...,expires=...` lines of `INFO keyspace`.
+pub fn keyspace_keys(info: &BTreeMap<String, String>) -> u64 {
+    info.iter()
+        .filter(|(k, _)| k.starts_with("db"))
+        .filter_map(|(_, v)| {
+            v.split(',')
+                .find_map(|kv| kv.strip_prefix("keys="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Finished local snapshots and sidecars left from an earlier run, as paths relative to
+/// `snapshots_dir` (`<source>/<ts>.rdb`, `<source>/<ts>.rdb.meta.json`), oldest first. An RDB
+/// whose sidecar is missing (the agent stopped between the two renames) is deleted, not listed.
+pub fn leftovers(cfg: &Config) -> Vec<String> {
+    let dir = snapshots_dir(&cfg.data_dir);
+    let mut out = Vec::new();
+    for s in &cfg.redis_sources {
+        let d = dir.join(&s.name);
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".rdb") || n.ends_with(".rdb.meta.json"))
+            .collect();
+        names.sort();
+        for n in names {
+            if n.ends_with(".rdb") && !d.join(format!("{n}.meta.json")).exists() {
+                let _ = std::fs::remove_file(d.join(&n));
+                continue;
+            }
+            out.push(format!("{}/{n}", s.name));
+        }
+    }
+    out
+}
+
+/// Starts one task per `[[redis_sources]]` entry; each sends, for every snapshot taken, the
+/// relative paths of the RDB and then of its sidecar on `tx`. The epoch in `progress` is read
+/// when a snapshot starts (recorded in the sidecar). Tasks end when `stop` asks for shutdown.
+pub fn spawn_all(
+    cfg: &Config,
+    progress: std::sync::Arc<crate::status::Progress>,
+    tx: mpsc::UnboundedSender<String>,
+    stop: watch::Receiver<Option<Instant>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    cfg.redis_sources
+        .iter()
+        .map(|s| {
+            let span = tracing::info_span!("redis_source", source = %s.name);
+            tokio::spawn(
+                source_loop(
+                    s.clone(),
+                    cfg.data_dir.clone(),
+                    progress.clone(),
+                    tx.clone(),
+                    stop.clone(),
+                )
+                .instrument(span),
+            )
+        })
+        .collect()
+}
+
+/// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
+fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
+    if let Some(s) = src.interval_s {
+        return if first {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(s)
+        };
+    }
+    let Some(cron) = src
+        .schedule
+        .as_deref()
+        .and_then(|c| c.parse::<croner::Cron>().ok())
+    else {
+        return Duration::from_secs(3600);
+    };
+    let now = chrono::Utc::now();
+    match cron.find_next_occurrence(&now, false) {
+        Ok(t) => (t - now).to_std().unwrap_or(Duration::from_secs(1)),
+        Err(e) => {
+            tracing::error!(schedule = ?src.schedule, error = %e, "no next cron occurrence; retrying in an hour");
+            Duration::from_secs(3600)
+        }
+    }
+}
+
+async fn source_loop(
+    src: RedisSourceConfig,
+    data_dir: PathBuf,
+    progress: std::sync::Arc<crate::status::Progress>,
+    tx: mpsc::UnboundedSender<String>,
+    mut stop: watch::Receiver<Option<Instant>>,
+) {
+    let mut first = true;
+    loop {
+        let delay = next_delay(&src, first);
+        first = false;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|d| d.is_some()) => return,
+        }
+        let e = progress.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        let r = tokio::select! {
+            r = take_snapshot(&src, &data_dir, e) => r,
+            _ = stop.wait_for(|d| d.is_some()) => return,
+        };
+        match r {
+            Ok(meta) => {
+                tracing::info!(snapshot = %meta.id, bytes = meta.bytes, keys = meta.keys, "redis snapshot taken");
+                let rdb = format!("{}.rdb", meta.id);
+                let side = format!("{rdb}.meta.json");
+                if tx.send(rdb).is_err() || tx.send(side).is_err() {
+                    return;
+                }
+                prune_local(&src, &data_dir);
+            }
+            Err(e) => {
+                tracing::error!(source = %src.name, addr = %src.addr, error = %e, "redis snapshot failed; no snapshot recorded");
+            }
+        }
+    }
+}
+
+/// Deletes local snapshots of `src` beyond the newest `retention.keep_last`.
+fn prune_local(src: &RedisSourceConfig, data_dir: &Path) {
+    let d = snapshots_dir(data_dir).join(&src.name);
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return;
+    };
+    let mut rdbs: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".rdb"))
+        .collect();
+    rdbs.sort();
+    let excess = rdbs.len().saturating_sub(src.retention.keep_last);
+    for n in &rdbs[..excess] {
+        tracing::info!(source = %src.name, snapshot = %n, "retention: deleting an unacknowledged local snapshot");
+        let _ = std::fs::remove_file(d.join(format!("{n}.meta.json")));
+        let _ = std::fs::remove_file(d.join(n));
+    }
+}
+
+/// Takes one snapshot of `src` now: `INFO` (version, key count), the RDB over the replication
+/// protocol into the spool, then the RDB and its sidecar into `data_dir/snapshots/<name>/`.
+/// `epoch` is recorded in the sidecar. Returns the sidecar.
+///
+/// Errors: connection, authentication, protocol (not an RDB, short stream), timeout
+/// (`timeout_secs`), or local I/O; the spool file is removed and nothing is recorded.
+pub async fn take_snapshot(
+    src: &RedisSourceConfig,
+    data_dir: &Path,
+    epoch: u64,
+) -> Result<SnapshotMeta, RedisSourceError> {
+    let start_ms = lifeboat_common::now_ms();
+    let io = |what: String| move |e: std::io::Error| RedisSourceError::Io(format!("{what}: {e}"));
+    let spool_dir = spool_dir(data_dir);
+    tokio::fs::create_dir_all(&spool_dir)
+        .await
+        .map_err(io(format!("cannot create {}", spool_dir.display())))?;
+    let spool = spool_dir.join(format!("{}.rdb.tmp", src.name));
+    let limit = Duration::from_secs(src.timeout_secs);
+    let fetched = tokio::time::timeout(limit, async {
+        let mut con = connect(src, &src.addr).await?;
+        let server = info(&mut con, &src.addr, "server").await?;
+        let keys = keyspace_keys(&info(&mut con, &src.addr, "keyspace").await?);
+        drop(con);
+        let (bytes, hash) = fetch_rdb(src, &spool).await?;
+        Ok::<_, RedisSourceError>((server, keys, bytes, hash))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(RedisSourceError::Redis {
+            addr: src.addr.clone(),
+            msg: format!(
+                "snapshot timed out after {} s (timeout_secs)",
+                src.timeout_secs
+            ),
+        })
+    });
+    let (server, keys, bytes, hash) = match fetched {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&spool).await;
+            return Err(e);
+        }
+    };
+    let ts = jiff::Timestamp::from_millisecond(start_ms)
+        .unwrap_or_else(|_| jiff::Timestamp::now())
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .strftime("%Y%m%dT%H%M%SZ")
+        .to_string();
+    let id = format!("{}/{ts}", src.name);
+    let meta = SnapshotMeta {
+        id: id.clone(),
+        source: src.name.clone(),
+        kind: "redis".into(),
+        start_ms,
+        end_ms: lifeboat_common::now_ms(),
+        bytes,
+        blake3: hash.to_hex().to_string(),
+        epoch,
+        redis_version: server.get("redis_version").cloned().unwrap_or_default(),
+        keys,
+    };
+    let dir = snapshots_dir(data_dir).join(&src.name);
+    let rdb = dir.join(format!("{ts}.rdb"));
+    let side = dir.join(format!("{ts}.rdb.meta.json"));
+    let placed = async {
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io(format!("cannot create {}", dir.display())))?;
+        tokio::fs::rename(&spool, &rdb)
+            .await
+            .map_err(io(format!("cannot move the RDB to {}", rdb.display())))?;
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| RedisSourceError::Io(format!("sidecar: {e}")))?;
+        write_atomic(&side, &json)
+            .await
+            .map_err(io(format!("cannot write {}", side.display())))?;
+        Ok::<_, RedisSourceError>(())
+    }
+    .await;
+    if let Err(e) = placed {
+        let _ = tokio::fs::remove_file(&spool).await;
+        let _ = tokio::fs::remove_file(&rdb).await;
+        return Err(e);
+    }
+    Ok(meta)
+}
+
+/// Writes `data` to `path` via a temp file in the same directory (mode 0600, fsync, rename).
+async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = tokio::fs::File::create(&tmp).await?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .await?;
+    f.write_all(data).await?;
+    f.sync_all().await?;
+    drop(f);
+    tokio::fs::rename(&tmp, path).await
+}
+
+/// Reads one `\r\n`-terminated line (without the terminator), at most 1 KiB.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    addr: &str,
+) -> Result<String, RedisSourceError> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(1024)
+        .read_until(b'\n', &mut buf)
+        .await
+        .map_err(|e| RedisSourceError::Redis {
+            addr: addr.to_string(),
+            msg: format!("read: {e}"),
+        })?;
+    if n == 0 || !buf.ends_with(b"\n") {
+        return Err(RedisSourceError::Protocol {
+            addr: addr.to_string(),
+            msg: "connection closed or line too long".into(),
+        });
+    }
+    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        buf.pop();
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// RESP array of bulk strings.
+fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// The replication-protocol transfer: returns (bytes, blake3) of the RDB written to `spool`
+/// (mode 0600, fsync'd).
+async fn fetch_rdb(
+    src: &RedisSourceConfig,
+    spool: &Path,
+) -> Result<(u64, blake3::Hash), RedisSourceError> {
+    let addr = src.addr.as_str();
+    let proto = |msg: String| RedisSourceError::Protocol {
+        addr: addr.to_string(),
+        msg,
+    };
+    let net = |e: std::io::Error| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: e.to_string(),
+    };
+    let (host, port) = split_addr(addr).map_err(proto)?;
+    let sock = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: "connect timed out".into(),
+    })?
+    .map_err(net)?;
+    let mut r = BufReader::with_capacity(64 * 1024, sock);
+    if let Some(pw) = password(src)? {
+        let cmd = match &src.username {
+            Some(u) => resp(&[b"AUTH", u.as_bytes(), pw.0.as_bytes()]),
+            None => resp(&[b"AUTH", pw.0.as_bytes()]),
+        };
+        r.get_mut().write_all(&cmd).await.map_err(net)?;
+        let line = read_line(&mut r, addr).await?;
+        if !line.starts_with("+OK") {
+            return Err(RedisSourceError::Redis {
+                addr: addr.to_string(),
+                msg: format!("AUTH refused: {line}"),
+            });
+        }
+    }
+    r.get_mut()
+        .write_all(&resp(&[b"REPLCONF", b"rdb-only", b"1"]))
+        .await
+        .map_err(net)?;
+    // `-ERR` on servers before 7.0: they stream commands after the RDB, which we never read.
+    let _ = read_line(&mut r, addr).await?;
+    r.get_mut()
+        .write_all(&resp(&[b"SYNC"]))
+        .await
+        .map_err(net)?;
+    // The primary sends bare newlines as keepalives while it prepares the RDB.
+    let header = loop {
+        let line = read_line(&mut r, addr).await?;
+        if line.is_empty() {
+            continue;
+        }
+        break line;
+    };
+    let Some(spec) = header.strip_prefix('$') else {
+        return Err(proto(format!(
+            "expected `$<len>` or `$EOF:<mark>`, got {header:?}"
+        )));
+    };
+    let file = tokio::fs::File::create(spool)
+        .await
+        .map_err(|e| RedisSourceError::Io(format!("cannot create {}: {e}", spool.display())))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .await
+        .map_err(|e| RedisSourceError::Io(format!("cannot chmod {}: {e}", spool.display())))?;
+    let mut sink = RdbSink {
+        // Few large writes: every write of a tokio file is a round trip to the blocking pool.
+        file: tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file),
+        hasher: blake3::Hasher::new(),
+        bytes: 0,
+        head: Vec::with_capacity(5),
+    };
+    let mut buf = vec![0u8; 1024 * 1024];
+    if let Some(mark) = spec.strip_prefix("EOF:") {
+        let mark = mark.as_bytes();
+        if mark.len() != 40 {
+            return Err(proto(format!(
+                "EOF mark of {} bytes, expected 40",
+                mark.len()
+            )));
+        }
+        // Everything but the last 40 bytes seen is RDB; the stream ends with the mark.
+        let mut tail: Vec<u8> = Vec::with_capacity(80);
+        loop {
+            let n = r.read(&mut buf).await.map_err(net)?;
+            if n == 0 {
+                return Err(proto("stream ended before the EOF mark".into()));
+            }
+            if n >= 40 {
+                sink.write(&tail, spool).await?;
+                sink.write(&buf[..n - 40], spool).await?;
+                tail.clear();
+                tail.extend_from_slice(&buf[n - 40..n]);
+            } else {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 40 {
+                    let body = tail.len() - 40;
+                    sink.write(&tail[..body], spool).await?;
+                    tail.drain(..body);
+                }
+            }
+            if tail == mark {
+                break;
+            }
+        }
+    } else {
+        let len: u64 = spec
+            .parse()
+            .map_err(|_| proto(format!("bad length in {header:?}")))?;
+        let mut left = len;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = r.read(&mut buf[..want]).await.map_err(net)?;
+            if n == 0 {
+                return Err(proto(format!(
+                    "stream ended after {} of {len} bytes",
+                    len - left
+                )));
+            }
+            sink.write(&buf[..n], spool).await?;
+            left -= n as u64;
+        }
+    }
+    if sink.head != b"REDIS" {
+        return Err(proto(format!(
+            "payload does not start with REDIS (got {:?})",
+            String::from_utf8_lossy(&sink.head)
+        )));
+    }
+    sink.file
+        .flush()
+        .await
+        .map_err(|e| RedisSourceError::Io(format!("cannot write {}: {e}", spool.display())))?;
+    sink.file
+        .get_ref()
+        .sync_all()
+        .await
+        .map_err(|e| RedisSourceError::Io(format!("cannot fsync {}: {e}", spool.display())))?;
+    Ok((sink.bytes, sink.hasher.finalize()))
+}
+
+struct RdbSink {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    head: Vec<u8>,
+}
+
+impl RdbSink {
+    async fn write(&mut self, data: &[u8], spool: &Path) -> Result<(), RedisSourceError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.head.len() < 5 {
+            let take = (5 - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
+        }
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|e| RedisSourceError::Io(format!("cannot write {}: {e}", spool.display())))
+    }
+}
+
+/// Reconciles the role of `src`'s Redis with the control record (idempotent; the failover side
+/// calls it on every epoch change). `my_region == active_region`: make it a writable primary
+/// (`REPLICAOF NO ONE` unless it already is one). Otherwise: make it a replica of
+/// `primary_by_region[active_region]` (`REPLICAOF host port` unless it already follows that
+/// address). With `enforce_min_replicas`, also `CONFIG SET min-replicas-to-write 1` and
+/// `min-replicas-max-lag`. Returns one line for the audit log, e.g.
+/// `"cache: epoch 7: promoted 10.0.1.5:6379 (REPLICAOF NO ONE)"`.
+///
+/// Errors: connection/command failures; no `primary_by_region` entry for `active_region`, or
+/// that entry naming this Redis itself while it should follow.
+pub async fn apply_role(
+    src: &RedisSourceConfig,
+    my_region: &str,
+    active_region: &str,
+    epoch: u64,
+) -> anyhow::Result<String> {
+    let addr = src.addr.as_str();
+    let mut con = connect(src, addr).await?;
+    let repl = info(&mut con, addr, "replication").await?;
+    let role = repl.get("role").map(String::as_str).unwrap_or("");
+    let mut did = if my_region == active_region {
+        if role == "master" {
+            format!("{addr} already primary")
+        } else {
+            let _: () = redis::cmd("REPLICAOF")
+                .arg("NO")
+                .arg("ONE")
+                .query_async(&mut con)
+                .await
+                .map_err(redis_err(addr))?;
+            format!("promoted {addr} (REPLICAOF NO ONE; was {role})")
+        }
+    } else {
+        let target =
+            src.primary_by_region
+                .get(active_region)
+                .ok_or_else(|| RedisSourceError::Role {
+                    name: src.name.clone(),
+                    msg: format!("no primary_by_region entry for active region {active_region:?}"),
+                })?;
+        if target == &src.addr {
+            return Err(RedisSourceError::Role {
+                name: src.name.clone(),
+                msg: format!(
+                    "primary_by_region.{active_region} is this Redis ({target}) but region {my_region:?} is not active"
+                ),
+            }
+            .into());
+        }
+        let (host, port) = split_addr(target).map_err(|msg| RedisSourceError::Role {
+            name: src.name.clone(),
+            msg,
+        })?;
+        let following = role == "slave"
+            && repl.get("master_host").is_some_and(|h| *h == host)
+            && repl
+                .get("master_port")
+                .is_some_and(|p| *p == port.to_string());
+        if following {
+            format!("{addr} already replica of {target}")
+        } else {
+            let _: () = redis::cmd("REPLICAOF")
+                .arg(&host)
+                .arg(port)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_err(addr))?;
+            format!("{addr} now replica of {target} (REPLICAOF; was {role})")
+        }
+    };
+    if src.enforce_min_replicas {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(1)
+            .arg("min-replicas-max-lag")
+            .arg(src.min_replicas_max_lag_s)
+            .query_async(&mut con)
+            .await
+            .map_err(redis_err(addr))?;
+        did += &format!(
+            "; min-replicas-to-write 1, min-replicas-max-lag {}",
+            src.min_replicas_max_lag_s
+        );
+    }
+    Ok(format!("{}: epoch {epoch}: {did}", src.name))
+}
+
+/// Probes `src`'s Redis: `PING`, then `INFO replication`. A primary reports its
+/// `master_repl_offset`; a replica reports the primary it follows, the link state and
+/// `lag_bytes` = the primary's `master_repl_offset` − the replica's `slave_repl_offset` (the
+/// primary is asked with the same credentials; when it cannot be reached, the replica's own
+/// `slave_read_repl_offset` − `slave_repl_offset` is used and the detail says so).
+/// `healthy` is false on any connection or command error (role `"unknown"`).
+pub async fn health(src: &RedisSourceConfig) -> DbHealth {
+    match probe(src).await {
+        Ok(h) => h,
+        Err(e) => DbHealth {
+            healthy: false,
+            role: "unknown".into(),
+            detail: e.to_string(),
+            lag_bytes: None,
+        },
+    }
+}
+
+async fn probe(src: &RedisSourceConfig) -> Result<DbHealth, RedisSourceError> {
+    let addr = src.addr.as_str();
+    let mut con = connect(src, addr).await?;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut con)
+        .await
+        .map_err(redis_err(addr))?;
+    if pong != "PONG" {
+        return Err(RedisSourceError::Redis {
+            addr: addr.to_string(),
+            msg: format!("PING answered {pong:?}"),
+        });
+    }
+    let repl = info(&mut con, addr, "replication").await?;
+    let num = |m: &BTreeMap<String, String>, k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok());
+    let offset = num(&repl, "master_repl_offset").unwrap_or(0);
+    if repl.get("role").map(String::as_str) != Some("slave") {
+        return Ok(DbHealth {
+            healthy: true,
+            role: "primary".into(),
+            detail: format!(
+                "{addr} primary, master_repl_offset {offset}, {} connected replicas",
+                repl.get("connected_slaves")
+                    .map(String::as_str)
+                    .unwrap_or("0")
+            ),
+            lag_bytes: None,
+        });
+    }
+    let host = repl.get("master_host").cloned().unwrap_or_default();
+    let port = repl.get("master_port").cloned().unwrap_or_default();
+    let link = repl.get("master_link_status").cloned().unwrap_or_default();
+    let applied = num(&repl, "slave_repl_offset").unwrap_or(offset);
+    let primary = format!("{host}:{port}");
+    let upstream = match tokio::time::timeout(Duration::from_secs(3), async {
+        let mut c = connect(src, &primary).await?;
+        info(&mut c, &primary, "replication").await
+    })
+    .await
+    {
+        Ok(Ok(m)) => num(&m, "master_repl_offset"),
+        _ => None,
+    };
+    let (lag, how) = match upstream {
+        Some(p) => (p.saturating_sub(applied), "primary offset"),
+        None => (
+            num(&repl, "slave_read_repl_offset")
+                .unwrap_or(applied)
+                .saturating_sub(applied),
+            "primary unreachable; read offset",
+        ),
+    };
+    Ok(DbHealth {
+        healthy: true,
+        role: "replica".into(),
+        detail: format!(
+            "{addr} replica of {primary}, link {link}, slave_repl_offset {applied}, lag {lag} bytes ({how})"
+        ),
+        lag_bytes: Some(lag),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_and_keyspace() {
+        let m = parse_info(
+            "# Keyspace\r\ndb0:keys=10,expires=2,avg_ttl=0\r\ndb3:keys=5,expires=0,avg_ttl=0\r\n",
+        );
+        assert_eq!(keyspace_keys(&m), 15);
+        assert_eq!(split_addr("h:1").unwrap(), ("h".to_string(), 1));
+        assert!(split_addr("h").is_err());
+        assert!(split_addr(":1").is_err());
+        assert!(split_addr("h:0").is_err());
+        assert_eq!(resp(&[b"SYNC"]), b"*1\r\n$4\r\nSYNC\r\n");
+    }
+
+    const BASE: &str =
+        "agent_id = \"a\"\ndata_dir = \"/d\"\ncoordinators = [\"h:1\"]\n[tls]\ninsecure = true\n";
+
+    fn with(body: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}\n[[redis_sources]]\n{body}\n"))
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let c = with("name = \"cache\"\naddr = \"127.0.0.1:6379\"\nschedule = \"*/5 * * * *\"\nprimary_by_region = { eu = \"10.0.0.1:6379\" }").unwrap();
+        let s = &c.redis_sources[0];
+        assert_eq!(s.retention.keep_last, defaults::KEEP_LAST);
+        assert_eq!(s.timeout_secs, defaults::TIMEOUT_SECS);
+        assert!(!s.enforce_min_replicas && !s.tls);
+        assert_eq!(s.primary_by_region["eu"], "10.0.0.1:6379");
+        assert!(next_delay(s, true) <= Duration::from_secs(300));
+        let ok = with("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5").unwrap();
+        assert_eq!(next_delay(&ok.redis_sources[0], true), Duration::ZERO);
+        assert_eq!(
+            next_delay(&ok.redis_sources[0], false),
+            Duration::from_secs(5)
+        );
+        for (body, why) in [
+            ("name = \"a/b\"\naddr = \"h:1\"\ninterval_s = 5", "path component"),
+            ("name = \"..\"\naddr = \"h:1\"\ninterval_s = 5", "name"),
+            ("name = \"c\"\naddr = \"h\"\ninterval_s = 5", "addr"),
+            ("name = \"c\"\naddr = \"h:1\"", "exactly one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nschedule = \"* * * * *\"", "exactly one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 0", "at least 1"),
+            ("name = \"c\"\naddr = \"h:1\"\nschedule = \"not cron\"", "schedule"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls = true", "tls not supported yet"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\npassword_env = \"P\"\npassword_file = \"/p\"", "at most one"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nretention = { keep_last = 0 }", "keep_last"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nprimary_by_region = { eu = \"x\" }", "primary_by_region.eu"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\n[[redis_sources]]\nname = \"c\"\naddr = \"h:2\"\ninterval_s = 5", "twice"),
+        ] {
+            let e = with(body).unwrap_err();
+            assert!(matches!(e, ConfigError::BadRedisSource { .. }), "{body}: {e}");
+            assert!(e.to_string().contains(why), "{body}: {e}");
+        }
+        // Names are unique across exec and redis sources.
+        let e = Config::from_toml(&format!(
+            "{BASE}\n[[exec_sources]]\nname = \"c\"\nsnapshot_command = [\"true\"]\n[[redis_sources]]\nname = \"c\"\naddr = \"h:1\"\ninterval_s = 5\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn example_config_redis_block_is_valid() {
+        let text = include_str!("../../deploy/examples/agent.toml");
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == "# [[redis_sources]]" {
+                inside = true;
+            }
+            if inside && line.starts_with("# ") {
+                out += &line[2..];
+            } else {
+                inside = false;
+                out += line;
+            }
+            out.push('\n');
+        }
+        let c = Config::from_toml(&out).expect("example with [[redis_sources]] uncommented");
+        assert_eq!(c.redis_sources.len(), 1);
+        assert_eq!(c.redis_sources[0].schedule.as_deref(), Some("*/5 * * * *"));
+        assert_eq!(c.redis_sources[0].primary_by_region.len(), 2);
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "<redacted>");
+    }
+}
