@@ -153,7 +153,8 @@ impl Agent {
         let state = Arc::new(StateDb::open(&cfg.data_dir)?);
         let mut roots = Roots::new(&cfg.paths, &cfg.data_dir)?;
         let watched_roots = roots.roots.len();
-        let snap_root = (!cfg.exec_sources.is_empty()).then(|| {
+        let has_sources = !cfg.exec_sources.is_empty() || !cfg.postgres_sources.is_empty();
+        let snap_root = has_sources.then(|| {
             let dir = crate::exec::snapshots_dir(&cfg.data_dir);
             roots.roots.push(crate::scan::Root {
                 name: crate::config::SNAPSHOTS_ROOT.to_string(),
@@ -341,8 +342,16 @@ impl Agent {
                 for rel in crate::exec::leftovers(&self.cfg) {
                     self.queue_snapshot(root, rel);
                 }
+                for rel in crate::pg_source::leftovers(&self.cfg) {
+                    self.queue_snapshot(root, rel);
+                }
                 if watching {
-                    execs = crate::exec::spawn_all(&self.cfg, snap_tx, helpers_rx.clone());
+                    execs = crate::exec::spawn_all(&self.cfg, snap_tx.clone(), helpers_rx.clone());
+                    execs.extend(crate::pg_source::spawn_all(
+                        &self.cfg,
+                        snap_tx,
+                        helpers_rx.clone(),
+                    ));
                 }
             }
             self.progress.busy.store(true, Ordering::Relaxed);

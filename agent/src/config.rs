@@ -119,6 +119,11 @@ pub struct Config {
     /// point-in-time snapshot at `_snapshots/<name>/<UTC timestamp>.snap`. Default none.
     #[serde(default)]
     pub exec_sources: Vec<ExecSourceConfig>,
+    /// PostgreSQL sources (`[[postgres_sources]]`): scheduled base backups and continuous WAL
+    /// archiving under `_snapshots/<name>/base/` and `_snapshots/<name>/wal/`, and the
+    /// promotion/fencing hooks (see `crate::pg_source`). Default none.
+    #[serde(default)]
+    pub postgres_sources: Vec<crate::pg_source::PostgresSourceConfig>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -231,6 +236,14 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// A `[[postgres_sources]]` entry is invalid.
+    #[error("config: postgres_sources {name:?}: {reason}")]
+    BadPostgresSource {
+        /// The source name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// A root name was not a single path component.
     #[error("config: paths.name {name:?} is invalid: {reason}")]
     BadRootName {
@@ -320,6 +333,7 @@ impl Config {
             paths: Vec::new(),
             replicas: Vec::new(),
             exec_sources: Vec::new(),
+            postgres_sources: Vec::new(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -365,11 +379,16 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.paths.is_empty() && self.replicas.is_empty() && self.exec_sources.is_empty() {
+        if self.paths.is_empty()
+            && self.replicas.is_empty()
+            && self.exec_sources.is_empty()
+            && self.postgres_sources.is_empty()
+        {
             return Err(ConfigError::NoPaths);
         }
         self.validate_replicas()?;
         self.validate_exec_sources()?;
+        crate::pg_source::validate_sources(self)?;
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),

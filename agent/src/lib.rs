@@ -11,6 +11,8 @@
 //! - [`batch`]: the work queue and the batch planner.
 //! - [`push`]: the gRPC client, the lazy part stream, leader following.
 //! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
+//! - [`pg_source`]: `[[postgres_sources]]`: base backups and WAL archiving through the pipeline.
+//! - [`pg_role`] and [`db`]: PostgreSQL promotion/fencing ([`pg_role::apply_role`]) and health.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
 //!
@@ -23,7 +25,10 @@ pub mod agent;
 pub mod batch;
 pub mod config;
 pub mod delta;
+pub mod db;
 pub mod exec;
+pub mod pg_role;
+pub mod pg_source;
 pub mod push;
 pub mod replica;
 pub mod scan;

@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod demo;
 pub mod harness;
+pub mod pg_restore;
 pub mod restore;
 pub mod s3server;
 pub mod tree;
