@@ -24,8 +24,8 @@
 pub mod agent;
 pub mod batch;
 pub mod config;
-pub mod delta;
 pub mod db;
+pub mod delta;
 pub mod exec;
 pub mod pg_role;
 pub mod pg_source;

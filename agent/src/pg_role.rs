@@ -107,7 +107,11 @@ pub async fn apply_role(
         .await
         .context("SHOW primary_conninfo")?
         .get(0);
-    let has = |k: &str, v: &str| current.split_whitespace().any(|kv| kv == format!("{k}={v}"));
+    let has = |k: &str, v: &str| {
+        current
+            .split_whitespace()
+            .any(|kv| kv == format!("{k}={v}"))
+    };
     if has("host", host) && has("port", port) && has("user", user) {
         return Ok(format!(
             "postgres {name}: epoch {epoch}: standby already following {addr}"

@@ -208,9 +208,7 @@ impl PostgresSourceConfig {
             c.env("PGPASSWORD", p);
         }
         // A directory every user can read (runuser keeps the working directory).
-        c.current_dir("/")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        c.current_dir("/").stdin(Stdio::null()).kill_on_drop(true);
         Ok(c)
     }
 }
@@ -227,8 +225,7 @@ pub fn validate_sources(cfg: &Config) -> Result<(), ConfigError> {
         if s.name.contains('/') {
             return Err(bad("name must be one path component (no '/')".into()));
         }
-        lifeboat_common::path::validate_rel_path(&s.name)
-            .map_err(|e| bad(format!("name: {e}")))?;
+        lifeboat_common::path::validate_rel_path(&s.name).map_err(|e| bad(format!("name: {e}")))?;
         if cfg.postgres_sources[..i].iter().any(|q| q.name == s.name)
             || cfg.exec_sources.iter().any(|q| q.name == s.name)
         {
@@ -386,8 +383,8 @@ async fn until_due(src: &PostgresSourceConfig, first: bool) {
     let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
     match cron.find_next_occurrence(&now, false) {
         Ok(next) => {
-            let wait = (next.timestamp().as_millisecond() - now.timestamp().as_millisecond())
-                .max(0) as u64;
+            let wait = (next.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(0)
+                as u64;
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         Err(e) => {
@@ -493,9 +490,7 @@ pub async fn take_base_backup(
         server_version,
         start_lsn: label.get("START WAL LOCATION").map(|v| v.0.clone()),
         start_wal_file: label.get("START WAL LOCATION").and_then(|v| v.1.clone()),
-        start_timeline: label
-            .get("START TIMELINE")
-            .and_then(|v| v.0.parse().ok()),
+        start_timeline: label.get("START TIMELINE").and_then(|v| v.0.parse().ok()),
     };
     let base_dir = snapshots_dir(data_dir).join(&src.name).join("base");
     let tar_rel = format!("{id}.tar");
@@ -576,9 +571,7 @@ pub async fn connect(src: &PostgresSourceConfig) -> Result<tokio_postgres::Clien
 }
 
 /// Collects up to 8 KiB of a child's stderr.
-fn collect_stderr(
-    err: Option<tokio::process::ChildStderr>,
-) -> tokio::task::JoinHandle<String> {
+fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::JoinHandle<String> {
     tokio::spawn(async move {
         let mut out = Vec::new();
         if let Some(mut e) = err {
@@ -613,9 +606,12 @@ async fn spool_basebackup(
     cmd.args(["-Ft", "-D", "-", "-X", "fetch", "-c", "fast"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", src.bin_dir.join("pg_basebackup").display()))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "cannot start {}: {e}",
+            src.bin_dir.join("pg_basebackup").display()
+        )
+    })?;
     let stderr = collect_stderr(child.stderr.take());
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
@@ -864,9 +860,38 @@ mod tests {
         ))
     }
 
+    /// The commented `[[postgres_sources]]` example of deploy/examples/agent.toml parses.
+    #[test]
+    fn deploy_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/agent.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == "# [[postgres_sources]]" {
+                inside = true;
+            } else if !line.starts_with("# ") {
+                inside = false;
+            }
+            if inside {
+                out.push_str(&line[2..]);
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        // The block sits before [tls]; [tls] then closes it.
+        let c = Config::from_toml(&out).unwrap();
+        let s = &c.postgres_sources[0];
+        assert_eq!(s.name, "main-db");
+        assert_eq!(s.retention.keep_last, Some(3));
+        assert_eq!(s.primary_by_region.len(), 2);
+    }
+
     #[test]
     fn config_validation() {
-        let c = cfg("name = \"db\"\nhost = \"127.0.0.1\"\nport = 5432\nuser = \"postgres\"").unwrap();
+        let c =
+            cfg("name = \"db\"\nhost = \"127.0.0.1\"\nport = 5432\nuser = \"postgres\"").unwrap();
         let s = &c.postgres_sources[0];
         assert!(s.wal_archive);
         assert_eq!(s.bin_dir, PathBuf::from(DEFAULT_BIN_DIR));

@@ -103,11 +103,21 @@ impl Pg {
 
     fn psql(&self, sql: &str) -> anyhow::Result<String> {
         let mut c = Command::new(Path::new(BIN).join("psql"));
-        c.args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-X", "-A", "-t"])
-            .args(["-v", "ON_ERROR_STOP=1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql);
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+        ])
+        .args(["-v", "ON_ERROR_STOP=1", "-p"])
+        .arg(self.port.to_string())
+        .arg("-c")
+        .arg(sql);
         check(c, &format!("psql {sql:?}"))
     }
 
@@ -177,7 +187,10 @@ async fn wait_for(
             Err(e) if Instant::now() >= deadline => return Err(e.context(what.to_string())),
             Err(_) => {}
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {secs} s: {what}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -318,10 +331,19 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
             .args(["-R", "-X", "stream", "-c", "fast"]);
         check(c, "pg_basebackup -R")?;
         let replica = Pg::start(&rdata)?;
-        assert!(replica.in_recovery()?, "streaming replica starts in recovery");
-        assert!(replica.psql("INSERT INTO t VALUES (2)").is_err(), "a replica refuses writes");
+        assert!(
+            replica.in_recovery()?,
+            "streaming replica starts in recovery"
+        );
+        assert!(
+            replica.psql("INSERT INTO t VALUES (2)").is_err(),
+            "a replica refuses writes"
+        );
         primary.psql("INSERT INTO t VALUES (3)")?;
-        wait_for("row 3 replicated", 30, || Ok(replica.psql("SELECT count(*) FROM t")? == "2")).await?;
+        wait_for("row 3 replicated", 30, || {
+            Ok(replica.psql("SELECT count(*) FROM t")? == "2")
+        })
+        .await?;
 
         let rsrc = replica.source("db");
         let psrc = primary.source("db");
@@ -329,7 +351,10 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
         assert!(h.healthy && h.role == "replica", "{h:?}");
         assert!(h.lag_bytes.is_some(), "{h:?}");
         let h = health(&psrc).await;
-        assert!(h.healthy && h.role == "primary" && h.lag_bytes.is_none(), "{h:?}");
+        assert!(
+            h.healthy && h.role == "primary" && h.lag_bytes.is_none(),
+            "{h:?}"
+        );
 
         // Active region: the replica is promoted and takes writes; a second call is a no-op.
         let msg = apply_role(&rsrc, "east", "east", 7).await?;
@@ -345,8 +370,14 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
         let msg = apply_role(&psrc, "west", "east", 7).await?;
         assert!(msg.contains("fenced"), "{msg}");
         let h = health(&psrc).await;
-        assert!(!h.healthy && h.role == "unknown", "a stopped server is unhealthy: {h:?}");
-        assert!(primary.psql("SELECT 1").is_err(), "fenced primary refuses connections");
+        assert!(
+            !h.healthy && h.role == "unknown",
+            "a stopped server is unhealthy: {h:?}"
+        );
+        assert!(
+            primary.psql("SELECT 1").is_err(),
+            "fenced primary refuses connections"
+        );
         let msg = apply_role(&psrc, "west", "east", 8).await?;
         assert!(msg.contains("not running"), "{msg}");
         // Without data_dir a writable primary in a standby region cannot be fenced: an error.

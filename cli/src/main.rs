@@ -66,7 +66,7 @@ enum Cmd {
     Restore {
         /// Database restore (optional): `postgres`.
         #[command(subcommand)]
-        db: Option<RestoreDb>,
+        db: Option<Box<RestoreDb>>,
         /// Path prefix to restore (default: everything).
         #[arg(long, default_value = "")]
         path: String,
@@ -190,6 +190,41 @@ enum CertsCmd {
         #[arg(long = "name", value_delimiter = ',')]
         names: Vec<String>,
     },
+}
+
+/// `lifeboat restore <DB> ...`.
+async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
+    match db {
+        RestoreDb::Postgres {
+            source,
+            at,
+            to,
+            owner,
+            start_check,
+            bin_dir,
+            conn,
+        } => {
+            let opts = pg_restore::PgRestoreOpts {
+                source,
+                at,
+                to,
+                owner,
+                start_check,
+                bin_dir,
+            };
+            let r = pg_restore::restore_postgres(&conn, &opts).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "restored postgres {} from {} ({} bytes) and {} WAL files into {} in {} ms; start PostgreSQL on it to recover to {}",
+                    r.source, r.base_backup, r.base_bytes, r.wal_files, r.data_dir, r.elapsed_ms,
+                    r.recovery_target_time.as_deref().unwrap_or("the end of the archived WAL")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_at(at: &str) -> anyhow::Result<Option<i64>> {
@@ -348,37 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_versions(&rows, output)?;
         }
-        Cmd::Restore {
-            db: Some(RestoreDb::Postgres {
-                source,
-                at,
-                to,
-                owner,
-                start_check,
-                bin_dir,
-                conn,
-            }),
-            ..
-        } => {
-            let opts = pg_restore::PgRestoreOpts {
-                source,
-                at,
-                to,
-                owner,
-                start_check,
-                bin_dir,
-            };
-            let r = pg_restore::restore_postgres(&conn, &opts).await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "restored postgres {} from {} ({} bytes) and {} WAL files into {} in {} ms; start PostgreSQL on it to recover to {}",
-                    r.source, r.base_backup, r.base_bytes, r.wal_files, r.data_dir, r.elapsed_ms,
-                    r.recovery_target_time.as_deref().unwrap_or("the end of the archived WAL")
-                );
-            }
-        }
+        Cmd::Restore { db: Some(db), .. } => restore_db(*db, output).await?,
         Cmd::Restore {
             db: None,
             path,

@@ -101,7 +101,10 @@ pub async fn restore_postgres(
         None
     } else {
         Some(opts.at.parse().map_err(|e| {
-            anyhow!("--at {:?}: expected `latest` or an RFC 3339 time ({e})", opts.at)
+            anyhow!(
+                "--at {:?}: expected `latest` or an RFC 3339 time ({e})",
+                opts.at
+            )
         })?)
     };
     let owner = resolve_owner(opts.owner.as_deref())?;
@@ -126,8 +129,15 @@ pub async fn restore_postgres(
         let Some(tar) = rows.iter().find(|v| live(v) && v.v.path == tar_path) else {
             continue;
         };
-        apply::write_file(&client, &work_root, "meta.json", m, ".lifeboat-restore-", false)
-            .await?;
+        apply::write_file(
+            &client,
+            &work_root,
+            "meta.json",
+            m,
+            ".lifeboat-restore-",
+            false,
+        )
+        .await?;
         let meta: Meta = serde_json::from_slice(&std::fs::read(work_root.join("meta.json"))?)
             .with_context(|| format!("bad sidecar {}", m.v.path))?;
         let before = at.is_none_or(|t| meta.end_ms < t.as_millisecond());
@@ -143,8 +153,15 @@ pub async fn restore_postgres(
     })?;
 
     // The tar: every blob verified on the way, then the whole file against the sidecar.
-    let n = apply::write_file(&client, &work_root, "base.tar", &tar, ".lifeboat-restore-", false)
-        .await?;
+    let n = apply::write_file(
+        &client,
+        &work_root,
+        "base.tar",
+        &tar,
+        ".lifeboat-restore-",
+        false,
+    )
+    .await?;
     let tar_file = work_root.join("base.tar");
     let hash = {
         let f = tar_file.clone();
@@ -218,7 +235,14 @@ pub async fn restore_postgres(
     std::fs::set_permissions(&datadir, std::fs::Permissions::from_mode(0o700))?;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let start_check_ms = if opts.start_check {
-        Some(start_check(&datadir, &opts.bin_dir, owner.as_ref().map(|o| o.0.as_str())).await?)
+        Some(
+            start_check(
+                &datadir,
+                &opts.bin_dir,
+                owner.as_ref().map(|o| o.0.as_str()),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -401,7 +425,9 @@ fn pg_command(bin_dir: &Path, prog: &str, owner: Option<&str>) -> tokio::process
 /// Starts the restored server (free port, Unix socket in DATADIR only, archiving off), waits up
 /// to 30 min for `pg_controldata` to report `in production`, stops it. Returns the wait in ms.
 async fn start_check(datadir: &Path, bin_dir: &Path, owner: Option<&str>) -> anyhow::Result<u64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let log = datadir.join("lifeboat_start_check.log");
     let opts = format!(
         "-c port={port} -c listen_addresses='' -c unix_socket_directories='{}' -c archive_mode=off",
@@ -442,7 +468,10 @@ async fn start_check(datadir: &Path, bin_dir: &Path, owner: Option<&str>) -> any
                 return Ok(started.elapsed().as_millis() as u64);
             }
             if started.elapsed() > Duration::from_secs(1800) {
-                bail!("--start-check: recovery did not finish in 30 min: {}", log_tail());
+                bail!(
+                    "--start-check: recovery did not finish in 30 min: {}",
+                    log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
