@@ -16,8 +16,10 @@
 //! once the coordinator acknowledged it. The spool keeps only the newest completed segment (so a
 //! restarted pg_receivewal resumes where it stopped) and the `.partial` in progress, which is
 //! never shipped. After an agent restart the newest completed segment is shipped once more (same
-//! content, a second catalog version). Without a replication slot the server may recycle WAL
-//! while the agent is down for long; a gap shows at restore as a missing segment.
+//! content, a second catalog version). pg_receivewal uses the physical replication slot
+//! [`slot_name`] (created if missing), so the server keeps WAL the agent has not received yet. If
+//! the server nevertheless lost a needed segment (slot dropped), the gap is logged as an error and
+//! archiving restarts from the server's current position.
 //!
 //! The alternative is the server's own `archive_command` (e.g.
 //! `archive_command = 'cp %p /var/lib/lifeboat/agent/snapshots/<name>/wal/%f'` with the agent
@@ -406,6 +408,12 @@ async fn base_loop(
             _ = until_due(&src, first) => {}
             _ = stop.wait_for(|d| d.is_some()) => return,
         }
+        if first && src.wal_archive {
+            // The slot first: WAL after the backup is then kept for pg_receivewal.
+            if let Err(e) = create_slot(&src, &slot_name(&src.name)).await {
+                tracing::warn!(error = %e, "cannot create the replication slot before the base backup");
+            }
+        }
         first = false;
         let r = tokio::select! {
             r = take_base_backup(&src, &data_dir, 0) => r,
@@ -728,9 +736,21 @@ async fn wal_loop(
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
+        let slot = slot_name(&src.name);
+        if let Err(e) = create_slot(&src, &slot).await {
+            tracing::error!(slot = %slot, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot create the replication slot");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|d| d.is_some()) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            continue;
+        }
+        let gap = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cmd = src.tool("pg_receivewal", false, true).map(|mut c| {
             c.arg("-D")
                 .arg(&spool)
+                .arg(format!("--slot={slot}"))
                 .arg("--no-loop")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
@@ -744,10 +764,14 @@ async fn wal_loop(
             Ok(mut child) => {
                 tracing::info!(spool = %spool.display(), "pg_receivewal started");
                 if let Some(err) = child.stderr.take() {
+                    let gap = gap.clone();
                     tokio::spawn(
                         async move {
                             let mut lines = tokio::io::BufReader::new(err).lines();
                             while let Ok(Some(l)) = lines.next_line().await {
+                                if l.contains("has already been removed") {
+                                    gap.store(true, std::sync::atomic::Ordering::Relaxed);
+                                }
                                 tracing::info!(line = %l, "pg_receivewal");
                             }
                         }
@@ -770,7 +794,11 @@ async fn wal_loop(
                         return;
                     }
                     Some(s) => {
-                        tracing::warn!(status = ?s, retry_in_ms = backoff.as_millis() as u64, "pg_receivewal exited; restarting")
+                        tracing::warn!(status = ?s, retry_in_ms = backoff.as_millis() as u64, "pg_receivewal exited; restarting");
+                        if gap.load(std::sync::atomic::Ordering::Relaxed) {
+                            tracing::error!(spool = %spool.display(), "WAL GAP: the server no longer has the segment pg_receivewal needs; restarting from the server's current position (PITR across the gap needs a new base backup)");
+                            clear_spool(&spool);
+                        }
                     }
                 }
             }
@@ -786,6 +814,60 @@ async fn wal_loop(
             _ = stop.wait_for(|d| d.is_some()) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Replication slot used by pg_receivewal for source `name`: `lifeboat_` + the name in lower
+/// case with every character outside `[a-z0-9_]` replaced by `_` (at most 63 bytes). The slot
+/// makes the server keep WAL until the agent received it, so no segment is lost while the agent
+/// is down or restarting; it also means WAL piles up on the server while the agent is down for
+/// long (drop the slot with `SELECT pg_drop_replication_slot('lifeboat_<name>')` when a source is
+/// removed).
+pub fn slot_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut out = format!("lifeboat_{s}");
+    out.truncate(63);
+    out
+}
+
+/// `pg_receivewal --create-slot --if-not-exists --slot=SLOT` (returns at once).
+async fn create_slot(src: &PostgresSourceConfig, slot: &str) -> Result<(), String> {
+    let mut c = src.tool("pg_receivewal", false, true)?;
+    let out = c
+        .arg(format!("--slot={slot}"))
+        .args(["--create-slot", "--if-not-exists"])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run pg_receivewal --create-slot: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pg_receivewal --create-slot exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes every segment (complete or `.partial`) from the WAL spool.
+fn clear_spool(spool: &Path) {
+    if let Ok(rd) = std::fs::read_dir(spool) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if is_segment(n.trim_end_matches(".partial")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 
@@ -851,6 +933,8 @@ mod tests {
         assert!(!is_segment("000000010000000000000002.partial"));
         assert!(!is_segment("00000001000000000000000g"));
         assert!(is_history("00000002.history"));
+        assert_eq!(slot_name("Main-db.1"), "lifeboat_main_db_1");
+        assert_eq!(slot_name(&"x".repeat(100)).len(), 63);
         assert!(!is_history("0000000X.history"));
     }
 

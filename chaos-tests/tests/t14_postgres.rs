@@ -225,6 +225,15 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
 
         // Row 1, then T, then row 2; switch WAL so the segment with row 2 is complete.
         primary.psql("INSERT INTO t VALUES (1, 'before')")?;
+        // Cut the WAL stream: pg_receivewal exits and the agent restarts it (from its .partial).
+        wait_for("pg_receivewal connected", 30, || {
+            Ok(primary.psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_receivewal'")? == "1")
+        })
+        .await?;
+        let killed = primary.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'pg_receivewal'",
+        )?;
+        assert_eq!(killed, "t");
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let t = jiff::Timestamp::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -268,6 +277,28 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
         let rows = rs.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")?;
         assert_eq!(rows, "1", "row 1 (before T) present, row 2 (after T) absent");
         drop(rs);
+
+        let log = std::fs::read_to_string(cfg.with_extension("log"))?;
+        assert!(
+            log.lines().any(|l| l.contains("pg_receivewal exited; restarting")),
+            "the agent restarted pg_receivewal:\n{log}"
+        );
+
+        // `latest` replays every archived segment; --start-check recovers once and stops.
+        let latest = pgd.join("latest");
+        let r = json(&lifeboat(
+            &cluster,
+            &[
+                "restore", "postgres", "--source", "db", "--at", "latest", "--to",
+                latest.to_str().unwrap(), "--start-check", "--output", "json",
+            ],
+        ));
+        assert!(r["start_check_ms"].as_u64().is_some(), "{r}");
+        assert!(r["recovery_target_time"].is_null(), "{r}");
+        let rl = Pg::start(&latest)?;
+        assert!(!rl.in_recovery()?, "already recovered by --start-check");
+        assert_eq!(rl.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")?, "1,2");
+        drop(rl);
 
         // Restoring to a time before any base backup is an error.
         let out = lifeboat(
@@ -386,6 +417,105 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
         let e = apply_role(&nodir, "west", "east", 9).await.unwrap_err();
         assert!(e.to_string().contains("cannot be fenced"), "{e}");
         drop(replica);
+        Ok(())
+    })
+    .await
+}
+
+/// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test t14_postgres
+/// -- --ignored --nocapture measure`): a pgbench database (`LIFEBOAT_PGBENCH_SCALE`, default 70,
+/// about 1 GB); plain `pg_basebackup -D dir -c fast` versus Lifeboat's base backup until
+/// acknowledged; then a PITR restore until queries work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, minutes and several GB of disk"]
+async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
+    run("t14-measure", |dir| async move {
+        let scale = std::env::var("LIFEBOAT_PGBENCH_SCALE").unwrap_or_else(|_| "70".into());
+        let pgd = pg_dir(&dir)?;
+        let primary = Pg::init(&pgd.join("primary"))?;
+        let t0 = Instant::now();
+        let mut c = Command::new(Path::new(BIN).join("pgbench"));
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-i", "-q", "-s", &scale, "-p"])
+            .arg(primary.port.to_string())
+            .arg("postgres");
+        check(c, "pgbench -i")?;
+        let size: u64 = primary.psql("SELECT pg_database_size('postgres')")?.parse()?;
+        eprintln!("pgbench -i -s {scale}: {size} bytes in {:.1} s", t0.elapsed().as_secs_f64());
+        primary.psql("CHECKPOINT")?;
+
+        let local = pgd.join("plain-backup");
+        let t0 = Instant::now();
+        let mut c = as_postgres("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-c", "fast", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&local);
+        check(c, "pg_basebackup -D")?;
+        let plain = t0.elapsed();
+        eprintln!("pg_basebackup -D localdir -c fast: {:.2} s", plain.as_secs_f64());
+        std::fs::remove_dir_all(&local)?;
+
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbase_backup_interval_s = 36000\n",
+            primary.port
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        let t0 = Instant::now();
+        cluster.start_agent(&cfg)?;
+        wait_for("base backup acknowledged", 1800, || {
+            let p = catalog_paths(&cluster, "_snapshots/db/base");
+            Ok(p.iter().any(|p| p.ends_with(".tar.meta.json")))
+        })
+        .await?;
+        let acked = t0.elapsed();
+        let log = std::fs::read_to_string(cfg.with_extension("log"))?;
+        let taken = log.lines().find(|l| l.contains("postgres base backup taken")).unwrap_or("");
+        eprintln!(
+            "lifeboat base backup, agent start to acknowledged: {:.2} s (plain pg_basebackup {:.2} s)\n  {taken}",
+            acked.as_secs_f64(),
+            plain.as_secs_f64()
+        );
+
+        primary.psql("CREATE TABLE marker (id int)")?;
+        primary.psql("INSERT INTO marker VALUES (1)")?;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let t = jiff::Timestamp::now();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        primary.psql("INSERT INTO marker VALUES (2)")?;
+        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+        primary.psql("SELECT pg_switch_wal()")?;
+        let want = format!("_snapshots/db/wal/{seg}");
+        wait_for("WAL acknowledged", 300, || {
+            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
+        })
+        .await?;
+        settle(&data).await?;
+        let restored = pgd.join("restored");
+        let at = t.to_string();
+        let t0 = Instant::now();
+        let r = json(&lifeboat(
+            &cluster,
+            &["restore", "postgres", "--source", "db", "--at", &at, "--to",
+              restored.to_str().unwrap(), "--output", "json"],
+        ));
+        let restore = t0.elapsed();
+        let rs = Pg::start(&restored)?;
+        wait_for("restored server leaves recovery", 1800, || Ok(!rs.in_recovery()?)).await?;
+        let rows = rs.psql("SELECT string_agg(id::text, ',') FROM marker")?;
+        let total = t0.elapsed();
+        assert_eq!(rows, "1");
+        let accounts = rs.psql("SELECT count(*) FROM pgbench_accounts")?;
+        eprintln!(
+            "PITR: lifeboat restore postgres {:.2} s ({} bytes, {} WAL files); until queries work {:.2} s; pgbench_accounts rows {accounts}",
+            restore.as_secs_f64(),
+            r["base_bytes"],
+            r["wal_files"],
+            total.as_secs_f64()
+        );
+        drop(rs);
+        drop(primary);
         Ok(())
     })
     .await
