@@ -362,6 +362,16 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
             .args(["-R", "-X", "stream", "-c", "fast"]);
         check(c, "pg_basebackup -R")?;
         let replica = Pg::start(&rdata)?;
+        // A second standby, in the standby region "west".
+        let r2data = pgd.join("replica2");
+        let mut c = as_postgres("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&r2data)
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        check(c, "pg_basebackup -R (replica2)")?;
+        let replica2 = Pg::start(&r2data)?;
         assert!(
             replica.in_recovery()?,
             "streaming replica starts in recovery"
@@ -396,6 +406,23 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
         assert!(h.healthy && h.role == "primary", "{h:?}");
         let msg = apply_role(&rsrc, "east", "east", 7).await?;
         assert!(msg.contains("already primary"), "{msg}");
+
+        // A standby in the standby region is pointed at the active region's primary, once.
+        let mut r2src = replica2.source("db");
+        r2src
+            .primary_by_region
+            .insert("east".into(), format!("127.0.0.1:{}", replica.port));
+        let msg = apply_role(&r2src, "west", "east", 7).await?;
+        assert!(msg.contains("re-pointed"), "{msg}");
+        let conninfo = replica2.psql("SHOW primary_conninfo")?;
+        assert!(
+            conninfo.contains(&format!("port={}", replica.port)),
+            "{conninfo}"
+        );
+        assert!(replica2.in_recovery()?, "a standby stays a standby");
+        let msg = apply_role(&r2src, "west", "east", 7).await?;
+        assert!(msg.contains("already following"), "{msg}");
+        drop(replica2);
 
         // Standby region: the old primary is fenced (stopped); again: stays fenced.
         let msg = apply_role(&psrc, "west", "east", 7).await?;
