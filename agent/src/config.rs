@@ -124,6 +124,11 @@ pub struct Config {
     /// See [`crate::redis_source::RedisSourceConfig`]. Default none.
     #[serde(default)]
     pub redis_sources: Vec<crate::redis_source::RedisSourceConfig>,
+    /// PostgreSQL sources (`[[postgres_sources]]`): scheduled base backups and continuous WAL
+    /// archiving under `_snapshots/<name>/base/` and `_snapshots/<name>/wal/`, and the
+    /// promotion/fencing hooks (see `crate::pg_source`). Default none.
+    #[serde(default)]
+    pub postgres_sources: Vec<crate::pg_source::PostgresSourceConfig>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -244,6 +249,14 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// A `[[postgres_sources]]` entry is invalid.
+    #[error("config: postgres_sources {name:?}: {reason}")]
+    BadPostgresSource {
+        /// The source name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// A root name was not a single path component.
     #[error("config: paths.name {name:?} is invalid: {reason}")]
     BadRootName {
@@ -334,6 +347,7 @@ impl Config {
             replicas: Vec::new(),
             exec_sources: Vec::new(),
             redis_sources: Vec::new(),
+            postgres_sources: Vec::new(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -383,12 +397,14 @@ impl Config {
             && self.replicas.is_empty()
             && self.exec_sources.is_empty()
             && self.redis_sources.is_empty()
+            && self.postgres_sources.is_empty()
         {
             return Err(ConfigError::NoPaths);
         }
         self.validate_replicas()?;
         self.validate_exec_sources()?;
         crate::redis_source::validate(self)?;
+        crate::pg_source::validate_sources(self)?;
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),

@@ -1,4 +1,4 @@
-//! Types shared by the database sources (`[[redis_sources]]`, later PostgreSQL): the health probe
+//! Types shared by the database sources (`[[redis_sources]]`, `[[postgres_sources]]`): the health probe
 //! answer the failover side reads.
 
 use serde::{Deserialize, Serialize};

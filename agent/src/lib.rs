@@ -12,6 +12,8 @@
 //! - [`push`]: the gRPC client, the lazy part stream, leader following.
 //! - [`redis_source`]: `[[redis_sources]]`: RDB snapshots, `apply_role`, `health`.
 //! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
+//! - [`pg_source`]: `[[postgres_sources]]`: base backups and WAL archiving through the pipeline.
+//! - [`pg_role`] and [`db`]: PostgreSQL promotion/fencing ([`pg_role::apply_role`]) and health.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
 //!
@@ -26,6 +28,8 @@ pub mod config;
 pub mod db;
 pub mod delta;
 pub mod exec;
+pub mod pg_role;
+pub mod pg_source;
 pub mod push;
 pub mod redis_source;
 pub mod replica;

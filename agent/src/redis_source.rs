@@ -246,8 +246,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         }
         match (&s.schedule, s.interval_s) {
             (Some(c), None) => {
-                c.parse::<croner::Cron>()
-                    .map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
+                crate::pg_source::parse_cron(c).map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
             }
             (None, Some(0)) => return Err(bad("interval_s must be at least 1".into())),
             (None, Some(_)) => {}
@@ -436,13 +435,15 @@ fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
     let Some(cron) = src
         .schedule
         .as_deref()
-        .and_then(|c| c.parse::<croner::Cron>().ok())
+        .and_then(|c| crate::pg_source::parse_cron(c).ok())
     else {
         return Duration::from_secs(3600);
     };
-    let now = chrono::Utc::now();
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
     match cron.find_next_occurrence(&now, false) {
-        Ok(t) => (t - now).to_std().unwrap_or(Duration::from_secs(1)),
+        Ok(t) => Duration::from_millis(
+            (t.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(1000) as u64,
+        ),
         Err(e) => {
             tracing::error!(schedule = ?src.schedule, error = %e, "no next cron occurrence; retrying in an hour");
             Duration::from_secs(3600)

@@ -1,6 +1,6 @@
 //! `lifeboat`: the operator CLI (status, ls, versions, restore, certs) plus `demo` and `bench`.
 
-use lifeboat_cli::{conn, control, db_restore, demo, restore};
+use lifeboat_cli::{conn, control, db_restore, demo, pg_restore, restore};
 
 use std::path::PathBuf;
 
@@ -64,7 +64,7 @@ enum Cmd {
     /// `restore redis ...` restores a database snapshot instead.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Restore {
-        /// Restore a database snapshot instead of paths.
+        /// Restore a database snapshot instead of paths (`redis`, `postgres`).
         #[command(subcommand)]
         db: Option<Box<RestoreDb>>,
         /// Path prefix to restore (default: everything).
@@ -180,6 +180,32 @@ enum RestoreDb {
     /// Restore a Redis snapshot (`[[redis_sources]]`): the RDB, verified by blake3 against the
     /// catalog and its sidecar, written to --file or loaded into the Redis at --to.
     Redis(db_restore::RedisRestoreArgs),
+    /// Point-in-time recovery of a `[[postgres_sources]]` source into a new data directory: the
+    /// newest base backup ended before --at (blake3 verified against its sidecar), the archived
+    /// WAL from its start on, `recovery_target_time` and `recovery.signal`. Start PostgreSQL on
+    /// DATADIR to replay up to --at and promote.
+    Postgres {
+        /// Source name (the `name` of the agent's `[[postgres_sources]]` entry).
+        #[arg(long)]
+        source: String,
+        /// RFC 3339 target time, or `latest` (replay all archived WAL).
+        #[arg(long)]
+        at: String,
+        /// New data directory (must not exist or be empty).
+        #[arg(long)]
+        to: PathBuf,
+        /// OS user to own the files (default: `postgres` when run as root and it exists).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Start the server once, wait until recovery completes, stop it.
+        #[arg(long)]
+        start_check: bool,
+        /// PostgreSQL binaries (for --start-check).
+        #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+        bin_dir: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,6 +254,45 @@ enum CertsCmd {
         #[arg(long = "name", value_delimiter = ',')]
         names: Vec<String>,
     },
+}
+
+/// `lifeboat restore <DB> ...`.
+async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
+    match db {
+        RestoreDb::Redis(args) => {
+            let r = db_restore::restore_redis(&args).await?;
+            db_restore::print_restore(&r, output == Output::Json)?;
+        }
+        RestoreDb::Postgres {
+            source,
+            at,
+            to,
+            owner,
+            start_check,
+            bin_dir,
+            conn,
+        } => {
+            let opts = pg_restore::PgRestoreOpts {
+                source,
+                at,
+                to,
+                owner,
+                start_check,
+                bin_dir,
+            };
+            let r = pg_restore::restore_postgres(&conn, &opts).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "restored postgres {} from {} ({} bytes) and {} WAL files into {} in {} ms; start PostgreSQL on it to recover to {}",
+                    r.source, r.base_backup, r.base_bytes, r.wal_files, r.data_dir, r.elapsed_ms,
+                    r.recovery_target_time.as_deref().unwrap_or("the end of the archived WAL")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_at(at: &str) -> anyhow::Result<Option<i64>> {
@@ -432,11 +497,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_versions(&rows, output)?;
         }
-        Cmd::Restore { db: Some(db), .. } => {
-            let RestoreDb::Redis(args) = *db;
-            let r = db_restore::restore_redis(&args).await?;
-            db_restore::print_restore(&r, output == Output::Json)?;
-        }
         Cmd::Verify {
             cmd: VerifyCmd::Snapshot(args),
         } => {
@@ -450,6 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Restore { db: Some(db), .. } => restore_db(*db, output).await?,
         Cmd::Restore {
             db: None,
             path,

@@ -325,6 +325,8 @@ impl AgentService for Fake {
         Ok(Response::new(HeartbeatReply {
             epoch: st.epoch,
             leader_addr: String::new(),
+            active_region: String::new(),
+            region: String::new(),
         }))
     }
 }

@@ -1,0 +1,549 @@
+//! PostgreSQL sources against real PostgreSQL 15 servers (run as user `postgres`):
+//! (a) point-in-time recovery: the agent's base backup and archived WAL come back with
+//! `lifeboat restore postgres --at T`, and the restored server holds what was committed before T
+//! and nothing after; (c) a corrupted base backup blob is refused at restore;
+//! (b) `apply_role` promotes a streaming replica in the active region and fences a primary in a
+//! standby region; `health` reports the roles.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use lifeboat_agent::pg_role::{apply_role, health};
+use lifeboat_agent::pg_source::PostgresSourceConfig;
+use lifeboat_chaos_tests::*;
+use lifeboat_common::blob;
+use lifeboat_common::catalog::EntryKind;
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn free_port() -> u16 {
+    (15400..15999)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 15400..15999")
+}
+
+fn as_postgres(prog: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"])
+        .arg(Path::new(BIN).join(prog))
+        .current_dir("/");
+    c
+}
+
+fn check(mut c: Command, what: &str) -> anyhow::Result<String> {
+    let out = c.output().with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn chown_postgres(p: &Path) -> anyhow::Result<()> {
+    check(
+        {
+            let mut c = Command::new("chown");
+            c.args(["-R", "postgres:postgres"]).arg(p);
+            c
+        },
+        "chown",
+    )
+    .map(|_| ())
+}
+
+/// A PostgreSQL server on 127.0.0.1:`port`, data in `data`; stopped (immediate) on drop.
+struct Pg {
+    data: PathBuf,
+    port: u16,
+}
+
+impl Pg {
+    /// initdb (trust auth) + start.
+    fn init(data: &Path) -> anyhow::Result<Pg> {
+        std::fs::create_dir_all(data.parent().unwrap())?;
+        let mut c = as_postgres("initdb");
+        c.arg("-D")
+            .arg(data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"]);
+        check(c, "initdb")?;
+        Pg::start(data)
+    }
+
+    /// Starts an existing data directory on a free port (socket in the data dir's parent).
+    fn start(data: &Path) -> anyhow::Result<Pg> {
+        let port = free_port();
+        let sock = data.parent().unwrap();
+        let mut c = as_postgres("pg_ctl");
+        c.arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(data.with_extension("log"))
+            .arg("-o")
+            .arg(format!(
+                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c archive_mode=off",
+                sock.display()
+            ))
+            .args(["-w", "-t", "120", "start"]);
+        let pg = Pg {
+            data: data.to_path_buf(),
+            port,
+        };
+        if let Err(e) = check(c, "pg_ctl start") {
+            let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+            bail!("{e}\nserver log:\n{log}");
+        }
+        Ok(pg)
+    }
+
+    fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let mut c = Command::new(Path::new(BIN).join("psql"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+        ])
+        .args(["-v", "ON_ERROR_STOP=1", "-p"])
+        .arg(self.port.to_string())
+        .arg("-c")
+        .arg(sql);
+        check(c, &format!("psql {sql:?}"))
+    }
+
+    fn in_recovery(&self) -> anyhow::Result<bool> {
+        Ok(self.psql("SELECT pg_is_in_recovery()")? == "t")
+    }
+
+    /// `[[postgres_sources]]` entry for this server.
+    fn source(&self, name: &str) -> PostgresSourceConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": "postgres",
+            "data_dir": self.data,
+            "run_as": "postgres",
+            "base_backup_interval_s": 3600,
+        }))
+        .expect("source config")
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let mut c = as_postgres("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = c.output();
+    }
+}
+
+/// A scratch directory the `postgres` user can traverse, owned by it.
+fn pg_dir(scratch: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o711))?;
+    let d = scratch.join("pg");
+    std::fs::create_dir_all(&d)?;
+    chown_postgres(&d)?;
+    Ok(d)
+}
+
+fn catalog_paths(cluster: &Cluster, prefix: &str) -> Vec<String> {
+    let out = lifeboat(cluster, &["ls", prefix, "--output", "json"]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["path"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn wait_for(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if Instant::now() >= deadline => return Err(e.context(what.to_string())),
+            Err(_) => {}
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
+    run("t14-pitr", |dir| async move {
+        let pgd = pg_dir(&dir)?;
+        let primary = Pg::init(&pgd.join("primary"))?;
+        primary.psql("CREATE TABLE t (id int PRIMARY KEY, note text)")?;
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbase_backup_interval_s = 3600\nretention = {{ keep_last = 2 }}\n",
+            primary.port
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        cluster.start_agent(&cfg)?;
+
+        // The base backup (tar + sidecar) is acknowledged.
+        wait_for("base backup and sidecar in the catalog", 120, || {
+            let p = catalog_paths(&cluster, "_snapshots/db/base");
+            Ok(p.iter().any(|p| p.ends_with(".tar")) && p.iter().any(|p| p.ends_with(".tar.meta.json")))
+        })
+        .await?;
+        let base = catalog_paths(&cluster, "_snapshots/db/base");
+        let tar_path = base.iter().find(|p| p.ends_with(".tar")).unwrap().clone();
+        assert!(
+            tar_path.starts_with("_snapshots/db/base/") && tar_path.len() == "_snapshots/db/base/20261124T000000Z.tar".len(),
+            "{tar_path}"
+        );
+
+        // Row 1, then T, then row 2; switch WAL so the segment with row 2 is complete.
+        primary.psql("INSERT INTO t VALUES (1, 'before')")?;
+        // Cut the WAL stream: pg_receivewal exits and the agent restarts it (from its .partial).
+        wait_for("pg_receivewal connected", 30, || {
+            Ok(primary.psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_receivewal'")? == "1")
+        })
+        .await?;
+        let killed = primary.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'pg_receivewal'",
+        )?;
+        assert_eq!(killed, "t");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let t = jiff::Timestamp::now();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        primary.psql("INSERT INTO t VALUES (2, 'after')")?;
+        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+        primary.psql("SELECT pg_switch_wal()")?;
+        let want = format!("_snapshots/db/wal/{seg}");
+        wait_for(&format!("{want} in the catalog"), 120, || {
+            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
+        })
+        .await?;
+        settle(&data).await?;
+        // Acknowledged copies are removed locally; the WAL spool keeps at most the newest segment.
+        let left: Vec<_> = std::fs::read_dir(data.join("snapshots/db/base"))?.collect();
+        assert!(left.is_empty(), "acknowledged base backup files left: {left:?}");
+        let spooled = std::fs::read_dir(data.join("spool/pg-wal-db"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".partial"))
+            .count();
+        assert!(spooled <= 1, "{spooled} completed segments still spooled");
+
+        // Restore to T and recover.
+        let restored = pgd.join("restored");
+        let at = t.to_string();
+        let r = json(&lifeboat(
+            &cluster,
+            &[
+                "restore", "postgres", "--source", "db", "--at", &at, "--to",
+                restored.to_str().unwrap(), "--output", "json",
+            ],
+        ));
+        assert_eq!(r["base_backup"].as_str(), Some(tar_path.as_str()), "{r}");
+        assert!(r["wal_files"].as_u64().unwrap() >= 1, "{r}");
+        assert_eq!(r["owner"], "postgres");
+        assert!(restored.join("recovery.signal").exists());
+        assert!(restored.join("lifeboat_wal").join(&seg).exists(), "segment {seg} restored");
+        let conf = std::fs::read_to_string(restored.join("postgresql.auto.conf"))?;
+        assert!(conf.contains("recovery_target_time"), "{conf}");
+        let rs = Pg::start(&restored)?;
+        wait_for("restored server leaves recovery", 120, || Ok(!rs.in_recovery()?)).await?;
+        let rows = rs.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")?;
+        assert_eq!(rows, "1", "row 1 (before T) present, row 2 (after T) absent");
+        drop(rs);
+
+        let log = std::fs::read_to_string(cfg.with_extension("log"))?;
+        assert!(
+            log.lines().any(|l| l.contains("pg_receivewal exited; restarting")),
+            "the agent restarted pg_receivewal:\n{log}"
+        );
+
+        // `latest` replays every archived segment; --start-check recovers once and stops.
+        let latest = pgd.join("latest");
+        let r = json(&lifeboat(
+            &cluster,
+            &[
+                "restore", "postgres", "--source", "db", "--at", "latest", "--to",
+                latest.to_str().unwrap(), "--start-check", "--output", "json",
+            ],
+        ));
+        assert!(r["start_check_ms"].as_u64().is_some(), "{r}");
+        assert!(r["recovery_target_time"].is_null(), "{r}");
+        let rl = Pg::start(&latest)?;
+        assert!(!rl.in_recovery()?, "already recovered by --start-check");
+        assert_eq!(rl.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")?, "1,2");
+        drop(rl);
+
+        // Restoring to a time before any base backup is an error.
+        let out = lifeboat(
+            &cluster,
+            &[
+                "restore", "postgres", "--source", "db", "--at", "2020-01-01T00:00:00Z", "--to",
+                pgd.join("too-early").to_str().unwrap(),
+            ],
+        );
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no base backup"));
+
+        // (c) Corrupt the base backup's first blob on every coordinator: the restore fails,
+        // naming the corruption, and unpacks nothing.
+        let (rows, _) = restore::list(&cluster.conn(), "_snapshots/db/base/", None, false, false).await?;
+        let v = rows
+            .iter()
+            .find(|v| v.v.path == tar_path && v.v.kind == EntryKind::File)
+            .context("tar row")?;
+        let h = v.v.parts[0].hash;
+        wait_for("blob on every coordinator", 30, || Ok(cluster.local_blob_copies(&h) == cluster.coords.len())).await?;
+        for c in &cluster.coords {
+            let p = c.data_dir.join("blobs").join(h.key());
+            let mut b = std::fs::read(&p)?;
+            let at = (b.len() / 2).max(5);
+            b[at] ^= 0x5a;
+            std::fs::write(&p, &b)?;
+            assert!(blob::decode(&h, &b, lifeboat_common::PART_SIZE).is_err());
+        }
+        let bad = pgd.join("corrupt");
+        let out = lifeboat(
+            &cluster,
+            &[
+                "restore", "postgres", "--source", "db", "--at", &at, "--to",
+                bad.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "restore of a corrupted base backup succeeded");
+        assert!(err.contains("corrupt"), "error does not say corrupted: {err}");
+        assert!(!bad.join("PG_VERSION").exists(), "nothing unpacked from a corrupted backup");
+        drop(primary);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> {
+    run("t14-role", |dir| async move {
+        let pgd = pg_dir(&dir)?;
+        let primary = Pg::init(&pgd.join("primary"))?;
+        primary.psql("CREATE TABLE t (id int PRIMARY KEY)")?;
+        primary.psql("INSERT INTO t VALUES (1)")?;
+        let rdata = pgd.join("replica");
+        let mut c = as_postgres("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&rdata)
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        check(c, "pg_basebackup -R")?;
+        let replica = Pg::start(&rdata)?;
+        // A second standby, in the standby region "west".
+        let r2data = pgd.join("replica2");
+        let mut c = as_postgres("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&r2data)
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        check(c, "pg_basebackup -R (replica2)")?;
+        let replica2 = Pg::start(&r2data)?;
+        assert!(
+            replica.in_recovery()?,
+            "streaming replica starts in recovery"
+        );
+        assert!(
+            replica.psql("INSERT INTO t VALUES (2)").is_err(),
+            "a replica refuses writes"
+        );
+        primary.psql("INSERT INTO t VALUES (3)")?;
+        wait_for("row 3 replicated", 30, || {
+            Ok(replica.psql("SELECT count(*) FROM t")? == "2")
+        })
+        .await?;
+
+        let rsrc = replica.source("db");
+        let psrc = primary.source("db");
+        let h = health(&rsrc).await;
+        assert!(h.healthy && h.role == "replica", "{h:?}");
+        assert!(h.lag_bytes.is_some(), "{h:?}");
+        let h = health(&psrc).await;
+        assert!(
+            h.healthy && h.role == "primary" && h.lag_bytes.is_none(),
+            "{h:?}"
+        );
+
+        // Active region: the replica is promoted and takes writes; a second call is a no-op.
+        let msg = apply_role(&rsrc, "east", "east", 7).await?;
+        assert!(msg.contains("promoted") && msg.contains("epoch 7"), "{msg}");
+        assert!(!replica.in_recovery()?);
+        replica.psql("INSERT INTO t VALUES (4)")?;
+        let h = health(&rsrc).await;
+        assert!(h.healthy && h.role == "primary", "{h:?}");
+        let msg = apply_role(&rsrc, "east", "east", 7).await?;
+        assert!(msg.contains("already primary"), "{msg}");
+
+        // A standby in the standby region is pointed at the active region's primary, once.
+        let mut r2src = replica2.source("db");
+        r2src
+            .primary_by_region
+            .insert("east".into(), format!("127.0.0.1:{}", replica.port));
+        let msg = apply_role(&r2src, "west", "east", 7).await?;
+        assert!(msg.contains("re-pointed"), "{msg}");
+        let conninfo = replica2.psql("SHOW primary_conninfo")?;
+        assert!(
+            conninfo.contains(&format!("port={}", replica.port)),
+            "{conninfo}"
+        );
+        assert!(replica2.in_recovery()?, "a standby stays a standby");
+        let msg = apply_role(&r2src, "west", "east", 7).await?;
+        assert!(msg.contains("already following"), "{msg}");
+        drop(replica2);
+
+        // Standby region: the old primary is fenced (stopped); again: stays fenced.
+        let msg = apply_role(&psrc, "west", "east", 7).await?;
+        assert!(msg.contains("fenced"), "{msg}");
+        let h = health(&psrc).await;
+        assert!(
+            !h.healthy && h.role == "unknown",
+            "a stopped server is unhealthy: {h:?}"
+        );
+        assert!(
+            primary.psql("SELECT 1").is_err(),
+            "fenced primary refuses connections"
+        );
+        let msg = apply_role(&psrc, "west", "east", 8).await?;
+        assert!(msg.contains("not running"), "{msg}");
+        // Without data_dir a writable primary in a standby region cannot be fenced: an error.
+        let mut nodir = rsrc.clone();
+        nodir.data_dir = None;
+        let e = apply_role(&nodir, "west", "east", 9).await.unwrap_err();
+        assert!(e.to_string().contains("cannot be fenced"), "{e}");
+        drop(replica);
+        Ok(())
+    })
+    .await
+}
+
+/// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test t14_postgres
+/// -- --ignored --nocapture measure`): a pgbench database (`LIFEBOAT_PGBENCH_SCALE`, default 70,
+/// about 1 GB); plain `pg_basebackup -D dir -c fast` versus Lifeboat's base backup until
+/// acknowledged; then a PITR restore until queries work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, minutes and several GB of disk"]
+async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
+    run("t14-measure", |dir| async move {
+        let scale = std::env::var("LIFEBOAT_PGBENCH_SCALE").unwrap_or_else(|_| "70".into());
+        let pgd = pg_dir(&dir)?;
+        let primary = Pg::init(&pgd.join("primary"))?;
+        let t0 = Instant::now();
+        let mut c = Command::new(Path::new(BIN).join("pgbench"));
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-i", "-q", "-s", &scale, "-p"])
+            .arg(primary.port.to_string())
+            .arg("postgres");
+        check(c, "pgbench -i")?;
+        let size: u64 = primary.psql("SELECT pg_database_size('postgres')")?.parse()?;
+        eprintln!("pgbench -i -s {scale}: {size} bytes in {:.1} s", t0.elapsed().as_secs_f64());
+        primary.psql("CHECKPOINT")?;
+
+        let local = pgd.join("plain-backup");
+        let t0 = Instant::now();
+        let mut c = as_postgres("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-c", "fast", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&local);
+        check(c, "pg_basebackup -D")?;
+        let plain = t0.elapsed();
+        eprintln!("pg_basebackup -D localdir -c fast: {:.2} s", plain.as_secs_f64());
+        std::fs::remove_dir_all(&local)?;
+
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbase_backup_interval_s = 36000\n",
+            primary.port
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        let t0 = Instant::now();
+        cluster.start_agent(&cfg)?;
+        wait_for("base backup acknowledged", 1800, || {
+            let p = catalog_paths(&cluster, "_snapshots/db/base");
+            Ok(p.iter().any(|p| p.ends_with(".tar.meta.json")))
+        })
+        .await?;
+        let acked = t0.elapsed();
+        let log = std::fs::read_to_string(cfg.with_extension("log"))?;
+        let taken = log.lines().find(|l| l.contains("postgres base backup taken")).unwrap_or("");
+        eprintln!(
+            "lifeboat base backup, agent start to acknowledged: {:.2} s (plain pg_basebackup {:.2} s)\n  {taken}",
+            acked.as_secs_f64(),
+            plain.as_secs_f64()
+        );
+
+        primary.psql("CREATE TABLE marker (id int)")?;
+        primary.psql("INSERT INTO marker VALUES (1)")?;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let t = jiff::Timestamp::now();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        primary.psql("INSERT INTO marker VALUES (2)")?;
+        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+        primary.psql("SELECT pg_switch_wal()")?;
+        let want = format!("_snapshots/db/wal/{seg}");
+        wait_for("WAL acknowledged", 300, || {
+            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
+        })
+        .await?;
+        settle(&data).await?;
+        let restored = pgd.join("restored");
+        let at = t.to_string();
+        let t0 = Instant::now();
+        let r = json(&lifeboat(
+            &cluster,
+            &["restore", "postgres", "--source", "db", "--at", &at, "--to",
+              restored.to_str().unwrap(), "--output", "json"],
+        ));
+        let restore = t0.elapsed();
+        let rs = Pg::start(&restored)?;
+        wait_for("restored server leaves recovery", 1800, || Ok(!rs.in_recovery()?)).await?;
+        let rows = rs.psql("SELECT string_agg(id::text, ',') FROM marker")?;
+        let total = t0.elapsed();
+        assert_eq!(rows, "1");
+        let accounts = rs.psql("SELECT count(*) FROM pgbench_accounts")?;
+        eprintln!(
+            "PITR: lifeboat restore postgres {:.2} s ({} bytes, {} WAL files); until queries work {:.2} s; pgbench_accounts rows {accounts}",
+            restore.as_secs_f64(),
+            r["base_bytes"],
+            r["wal_files"],
+            total.as_secs_f64()
+        );
+        drop(rs);
+        drop(primary);
+        Ok(())
+    })
+    .await
+}
