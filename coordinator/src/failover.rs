@@ -307,7 +307,7 @@ pub fn step(
                     out.push(Action::Blocked {
                         reason: format!(
                             "last change of active region {} ms ago; minimum interval is {} ms",
-                            now_ms - last,
+                            now_ms.saturating_sub(last),
                             policy.min_failover_interval_ms
                         ),
                     });

@@ -11,6 +11,7 @@ pub mod config;
 pub mod failover;
 pub mod intake;
 pub mod leader;
+pub mod lease;
 pub mod node;
 pub mod raft;
 pub mod replication;
