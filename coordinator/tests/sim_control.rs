@@ -102,6 +102,9 @@ struct SimConfig {
     skip_on_became_leader: bool,
     /// Variant: regional leaders ignore refusals (keep their lease until it runs out).
     holder_ignores_refusals: bool,
+    /// Broken: a deposed global leader goes on granting leases (not committing) for this many
+    /// ms of simulated time, as a leader that does not confirm its leadership before a grant.
+    stale_leader_grants_ms: u64,
 }
 
 impl SimConfig {
@@ -122,6 +125,7 @@ impl SimConfig {
             heal_ms: 20_000,
             skip_on_became_leader: false,
             holder_ignores_refusals: false,
+            stale_leader_grants_ms: 0,
         }
     }
 }
@@ -155,6 +159,9 @@ struct Shared {
     cut: [[bool; N_HOSTS]; N_HOSTS],
     leader: Option<usize>,
     term: u64,
+    /// Simulated time (ms) of the driver's last step, and when each global node was deposed.
+    driver_ms: u64,
+    deposed_ms: [Option<u64>; N_GLOBAL],
     /// The committed control record (survives crashes), and every commit in order.
     committed: ControlRecord,
     commits: Vec<ControlRecord>,
@@ -192,6 +199,9 @@ impl Shared {
                     >= majority
         });
         if leader != self.leader {
+            if let Some(old) = self.leader {
+                self.deposed_ms[old] = Some(self.driver_ms);
+            }
             self.leader = leader;
             self.term += 1;
         }
@@ -267,11 +277,18 @@ struct GState {
     heard: BTreeMap<String, (u64, u64)>,
 }
 
-/// Makes sure `me` acts as leader of the current term; false if it is not leader.
+/// Makes sure `me` acts as leader of the current term; false if it is not leader (in the
+/// broken stale-leader variant, a recently deposed leader keeps acting with its old record).
 fn ensure_leader(s: &Shared, me: usize, st: &mut GState, now: u64) -> bool {
     if s.leader != Some(me) {
-        st.rec = None;
-        return false;
+        let stale = s.cfg.stale_leader_grants_ms > 0
+            && st.rec.is_some()
+            && s.deposed_ms[me]
+                .is_some_and(|d| Shared::now_sim_ms() < d + s.cfg.stale_leader_grants_ms);
+        if !stale {
+            st.rec = None;
+        }
+        return stale;
     }
     if st.rec.as_ref().map(|(t, _)| *t) != Some(s.term) {
         let mut rec = s.committed.clone();
@@ -286,8 +303,8 @@ fn ensure_leader(s: &Shared, me: usize, st: &mut GState, now: u64) -> bool {
 fn gl_tick(sh: &Sh, me: usize, st: &mut GState) -> Vec<(usize, Msg)> {
     let mut s = sh.borrow_mut();
     let now = s.local_now(me);
-    if !ensure_leader(&s, me, st, now) {
-        return Vec::new();
+    if !ensure_leader(&s, me, st, now) || s.leader != Some(me) {
+        return Vec::new(); // a deposed leader cannot commit, so it does not step
     }
     let policy = s.policy.clone();
     let (_, rec) = st.rec.as_mut().expect("leader has a record");
@@ -674,6 +691,8 @@ fn run_seed(seed: u64, cfg: &SimConfig) -> Result<Stats, String> {
         cut: [[false; N_HOSTS]; N_HOSTS],
         leader: None,
         term: 0,
+        driver_ms: 0,
+        deposed_ms: [None; N_GLOBAL],
         commits: Vec::new(),
         loss: 0.0,
         rng: StdRng::seed_from_u64(seed ^ 0x5eed),
@@ -713,6 +732,7 @@ fn run_seed(seed: u64, cfg: &SimConfig) -> Result<Stats, String> {
     let mut acked_at_heal_check = None;
     let mut t = 0u64;
     while t < total_ms {
+        shared.borrow_mut().driver_ms = t;
         if t >= next_fault && t < fault_end {
             inject_fault(&mut sim, &shared, &mut rng);
             stats.faults += 1;
@@ -986,4 +1006,20 @@ fn holders_ignoring_refusals_stay_safe() {
         panic!("seed {seed}: {e}");
     }
     assert!(stats.failovers > 0);
+}
+
+/// The simulation can fail: a deposed global leader that goes on granting leases for 3 s
+/// (it does not confirm its leadership with a quorum before each grant) extends the old region's
+/// lease past what the new leader assumed, and two regions accept writes at once.
+#[test]
+fn broken_stale_leader_grants_are_caught() {
+    let cfg = SimConfig {
+        stale_leader_grants_ms: 3000,
+        ..SimConfig::normal()
+    };
+    let seeds: Vec<u64> = (0..400).collect();
+    let (failed, _) = run_many(&seeds, &cfg, true);
+    let (seed, e) = failed.expect("a violation must be detected with stale-leader grants");
+    assert!(e.contains("rule 1"), "seed {seed}: {e}");
+    eprintln!("stale-leader grants caught at seed {seed}: {e}");
 }
