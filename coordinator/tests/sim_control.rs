@@ -105,6 +105,9 @@ struct SimConfig {
     /// Broken: a deposed global leader goes on granting leases (not committing) for this many
     /// ms of simulated time, as a leader that does not confirm its leadership before a grant.
     stale_leader_grants_ms: u64,
+    /// Scripted instead of random faults: region a is cut off until a failover to b starts,
+    /// then b's regional leader and agent crash for good and a is reachable again.
+    target_lost_script: bool,
 }
 
 impl SimConfig {
@@ -126,6 +129,7 @@ impl SimConfig {
             skip_on_became_leader: false,
             holder_ignores_refusals: false,
             stale_leader_grants_ms: 0,
+            target_lost_script: false,
         }
     }
 }
@@ -588,6 +592,8 @@ struct Stats {
     faults: u64,
     /// Digest of the committed records and acknowledged writes (for the determinism check).
     digest: u64,
+    /// Committed phases, for scenario checks.
+    phases: Vec<(Phase, u64)>,
 }
 
 fn check(s: &Shared, sim_ms: u64, checked_commits: &mut usize) -> Result<(), String> {
@@ -731,9 +737,44 @@ fn run_seed(seed: u64, cfg: &SimConfig) -> Result<Stats, String> {
     let mut healed = false;
     let mut acked_at_heal_check = None;
     let mut t = 0u64;
+    let mut script_stage = 0;
+    if cfg.target_lost_script {
+        healed = true;
+    }
     while t < total_ms {
         shared.borrow_mut().driver_ms = t;
-        if t >= next_fault && t < fault_end {
+        if cfg.target_lost_script {
+            let mut s = shared.borrow_mut();
+            if script_stage == 0 && t >= 1000 {
+                for i in 0..N_HOSTS {
+                    for j in 0..N_HOSTS {
+                        s.cut[i][j] = (host_region(i) == Some(0)) != (host_region(j) == Some(0));
+                    }
+                }
+                script_stage = 1;
+            } else if script_stage == 1
+                && matches!(&s.committed.phase, Phase::FailingOver { to, .. } if to == "b")
+            {
+                s.cut = [[false; N_HOSTS]; N_HOSTS];
+                for h in [RL[1], AGENT[1]] {
+                    s.alive[h] = false;
+                }
+                s.rl_pub[1] = None;
+                script_stage = 2;
+            }
+            if script_stage > 0 && script_stage < 3 {
+                s.recompute_leader();
+                let cut = s.cut;
+                let crash = script_stage == 2;
+                drop(s);
+                sync_links(&mut sim, &cut);
+                if crash {
+                    sim.crash(HOSTS[RL[1]]);
+                    sim.crash(HOSTS[AGENT[1]]);
+                    script_stage = 3;
+                }
+            }
+        } else if t >= next_fault && t < fault_end {
             inject_fault(&mut sim, &shared, &mut rng);
             stats.faults += 1;
             next_fault = t + rng.random_range(200..3000);
@@ -773,10 +814,19 @@ fn run_seed(seed: u64, cfg: &SimConfig) -> Result<Stats, String> {
             s.rl_pub
         ));
     }
-    if cfg.heal_ms >= 10_000 && acked_at_heal_check.is_some_and(|n| s.acked.len() <= n) {
+    // (Scripted loss of b: with synchronous replication nothing can be acknowledged without it.)
+    if cfg.heal_ms >= 10_000
+        && !cfg.target_lost_script
+        && acked_at_heal_check.is_some_and(|n| s.acked.len() <= n)
+    {
         return Err("liveness: no write acknowledged in the last 10 s after healing".into());
     }
     stats.acked = s.acked.len() as u64;
+    stats.phases = s
+        .commits
+        .iter()
+        .map(|c| (c.phase.clone(), c.epoch))
+        .collect();
     let trace = format!("{:?} {:?} {:?}", s.commits, s.acked, s.applied);
     stats.digest = trace.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
@@ -1022,4 +1072,39 @@ fn broken_stale_leader_grants_are_caught() {
     let (seed, e) = failed.expect("a violation must be detected with stale-leader grants");
     assert!(e.contains("rule 1"), "seed {seed}: {e}");
     eprintln!("stale-leader grants caught at seed {seed}: {e}");
+}
+
+/// Liveness when the failover target is lost before confirming its promotion: region a is cut
+/// off, the global group starts a failover to b, b's regional leader and agent then crash for
+/// good while a comes back. The record must not wait for b forever: after the minimum interval
+/// it fails over again, to a, under the next epoch, and a takes writes.
+#[test]
+fn a_failover_target_lost_before_confirming_is_replaced() {
+    let cfg = SimConfig {
+        target_lost_script: true,
+        fault_ms: 0,
+        heal_ms: 25_000,
+        ..SimConfig::normal()
+    };
+    let mut replaced = 0;
+    for seed in 0..6 {
+        let st = run_seed(seed, &cfg).unwrap_or_else(|e| {
+            panic!("seed {seed}: {e}\nreplay: LIFEBOAT_SIM_SEED={seed} (scripted test a_failover_target_lost_before_confirming_is_replaced)")
+        });
+        let b_confirmed = st
+            .phases
+            .iter()
+            .any(|(p, _)| matches!(p, Phase::Active { region } if region == "b"));
+        if b_confirmed {
+            continue; // b confirmed before it crashed: not this scenario
+        }
+        assert!(
+            st.phases.iter().any(|(p, e)| *e == 3
+                && matches!(p, Phase::FailingOver { from, to, .. } if from == "b" && to == "a")),
+            "seed {seed}: {:?}",
+            st.phases
+        );
+        replaced += 1;
+    }
+    assert!(replaced > 0, "no seed lost b before its confirmation");
 }
