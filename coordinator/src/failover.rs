@@ -325,6 +325,11 @@ pub fn step(
                     });
                     return out;
                 }
+                // Defensive: a new leader assumes a lease until its start + lease_ms (see
+                // `lease::on_became_leader`), in case an uncommitted completion was granted.
+                if now_ms < rec.lease_expiry_ms + policy.max_clock_drift_ms {
+                    return out;
+                }
                 start_failover(rec, views, &to, now_ms, policy, &mut out);
                 return out;
             }
