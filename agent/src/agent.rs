@@ -300,7 +300,7 @@ impl Agent {
                     self.client.clone(),
                     self.progress.clone(),
                     self.state.clone(),
-                    self.cfg.agent_id.clone(),
+                    Arc::new(self.cfg.clone()),
                     Duration::from_millis(self.cfg.heartbeat_ms),
                     helpers_rx.clone(),
                     Span::current(),
@@ -796,11 +796,13 @@ async fn heartbeat_loop(
     client: Arc<PushClient>,
     progress: Arc<Progress>,
     state: Arc<StateDb>,
-    agent_id: String,
+    cfg: Arc<Config>,
     every: Duration,
     mut stop: StopRx,
     agent_span: Span,
 ) {
+    let agent_id = cfg.agent_id.clone();
+    let db_roles = Arc::new(crate::db_roles::DbRoles::default());
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -832,6 +834,9 @@ async fn heartbeat_loop(
                     if let Ok(Err(err)) = r {
                         tracing::warn!(error = %err, "cannot persist epoch");
                     }
+                }
+                if reply.epoch >= progress.epoch.load(Ordering::Relaxed) {
+                    db_roles.offer(&cfg, reply.epoch, &reply.active_region);
                 }
                 if !reply.leader_addr.is_empty() {
                     client.coordinators.redirect(&reply.leader_addr);

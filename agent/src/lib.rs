@@ -26,6 +26,7 @@ pub mod agent;
 pub mod batch;
 pub mod config;
 pub mod db;
+pub mod db_roles;
 pub mod delta;
 pub mod exec;
 pub mod pg_role;

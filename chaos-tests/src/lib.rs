@@ -3,6 +3,8 @@
 
 #![warn(missing_docs)]
 
+pub mod redis_server;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -6,83 +6,15 @@
 //! corrupted on every coordinator is refused by restore and verify with a clear error.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
+use lifeboat_chaos_tests::redis_server::{get, set, wait_value, Redis};
 use lifeboat_chaos_tests::*;
 use lifeboat_cli::harness::free_port;
 use lifeboat_common::blob::{self, BlobHash};
-
-/// A redis-server on a free 127.0.0.1 port in its own dir; killed and reaped on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> anyhow::Result<Redis> {
-        Redis::start_with(dir, &[])
-    }
-
-    fn start_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Redis> {
-        std::fs::create_dir_all(dir)?;
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--repl-diskless-sync-delay",
-                "0",
-            ])
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start redis-server (install it: apt-get install redis-server)")?;
-        Ok(Redis { child, port })
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn con(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let c = async {
-                let client = redis::Client::open(format!("redis://{}/", self.addr()))?;
-                let mut c = client.get_multiplexed_async_connection().await?;
-                let _: String = redis::cmd("PING").query_async(&mut c).await?;
-                Ok::<_, redis::RedisError>(c)
-            }
-            .await;
-            match c {
-                Ok(c) => return Ok(c),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(e).context(format!("redis {} not up", self.addr()))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn source(name: &str, addr: &str, primaries: &[(&str, &str)]) -> RedisSourceConfig {
     let map: serde_json::Map<String, serde_json::Value> = primaries
@@ -93,32 +25,6 @@ fn source(name: &str, addr: &str, primaries: &[(&str, &str)]) -> RedisSourceConf
         "name": name, "addr": addr, "interval_s": 3600, "primary_by_region": map,
     }))
     .expect("source config")
-}
-
-async fn get(c: &mut redis::aio::MultiplexedConnection, k: &str) -> Option<String> {
-    redis::cmd("GET").arg(k).query_async(c).await.unwrap()
-}
-
-async fn set(
-    c: &mut redis::aio::MultiplexedConnection,
-    k: &str,
-    v: &str,
-) -> redis::RedisResult<()> {
-    redis::cmd("SET").arg(k).arg(v).query_async(c).await
-}
-
-/// Polls until `k` has value `v` on `c` (replication is asynchronous).
-async fn wait_value(
-    c: &mut redis::aio::MultiplexedConnection,
-    k: &str,
-    v: &str,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(c, k).await.as_deref() != Some(v) {
-        anyhow::ensure!(Instant::now() < deadline, "{k} never became {v:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

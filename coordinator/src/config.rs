@@ -456,6 +456,32 @@ mod tests {
     }
 
     #[test]
+    fn deploy_example_global_section_parses_and_validates() {
+        let text = include_str!("../../deploy/examples/coordinator.toml");
+        let uncommented: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [global]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let with: CoordinatorConfig = toml::from_str(&format!("{text}\n{uncommented}")).unwrap();
+        with.validate().expect("example with [global] validates");
+        let g = with.global.expect("global");
+        assert_eq!(
+            g.regions(),
+            vec!["local".to_string(), "us-east".to_string()]
+        );
+        assert!(g.topology().check().is_ok(), "two regions and a witness");
+        assert_eq!(g.traffic_hooks.len(), 2);
+        assert_eq!(g.policy.lease_ms, 1500);
+        // Without the witness, automatic failover is refused, with the reason.
+        let mut no_witness = g.clone();
+        no_witness.members.retain(|m| !m.witness);
+        let e = no_witness.topology().check().unwrap_err().to_string();
+        assert!(e.contains("witness"), "{e}");
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_option_named() {
         let base = "node_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n";
         let ok: CoordinatorConfig = toml::from_str(base).unwrap();

@@ -9,6 +9,8 @@
 //!                 budget (or availability first), min interval since the last failover──►
 //!                 FailingOver(A → B, e + 1)
 //! FailingOver(A → B, e + 1) ──B confirms promotion (orders done)──► Active(B, e + 1)
+//! FailingOver(A → B, e + 1) ──B unhealthy for detection_timeout before confirming, C healthy
+//!                 (C may be A), min interval since the last failover──► FailingOver(B → C, e + 2)
 //! ```
 //!
 //! Safety (the invariants the simulation checks):
@@ -305,62 +307,36 @@ pub fn step(
             if now_ms < rec.lease_expiry_ms + policy.max_clock_drift_ms {
                 return out; // wait until the old lease has surely expired (rule 1)
             }
-            if let Some(last) = rec.last_change_ms {
-                if now_ms < last + policy.min_failover_interval_ms {
+            start_failover(rec, views, &region, now_ms, policy, &mut out);
+        }
+        Phase::FailingOver { to, .. } => {
+            let target = view(&to);
+            if target.is_some_and(|v| v.healthy && v.promoted_epoch < rec.epoch) {
+                rec.last_healthy_ms = now_ms;
+            } else if target.is_none_or(|v| v.promoted_epoch < rec.epoch)
+                && now_ms.saturating_sub(rec.last_healthy_ms) >= policy.detection_timeout_ms
+            {
+                // The target was lost before it confirmed its promotion. It never held a lease
+                // (granted only once active) and the old region's lease expired before this
+                // failover started, so no region can hold one: fail over again, to another
+                // region, under a new epoch (subject to the same interval and RPO rules).
+                if !policy.automatic {
                     out.push(Action::Blocked {
                         reason: format!(
-                            "last change of active region {} ms ago; minimum interval is {} ms",
-                            now_ms - last,
-                            policy.min_failover_interval_ms
+                            "failover target {to} is lost but automatic failover is off: use `lifeboat switchover`"
                         ),
                     });
                     return out;
                 }
-            }
-            // Candidates: healthy regions other than the lost one, in topology order (views
-            // are given in that order), lowest lag first.
-            let mut candidates: Vec<&RegionView> = views
-                .iter()
-                .filter(|v| v.region != region && v.healthy)
-                .collect();
-            candidates.sort_by_key(|v| v.lag_ms);
-            let target = match policy.mode {
-                FailoverMode::ConsistencyFirst => {
-                    candidates.iter().find(|v| v.lag_ms <= policy.rpo_budget_ms)
+                // Defensive: a new leader assumes a lease until its start + lease_ms (see
+                // `lease::on_became_leader`), in case an uncommitted completion was granted.
+                if now_ms < rec.lease_expiry_ms + policy.max_clock_drift_ms {
+                    return out;
                 }
-                FailoverMode::AvailabilityFirst => candidates.first(),
-            };
-            match target {
-                None => out.push(Action::Blocked {
-                    reason: if candidates.is_empty() {
-                        "no healthy region to fail over to".to_string()
-                    } else {
-                        format!(
-                            "every healthy region lags more than the RPO budget of {} ms (best: {} at {} ms); policy is consistency-first",
-                            policy.rpo_budget_ms, candidates[0].region, candidates[0].lag_ms
-                        )
-                    },
-                }),
-                Some(t) => {
-                    rec.epoch += 1;
-                    rec.lease_holder = None;
-                    rec.last_change_ms = Some(now_ms);
-                    rec.phase = Phase::FailingOver {
-                        from: region.clone(),
-                        to: t.region.clone(),
-                        started_ms: now_ms,
-                    };
-                    out.push(Action::StartFailover {
-                        from: region,
-                        to: t.region.clone(),
-                        epoch: rec.epoch,
-                        expected_rpo_ms: t.lag_ms,
-                    });
-                }
+                start_failover(rec, views, &to, now_ms, policy, &mut out);
+                return out;
             }
-        }
-        Phase::FailingOver { to, .. } => {
-            if view(&to).is_some_and(|v| v.promoted_epoch >= rec.epoch) {
+            if target.is_some_and(|v| v.promoted_epoch >= rec.epoch) {
                 rec.phase = Phase::Active { region: to.clone() };
                 rec.last_healthy_ms = now_ms;
                 rec.lease_holder = Some(to.clone());
@@ -377,6 +353,74 @@ pub fn step(
         }
     }
     out
+}
+
+/// Moves the record to `FailingOver(lost → best candidate, epoch + 1)`, or explains in a
+/// `Blocked` action why not (minimum interval since the last change, no healthy candidate, RPO
+/// budget). The caller has checked that no region can still hold a lease.
+fn start_failover(
+    rec: &mut ControlRecord,
+    views: &[RegionView],
+    region: &str,
+    now_ms: u64,
+    policy: &Policy,
+    out: &mut Vec<Action>,
+) {
+    if let Some(last) = rec.last_change_ms {
+        if now_ms < last + policy.min_failover_interval_ms {
+            out.push(Action::Blocked {
+                reason: format!(
+                    "last change of active region {} ms ago; minimum interval is {} ms",
+                    now_ms.saturating_sub(last),
+                    policy.min_failover_interval_ms
+                ),
+            });
+            return;
+        }
+    }
+    // Candidates: healthy regions other than the lost one, in topology order (views
+    // are given in that order), lowest lag first.
+    let mut candidates: Vec<&RegionView> = views
+        .iter()
+        .filter(|v| v.region != region && v.healthy)
+        .collect();
+    candidates.sort_by_key(|v| v.lag_ms);
+    let target = match policy.mode {
+        FailoverMode::ConsistencyFirst => {
+            candidates.iter().find(|v| v.lag_ms <= policy.rpo_budget_ms)
+        }
+        FailoverMode::AvailabilityFirst => candidates.first(),
+    };
+    match target {
+        None => out.push(Action::Blocked {
+            reason: if candidates.is_empty() {
+                "no healthy region to fail over to".to_string()
+            } else {
+                format!(
+                    "every healthy region lags more than the RPO budget of {} ms (best: {} at {} ms); policy is consistency-first",
+                    policy.rpo_budget_ms, candidates[0].region, candidates[0].lag_ms
+                )
+            },
+        }),
+        Some(t) => {
+            rec.epoch += 1;
+            rec.lease_holder = None;
+            rec.last_change_ms = Some(now_ms);
+            // The target is healthy now: its loss during the failover is timed from here.
+            rec.last_healthy_ms = now_ms;
+            rec.phase = Phase::FailingOver {
+                from: region.to_string(),
+                to: t.region.clone(),
+                started_ms: now_ms,
+            };
+            out.push(Action::StartFailover {
+                from: region.to_string(),
+                to: t.region.clone(),
+                epoch: rec.epoch,
+                expected_rpo_ms: t.lag_ms,
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -627,5 +671,46 @@ mod tests {
             }
             assert!(active_changes <= 300);
         }
+    }
+    #[test]
+    fn a_target_lost_before_confirming_is_replaced_after_the_minimum_interval() {
+        let p = Policy {
+            min_failover_interval_ms: 5000,
+            lease_ms: 2000,
+            ..Default::default()
+        };
+        let mut r = ControlRecord::new("a", 0, &p);
+        // A lost: failover to B at 2250 (lease 2000 + drift 250).
+        for t in (100..=2300).step_by(100) {
+            step(&mut r, &views((false, 0), (true, 0), 0), t, &p);
+        }
+        assert!(matches!(&r.phase, Phase::FailingOver { to, .. } if to == "b"));
+        assert_eq!((r.epoch, r.last_change_ms), (2, Some(2300)));
+        // B is lost before confirming; A is back. Detection timeout, then the minimum interval.
+        let a = step(&mut r, &views((true, 0), (false, 0), 0), 3200, &p);
+        assert!(a.is_empty(), "{a:?}");
+        let a = step(&mut r, &views((true, 0), (false, 0), 0), 3300, &p);
+        assert!(
+            matches!(&a[0], Action::Blocked { reason } if reason.contains("minimum interval")),
+            "{a:?}"
+        );
+        assert_eq!(r.epoch, 2);
+        let a = step(&mut r, &views((true, 0), (false, 0), 0), 7300, &p);
+        assert_eq!(
+            a,
+            vec![Action::StartFailover {
+                from: "b".into(),
+                to: "a".into(),
+                epoch: 3,
+                expected_rpo_ms: 0
+            }]
+        );
+        assert_eq!(r.lease_holder, None);
+        // A healthy target that is merely slow to confirm is not replaced.
+        let mut r2 = r.clone();
+        for t in (7400..20_000).step_by(100) {
+            assert!(step(&mut r2, &views((true, 0), (true, 0), 0), t, &p).is_empty());
+        }
+        assert_eq!(r2.epoch, 3);
     }
 }

@@ -87,6 +87,10 @@ pub struct Regional {
 }
 
 struct LeaderWork {
+    /// Global Raft term this work belongs to (a new term re-runs `on_became_leader`).
+    term: u64,
+    /// Decisions computed but not yet committed: no lease is granted meanwhile.
+    pending: bool,
     rec: ControlRecord,
     committed_epoch: u64,
     last_renew: HashMap<String, u64>,
@@ -231,6 +235,10 @@ impl ControlRuntime {
         self.global.metrics().borrow().state == ServerState::Leader
     }
 
+    fn global_term(&self) -> u64 {
+        self.global.metrics().borrow().current_term
+    }
+
     async fn propose(&self, cmd: ControlCommand) -> Result<bool, String> {
         match self.global.client_write(RaftRequest::Control(cmd)).await {
             Ok(r) => Ok(r.data.accepted),
@@ -273,11 +281,12 @@ impl ControlRuntime {
             return;
         };
         let now = now_ms();
+        let term = self.global_term();
         {
             let mut l = self.leader.lock();
-            let stale = l
-                .as_ref()
-                .is_some_and(|w| w.committed_epoch != committed.epoch && w.switchover.is_none());
+            let stale = l.as_ref().is_some_and(|w| {
+                w.term != term || (w.committed_epoch != committed.epoch && w.switchover.is_none())
+            });
             if l.is_none() || stale {
                 let mut rec = committed.clone();
                 lease::on_became_leader(&mut rec, now, &state.policy);
@@ -286,6 +295,8 @@ impl ControlRuntime {
                 let prev = l.take();
                 tracing::info!(epoch = rec.epoch, active = %rec.active_region(), "global leader: control loop starts");
                 *l = Some(LeaderWork {
+                    term,
+                    pending: false,
                     failover_start_ms: prev.as_ref().and_then(|p| p.failover_start_ms),
                     rec,
                     committed_epoch: committed.epoch,
@@ -434,6 +445,14 @@ impl ControlRuntime {
                     });
                 }
             }
+            // Set under the same lock that changed the in-memory record: no renewal is granted
+            // under a decision before it is committed.
+            if commits
+                .iter()
+                .any(|c| matches!(c, ControlCommand::Decide { .. }))
+            {
+                w.pending = true;
+            }
         }
         for c in commits {
             let decide_epoch = match &c {
@@ -445,6 +464,7 @@ impl ControlRuntime {
                     if let Some(e) = decide_epoch {
                         if let Some(w) = self.leader.lock().as_mut() {
                             w.committed_epoch = e;
+                            w.pending = false;
                         }
                     }
                 }
@@ -739,7 +759,7 @@ impl ControlRuntime {
         };
         let sent = now_ms();
         let reply = if self.is_global_leader() {
-            self.handle_renew(req)
+            self.handle_renew(req).await
         } else if let Some((_, addr)) = self.global_leader() {
             call::<_, RenewReply>(&self.tls, &addr, "renew", &req, RPC_TIMEOUT).await
         } else {
@@ -757,14 +777,30 @@ impl ControlRuntime {
         }
     }
 
-    /// Grantor side of a renewal (global leader only).
+    /// Grantor side of a renewal (global leader only). Leadership is confirmed with a quorum
+    /// first (a deposed leader that still believes it leads must not grant: rule 1), and no
+    /// lease is granted while a decision is computed but not yet committed.
     ///
     /// Errors: `UNAVAILABLE` when this node does not lead the global group.
-    pub fn handle_renew(&self, req: RenewRequest) -> Result<RenewReply, Status> {
+    pub async fn handle_renew(&self, req: RenewRequest) -> Result<RenewReply, Status> {
+        let term = self.global_term();
+        match tokio::time::timeout(RPC_TIMEOUT, self.global.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(Status::unavailable(
+                    "leadership of the global group not confirmed by a quorum",
+                ))
+            }
+        }
         let mut guard = self.leader.lock();
         let Some(w) = guard.as_mut() else {
             return Err(Status::unavailable("not the global leader (or not ready)"));
         };
+        if w.term != term || w.pending {
+            return Err(Status::unavailable(
+                "a control decision is being committed; retry",
+            ));
+        }
         let policy = self.store.state().policy;
         if w.switchover.as_ref().is_some_and(|s| s.from == req.region) {
             return Ok(RenewReply {
@@ -882,7 +918,9 @@ impl ControlRuntime {
             return enc(&r);
         }
         match op {
-            "renew" => enc(&self.handle_renew(serde_json::from_slice(body).map_err(bad)?)?),
+            "renew" => enc(&self
+                .handle_renew(serde_json::from_slice(body).map_err(bad)?)
+                .await?),
             "report" => enc(&self.report()),
             "status" => enc(&self.status()?),
             "audit" => {
