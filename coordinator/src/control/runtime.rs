@@ -42,31 +42,72 @@ use crate::replication::{ReplicationStatus, Replicator};
 pub type GlobalRaft = openraft::Raft<TypeConfig>;
 
 /// Tick of both loops.
-const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(50);
 /// Timeout of one report or renewal RPC.
 const RPC_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// gRPC channels to other coordinators, kept open between calls (the control loops call every
+/// coordinator every tick; a new TLS connection per call would dominate detection time).
+pub struct Channels {
+    tls: TlsConfig,
+    map: Mutex<HashMap<String, tonic::transport::Channel>>,
+}
+
+impl Channels {
+    /// An empty cache.
+    pub fn new(tls: TlsConfig) -> Self {
+        Channels {
+            tls,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, addr: &str) -> Result<tonic::transport::Channel, Status> {
+        if let Some(c) = self.map.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .tls
+            .channel(addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.map.lock().insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.map.lock().remove(addr);
+    }
+}
 
 /// Calls `op` on `addr` with a JSON body and decodes the JSON reply.
 ///
 /// Errors: transport or server errors as `Status`.
 pub async fn call<B: Serialize, R: DeserializeOwned>(
-    tls: &TlsConfig,
+    channels: &Channels,
     addr: &str,
     op: &str,
     body: &B,
     timeout: Duration,
 ) -> Result<R, Status> {
-    let ch = tls
-        .channel(addr)
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut c = AdminServiceClient::new(ch);
+    let mut c = AdminServiceClient::new(channels.get(addr)?);
     let req = ControlRequest {
         op: op.into(),
         body: serde_json::to_vec(body).map_err(|e| Status::internal(e.to_string()))?,
     };
-    let reply = tokio::time::timeout(timeout, c.control(req))
-        .await
-        .map_err(|_| Status::deadline_exceeded(format!("{op} to {addr} timed out")))??;
+    let reply = match tokio::time::timeout(timeout, c.control(req)).await {
+        Err(_) => {
+            return Err(Status::deadline_exceeded(format!(
+                "{op} to {addr} timed out"
+            )))
+        }
+        Ok(Err(s)) => {
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                channels.forget(addr);
+            }
+            return Err(s);
+        }
+        Ok(Ok(r)) => r,
+    };
     serde_json::from_slice(&reply.into_inner().body)
         .map_err(|e| Status::internal(format!("bad {op} reply from {addr}: {e}")))
 }
@@ -135,6 +176,8 @@ pub struct ControlRuntime {
     pub cfg: GlobalConfig,
     /// TLS for RPCs to other coordinators.
     pub tls: TlsConfig,
+    /// Open channels to other coordinators.
+    channels: Arc<Channels>,
     /// Role shared with intake.
     pub role: Arc<Role>,
     /// Regional parts (None on the witness).
@@ -180,6 +223,7 @@ impl ControlRuntime {
             global,
             store,
             cfg,
+            channels: Arc::new(Channels::new(tls.clone())),
             tls,
             role,
             regional,
@@ -600,7 +644,7 @@ impl ControlRuntime {
     async fn poll_reports(&self) -> Vec<RegionReport> {
         let mut set = tokio::task::JoinSet::new();
         for m in self.cfg.members.iter().filter(|m| !m.witness) {
-            let tls = self.tls.clone();
+            let channels = self.channels.clone();
             let addr = m.addr.clone();
             let local = m.id == self.node_id;
             let me_report = local.then(|| self.report());
@@ -608,9 +652,15 @@ impl ControlRuntime {
                 if let Some(r) = me_report {
                     return Some(r);
                 }
-                call::<_, RegionReport>(&tls, &addr, "report", &serde_json::json!({}), RPC_TIMEOUT)
-                    .await
-                    .ok()
+                call::<_, RegionReport>(
+                    &channels,
+                    &addr,
+                    "report",
+                    &serde_json::json!({}),
+                    RPC_TIMEOUT,
+                )
+                .await
+                .ok()
             });
         }
         let mut best: BTreeMap<String, RegionReport> = BTreeMap::new();
@@ -761,7 +811,7 @@ impl ControlRuntime {
         let reply = if self.is_global_leader() {
             self.handle_renew(req).await
         } else if let Some((_, addr)) = self.global_leader() {
-            call::<_, RenewReply>(&self.tls, &addr, "renew", &req, RPC_TIMEOUT).await
+            call::<_, RenewReply>(&self.channels, &addr, "renew", &req, RPC_TIMEOUT).await
         } else {
             return;
         };
@@ -914,7 +964,7 @@ impl ControlRuntime {
                 .ok_or_else(|| Status::unavailable("no global leader elected"))?;
             let v: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
             let r: serde_json::Value =
-                call(&self.tls, &addr, op, &v, Duration::from_secs(10)).await?;
+                call(&self.channels, &addr, op, &v, Duration::from_secs(10)).await?;
             return enc(&r);
         }
         match op {
