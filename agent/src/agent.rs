@@ -818,6 +818,7 @@ async fn heartbeat_loop(
             pending_changes: progress.pending_changes.load(Ordering::Relaxed),
             bytes_sent: sent.full.load(Ordering::Relaxed) + sent.delta.load(Ordering::Relaxed),
             changes_acked: progress.changes_acked.load(Ordering::Relaxed),
+            checks: crate::checks::run_all(&cfg).await,
         };
         let result = tokio::select! {
             r = client.heartbeat(req) => r,

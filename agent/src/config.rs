@@ -129,6 +129,10 @@ pub struct Config {
     /// promotion/fencing hooks (see `crate::pg_source`). Default none.
     #[serde(default)]
     pub postgres_sources: Vec<crate::pg_source::PostgresSourceConfig>,
+    /// Health checks (`[[checks]]`, see `crate::checks`) run before every heartbeat; a failing
+    /// check makes this agent's region unhealthy for the failover decision. Default none.
+    #[serde(default)]
+    pub checks: Vec<crate::checks::CheckConfig>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -249,6 +253,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// A `[[checks]]` entry is invalid.
+    #[error("config: {0}")]
+    BadCheck(String),
     /// A `[[postgres_sources]]` entry is invalid.
     #[error("config: postgres_sources {name:?}: {reason}")]
     BadPostgresSource {
@@ -348,6 +355,7 @@ impl Config {
             exec_sources: Vec::new(),
             redis_sources: Vec::new(),
             postgres_sources: Vec::new(),
+            checks: Vec::new(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -405,6 +413,7 @@ impl Config {
         self.validate_exec_sources()?;
         crate::redis_source::validate(self)?;
         crate::pg_source::validate_sources(self)?;
+        crate::checks::validate(self).map_err(ConfigError::BadCheck)?;
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),

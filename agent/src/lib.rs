@@ -24,6 +24,7 @@
 
 pub mod agent;
 pub mod batch;
+pub mod checks;
 pub mod config;
 pub mod db;
 pub mod db_roles;

@@ -410,12 +410,26 @@ impl ControlRuntime {
                         Action::Suspect { region } => {
                             decide = true;
                             w.failover_start_ms = Some(before.last_healthy_ms);
+                            let why = w
+                                .reports
+                                .get(&region)
+                                .map(|(t, r)| {
+                                    let age = now.saturating_sub(*t);
+                                    if age > policy.detection_timeout_ms {
+                                        format!("no report for {age} ms")
+                                    } else if r.detail.is_empty() {
+                                        "no lease renewal".to_string()
+                                    } else {
+                                        r.detail.clone()
+                                    }
+                                })
+                                .unwrap_or_else(|| "never reported".into());
                             audit_entries.push(audit(
                                 w.rec.epoch,
                                 actor.clone(),
                                 "suspect",
                                 format!(
-                                    "{region} unhealthy for {} ms: lease renewals refused",
+                                    "{region} unhealthy for {} ms ({why}): lease renewals refused",
                                     policy.detection_timeout_ms
                                 ),
                                 "started",
@@ -702,6 +716,19 @@ impl ControlRuntime {
             .filter(|(t, _)| t.elapsed() < Duration::from_secs(5))
             .count() as u64;
         let standby = self.role.is_standby();
+        // Failing agent checks (`[[checks]]`) of agents heard from in the last 5 s.
+        let failing: Vec<String> = reg
+            .agents
+            .lock()
+            .iter()
+            .filter(|(_, (t, _))| t.elapsed() < Duration::from_secs(5))
+            .flat_map(|(id, (_, hb))| {
+                hb.checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(move |c| format!("agent {id} check {} failed: {}", c.name, c.detail))
+            })
+            .collect();
         let (healthy, detail) = if !leading {
             (false, "not the regional leader".to_string())
         } else if standby {
@@ -713,6 +740,11 @@ impl ControlRuntime {
             }
         } else {
             (true, String::new())
+        };
+        let (healthy, detail) = if healthy && !failing.is_empty() {
+            (false, failing.join("; "))
+        } else {
+            (healthy, detail)
         };
         let pending = if leading {
             std::mem::take(&mut self.local.lock().pending_audit)
@@ -862,7 +894,12 @@ impl ControlRuntime {
             });
         }
         let now = now_ms();
-        match lease::grant(&mut w.rec, &req.region, req.epoch, now, &policy) {
+        // Health is decided from the region reports (`views`), not from renewals alone: a
+        // region whose agents' checks fail keeps renewing until it is suspect.
+        let last_healthy = w.rec.last_healthy_ms;
+        let granted = lease::grant(&mut w.rec, &req.region, req.epoch, now, &policy);
+        w.rec.last_healthy_ms = last_healthy;
+        match granted {
             Ok(ms) => {
                 w.last_renew.insert(req.region.clone(), now);
                 Ok(RenewReply {
