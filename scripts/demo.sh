@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds every Lifeboat binary (release) and runs `lifeboat demo` with the given arguments:
-# a local 3-coordinator cluster on loopback that replicates a real directory, SIGKILLs the Raft
-# leader mid-stream, restores, and proves every byte came back. Exits non-zero if anything differs.
+# Builds every Lifeboat binary (release) and runs `lifeboat demo` with the given arguments: two
+# local regions of 3 coordinators each and a witness on loopback; region a replicates a real
+# directory, region b keeps a warm replica; every process of region a is SIGKILLed; prints the
+# measured RTO and RPO, restarts region a as a standby. Exits non-zero if anything acknowledged
+# is missing in region b. `--single-region` runs the in-region leader-kill demo instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
