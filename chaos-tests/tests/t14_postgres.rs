@@ -16,13 +16,10 @@ use lifeboat_chaos_tests::*;
 use lifeboat_common::blob;
 use lifeboat_common::catalog::EntryKind;
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+// `free_port` never hands out a port twice in this process: the two tests run in parallel.
+use lifeboat_cli::harness::free_port;
 
-fn free_port() -> u16 {
-    (15400..15999)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port in 15400..15999")
-}
+const BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn as_postgres(prog: &str) -> Command {
     let mut c = Command::new("runuser");
