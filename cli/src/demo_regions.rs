@@ -48,6 +48,14 @@ pub struct RegionDemoSummary {
     pub differences: Vec<String>,
 }
 
+/// Hooks of regions a and b that both write "EPOCH ACTIVE PREVIOUS" into `marker`.
+fn marker_hooks(marker: &Path) -> BTreeMap<String, String> {
+    ["a", "b"]
+        .iter()
+        .map(|r| (r.to_string(), hook_toml(r, marker)))
+        .collect()
+}
+
 fn hook_toml(region: &str, marker: &Path) -> String {
     format!(
         "[[global.traffic_hooks]]\nkind = \"exec\"\nname = \"point-traffic-at-{region}\"\ncommand = [\"sh\", \"-c\", \"echo $LIFEBOAT_EPOCH $LIFEBOAT_ACTIVE_REGION $LIFEBOAT_PREVIOUS_REGION > {m}.tmp && mv {m}.tmp {m}\"]\n",
@@ -114,13 +122,10 @@ async fn wait_equal(a: &Path, b: &Path, timeout: Duration) -> anyhow::Result<boo
 async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDemoSummary> {
     let work = prepare_work(args, wd, json)?;
     let marker = wd.join("traffic-points-at");
-    let mut hooks = BTreeMap::new();
-    hooks.insert("a".to_string(), hook_toml("a", &marker));
-    hooks.insert("b".to_string(), hook_toml("b", &marker));
     let mut regions = Regions::start(
         &wd.join("regions"),
         &RegionsOpts {
-            hooks_toml: hooks,
+            hooks_toml: marker_hooks(&marker),
             ..Default::default()
         },
     )?;
@@ -276,13 +281,10 @@ pub struct FailoverBenchArgs {
 pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
     let wd = workdir(&args.workdir, "bench-failover")?;
     let marker = wd.join("traffic");
-    let mut hooks = BTreeMap::new();
-    hooks.insert("a".to_string(), hook_toml("a", &marker));
-    hooks.insert("b".to_string(), hook_toml("b", &marker));
     let mut regions = Regions::start(
         &wd.join("regions"),
         &RegionsOpts {
-            hooks_toml: hooks,
+            hooks_toml: marker_hooks(&marker),
             policy_toml: "min_failover_interval_ms = 0\n".into(),
             ..Default::default()
         },
