@@ -41,6 +41,24 @@ impl Scratch {
     }
 }
 
+/// Runs the `lifeboat` CLI against every coordinator (and the witness) of `regions`.
+///
+/// Panics if the binary cannot be spawned (a test setup bug).
+pub fn run_cli(regions: &lifeboat_cli::regions::Regions, args: &[&str]) -> std::process::Output {
+    let bin = lifeboat_cli::harness::bin_dir()
+        .expect("binaries built")
+        .join("lifeboat");
+    let conn = regions.conn();
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--coordinator")
+        .arg(conn.coordinators.join(","))
+        .arg("--tls-dir")
+        .arg(conn.tls_dir.expect("dev CA"))
+        .output()
+        .expect("run lifeboat")
+}
+
 /// Restores the latest version of `prefix` through `cluster` into `to`.
 ///
 /// Errors: restore failures.

@@ -13,19 +13,6 @@ use lifeboat_chaos_tests::*;
 use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_cli::tree;
 
-fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
-    let conn = regions.conn();
-    std::process::Command::new(bin)
-        .args(args)
-        .arg("--coordinator")
-        .arg(conn.coordinators.join(","))
-        .arg("--tls-dir")
-        .arg(conn.tls_dir.unwrap())
-        .output()
-        .expect("run lifeboat")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> anyhow::Result<()> {
     run("t15", |dir| async move {

@@ -99,17 +99,21 @@ pub fn print_status(s: &Value) {
     println!("  regions:");
     for r in s["regions"].as_array().into_iter().flatten() {
         println!(
-            "    {:<10} {:<8} {:<9} leader node {:<3} lag {} ms / {} entries  promoted epoch {}  agents {}{}",
+            "    {:<10} {:<8} {:<9} leader node {:<3} lag {} ms / {} entries / {} bytes  promoted epoch {}  agents {}{}",
             r["region"].as_str().unwrap_or("?"),
             r["role"].as_str().unwrap_or("?"),
             if r["healthy"].as_bool() == Some(true) { "healthy" } else { "UNHEALTHY" },
             r["node_id"],
             r["lag_ms"],
             r["lag_entries"],
+            r["lag_bytes"],
             r["promoted_epoch"],
             r["agents"],
             r["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!("  ({d})")).unwrap_or_default()
         );
+        if r["sync_degraded"] == true {
+            println!("               synchronous replication DEGRADED: no standby confirmed in time; acknowledging after the local majority commit");
+        }
     }
 }
 
@@ -123,10 +127,7 @@ pub async fn switchover(
     failback: bool,
     wait: Duration,
 ) -> anyhow::Result<Value> {
-    let actor = format!(
-        "operator {} via lifeboat CLI",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-    );
+    let actor = operator();
     let started = Instant::now();
     let r = call(
         conn,
@@ -201,6 +202,53 @@ pub fn print_plan(p: &Value) {
     match p["refused"].as_str() {
         Some(r) => println!("the policy would REFUSE this failover now: {r}"),
         None => println!("the policy would allow this failover now"),
+    }
+}
+
+/// Who runs this CLI, for the audit log: `operator USER via lifeboat CLI`.
+pub fn operator() -> String {
+    format!(
+        "operator {} via lifeboat CLI",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
+/// Prints a `topology` reply.
+pub fn print_topology(v: &Value) {
+    println!(
+        "regions (failover preference): {}",
+        v["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    match v["automatic"].get("Err").and_then(|e| e.as_str()) {
+        Some(e) => println!("automatic failover: REFUSED ({e})"),
+        None => println!("automatic failover: allowed by this topology"),
+    }
+    let voters: Vec<u64> = v["voters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_u64())
+        .collect();
+    for m in v["members"].as_array().into_iter().flatten() {
+        let id = m["id"].as_u64().unwrap_or(0);
+        println!(
+            "  {:>4} {:<22} {:<12} {}{}",
+            id,
+            m["addr"].as_str().unwrap_or(""),
+            m["region"].as_str().unwrap_or(""),
+            if m["witness"] == true { "witness " } else { "" },
+            if voters.contains(&id) {
+                "voter"
+            } else {
+                "NOT A VOTER YET"
+            }
+        );
     }
 }
 

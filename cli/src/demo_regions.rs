@@ -349,3 +349,151 @@ pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&wd);
     Ok(())
 }
+
+/// Options of `lifeboat bench-lag`.
+#[derive(Args, Debug, Clone)]
+pub struct LagBenchArgs {
+    /// Rate at which the source changes, MB/s (new 1 MiB-scale files, incompressible half).
+    #[arg(long, default_value_t = 20.0)]
+    pub mb_per_s: f64,
+    /// How long the source changes, seconds.
+    #[arg(long, default_value_t = 20)]
+    pub secs: u64,
+    /// Where to work (default: a new directory in /tmp, removed afterwards).
+    #[arg(long)]
+    pub workdir: Option<std::path::PathBuf>,
+}
+
+/// Figures of `lifeboat bench-lag`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LagBenchSummary {
+    /// Rate asked, MB/s.
+    pub target_mb_per_s: f64,
+    /// Rate the writer achieved, MB/s.
+    pub written_mb_per_s: f64,
+    /// Bytes written.
+    pub written_bytes: u64,
+    /// Lag samples taken on B's leader (every 100 ms while the source changed).
+    pub samples: usize,
+    /// Replication lag of B behind A (age of the oldest change committed in A and not yet in B),
+    /// median, ms.
+    pub lag_p50_ms: i64,
+    /// 99th percentile, ms.
+    pub lag_p99_ms: i64,
+    /// Worst sample, ms.
+    pub lag_max_ms: i64,
+    /// Worst lag in bytes.
+    pub lag_max_bytes: u64,
+    /// From the end of writing until the agent had everything acknowledged (and B, synchronously,
+    /// committed it), ms.
+    pub drain_ms: u64,
+}
+
+/// `lifeboat bench-lag`: two regions (3 + 3 coordinators and a witness, default settings, so
+/// synchronous replication), an agent in A protecting a directory that changes at `mb_per_s`
+/// for `secs` seconds; samples B's replication lag (ms and bytes) on B's leader every 100 ms and
+/// prints p50 / p99 / max (target: p99 <= 1000 ms at 20 MB/s).
+///
+/// Errors: set-up failures, or the agent not draining within 5 minutes.
+pub async fn bench_lag(args: LagBenchArgs, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let wd = workdir(&args.workdir, "bench-lag")?;
+    let mut regions = Regions::start(&wd.join("regions"), &RegionsOpts::default())?;
+    regions.wait_active("a", 1, Duration::from_secs(60)).await?;
+    let src = wd.join("src");
+    std::fs::create_dir_all(&src)?;
+    let (cfg, data) = regions
+        .region("a")
+        .write_agent_config("agent-a", &[("data", &src)], "")?;
+    regions.region_mut("a").start_agent(&cfg)?;
+    wait_agent_idle(&data, Duration::from_millis(500), Duration::from_secs(120)).await?;
+
+    // The writer: every 50 ms one new file of rate/20 bytes (a rotating set of 200 names).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chunk = ((args.mb_per_s * 1e6) / 20.0) as usize;
+    let writer = {
+        let (src, stop, secs) = (src.clone(), stop.clone(), args.secs);
+        std::thread::spawn(move || -> anyhow::Result<(u64, f64)> {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+            let mut buf = vec![0u8; chunk];
+            let start = Instant::now();
+            let mut written = 0u64;
+            let mut i = 0u64;
+            while start.elapsed() < Duration::from_secs(secs)
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let due = start + Duration::from_millis(50 * i);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                rng.fill(&mut buf[..chunk / 2]);
+                buf[chunk / 2..].fill((i % 251) as u8);
+                let tmp = src.join(format!(".f{}.tmp", i % 200));
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&buf)?;
+                drop(f);
+                std::fs::rename(&tmp, src.join(format!("f{}.bin", i % 200)))?;
+                written += chunk as u64;
+                i += 1;
+            }
+            Ok((written, start.elapsed().as_secs_f64()))
+        })
+    };
+    let b = regions.region("b");
+    let mut samples: Vec<(i64, u64)> = Vec::new();
+    while !writer.is_finished() {
+        let mut best: Option<lifeboat_proto::StatusReply> = None;
+        for i in 0..b.coords.len() {
+            if let Some(s) = b.status_of(i).await {
+                if s.state == "Leader" {
+                    best = Some(s);
+                    break;
+                }
+            }
+        }
+        if let Some(s) = best {
+            samples.push((s.lag_ms, s.lag_bytes));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (written, secs) = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+    let end = Instant::now();
+    wait_agent_idle(&data, Duration::from_millis(500), Duration::from_secs(300)).await?;
+    let drain_ms = end.elapsed().as_millis() as u64;
+    anyhow::ensure!(!samples.is_empty(), "no lag sample from B's leader");
+    let mut ms: Vec<i64> = samples.iter().map(|s| s.0).collect();
+    ms.sort_unstable();
+    let pct = |p: f64| ms[(((ms.len() - 1) as f64) * p).round() as usize];
+    let sum = LagBenchSummary {
+        target_mb_per_s: args.mb_per_s,
+        written_mb_per_s: written as f64 / 1e6 / secs,
+        written_bytes: written,
+        samples: ms.len(),
+        lag_p50_ms: pct(0.5),
+        lag_p99_ms: pct(0.99),
+        lag_max_ms: *ms.last().unwrap_or(&0),
+        lag_max_bytes: samples.iter().map(|s| s.1).max().unwrap_or(0),
+        drain_ms,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&sum)?);
+    } else {
+        println!(
+            "bench-lag: target_mb_per_s={:.1} written_mb_per_s={:.1} samples={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={} lag_max_bytes={} drain_ms={} (target: p99 <= 1000 ms)",
+            sum.target_mb_per_s,
+            sum.written_mb_per_s,
+            sum.samples,
+            sum.lag_p50_ms,
+            sum.lag_p99_ms,
+            sum.lag_max_ms,
+            sum.lag_max_bytes,
+            sum.drain_ms
+        );
+    }
+    drop(regions);
+    let _ = std::fs::remove_dir_all(&wd);
+    Ok(())
+}

@@ -128,6 +128,10 @@ enum Cmd {
     /// detection settings; prints RTO median and worst.
     #[command(name = "bench-failover")]
     BenchFailover(lifeboat_cli::demo_regions::FailoverBenchArgs),
+    /// Cross-region lag benchmark: the source changes at --mb-per-s (default 20) for --secs;
+    /// prints the standby region's replication lag p50 / p99 / max (ms) and worst lag in bytes.
+    #[command(name = "bench-lag")]
+    BenchLag(lifeboat_cli::demo_regions::LagBenchArgs),
     /// Benchmark: initial sync, ~1% change, restore and agent RSS on a real tree with a 200 MB file.
     Bench(demo::BenchArgs),
     /// Planned switchover to another region: fences the active region (its lease is no longer
@@ -170,6 +174,50 @@ enum Cmd {
         /// Most entries (newest last).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The global group's topology (every coordinator of every region and the witness): show
+    /// it, or add / remove a voter. Automatic failover is re-evaluated after every change (two
+    /// regions need a witness).
+    Topology {
+        #[command(subcommand)]
+        action: TopologyCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCmd {
+    /// Voters, regions in failover preference order, and whether automatic failover is allowed.
+    Show {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add a running coordinator (started with `[global] join = true`, its config listing the
+    /// current members plus itself): it joins as a learner, catches up, then votes.
+    Add {
+        /// Its node id (unique in the deployment).
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address, as the other coordinators reach it.
+        #[arg(long)]
+        addr: String,
+        /// Its region (a new name adds a region, last in failover preference), or the witness
+        /// site's name with --witness.
+        #[arg(long)]
+        region: String,
+        /// The node is a witness (votes, hosts no region).
+        #[arg(long)]
+        witness: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Remove a voter (refused for the global leader itself and for the last coordinator of the
+    /// active region). Stop its process afterwards.
+    Remove {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -380,6 +428,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 control::print_plan(&p);
             }
         }
+        Cmd::Topology { action } => {
+            let (conn, body) = match action {
+                TopologyCmd::Show { conn } => (conn, serde_json::json!({"action": "show"})),
+                TopologyCmd::Add {
+                    id,
+                    addr,
+                    region,
+                    witness,
+                    conn,
+                } => (
+                    conn,
+                    serde_json::json!({"action": "add", "id": id, "addr": addr, "region": region,
+                        "witness": witness, "actor": control::operator()}),
+                ),
+                TopologyCmd::Remove { id, conn } => (
+                    conn,
+                    serde_json::json!({"action": "remove", "id": id, "actor": control::operator()}),
+                ),
+            };
+            let v = control::call(&conn, "topology", body).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                control::print_topology(&v);
+            }
+        }
         Cmd::Audit { limit, conn } => {
             let v = control::call(&conn, "audit", serde_json::json!({ "limit": limit })).await?;
             if output == Output::Json {
@@ -410,7 +484,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "entries": s.entries, "bytes": s.bytes, "versions": s.versions,
                     "role": s.role, "upstream_seq": s.upstream_seq,
                     "upstream_last_seq": s.upstream_last_seq, "lag_entries": s.lag_entries,
-                    "lag_ms": s.lag_ms, "replication_state": s.replication_state,
+                    "lag_bytes": s.lag_bytes, "lag_ms": s.lag_ms, "replication_state": s.replication_state,
                     "replication_error": s.replication_error,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -446,11 +520,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 if s.role == "standby" {
                     println!(
-                        "replication: standby, {}  upstream seq {} of {}  lag {} entries, {} ms",
+                        "replication: standby, {}  upstream seq {} of {}  lag {} entries, {} bytes, {} ms",
                         s.replication_state,
                         s.upstream_seq,
                         s.upstream_last_seq,
                         s.lag_entries,
+                        s.lag_bytes,
                         s.lag_ms
                     );
                     if !s.replication_error.is_empty() {
@@ -641,6 +716,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(args) => demo::run_bench(args, output == Output::Json).await?,
         Cmd::BenchFailover(args) => {
             lifeboat_cli::demo_regions::bench(args, output == Output::Json).await?
+        }
+        Cmd::BenchLag(args) => {
+            lifeboat_cli::demo_regions::bench_lag(args, output == Output::Json).await?
         }
     }
     Ok(())

@@ -49,6 +49,12 @@ pub struct Regions {
     pub regions: BTreeMap<String, Cluster>,
     /// The witness (a one-node cluster whose coordinator votes in the global group only).
     pub witness: Option<Cluster>,
+    /// `[[global.members]]` tables of the founding voters.
+    members_toml: String,
+    /// The options the deployment started with.
+    opts: RegionsOpts,
+    /// Next unused node id.
+    next_id: u64,
 }
 
 impl Regions {
@@ -127,7 +133,41 @@ impl Regions {
             dir: dir.to_path_buf(),
             regions,
             witness,
+            members_toml: members,
+            opts: opts.clone(),
+            next_id: witness_id + 1,
         })
+    }
+
+    /// Starts a witness that joins the running global group (`[global] join = true`; its config
+    /// lists the founding voters plus itself) and returns its node id and address for
+    /// `lifeboat topology add --witness`. It votes only once added.
+    ///
+    /// Errors: a witness already exists, or spawn failures.
+    pub fn start_joining_witness(&mut self) -> anyhow::Result<(u64, String)> {
+        anyhow::ensure!(self.witness.is_none(), "a witness is already running");
+        let (id, port) = (self.next_id, free_port());
+        self.next_id += 1;
+        let addr = format!("127.0.0.1:{port}");
+        let toml = format!(
+            "\n[global]\ninitial_active = \"{}\"\njoin = true\n{}\n{}[[global.members]]\nid = {id}\naddr = \"{addr}\"\nregion = \"witness\"\nwitness = true\n\n[global.policy]\n{}\n",
+            self.opts.regions[0], self.opts.global_toml, self.members_toml, self.opts.policy_toml
+        );
+        let ca = self.regions.values().next().map(|c| c.certs.clone());
+        self.witness = Some(Cluster::start(
+            &self.dir.join("witness"),
+            &ClusterOpts {
+                coordinators: 1,
+                region: "witness".into(),
+                first_id: id,
+                ports: Some(vec![port]),
+                ca_from: ca,
+                extra_coordinator_toml: toml,
+                witness: true,
+                ..Default::default()
+            },
+        )?);
+        Ok((id, addr))
     }
 
     /// The cluster of `region`.

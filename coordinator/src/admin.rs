@@ -106,6 +106,7 @@ impl AdminService for Admin {
             upstream_seq: repl.upstream_seq,
             upstream_last_seq: repl.upstream_last_seq,
             lag_entries: repl.lag_entries,
+            lag_bytes: repl.lag_bytes,
             lag_ms: repl.lag_ms,
             replication_state: repl.state,
             replication_error: repl.error,

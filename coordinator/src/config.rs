@@ -183,12 +183,22 @@ pub struct GlobalConfig {
     #[serde(default)]
     pub policy: crate::failover::Policy,
     /// Acknowledge agent changes only once a standby region committed them (RPO 0; default
-    /// true). Writes stall (agents retry) while no standby confirms.
+    /// true). See `intake::SyncAck`.
     #[serde(default = "default_true")]
     pub synchronous: bool,
-    /// How long a batch waits for a standby's confirmation, ms (default 10000).
+    /// How long a batch waits for a standby's confirmation, ms (default 10000). Then, unless
+    /// `synchronous_strict`, the region degrades to acknowledging after its own majority commit
+    /// until a standby catches up again.
     #[serde(default = "default_sync_timeout")]
     pub sync_timeout_ms: u64,
+    /// Never acknowledge without a standby's confirmation: writes stall (agents retry) while
+    /// every standby region is down (default false).
+    #[serde(default)]
+    pub synchronous_strict: bool,
+    /// This coordinator joins an existing global group (added with `lifeboat topology add`)
+    /// instead of founding it: it does not initialize the group (default false).
+    #[serde(default)]
+    pub join: bool,
     /// Traffic-move hooks this region runs when it becomes active.
     #[serde(default)]
     pub traffic_hooks: Vec<TrafficHook>,
@@ -197,30 +207,45 @@ pub struct GlobalConfig {
 impl GlobalConfig {
     /// Region names (witness excluded), in the order of `members`.
     pub fn regions(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for m in self.members.iter().filter(|m| !m.witness) {
-            if !out.contains(&m.region) {
-                out.push(m.region.clone());
-            }
-        }
-        out
+        regions_of(&self.members)
     }
 
     /// Coordinator addresses of `region`.
     pub fn addrs_of(&self, region: &str) -> Vec<String> {
-        self.members
-            .iter()
-            .filter(|m| !m.witness && m.region == region)
-            .map(|m| m.addr.clone())
-            .collect()
+        addrs_of(&self.members, region)
     }
 
     /// The topology for [`crate::failover::Topology::check`].
     pub fn topology(&self) -> crate::failover::Topology {
-        crate::failover::Topology {
-            regions: self.regions(),
-            witness: self.members.iter().any(|m| m.witness),
+        topology_of(&self.members)
+    }
+}
+
+/// Region names of `members` (witness excluded), in order of first appearance.
+pub fn regions_of(members: &[GlobalMember]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for m in members.iter().filter(|m| !m.witness) {
+        if !out.contains(&m.region) {
+            out.push(m.region.clone());
         }
+    }
+    out
+}
+
+/// Coordinator addresses of `region` among `members`.
+pub fn addrs_of(members: &[GlobalMember], region: &str) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| !m.witness && m.region == region)
+        .map(|m| m.addr.clone())
+        .collect()
+}
+
+/// The failover topology of `members`: their regions and whether a witness votes.
+pub fn topology_of(members: &[GlobalMember]) -> crate::failover::Topology {
+    crate::failover::Topology {
+        regions: regions_of(members),
+        witness: members.iter().any(|m| m.witness),
     }
 }
 

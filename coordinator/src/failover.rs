@@ -57,6 +57,15 @@ pub struct Policy {
     pub min_failover_interval_ms: u64,
     /// Automatic failover enabled (refused without a witness: see [`Topology::check`]).
     pub automatic: bool,
+    /// Automatic failback (default false): when the preferred region (`[global]
+    /// initial_active`) is not active but has been healthy and fully caught up for
+    /// `failback_stable_ms`, and `min_failover_interval_ms` passed since the last change, the
+    /// global leader starts a planned switchover back to it (fence, wait for zero lag, promote:
+    /// no acknowledged change is lost). Needs `automatic`.
+    pub automatic_failback: bool,
+    /// How long the preferred region must stay healthy and caught up before an automatic
+    /// failback (ms, default 60000).
+    pub failback_stable_ms: u64,
 }
 
 impl Default for Policy {
@@ -69,6 +78,8 @@ impl Default for Policy {
             mode: FailoverMode::ConsistencyFirst,
             min_failover_interval_ms: 30_000,
             automatic: true,
+            automatic_failback: false,
+            failback_stable_ms: 60_000,
         }
     }
 }
@@ -607,6 +618,7 @@ mod tests {
                 },
                 min_failover_interval_ms: rng.random_range(0..10_000),
                 automatic: true,
+                ..Policy::default()
             };
             let regions = ["a", "b", "c"];
             let mut r = ControlRecord::new("a", 0, &p);

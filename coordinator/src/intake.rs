@@ -60,33 +60,83 @@ pub use crate::control::role::STANDBY_REFUSAL;
 
 /// Synchronous replication to the standby regions: a batch is acknowledged only once one
 /// standby region confirmed (`ConfirmApplied`) an upstream sequence at or above the batch's.
+///
+/// When no standby confirms within `timeout` (every standby region down or cut off), a strict
+/// `SyncAck` answers `UNAVAILABLE` (nothing is acknowledged that a standby does not hold); a
+/// non-strict one (the default, like Patroni's non-strict `synchronous_mode`) switches to
+/// **degraded** mode: it acknowledges after the local majority commit without waiting, until a
+/// standby confirms a sequence at or above the one that timed out (it caught up), then waits
+/// again. A failover under the consistency-first policy still never promotes a region missing
+/// acknowledged changes: a standby that lost contact reports a replication lag of at least the
+/// time since it last heard from the active region.
 #[derive(Clone)]
 pub struct SyncAck {
     /// Highest confirmed upstream sequence per standby region.
     pub confirmed: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, u64>>,
-    /// How long to wait for a confirmation before answering `UNAVAILABLE` (the agent retries;
-    /// nothing is acknowledged that a standby does not hold).
+    /// How long to wait for a confirmation before degrading (or, strict, answering
+    /// `UNAVAILABLE`; the agent retries).
     pub timeout: std::time::Duration,
+    /// Never acknowledge without a standby's confirmation.
+    pub strict: bool,
+    /// Degraded since this sequence number (0 = synchronous); shared by all clones.
+    pub degraded_since_seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SyncAck {
-    /// Waits until some standby region confirmed `seq`.
+    /// Waits until some standby region confirmed `seq` (returns at once while degraded).
     ///
-    /// Errors: `UNAVAILABLE` after the timeout.
+    /// Errors: `UNAVAILABLE` after the timeout when strict.
     pub async fn wait(&self, seq: u64) -> Result<(), Status> {
+        use std::sync::atomic::Ordering;
         let mut rx = self.confirmed.clone();
+        let best = |m: &std::collections::BTreeMap<String, u64>| m.values().copied().max();
+        let since = self.degraded_since_seq.load(Ordering::Relaxed);
+        if since > 0 {
+            if best(&rx.borrow()).is_some_and(|s| s >= since) {
+                self.degraded_since_seq.store(0, Ordering::Relaxed);
+                tracing::warn!(
+                    seq,
+                    "a standby region caught up: synchronous replication resumed"
+                );
+            } else {
+                return Ok(());
+            }
+        }
         let ok = tokio::time::timeout(self.timeout, async {
-            rx.wait_for(|m| m.values().any(|&s| s >= seq)).await.is_ok()
+            rx.wait_for(|m| best(m).is_some_and(|s| s >= seq))
+                .await
+                .is_ok()
         })
         .await
         .unwrap_or(false);
-        match ok {
-            true => Ok(()),
-            false => Err(Status::unavailable(format!(
-                "no standby region confirmed seq {seq} within {} ms; not acknowledged (synchronous replication, consistency-first policy)",
+        match (ok, self.strict) {
+            (true, _) => Ok(()),
+            (false, true) => Err(Status::unavailable(format!(
+                "no standby region confirmed seq {seq} within {} ms; not acknowledged (synchronous_strict)",
                 self.timeout.as_millis()
             ))),
+            (false, false) => {
+                if self
+                    .degraded_since_seq
+                    .compare_exchange(0, seq, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    tracing::warn!(
+                        seq,
+                        timeout_ms = self.timeout.as_millis() as u64,
+                        "no standby region confirmed in time: synchronous replication degraded, acknowledging after the local majority commit until a standby catches up"
+                    );
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Degraded: acknowledging without a standby's confirmation.
+    pub fn degraded(&self) -> bool {
+        self.degraded_since_seq
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
     }
 }
 

@@ -136,6 +136,8 @@ pub async fn run(
         .map(|g| SyncAck {
             confirmed: confirmed.subscribe(),
             timeout: std::time::Duration::from_millis(g.sync_timeout_ms),
+            strict: g.synchronous_strict,
+            degraded_since_seq: Default::default(),
         });
     let intake = Intake {
         raft: raft.clone(),
@@ -144,7 +146,7 @@ pub async fn run(
         region: cfg.region.clone(),
         role: role.clone(),
         agents: Arc::clone(&agents),
-        sync,
+        sync: sync.clone(),
     };
     let replication = ReplicationStatus::new(cfg.replication.clone());
     let replicator_template = Replicator {
@@ -179,7 +181,11 @@ pub async fn run(
             openraft::Raft::new(cfg.node_id, Arc::new(gconfig), gnet, glog, gsm.clone())
                 .await
                 .context("start global raft")?;
-        initialize(&graft, g.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
+        if g.join {
+            tracing::info!("joining an existing global group: waiting for `lifeboat topology add`");
+        } else {
+            initialize(&graft, g.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
+        }
         if let Err(e) = g.topology().check() {
             if g.policy.automatic {
                 tracing::error!(reason = %e, "automatic failover is refused for this topology; manual `lifeboat switchover` still works");
@@ -191,6 +197,7 @@ pub async fn run(
             replication: replication.clone(),
             agents: Arc::clone(&agents),
             replicator: replicator_template.clone(),
+            sync: sync.clone(),
         });
         let rt = ControlRuntime::new(
             cfg.node_id,

@@ -167,12 +167,12 @@ impl Feed {
     /// sequence number, as one batch.
     async fn cut(&self) -> Result<CatalogBatch, Status> {
         let (catalog, next, max_rows) = (self.catalog.clone(), self.next, self.max_rows);
-        let (last_seq, rows) = tokio::task::spawn_blocking(move || {
-            let last = catalog.last_seq().map_err(|e| e.to_string())?;
+        let (last_seq, last_cum, rows) = tokio::task::spawn_blocking(move || {
+            let (last, cum) = catalog.last_seq_and_bytes().map_err(|e| e.to_string())?;
             let rows = catalog
                 .changes_since(next, max_rows)
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((last, rows))
+            Ok::<_, String>((last, cum, rows))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -182,6 +182,8 @@ impl Feed {
             last_seq,
             leader_time_ms: lifeboat_common::now_ms(),
             region: self.region.clone(),
+            last_cum_bytes: last_cum,
+            rows_cum_bytes: 0,
         };
         let mut bytes = 0;
         for fv in rows {
@@ -194,6 +196,14 @@ impl Feed {
         }
         if let Some(l) = batch.rows.last() {
             batch.last_seq = batch.last_seq.max(l.seq);
+            let (catalog, seq) = (self.catalog.clone(), l.seq);
+            batch.rows_cum_bytes = tokio::task::spawn_blocking(move || {
+                catalog.cum_bytes_through(seq).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))?;
+            batch.last_cum_bytes = batch.last_cum_bytes.max(batch.rows_cum_bytes);
         }
         Ok(batch)
     }
@@ -259,6 +269,8 @@ pub struct ReplicationReport {
     pub upstream_last_seq: u64,
     /// `upstream_last_seq - upstream_seq`.
     pub lag_entries: u64,
+    /// Bytes of the upstream versions not yet committed here (their content sizes).
+    pub lag_bytes: u64,
     /// Age of the oldest upstream change not applied yet, ms (0 when caught up).
     pub lag_ms: i64,
     /// `"healthy"`, `"degraded"`, `"failed"`; `"unknown"` on a standby follower; empty on a source.
@@ -291,7 +303,25 @@ struct Live {
     clock_offset_ms: i64,
     /// Last message from the upstream.
     last_contact: Option<Instant>,
+    /// Upstream cumulative committed bytes at `upstream_last_seq`.
+    last_cum_bytes: u64,
+    /// Upstream cumulative committed bytes through the last row of the newest batch.
+    batch_cum_bytes: u64,
+    /// Upstream cumulative committed bytes through the upstream seq committed here (known once a
+    /// batch arrived).
+    applied_cum_bytes: Option<u64>,
     last_error: String,
+}
+
+impl Live {
+    /// Content bytes of the upstream versions not committed here, given `lag_entries` (0 until a
+    /// batch told the upstream's cumulative byte counters).
+    fn lag_bytes(&self, lag_entries: u64) -> u64 {
+        match (lag_entries, self.applied_cum_bytes) {
+            (0, _) | (_, None) => 0,
+            (_, Some(a)) => self.last_cum_bytes.saturating_sub(a),
+        }
+    }
 }
 
 impl ReplicationStatus {
@@ -328,6 +358,18 @@ impl ReplicationStatus {
             .last_seq
             .max(batch.rows.last().map(|r| r.seq).unwrap_or(0));
         l.clock_offset_ms = batch.leader_time_ms.saturating_sub(now);
+        l.last_cum_bytes = l.last_cum_bytes.max(batch.last_cum_bytes);
+        if !batch.rows.is_empty() {
+            // Rows start right after `applied`: what precedes them is committed here.
+            let in_batch: u64 = batch
+                .rows
+                .iter()
+                .filter(|r| !r.deleted)
+                .map(|r| r.size)
+                .sum();
+            l.batch_cum_bytes = batch.rows_cum_bytes;
+            l.applied_cum_bytes = Some(batch.rows_cum_bytes.saturating_sub(in_batch));
+        }
         if batch.last_seq < applied {
             l.last_error = format!(
                 "upstream catalog ends at seq {} but this standby already applied upstream seq {applied}: was the active region's catalog reset?",
@@ -349,6 +391,7 @@ impl ReplicationStatus {
     fn applied(&self, applied: u64, commit_ms: i64) {
         let mut l = self.live.lock();
         l.last_error.clear();
+        l.applied_cum_bytes = Some(l.batch_cum_bytes);
         if l.upstream_last_seq <= applied {
             l.oldest_pending_ms = None;
             l.pending_since = None;
@@ -384,6 +427,7 @@ impl ReplicationStatus {
                 upstream_seq,
                 upstream_last_seq: last,
                 lag_entries: last - upstream_seq,
+                lag_bytes: 0,
                 lag_ms: 0,
                 state: "unknown".into(),
                 error: String::new(),
@@ -413,11 +457,13 @@ impl ReplicationStatus {
             lag_ms = lag_ms.max(silent.as_millis() as i64);
         }
         let lag_ms = lag_ms.max(0);
+        let lag_bytes = l.lag_bytes(lag_entries);
         Ok(ReplicationReport {
             role: "standby".into(),
             upstream_seq,
             upstream_last_seq: last,
             lag_entries,
+            lag_bytes,
             lag_ms,
             state: state_of(lag_ms, &self.cfg).into(),
             error: l.last_error.clone(),
@@ -956,6 +1002,7 @@ mod tests {
             last_seq: 20,
             leader_time_ms: now + 1000,
             region: "a".into(),
+            ..Default::default()
         };
         st.contact(&batch, 10);
         let l = st.live.lock();
@@ -977,5 +1024,31 @@ mod tests {
             20,
         );
         assert!(st.live.lock().pending_since.is_some());
+    }
+
+    #[test]
+    fn lag_bytes_come_from_the_upstream_counters() {
+        let st = ReplicationStatus::new(cfg());
+        st.start();
+        let mut rows = vec![row(11, 0), row(12, 0), row(13, 0)];
+        rows[0].size = 100;
+        rows[1].size = 50;
+        rows[2].deleted = true;
+        rows[2].size = 7; // a tombstone adds nothing
+                          // Through seq 13 the upstream committed 1150 bytes, through seq 20 2000 bytes.
+        st.contact(
+            &CatalogBatch {
+                rows,
+                last_seq: 20,
+                last_cum_bytes: 2000,
+                rows_cum_bytes: 1150,
+                ..Default::default()
+            },
+            10,
+        );
+        assert_eq!(st.live.lock().lag_bytes(10), 1000);
+        st.applied(13, 0);
+        assert_eq!(st.live.lock().lag_bytes(7), 850);
+        assert_eq!(st.live.lock().lag_bytes(0), 0, "caught up: no lag");
     }
 }

@@ -130,6 +130,7 @@ impl SimConfig {
             mode: failover::FailoverMode::ConsistencyFirst,
             min_failover_interval_ms: 5000,
             automatic: true,
+            ..Policy::default()
         };
         SimConfig {
             true_drift_ms: policy.max_clock_drift_ms,

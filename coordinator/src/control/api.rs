@@ -10,6 +10,7 @@
 //! | `switchover` | [`SwitchoverRequest`] | [`SwitchoverReply`] | global leader (forwarded) |
 //! | `drill` | [`DrillRequest`] | [`DrillPlan`] | global leader (forwarded) |
 //! | `audit` | [`AuditRequest`] | `Vec<AuditEntry>` | any global voter (committed state) |
+//! | `topology` | [`TopologyRequest`] | [`TopologyReply`] | global leader (forwarded) |
 
 use serde::{Deserialize, Serialize};
 
@@ -65,8 +66,12 @@ pub struct RegionReport {
     pub lag_ms: u64,
     /// Replication lag, entries.
     pub lag_entries: u64,
-    /// Replication lag, bytes (live bytes of the upstream not yet here; estimate).
+    /// Replication lag, bytes (content sizes of the upstream versions not yet committed here).
     pub lag_bytes: u64,
+    /// Synchronous replication degraded: the region acknowledges without a standby's
+    /// confirmation because none confirmed within `sync_timeout_ms` (see `intake::SyncAck`).
+    #[serde(default)]
+    pub sync_degraded: bool,
     /// Highest upstream sequence committed here (standby).
     pub upstream_seq: u64,
     /// Highest local catalog sequence.
@@ -166,4 +171,39 @@ pub struct DrillPlan {
 pub struct AuditRequest {
     /// Most entries, newest last (default 100).
     pub limit: Option<usize>,
+}
+
+/// Body of `topology`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct TopologyRequest {
+    /// `show`, `add` or `remove`.
+    pub action: String,
+    /// Node id (add, remove).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// gRPC address (add).
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// Region, or the witness site's name (add).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The node is a witness (add).
+    #[serde(default)]
+    pub witness: bool,
+    /// Who asks (audit log).
+    #[serde(default)]
+    pub actor: String,
+}
+
+/// Reply of `topology`: the committed topology after the request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopologyReply {
+    /// Voters of the global group (committed topology).
+    pub members: Vec<crate::config::GlobalMember>,
+    /// Regions in failover preference order.
+    pub regions: Vec<String>,
+    /// Voter ids of the global Raft membership.
+    pub voters: Vec<u64>,
+    /// Whether automatic failover is allowed by this topology (`Err`: why not).
+    pub automatic: Result<(), String>,
 }

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::GlobalMember;
 use crate::failover::{ControlRecord, Policy};
 
 /// Most audit entries kept in the control state (oldest dropped first).
@@ -48,6 +49,11 @@ pub struct ControlState {
     pub regions: Vec<String>,
     /// Whether a witness votes.
     pub witness: bool,
+    /// Voters of the global group (every coordinator and the witness): from the config of the
+    /// node that created the record, then changed by `lifeboat topology add|remove`. Empty in
+    /// states written before topology changes existed (the config's list applies).
+    #[serde(default)]
+    pub members: Vec<GlobalMember>,
     /// Region active before the last change (target of `lifeboat failback`).
     pub previous_region: Option<String>,
     /// Measured RTO of the last completed failover or switchover (ms from detection start, or
@@ -72,6 +78,9 @@ pub enum ControlCommand {
         regions: Vec<String>,
         /// Whether a witness votes.
         witness: bool,
+        /// Founding voters.
+        #[serde(default)]
+        members: Vec<GlobalMember>,
     },
     /// A decision of the global leader: replaces the record if the committed epoch still equals
     /// `expect_epoch` (compare-and-set), and appends `audit`.
@@ -97,6 +106,19 @@ pub enum ControlCommand {
         /// New policy.
         policy: Policy,
     },
+    /// A topology change (`lifeboat topology add|remove`), after the Raft membership change.
+    SetTopology {
+        /// Voters now.
+        members: Vec<GlobalMember>,
+        /// Regions in preference order now.
+        regions: Vec<String>,
+        /// Whether a witness votes now.
+        witness: bool,
+        /// Policy now (`automatic` follows whether the new topology allows it).
+        policy: Policy,
+        /// Audit entry of the change.
+        audit: Vec<AuditEntry>,
+    },
 }
 
 impl ControlState {
@@ -108,10 +130,12 @@ impl ControlState {
                 policy,
                 regions,
                 witness,
+                members,
             } => {
                 if self.record.is_some() {
                     return false;
                 }
+                self.members = members;
                 let epoch = record.epoch;
                 let active = record.active_region().to_string();
                 self.record = Some(record);
@@ -160,6 +184,29 @@ impl ControlState {
                 self.policy = policy;
                 true
             }
+            ControlCommand::SetTopology {
+                members,
+                regions,
+                witness,
+                policy,
+                audit,
+            } => {
+                self.members = members;
+                self.regions = regions;
+                self.witness = witness;
+                self.policy = policy;
+                self.push_audit(audit);
+                true
+            }
+        }
+    }
+
+    /// Voters of the global group: the committed list, or `config` when none was committed.
+    pub fn members_or(&self, config: &[GlobalMember]) -> Vec<GlobalMember> {
+        if self.members.is_empty() {
+            config.to_vec()
+        } else {
+            self.members.clone()
         }
     }
 
@@ -196,6 +243,7 @@ mod tests {
             policy: p,
             regions: vec!["a".into(), "b".into()],
             witness: true,
+            members: Vec::new(),
         }));
         s
     }
@@ -209,6 +257,7 @@ mod tests {
             policy: p.clone(),
             regions: vec![],
             witness: false,
+            members: Vec::new(),
         }));
         assert_eq!(s.active(), Some(("a".into(), 1)));
         let mut next = s.record.clone().unwrap();

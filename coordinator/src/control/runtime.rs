@@ -31,7 +31,7 @@ use super::hooks::{self, HookContext};
 use super::record::{AuditEntry, ControlCommand, ControlState};
 use super::role::{now_ms, Role};
 use super::store::ControlStore;
-use crate::config::GlobalConfig;
+use crate::config::{GlobalConfig, GlobalMember};
 use crate::failover::{self, Action, ControlRecord, Phase, RegionView};
 use crate::intake::AgentTable;
 use crate::lease;
@@ -125,6 +125,8 @@ pub struct Regional {
     pub agents: AgentTable,
     /// Template of the replicator (its upstream is replaced by the active region's).
     pub replicator: Replicator,
+    /// Synchronous replication of intake (None when asynchronous).
+    pub sync: Option<crate::intake::SyncAck>,
 }
 
 struct LeaderWork {
@@ -140,6 +142,9 @@ struct LeaderWork {
     /// When the active region was last known healthy before the current failover (RTO start).
     failover_start_ms: Option<u64>,
     switchover: Option<Switchover>,
+    /// Since when the preferred region is healthy and caught up while another region is active
+    /// (automatic failback).
+    home_ready_since: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -314,6 +319,7 @@ impl ControlRuntime {
                     policy,
                     regions: topo.regions,
                     witness: topo.witness,
+                    members: self.cfg.members.clone(),
                 })
                 .await
             {
@@ -348,10 +354,13 @@ impl ControlRuntime {
                     reports: prev.map(|p| p.reports).unwrap_or_default(),
                     blocked: None,
                     switchover: None,
+                    home_ready_since: None,
                 });
             }
         }
-        let reports = self.poll_reports().await;
+        let reports = self
+            .poll_reports(&state.members_or(&self.cfg.members))
+            .await;
         let now = now_ms();
         let mut commits: Vec<ControlCommand> = Vec::new();
         {
@@ -394,6 +403,9 @@ impl ControlRuntime {
                     }
                 })
                 .collect();
+            if w.switchover.is_none() {
+                self.consider_failback(w, &views, now, &policy);
+            }
             if let Some(sw) = w.switchover.clone() {
                 self.drive_switchover(w, &sw, &views, now, &policy, &mut commits);
             } else {
@@ -540,6 +552,57 @@ impl ControlRuntime {
         }
     }
 
+    /// Automatic failback ([`failover::Policy::automatic_failback`]): starts a planned
+    /// switchover back to the preferred region once it has been healthy and caught up for
+    /// `failback_stable_ms` and the minimum interval since the last change passed.
+    fn consider_failback(
+        &self,
+        w: &mut LeaderWork,
+        views: &[RegionView],
+        now: u64,
+        policy: &failover::Policy,
+    ) {
+        let home = &self.cfg.initial_active;
+        let away = match &w.rec.phase {
+            Phase::Active { region } if region != home => region.clone(),
+            _ => {
+                w.home_ready_since = None;
+                return;
+            }
+        };
+        if !(policy.automatic && policy.automatic_failback) {
+            return;
+        }
+        let ready = views
+            .iter()
+            .any(|v| v.region == *home && v.healthy && v.lag_ms == 0);
+        if !ready {
+            w.home_ready_since = None;
+            return;
+        }
+        let since = *w.home_ready_since.get_or_insert(now);
+        let last_change = w.rec.last_change_ms.unwrap_or(0);
+        if now.saturating_sub(since) < policy.failback_stable_ms
+            || now.saturating_sub(last_change) < policy.min_failover_interval_ms
+        {
+            return;
+        }
+        tracing::warn!(from = %away, to = %home, "automatic failback: fencing {away}");
+        w.home_ready_since = None;
+        w.switchover = Some(Switchover {
+            from: away,
+            to: home.clone(),
+            actor: format!(
+                "automatic failback (global leader node {}; {home} healthy and caught up for {} ms)",
+                self.node_id,
+                now.saturating_sub(since)
+            ),
+            started_ms: now,
+            deadline_ms: now + 60_000,
+            failback: true,
+        });
+    }
+
     fn drive_switchover(
         &self,
         w: &mut LeaderWork,
@@ -655,9 +718,9 @@ impl ControlRuntime {
         }
     }
 
-    async fn poll_reports(&self) -> Vec<RegionReport> {
+    async fn poll_reports(&self, members: &[GlobalMember]) -> Vec<RegionReport> {
         let mut set = tokio::task::JoinSet::new();
-        for m in self.cfg.members.iter().filter(|m| !m.witness) {
+        for m in members.iter().filter(|m| !m.witness) {
             let channels = self.channels.clone();
             let addr = m.addr.clone();
             let local = m.id == self.node_id;
@@ -762,7 +825,8 @@ impl ControlRuntime {
             leased: view.lease.valid(now_ms(), view.epoch),
             lag_ms: repl.as_ref().map(|r| r.lag_ms.max(0) as u64).unwrap_or(0),
             lag_entries: repl.as_ref().map(|r| r.lag_entries).unwrap_or(0),
-            lag_bytes: 0,
+            lag_bytes: repl.as_ref().map(|r| r.lag_bytes).unwrap_or(0),
+            sync_degraded: reg.sync.as_ref().is_some_and(|s| s.degraded()),
             upstream_seq: repl.as_ref().map(|r| r.upstream_seq).unwrap_or(0),
             last_seq,
             agents,
@@ -971,7 +1035,8 @@ impl ControlRuntime {
             h.abort();
         }
         let mut r = reg.replicator.clone();
-        r.cfg.upstream = self.cfg.addrs_of(active);
+        r.cfg.upstream =
+            crate::config::addrs_of(&self.store.state().members_or(&self.cfg.members), active);
         r.upstream_region = Some(active.to_string());
         tracing::info!(%active, "standby: copying the active region");
         l.replicating_from = Some((active.to_string(), r.spawn()));
@@ -994,7 +1059,7 @@ impl ControlRuntime {
         fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
             serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))
         }
-        let leader_only = matches!(op, "renew" | "status" | "switchover" | "drill");
+        let leader_only = matches!(op, "renew" | "status" | "switchover" | "drill" | "topology");
         if leader_only && !self.is_global_leader() {
             let (_, addr) = self
                 .global_leader()
@@ -1019,6 +1084,9 @@ impl ControlRuntime {
             }
             "switchover" => enc(&self.switchover(serde_json::from_slice(body).map_err(bad)?)?),
             "drill" => enc(&self.drill(serde_json::from_slice(body).map_err(bad)?)?),
+            "topology" => enc(&self
+                .topology(serde_json::from_slice(body).map_err(bad)?)
+                .await?),
             other => Err(Status::invalid_argument(format!(
                 "unknown control op {other:?}"
             ))),
@@ -1027,6 +1095,9 @@ impl ControlRuntime {
 
     fn status(&self) -> Result<ControlStatus, Status> {
         let mut state: ControlState = self.store.state();
+        let automatic = crate::config::topology_of(&state.members_or(&self.cfg.members))
+            .check()
+            .map_err(|e| e.to_string());
         let skip = state.audit.len().saturating_sub(20);
         state.audit.drain(..skip);
         let l = self.leader.lock();
@@ -1054,7 +1125,7 @@ impl ControlRuntime {
                 })
                 .collect(),
             blocked: w.blocked.clone(),
-            automatic: self.cfg.topology().check().map_err(|e| e.to_string()),
+            automatic,
             switchover_to: w.switchover.as_ref().map(|s| s.to.clone()),
         })
     }
@@ -1120,6 +1191,164 @@ impl ControlRuntime {
         })
     }
 
+    /// `topology`: shows the global group's voters, or adds / removes one. An added node must
+    /// be running (with `[global] join = true`) and reachable; it joins as a learner, catches
+    /// up, then becomes a voter. A removed voter is dropped from the committed topology first,
+    /// then from the Raft membership. Either way `automatic` is re-evaluated against the
+    /// topology check (e.g. adding a witness to two regions allows automatic failover).
+    ///
+    /// Errors: `INVALID_ARGUMENT` for a bad request, `FAILED_PRECONDITION` for a change that
+    /// would leave the active region without coordinators or remove the global leader itself,
+    /// `UNAVAILABLE` when the membership change fails.
+    async fn topology(&self, req: TopologyRequest) -> Result<TopologyReply, Status> {
+        use openraft::{BasicNode, ChangeMembers};
+        let state = self.store.state();
+        let mut members = state.members_or(&self.cfg.members);
+        let action = req.action.as_str();
+        let detail = match action {
+            "show" => None,
+            "add" => {
+                let m = GlobalMember {
+                    id: req.id.ok_or_else(|| bad("add needs id"))?,
+                    addr: req
+                        .addr
+                        .clone()
+                        .filter(|a| !a.is_empty())
+                        .ok_or_else(|| bad("add needs addr"))?,
+                    region: req
+                        .region
+                        .clone()
+                        .filter(|r| !r.is_empty())
+                        .ok_or_else(|| bad("add needs region"))?,
+                    witness: req.witness,
+                };
+                if m.id == 0 {
+                    return Err(bad("node id 0 is reserved"));
+                }
+                if let Some(o) = members.iter().find(|o| o.id == m.id || o.addr == m.addr) {
+                    return Err(bad(format!(
+                        "node {} at {} is already a member",
+                        o.id, o.addr
+                    )));
+                }
+                self.global
+                    .add_learner(m.id, BasicNode { addr: m.addr.clone() }, true)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("adding node {} as a learner failed (is it running with [global] join = true, at {}?): {e}", m.id, m.addr)))?;
+                self.global
+                    .change_membership(ChangeMembers::AddVoterIds([m.id].into()), false)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!("making node {} a voter failed: {e}", m.id))
+                    })?;
+                let d = format!(
+                    "node {} at {} added to the global group ({})",
+                    m.id,
+                    m.addr,
+                    if m.witness {
+                        "witness".to_string()
+                    } else {
+                        format!("region {}", m.region)
+                    }
+                );
+                members.push(m);
+                Some(d)
+            }
+            "remove" => {
+                let id = req.id.ok_or_else(|| bad("remove needs id"))?;
+                let Some(pos) = members.iter().position(|m| m.id == id) else {
+                    return Err(bad(format!("node {id} is not a member")));
+                };
+                if id == self.node_id {
+                    return Err(Status::failed_precondition(format!(
+                        "node {id} is the global leader; stop it (another leader is elected) or transfer leadership, then remove it"
+                    )));
+                }
+                let gone = members.remove(pos);
+                let active = state.active().map(|(r, _)| r).unwrap_or_default();
+                if !gone.witness
+                    && gone.region == active
+                    && !members.iter().any(|m| !m.witness && m.region == active)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "node {id} is the last coordinator of the active region {active}; switch over first"
+                    )));
+                }
+                Some(format!(
+                    "node {id} at {} removed from the global group",
+                    gone.addr
+                ))
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown topology action {other:?} (show, add, remove)"
+                )))
+            }
+        };
+        if let Some(detail) = detail {
+            let topo = crate::config::topology_of(&members);
+            let mut policy = state.policy.clone();
+            policy.automatic = self.cfg.policy.automatic && topo.check().is_ok();
+            let epoch = state.active().map(|(_, e)| e).unwrap_or(0);
+            let cmd = ControlCommand::SetTopology {
+                members: members.clone(),
+                regions: {
+                    // Keep the preference order; new regions go last.
+                    let mut r: Vec<String> = state
+                        .regions
+                        .iter()
+                        .filter(|r| topo.regions.contains(r))
+                        .cloned()
+                        .collect();
+                    r.extend(
+                        topo.regions
+                            .iter()
+                            .filter(|x| !r.contains(x))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    r
+                },
+                witness: topo.witness,
+                policy,
+                audit: vec![audit(epoch, req.actor.clone(), "topology", detail, "ok")],
+            };
+            self.propose(cmd)
+                .await
+                .map_err(|e| Status::unavailable(format!("committing the topology failed: {e}")))?;
+            if action == "remove" {
+                let id = req.id.unwrap_or_default();
+                self.global
+                    .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("removing voter {id} failed: {e}")))?;
+                self.global
+                    .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("removing node {id} failed: {e}")))?;
+            }
+            *self.leader.lock() = None;
+        }
+        let state = self.store.state();
+        let members = state.members_or(&self.cfg.members);
+        let voters: Vec<u64> = self
+            .global
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        Ok(TopologyReply {
+            automatic: crate::config::topology_of(&members)
+                .check()
+                .map_err(|e| e.to_string()),
+            members,
+            regions: state.regions.clone(),
+            voters,
+        })
+    }
+
     fn drill(&self, req: DrillRequest) -> Result<DrillPlan, Status> {
         let state = self.store.state();
         let l = self.leader.lock();
@@ -1159,7 +1388,9 @@ impl ControlRuntime {
                 "{} lags {} ms, above the RPO budget of {} ms (consistency-first)",
                 target.region, target.lag_ms, p.rpo_budget_ms
             ));
-        } else if let Err(e) = self.cfg.topology().check() {
+        } else if let Err(e) =
+            crate::config::topology_of(&state.members_or(&self.cfg.members)).check()
+        {
             refused = Some(format!("automatic failover refused: {e}"));
         }
         let e2 = w.rec.epoch + 1;

@@ -37,6 +37,9 @@ const LATEST: TableDefinition<&str, u64> = TableDefinition::new("catalog.latest"
 const BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("catalog.by_seq");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog.meta");
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog.snapshot");
+/// Sequence number -> bytes of every non-tombstone version committed up to it (cumulative; the
+/// difference between two sequence numbers is the content committed between them: lag in bytes).
+const CUM_BYTES: TableDefinition<u64, u64> = TableDefinition::new("catalog.cum_bytes");
 
 /// Serialized form of a catalog snapshot.
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +80,10 @@ pub struct CatalogStats {
     pub versions: u64,
     /// Next sequence number to assign (= number of versions ever committed + 1).
     pub next_seq: u64,
+    /// Sizes of every non-tombstone version ever committed, bytes (monotonic; see
+    /// [`Catalog::cum_bytes_through`]).
+    #[serde(default)]
+    pub committed_bytes: u64,
 }
 
 /// Read access to the catalog, for the admin API, intake and replication (any node; reads are
@@ -107,14 +114,25 @@ impl Catalog {
         }
     }
 
-    fn read_last_seq(db: &Database) -> Result<u64, StorageError> {
+    fn read_stats(db: &Database) -> Result<CatalogStats, StorageError> {
         let tx = db.begin_read().map_err(|e| sto_err(false, e))?;
         let m = tx.open_table(META).map_err(|e| sto_err(false, e))?;
-        let s: CatalogStats = match m.get("stats").map_err(|e| sto_err(false, e))? {
-            Some(v) => unjson(v.value())?,
-            None => CatalogStats::default(),
-        };
-        Ok(s.next_seq.saturating_sub(1))
+        match m.get("stats").map_err(|e| sto_err(false, e))? {
+            Some(v) => unjson(v.value()),
+            None => Ok(CatalogStats::default()),
+        }
+    }
+
+    fn read_last_seq(db: &Database) -> Result<u64, StorageError> {
+        Ok(Catalog::read_stats(db)?.next_seq.saturating_sub(1))
+    }
+
+    /// Newest sequence number and the cumulative committed bytes through it (one read).
+    ///
+    /// Errors: storage failures.
+    pub fn last_seq_and_bytes(&self) -> Result<(u64, u64), StorageError> {
+        let s = Catalog::read_stats(&self.db)?;
+        Ok((s.next_seq.saturating_sub(1), s.committed_bytes))
     }
 
     /// Newest sequence number committed in this catalog (0 when empty).
@@ -266,6 +284,24 @@ impl Catalog {
         }
     }
 
+    /// Bytes of every non-tombstone version committed up to and including `seq` (0 for seq 0
+    /// or a sequence number not in this catalog). `cum(b) - cum(a)` is the content committed in
+    /// `(a, b]`.
+    ///
+    /// Errors: storage failures.
+    pub fn cum_bytes_through(&self, seq: u64) -> Result<u64, StorageError> {
+        if seq == 0 {
+            return Ok(0);
+        }
+        let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
+        let t = tx.open_table(CUM_BYTES).map_err(|e| sto_err(false, e))?;
+        let v = t
+            .get(seq)
+            .map_err(|e| sto_err(false, e))?
+            .map(|g| g.value());
+        Ok(v.unwrap_or(0))
+    }
+
     /// Counters of the catalog.
     ///
     /// Errors: storage failures.
@@ -303,6 +339,7 @@ impl StateMachineStore {
         tx.open_table(BY_SEQ).map_err(|e| sto_err(true, e))?;
         tx.open_table(META).map_err(|e| sto_err(true, e))?;
         tx.open_table(SNAPSHOT).map_err(|e| sto_err(true, e))?;
+        tx.open_table(CUM_BYTES).map_err(|e| sto_err(true, e))?;
         tx.commit().map_err(|e| sto_err(true, e))?;
         let catalog = Catalog::new(db.clone());
         Ok(StateMachineStore { db, catalog })
@@ -367,7 +404,12 @@ fn insert_version(
     if !fv.v.deleted {
         stats.live_entries += 1;
         stats.live_bytes += fv.v.size;
+        stats.committed_bytes += fv.v.size;
     }
+    tx.open_table(CUM_BYTES)
+        .map_err(|e| sto_err(true, e))?
+        .insert(fv.seq, stats.committed_bytes)
+        .map_err(|e| sto_err(true, e))?;
     let data = json(fv)?;
     versions
         .insert((fv.v.path.as_str(), fv.seq), data.as_slice())
@@ -589,6 +631,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tx.delete_table(VERSIONS).map_err(|e| sto_err(true, e))?;
         tx.delete_table(LATEST).map_err(|e| sto_err(true, e))?;
         tx.delete_table(BY_SEQ).map_err(|e| sto_err(true, e))?;
+        tx.delete_table(CUM_BYTES).map_err(|e| sto_err(true, e))?;
         let mut stats = CatalogStats {
             next_seq: data.next_seq.max(1),
             ..Default::default()
