@@ -351,7 +351,12 @@ impl Agent {
                     self.queue_snapshot(root, rel);
                 }
                 if watching {
-                    execs = crate::exec::spawn_all(&self.cfg, snap_tx.clone(), helpers_rx.clone());
+                    execs = crate::exec::spawn_all(
+                        &self.cfg,
+                        self.progress.clone(),
+                        snap_tx.clone(),
+                        helpers_rx.clone(),
+                    );
                     execs.extend(crate::redis_source::spawn_all(
                         &self.cfg,
                         self.progress.clone(),
@@ -701,6 +706,7 @@ impl Agent {
         let mut records = Vec::with_capacity(changes.len());
         let mut missing = Vec::new();
         let mut spooled = Vec::new();
+        let mut completed = std::collections::BTreeSet::new();
         for c in changes {
             match seqs.get(&c.change_id) {
                 Some(seq) => {
@@ -708,6 +714,12 @@ impl Agent {
                     records.push(c.acked(*seq));
                     if Some(c.root) == self.snap_root && !c.deleted {
                         spooled.push(c.fs_path.clone());
+                        // A sidecar completes a snapshot: apply the source's retention.
+                        if c.path.ends_with(".meta.json") {
+                            if let Some(src) = c.path.split('/').nth(1) {
+                                completed.insert(src.to_string());
+                            }
+                        }
                     }
                 }
                 None => missing.push(c.clone()),
@@ -730,6 +742,9 @@ impl Agent {
                 tracing::warn!(path = %p.display(), error = %e, "cannot remove an acknowledged snapshot file");
             }
         }
+        for src in completed {
+            self.expire_snapshots(&src).await?;
+        }
         self.progress.changes_acked.fetch_add(n, Ordering::Relaxed);
         self.progress.batches_acked.fetch_add(1, Ordering::Relaxed);
         self.progress
@@ -750,6 +765,67 @@ impl Agent {
                 tracing::warn!(path = %c.path, change_id = c.change_id, "reply did not acknowledge this change; sending it again");
                 self.queue.push_back(c.requeue());
             }
+        }
+        Ok(())
+    }
+
+    /// Applies the retention of database or exec source `source` (see [`crate::retention`]):
+    /// queues a deletion (tombstone) of every file of each expired snapshot, and of expired WAL.
+    ///
+    /// Errors: state database failures.
+    async fn expire_snapshots(&mut self, source: &str) -> Result<(), AgentError> {
+        let Some(root) = self.snap_root else {
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let found = cfg
+            .exec_sources
+            .iter()
+            .find(|s| s.name == source)
+            .map(|s| (&s.retention, false))
+            .or_else(|| {
+                cfg.redis_sources
+                    .iter()
+                    .find(|s| s.name == source)
+                    .map(|s| (&s.retention, false))
+            })
+            .or_else(|| {
+                cfg.postgres_sources
+                    .iter()
+                    .find(|s| s.name == source)
+                    .map(|s| (&s.retention, true))
+            });
+        let Some((r, postgres)) = found else {
+            return Ok(());
+        };
+        let Some(policy) = crate::retention::resolve(cfg, r) else {
+            return Ok(());
+        };
+        let (state, src) = (self.state.clone(), source.to_string());
+        let meta_dir = crate::pg_source::meta_dir(&cfg.data_dir, source);
+        let md = meta_dir.clone();
+        let plan = blocking(move || {
+            crate::retention::plan_expiry(&state, &src, &policy, postgres, &md)
+        })
+        .await??;
+        if plan.files.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            source,
+            expired = ?plan.snapshots,
+            kept = plan.kept.len(),
+            wal_segments = plan.wal.len(),
+            "retention: expiring snapshots from the catalog"
+        );
+        for id in &plan.snapshots {
+            if let Some(ts) = id.rsplit('/').next() {
+                let _ = std::fs::remove_file(meta_dir.join(format!("{ts}.tar.meta.json")));
+            }
+        }
+        self.progress.busy.store(true, Ordering::Relaxed);
+        for rel in plan.files {
+            self.queue_snapshot(root, rel);
         }
         Ok(())
     }
