@@ -804,10 +804,9 @@ impl Agent {
         let (state, src) = (self.state.clone(), source.to_string());
         let meta_dir = crate::pg_source::meta_dir(&cfg.data_dir, source);
         let md = meta_dir.clone();
-        let plan = blocking(move || {
-            crate::retention::plan_expiry(&state, &src, &policy, postgres, &md)
-        })
-        .await??;
+        let plan =
+            blocking(move || crate::retention::plan_expiry(&state, &src, &policy, postgres, &md))
+                .await??;
         if plan.files.is_empty() {
             return Ok(());
         }

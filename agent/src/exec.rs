@@ -255,7 +255,10 @@ async fn spool_command(
         let mut buf = vec![0u8; 256 * 1024];
         let mut n = 0u64;
         loop {
-            let k = out.read(&mut buf).await.map_err(|e| io("cannot read the output for", e))?;
+            let k = out
+                .read(&mut buf)
+                .await
+                .map_err(|e| io("cannot read the output for", e))?;
             if k == 0 {
                 break;
             }

@@ -344,8 +344,14 @@ pub fn spawn_all(
         let span = tracing::info_span!("postgres_source", source = %s.name);
         let keep = crate::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
         out.push(tokio::spawn(
-            base_loop(s.clone(), keep, cfg.data_dir.clone(), tx.clone(), stop.clone())
-                .instrument(span.clone()),
+            base_loop(
+                s.clone(),
+                keep,
+                cfg.data_dir.clone(),
+                tx.clone(),
+                stop.clone(),
+            )
+            .instrument(span.clone()),
         ));
         if s.wal_archive {
             out.push(tokio::spawn(

@@ -247,7 +247,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             }
             if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
                 return Err(bad(
-                    "give both tls_cert_file and tls_key_file, or neither".into(),
+                    "give both tls_cert_file and tls_key_file, or neither".into()
                 ));
             }
             if let Some(n) = &s.tls_server_name {
@@ -337,9 +337,9 @@ fn tls_config(
     src: &RedisSourceConfig,
     addr: &str,
 ) -> Result<tokio_rustls::rustls::ClientConfig, RedisSourceError> {
-    use tokio_rustls::rustls;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
     let err = |msg: String| RedisSourceError::Tls {
         addr: addr.to_string(),
         msg,

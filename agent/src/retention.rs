@@ -240,8 +240,16 @@ pub fn parse_ts(ts: &str) -> Option<i64> {
         0,
     )
     .ok()?;
-    let ms = if b.len() == 20 { ts[16..19].parse::<i64>().ok()? } else { 0 };
-    let base = dt.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp().as_millisecond();
+    let ms = if b.len() == 20 {
+        ts[16..19].parse::<i64>().ok()?
+    } else {
+        0
+    };
+    let base = dt
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()?
+        .timestamp()
+        .as_millisecond();
     Some(base + ms)
 }
 
@@ -253,8 +261,11 @@ pub fn unique_ts(dir: &std::path::Path, mut ms: i64) -> (String, i64) {
         let ts = format_ts(ms);
         let taken = std::fs::read_dir(dir)
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{ts}.")))
+                rd.filter_map(|e| e.ok()).any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{ts}."))
+                })
             })
             .unwrap_or(false);
         if !taken {
@@ -364,9 +375,16 @@ pub fn plan_expiry(
             continue;
         };
         let rel = wire[SNAPSHOTS_ROOT.len() + 1..].to_string();
-        groups.entry(ts.to_string()).or_insert((ms, Vec::new())).1.push(rel);
+        groups
+            .entry(ts.to_string())
+            .or_insert((ms, Vec::new()))
+            .1
+            .push(rel);
     }
-    let snaps: Vec<(String, i64)> = groups.iter().map(|(ts, (ms, _))| (ts.clone(), *ms)).collect();
+    let snaps: Vec<(String, i64)> = groups
+        .iter()
+        .map(|(ts, (ms, _))| (ts.clone(), *ms))
+        .collect();
     let (keep, expire) = policy.select(&snaps);
     let mut out = Expiry {
         snapshots: expire.iter().map(|ts| format!("{sub}/{ts}")).collect(),
@@ -511,7 +529,13 @@ mod tests {
         assert_eq!(format_ts(ms), "20261124T012233.123Z");
         assert_eq!(parse_ts("20261124T012233.123Z"), Some(ms));
         assert_eq!(parse_ts("20261124T012233Z"), Some(ms - 123));
-        for bad in ["", "20261124T012233", "2026112XT012233Z", "20261324T012233Z", "x.snap"] {
+        for bad in [
+            "",
+            "20261124T012233",
+            "2026112XT012233Z",
+            "20261324T012233Z",
+            "x.snap",
+        ] {
             assert_eq!(parse_ts(bad), None, "{bad}");
         }
         let d = tempfile::tempdir().unwrap();
@@ -543,7 +567,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("keep_forever"), "{e}");
-        let e = toml::from_str::<S>("retention = { keep_last = -1 }").err().unwrap();
+        let e = toml::from_str::<S>("retention = { keep_last = -1 }")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("0 or more"), "{e}");
         let e = toml::from_str::<S>("retention = 3").err().unwrap();
         assert!(e.to_string().contains("class name"), "{e}");

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod pg_server;
 pub mod redis_server;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,36 @@ pub async fn agent_once(
         cfg.with_extension("log").display()
     );
     agent_status(data).ok_or_else(|| anyhow::anyhow!("no status.json in {}", data.display()))
+}
+
+/// Flips one byte in the middle of blob `h` on every coordinator of `cluster` (after waiting up to
+/// 30 s for each to hold a copy) and checks that it no longer decodes.
+///
+/// Errors: the blob missing on a coordinator, I/O.
+pub async fn corrupt_blob_everywhere(
+    cluster: &Cluster,
+    h: &lifeboat_common::blob::BlobHash,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.local_blob_copies(h) < cluster.coords.len() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "blob {h} not on every coordinator"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in &cluster.coords {
+        let p = c.data_dir.join("blobs").join(h.key());
+        let mut b = std::fs::read(&p)?;
+        let at = (b.len() / 2).max(5);
+        b[at] ^= 0x5a;
+        std::fs::write(&p, &b)?;
+        anyhow::ensure!(
+            lifeboat_common::blob::decode(h, &b, lifeboat_common::PART_SIZE).is_err(),
+            "blob {h} still decodes after the flip"
+        );
+    }
+    Ok(())
 }
 
 /// Index of the settled leader (every running coordinator agrees on it), waiting up to 30 s.

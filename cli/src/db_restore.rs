@@ -239,10 +239,9 @@ pub async fn fetch(
     };
     let client = conn.blobs(&addr)?;
     let root = dir.canonicalize()?;
-    let meta_v = rows
-        .iter()
-        .filter(live)
-        .find(|v| v.v.path.ends_with(".meta.json") && v.v.path[prefix.len()..].matches('.').count() == 2);
+    let meta_v = rows.iter().filter(live).find(|v| {
+        v.v.path.ends_with(".meta.json") && v.v.path[prefix.len()..].matches('.').count() == 2
+    });
     let Some(meta_v) = meta_v else {
         // An exec snapshot taken before exec sidecars existed: the catalog's hash only.
         let snap = format!("{prefix}snap");
@@ -254,8 +253,15 @@ pub async fn fetch(
             .with_context(|| format!("snapshot {id}: {snap}"))?;
         let path = root.join(dump_name);
         let blake3 = hash_file(&path)?;
-        let meta = serde_json::json!({ "id": id, "kind": "exec", "bytes": bytes, "blake3": blake3 });
-        return Ok(Fetched { meta, path, bytes, blake3, addr });
+        let meta =
+            serde_json::json!({ "id": id, "kind": "exec", "bytes": bytes, "blake3": blake3 });
+        return Ok(Fetched {
+            meta,
+            path,
+            bytes,
+            blake3,
+            addr,
+        });
     };
     let dump_path = meta_v.v.path.trim_end_matches(".meta.json").to_string();
     let dump_v = rows
@@ -925,7 +931,9 @@ mod tests {
             parse_id("db/base/20261124T012233.123Z").unwrap(),
             ("db/base".into(), "20261124T012233.123Z".into())
         );
-        for bad in ["cache", "a/b/c", "../x", "a/..", "/x", "a/", "a/base/", "a//b"] {
+        for bad in [
+            "cache", "a/b/c", "../x", "a/..", "/x", "a/", "a/base/", "a//b",
+        ] {
             assert!(parse_id(bad).is_err(), "{bad}");
         }
     }

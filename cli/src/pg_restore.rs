@@ -183,7 +183,14 @@ pub async fn restore_postgres(
     }
     drop(work);
 
-    let wal_files = fetch_wal(conn, &client, source, meta.start_wal_file.as_deref(), &datadir).await?;
+    let wal_files = fetch_wal(
+        conn,
+        &client,
+        source,
+        meta.start_wal_file.as_deref(),
+        &datadir,
+    )
+    .await?;
 
     let target = at.map(|t| {
         t.to_zoned(jiff::tz::TimeZone::UTC)
@@ -440,7 +447,11 @@ pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> 
     Ok(())
 }
 
-pub(crate) fn pg_command(bin_dir: &Path, prog: &str, owner: Option<&str>) -> tokio::process::Command {
+pub(crate) fn pg_command(
+    bin_dir: &Path,
+    prog: &str,
+    owner: Option<&str>,
+) -> tokio::process::Command {
     let bin = bin_dir.join(prog);
     let mut c = match owner {
         Some(u) => {

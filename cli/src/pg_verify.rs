@@ -283,7 +283,11 @@ pub async fn verify(
             );
             let shown: Vec<String> = t.iter().take(20).map(|(k, v)| format!("{k}={v}")).collect();
             if !shown.is_empty() {
-                detail += &format!(" ({}{})", shown.join(", "), if t.len() > 20 { ", ..." } else { "" });
+                detail += &format!(
+                    " ({}{})",
+                    shown.join(", "),
+                    if t.len() > 20 { ", ..." } else { "" }
+                );
             }
             checks.push(("row_counts".into(), true, detail));
             out.tables = t;
@@ -325,11 +329,7 @@ pub async fn verify(
     Ok(())
 }
 
-async fn connect(
-    s: &Scratch,
-    user: &str,
-    db: &str,
-) -> anyhow::Result<tokio_postgres::Client> {
+async fn connect(s: &Scratch, user: &str, db: &str) -> anyhow::Result<tokio_postgres::Client> {
     let mut c = tokio_postgres::Config::new();
     c.host_path(&s.datadir)
         .port(s.port)
