@@ -98,6 +98,9 @@ pub struct Agent {
     queue: WorkQueue,
     next_change_id: u64,
     unacked: HashMap<String, u32>,
+    /// WAL files (relative to the snapshot root) expired by retention in this run: a copy shipped
+    /// again later (pg_receivewal's spool after a restart) is dropped, not resurrected.
+    expired_wal: std::collections::HashSet<String>,
     degraded: bool,
     span: Span,
 }
@@ -201,6 +204,7 @@ impl Agent {
             queue: WorkQueue::default(),
             next_change_id,
             unacked: HashMap::new(),
+            expired_wal: Default::default(),
             degraded: false,
             span,
         })
@@ -478,6 +482,11 @@ impl Agent {
     }
 
     fn on_snapshot(&mut self, rel: String) {
+        if self.expired_wal.contains(&rel) {
+            tracing::debug!(file = %rel, "not shipping a WAL file retention expired");
+            let _ = std::fs::remove_file(crate::exec::snapshots_dir(&self.cfg.data_dir).join(&rel));
+            return;
+        }
         if let Some(root) = self.snap_root {
             self.progress.busy.store(true, Ordering::Relaxed);
             self.queue_snapshot(root, rel);
@@ -823,7 +832,14 @@ impl Agent {
             }
         }
         self.progress.busy.store(true, Ordering::Relaxed);
+        let snaps = crate::exec::snapshots_dir(&self.cfg.data_dir);
         for rel in plan.files {
+            // A local copy (not yet removed after its ack) would make this a no-op, not a
+            // tombstone.
+            let _ = std::fs::remove_file(snaps.join(&rel));
+            if rel.contains("/wal/") {
+                self.expired_wal.insert(rel.clone());
+            }
             self.queue_snapshot(root, rel);
         }
         Ok(())

@@ -41,8 +41,8 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
             "name": "quick", "snapshot_command": ["echo", "same"],
         }))?;
         let local = dir.join("local-agent");
-        let a = take_snapshot(&src, &local, 3).await?;
-        let b = take_snapshot(&src, &local, 3).await?;
+        let a = take_snapshot(&src, &local, 3).await.map_err(anyhow::Error::msg)?;
+        let b = take_snapshot(&src, &local, 3).await.map_err(anyhow::Error::msg)?;
         assert_ne!(a.id, b.id, "two snapshots, two ids");
         for m in [&a, &b] {
             let f = local.join("snapshots").join(format!("{}.snap", m.id));
