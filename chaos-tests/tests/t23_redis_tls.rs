@@ -121,15 +121,16 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
 
         // Refusals: another CA, a name the certificate lacks, no client certificate.
         for (what, bad, needle) in [
+            // Both dev CAs have the same subject: rustls reports a signature that does not verify.
             (
                 "wrong CA",
                 source(&addr, &other.join("ca.pem"), client, None),
-                "UnknownIssuer",
+                "invalid peer certificate",
             ),
             (
                 "wrong name",
                 source(&addr, &ca, client, Some("redis.example.org")),
-                "NotValidForName",
+                "not valid for name \"redis.example.org\"",
             ),
         ] {
             let out = dir.join(format!("agent-{}", what.replace(' ', "-")));
