@@ -470,7 +470,8 @@ impl Agent {
         }
     }
 
-    /// Queues a finished exec snapshot (`<source>/<timestamp>.snap` below the snapshot root).
+    /// Queues a finished snapshot file (e.g. `<source>/<ts>.snap` below the snapshot root). If it
+    /// is gone by the time it is planned (acknowledged and removed meanwhile), nothing is sent.
     fn queue_snapshot(&mut self, root: usize, rel: String) {
         self.queue.push_back(Work::Path {
             root,
@@ -840,7 +841,14 @@ impl Agent {
             if rel.contains("/wal/") {
                 self.expired_wal.insert(rel.clone());
             }
-            self.queue_snapshot(root, rel);
+            // `sweep`: a deletion request; a missing snapshot file alone is never one.
+            self.queue.push_back(Work::Path {
+                root,
+                rel,
+                rename_from: None,
+                walk: false,
+                sweep: true,
+            });
         }
         Ok(())
     }

@@ -557,6 +557,12 @@ impl Planner<'_> {
                     tracing::error!(root = %fs_path.display(), "protected root is missing or not a directory; not deleting anything under it");
                     return Ok((None, follow));
                 }
+                if !sweep && self.roots.roots[root].name == crate::config::SNAPSHOTS_ROOT {
+                    // Snapshot files leave the disk once acknowledged: a missing one is no
+                    // deletion. Only retention removes snapshots from the catalog (a sweep item,
+                    // see `Agent::expire_snapshots`).
+                    return Ok((None, follow));
+                }
                 if sweep || was_dir {
                     follow.push(sweep_work());
                 }
