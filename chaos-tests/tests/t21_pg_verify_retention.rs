@@ -159,7 +159,7 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
         for (p, deleted) in &segs {
             assert_eq!(
                 *deleted,
-                seg_no(p) < start[8..].to_string(),
+                *seg_no(p) < start[8..],
                 "{p}: expired exactly when before {start}"
             );
         }

@@ -66,7 +66,7 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let mut first = cluster.agents.remove(0);
-        first.kill()?;
+        let _ = first.kill();
         first.wait()?;
         // Phase 2: one at start, then one an hour: the catalog settles.
         std::fs::write(
