@@ -175,6 +175,43 @@ pub fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("json output")
 }
 
+/// Live catalog paths under `prefix` (`lifeboat ls PREFIX`; empty on failure).
+pub fn catalog_paths(cluster: &Cluster, prefix: &str) -> Vec<String> {
+    let out = lifeboat(cluster, &["ls", prefix, "--output", "json"]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["path"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `(path, deleted)` of the newest version of every path under `prefix`, tombstones included
+/// (`lifeboat ls PREFIX --deleted`; empty on failure).
+pub fn catalog_with_deleted(cluster: &Cluster, prefix: &str) -> Vec<(String, bool)> {
+    let out = lifeboat(cluster, &["ls", prefix, "--deleted", "--output", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| Some((r["path"].as_str()?.to_string(), r["deleted"].as_bool()?)))
+        .collect()
+}
+
+/// Parses the JSON report of a `lifeboat ... --output json` run that must have failed (non-zero
+/// exit; the report is still on stdout); panics naming `what` otherwise.
+pub fn failed_json(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(!out.status.success(), "{what}: lifeboat succeeded");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: no JSON report ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Starts region A (active) and region B (standby of A, same CA) under `dir`, each with a settled
 /// leader.
 pub async fn two_regions(dir: &std::path::Path) -> anyhow::Result<(Cluster, Cluster)> {

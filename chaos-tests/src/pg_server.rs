@@ -11,7 +11,7 @@ use lifeboat_agent::pg_source::PostgresSourceConfig;
 // `free_port` never hands out a port twice in this process: tests run in parallel.
 use lifeboat_cli::harness::free_port;
 
-use crate::{lifeboat, Cluster};
+use crate::{catalog_paths, Cluster};
 
 /// Directory of the PostgreSQL 15 binaries.
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -173,21 +173,6 @@ pub fn pg_dir(scratch: &Path) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
-/// Live catalog paths under `prefix` (`lifeboat ls PREFIX`; empty on failure).
-pub fn catalog_paths(cluster: &Cluster, prefix: &str) -> Vec<String> {
-    let out = lifeboat(cluster, &["ls", prefix, "--output", "json"]);
-    if !out.status.success() {
-        return Vec::new();
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r["path"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// Polls `f` every 200 ms until it returns true, for up to `secs` seconds.
 ///
 /// Errors: timeout (with the last error of `f`, if any).
@@ -210,4 +195,28 @@ pub async fn wait_for(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Switches `pg` to a new WAL segment and waits (up to `secs`) until the completed one is in
+/// `cluster`'s catalog under `_snapshots/<source>/wal/`, then until the agent with data dir
+/// `data` is idle. Returns the segment's file name.
+///
+/// Errors: query failures, timeouts.
+pub async fn switch_wal_and_wait(
+    pg: &Pg,
+    cluster: &Cluster,
+    source: &str,
+    data: &Path,
+    secs: u64,
+) -> anyhow::Result<String> {
+    let seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+    pg.psql("SELECT pg_switch_wal()")?;
+    let prefix = format!("_snapshots/{source}/wal");
+    let want = format!("{prefix}/{seg}");
+    wait_for(&format!("{want} in the catalog"), secs, || {
+        Ok(catalog_paths(cluster, &prefix).contains(&want))
+    })
+    .await?;
+    crate::settle(data).await?;
+    Ok(seg)
 }

@@ -13,7 +13,6 @@ use anyhow::Context;
 use lifeboat_agent::pg_role::{apply_role, health};
 use lifeboat_chaos_tests::pg_server::*;
 use lifeboat_chaos_tests::*;
-use lifeboat_common::blob;
 use lifeboat_common::catalog::EntryKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,14 +58,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
         let t = jiff::Timestamp::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
         primary.psql("INSERT INTO t VALUES (2, 'after')")?;
-        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-        primary.psql("SELECT pg_switch_wal()")?;
-        let want = format!("_snapshots/db/wal/{seg}");
-        wait_for(&format!("{want} in the catalog"), 120, || {
-            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
-        })
-        .await?;
-        settle(&data).await?;
+        let seg = switch_wal_and_wait(&primary, &cluster, "db", &data, 120).await?;
         // Acknowledged copies are removed locally; the WAL spool keeps at most the newest segment.
         let left: Vec<_> = std::fs::read_dir(data.join("snapshots/db/base"))?.collect();
         assert!(left.is_empty(), "acknowledged base backup files left: {left:?}");
@@ -140,15 +132,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
             .find(|v| v.v.path == tar_path && v.v.kind == EntryKind::File)
             .context("tar row")?;
         let h = v.v.parts[0].hash;
-        wait_for("blob on every coordinator", 30, || Ok(cluster.local_blob_copies(&h) == cluster.coords.len())).await?;
-        for c in &cluster.coords {
-            let p = c.data_dir.join("blobs").join(h.key());
-            let mut b = std::fs::read(&p)?;
-            let at = (b.len() / 2).max(5);
-            b[at] ^= 0x5a;
-            std::fs::write(&p, &b)?;
-            assert!(blob::decode(&h, &b, lifeboat_common::PART_SIZE).is_err());
-        }
+        corrupt_blob_everywhere(&cluster, &h).await?;
         let bad = pgd.join("corrupt");
         let out = lifeboat(
             &cluster,
@@ -332,14 +316,7 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         let t = jiff::Timestamp::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
         primary.psql("INSERT INTO marker VALUES (2)")?;
-        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-        primary.psql("SELECT pg_switch_wal()")?;
-        let want = format!("_snapshots/db/wal/{seg}");
-        wait_for("WAL acknowledged", 300, || {
-            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
-        })
-        .await?;
-        settle(&data).await?;
+        switch_wal_and_wait(&primary, &cluster, "db", &data, 300).await?;
         let restored = pgd.join("restored");
         let at = t.to_string();
         let t0 = Instant::now();

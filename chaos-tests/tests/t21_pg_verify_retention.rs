@@ -15,15 +15,6 @@ use lifeboat_chaos_tests::pg_server::*;
 use lifeboat_chaos_tests::*;
 use lifeboat_common::catalog::EntryKind;
 
-/// `(path, deleted)` of every path under `prefix`, tombstones included.
-fn catalog_with_deleted(cluster: &Cluster, prefix: &str) -> Vec<(String, bool)> {
-    let out = lifeboat(cluster, &["ls", prefix, "--deleted", "--output", "json"]);
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    rows.iter()
-        .filter_map(|r| Some((r["path"].as_str()?.to_string(), r["deleted"].as_bool()?)))
-        .collect()
-}
-
 fn count_in_log(cfg: &Path, what: &str) -> usize {
     std::fs::read_to_string(cfg.with_extension("log"))
         .unwrap_or_default()
@@ -93,14 +84,7 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
         // A commit after the last backup, in a completed and archived segment: every recovery
         // target below lies before it.
         primary.psql("INSERT INTO ticks VALUES (now())")?;
-        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-        primary.psql("SELECT pg_switch_wal()")?;
-        let want = format!("_snapshots/db/wal/{seg}");
-        wait_for(&format!("{want} in the catalog"), 120, || {
-            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
-        })
-        .await?;
-        settle(&data).await?;
+        switch_wal_and_wait(&primary, &cluster, "db", &data, 120).await?;
 
         // (a) Exactly the two newest backups (tar + sidecar) are live; the older ones are tombstones.
         let taken = count_in_log(&cfg, "postgres base backup taken");
@@ -284,11 +268,7 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
                 "json",
             ],
         );
-        assert!(
-            !out.status.success(),
-            "a wrong --expect fails the verification"
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let v = failed_json(&out, "a wrong --expect fails the verification");
         assert_eq!(
             (v["verdict"].as_str(), v["ok"].as_bool()),
             (Some("failed"), Some(false)),
@@ -359,11 +339,10 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
             &cluster,
             &["verify", "snapshot", &gone_id, "--output", "json"],
         );
-        assert!(
-            !out.status.success(),
-            "expired snapshot {gone_id} still verifiable"
+        let v = failed_json(
+            &out,
+            &format!("expired snapshot {gone_id} still verifiable"),
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         assert!(
             v["error"]
                 .as_str()
@@ -393,11 +372,7 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
                 "json",
             ],
         );
-        assert!(
-            !out.status.success(),
-            "verify of a corrupted base backup succeeded"
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let v = failed_json(&out, "verify of a corrupted base backup succeeded");
         assert_eq!(
             (v["verdict"].as_str(), v["blake3_ok"].as_bool()),
             (Some("failed"), Some(false)),

@@ -13,13 +13,9 @@ use lifeboat_agent::exec::take_snapshot;
 use lifeboat_chaos_tests::*;
 
 fn live(cluster: &Cluster, suffix: &str) -> Vec<String> {
-    let out = lifeboat(cluster, &["ls", "_snapshots/ticks", "--output", "json"]);
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let mut v: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r["path"].as_str())
+    let mut v: Vec<String> = catalog_paths(cluster, "_snapshots/ticks")
+        .into_iter()
         .filter(|p| p.ends_with(suffix))
-        .map(str::to_string)
         .collect();
     v.sort();
     v
@@ -93,13 +89,11 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
             snaps.iter().map(|s| format!("{s}.meta.json")).collect::<Vec<_>>(),
             "each kept snapshot keeps its sidecar"
         );
-        let out = lifeboat(&cluster, &["ls", "_snapshots/ticks", "--deleted", "--output", "json"]);
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        let rows = catalog_with_deleted(&cluster, "_snapshots/ticks");
         let expired: Vec<&str> = rows
             .iter()
-            .filter(|r| r["deleted"] == true)
-            .filter_map(|r| r["path"].as_str())
-            .filter(|p| p.ends_with(".snap"))
+            .filter(|(p, d)| *d && p.ends_with(".snap"))
+            .map(|(p, _)| p.as_str())
             .collect();
         assert_eq!(expired.len() + 2, taken(&cfg), "every older snapshot expired: {rows:?}");
         assert!(expired.iter().all(|e| snaps.iter().all(|k| *e < k.as_str())), "{rows:?}");
@@ -131,8 +125,7 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
             &["verify", "snapshot", &newest, "--output", "json"],
             &["--exec", "--", "sh", "-c", "exit 3"],
         );
-        assert!(!out.status.success());
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let v = failed_json(&out, "verify with a failing restore command");
         let c = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "restore_command").context("check")?;
         assert_eq!(c["ok"], false, "{v}");
         // An expired snapshot is gone.
@@ -145,8 +138,7 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
         let h = row.v.parts[0].hash;
         corrupt_blob_everywhere(&cluster, &h).await?;
         let out = lifeboat(&cluster, &["verify", "snapshot", &newest, "--output", "json"]);
-        assert!(!out.status.success(), "verify of a corrupted snapshot succeeded");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let v = failed_json(&out, "verify of a corrupted snapshot succeeded");
         assert_eq!(v["blake3_ok"], false, "{v}");
         assert!(v["error"].as_str().unwrap_or_default().contains("corrupt"), "{v}");
         Ok(())

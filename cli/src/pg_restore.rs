@@ -447,22 +447,32 @@ pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> 
     Ok(())
 }
 
+/// `bin_dir/prog`, run as `owner` through `runuser` when given, in `/`, stdin null.
+pub(crate) fn pg_std_command(
+    bin_dir: &Path,
+    prog: &str,
+    owner: Option<&str>,
+) -> std::process::Command {
+    let bin = bin_dir.join(prog);
+    let mut c = match owner {
+        Some(u) => {
+            let mut c = std::process::Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
+    c.current_dir("/").stdin(std::process::Stdio::null());
+    c
+}
+
+/// [`pg_std_command`] for tokio.
 pub(crate) fn pg_command(
     bin_dir: &Path,
     prog: &str,
     owner: Option<&str>,
 ) -> tokio::process::Command {
-    let bin = bin_dir.join(prog);
-    let mut c = match owner {
-        Some(u) => {
-            let mut c = tokio::process::Command::new("runuser");
-            c.arg("-u").arg(u).arg("--").arg(bin);
-            c
-        }
-        None => tokio::process::Command::new(bin),
-    };
-    c.current_dir("/").stdin(std::process::Stdio::null());
-    c
+    tokio::process::Command::from(pg_std_command(bin_dir, prog, owner))
 }
 
 /// Starts the restored server (free port, Unix socket in DATADIR only, archiving off), waits up

@@ -75,7 +75,7 @@ struct Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if self.running {
-            let mut c = pg_std_command(&self.bin_dir, "pg_ctl", self.owner.as_deref());
+            let mut c = pg_restore::pg_std_command(&self.bin_dir, "pg_ctl", self.owner.as_deref());
             let _ = c
                 .arg("-D")
                 .arg(&self.datadir)
@@ -83,20 +83,6 @@ impl Drop for Scratch {
                 .output();
         }
     }
-}
-
-fn pg_std_command(bin_dir: &Path, prog: &str, owner: Option<&str>) -> std::process::Command {
-    let bin = bin_dir.join(prog);
-    let mut c = match owner {
-        Some(u) => {
-            let mut c = std::process::Command::new("runuser");
-            c.arg("-u").arg(u).arg("--").arg(bin);
-            c
-        }
-        None => std::process::Command::new(bin),
-    };
-    c.current_dir("/").stdin(std::process::Stdio::null());
-    c
 }
 
 /// Quotes an SQL identifier (`"` doubled).
