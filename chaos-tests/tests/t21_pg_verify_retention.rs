@@ -230,6 +230,10 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
         assert_eq!(v["tables"]["app.Mixed Case"].as_i64(), Some(7), "{v}");
         assert!(v["tables"]["public.ticks"].as_i64().is_some(), "{v}");
         assert_eq!(v["sql_result"].as_str(), Some("100"));
+        eprintln!(
+            "verify of {new_id}: {} bytes, restore {} ms, start {} ms, total {} ms",
+            v["bytes"], v["restore_ms"], v["start_ms"], v["duration_ms"]
+        );
         assert!(
             v["restore_ms"].as_u64().is_some() && v["start_ms"].as_u64().is_some(),
             "{v}"
@@ -331,6 +335,10 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
         ));
         assert_eq!(v["verdict"], "ok", "{v}");
         assert!(v["wal_files"].as_u64().unwrap() >= 1, "{v}");
+        eprintln!(
+            "verify --full of {old_id}: {} bytes, {} WAL files, restore {} ms, start {} ms, total {} ms",
+            v["bytes"], v["wal_files"], v["restore_ms"], v["start_ms"], v["duration_ms"]
+        );
         assert_eq!(v["tables"]["public.t"].as_i64(), Some(100), "{v}");
 
         // An expired backup is gone for verify too.

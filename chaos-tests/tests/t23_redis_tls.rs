@@ -3,7 +3,8 @@
 //! into a fresh Redis with every key and value equal; health and role reconciliation work over
 //! TLS; a client certificate is required when the server asks for one; a server certificate from
 //! another CA, or one that does not carry `tls_server_name`, is refused with a clear error and
-//! records nothing.
+//! records nothing. An agent with a `tls = true` source stores the snapshot in the catalog, and
+//! `lifeboat verify snapshot --expect-keys` checks the key count.
 
 use std::path::Path;
 
@@ -151,6 +152,52 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
             "the server requires a client certificate"
         );
         assert!(!out.join("snapshots").exists());
+
+        // End to end: an agent with a `tls = true` source stores the snapshot in the catalog;
+        // `verify snapshot --expect-keys` loads it into a scratch redis-server.
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(std::time::Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[redis_sources]]\nname = \"secure\"\naddr = \"{addr}\"\ninterval_s = 3600\ntls = true\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_server_name = \"localhost\"\n",
+            ca.display(),
+            certs.join("agent.pem").display(),
+            certs.join("agent.key").display()
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        cluster.start_agent(&cfg)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let id = loop {
+            let side = catalog_paths(&cluster, "_snapshots/secure")
+                .into_iter()
+                .find(|p| p.ends_with(".rdb.meta.json"));
+            if let Some(p) = side {
+                break p["_snapshots/".len()..p.len() - ".rdb.meta.json".len()].to_string();
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no TLS snapshot in the catalog; agent log:\n{}",
+                std::fs::read_to_string(cfg.with_extension("log")).unwrap_or_default()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        settle(&data).await?;
+        let v = json(&lifeboat(
+            &cluster,
+            &["verify", "snapshot", &id, "--expect-keys", "3001", "--output", "json"],
+        ));
+        assert_eq!((v["verdict"].as_str(), v["keys"].as_u64()), (Some("ok"), Some(3001)), "{v}");
+        let out = lifeboat(
+            &cluster,
+            &["verify", "snapshot", &id, "--expect-keys", "5", "--output", "json"],
+        );
+        let v = failed_json(&out, "a wrong --expect-keys");
+        let keys = v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "keys"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(keys["ok"], false, "{v}");
+        assert!(keys["detail"].as_str().unwrap_or_default().contains("--expect-keys 5"), "{v}");
         Ok(())
     })
     .await
