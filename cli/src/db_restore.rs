@@ -672,6 +672,11 @@ async fn verify_inner(
     r: &mut VerifyReport,
     started: Instant,
 ) -> anyhow::Result<()> {
+    if args.exec == args.command.is_empty() {
+        bail!(
+            "give --exec together with the restore command after `--` (e.g. --exec -- psql -f -)"
+        );
+    }
     let mut b = tempfile::Builder::new();
     b.prefix("lifeboat-verify-");
     let tmp = match &args.scratch_dir {
