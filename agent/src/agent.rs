@@ -98,6 +98,9 @@ pub struct Agent {
     queue: WorkQueue,
     next_change_id: u64,
     unacked: HashMap<String, u32>,
+    /// WAL files (relative to the snapshot root) expired by retention in this run: a copy shipped
+    /// again later (pg_receivewal's spool after a restart) is dropped, not resurrected.
+    expired_wal: std::collections::HashSet<String>,
     degraded: bool,
     span: Span,
 }
@@ -201,6 +204,7 @@ impl Agent {
             queue: WorkQueue::default(),
             next_change_id,
             unacked: HashMap::new(),
+            expired_wal: Default::default(),
             degraded: false,
             span,
         })
@@ -351,7 +355,12 @@ impl Agent {
                     self.queue_snapshot(root, rel);
                 }
                 if watching {
-                    execs = crate::exec::spawn_all(&self.cfg, snap_tx.clone(), helpers_rx.clone());
+                    execs = crate::exec::spawn_all(
+                        &self.cfg,
+                        self.progress.clone(),
+                        snap_tx.clone(),
+                        helpers_rx.clone(),
+                    );
                     execs.extend(crate::redis_source::spawn_all(
                         &self.cfg,
                         self.progress.clone(),
@@ -461,7 +470,8 @@ impl Agent {
         }
     }
 
-    /// Queues a finished exec snapshot (`<source>/<timestamp>.snap` below the snapshot root).
+    /// Queues a finished snapshot file (e.g. `<source>/<ts>.snap` below the snapshot root). If it
+    /// is gone by the time it is planned (acknowledged and removed meanwhile), nothing is sent.
     fn queue_snapshot(&mut self, root: usize, rel: String) {
         self.queue.push_back(Work::Path {
             root,
@@ -473,6 +483,11 @@ impl Agent {
     }
 
     fn on_snapshot(&mut self, rel: String) {
+        if self.expired_wal.contains(&rel) {
+            tracing::debug!(file = %rel, "not shipping a WAL file retention expired");
+            let _ = std::fs::remove_file(crate::exec::snapshots_dir(&self.cfg.data_dir).join(&rel));
+            return;
+        }
         if let Some(root) = self.snap_root {
             self.progress.busy.store(true, Ordering::Relaxed);
             self.queue_snapshot(root, rel);
@@ -701,6 +716,7 @@ impl Agent {
         let mut records = Vec::with_capacity(changes.len());
         let mut missing = Vec::new();
         let mut spooled = Vec::new();
+        let mut completed = std::collections::BTreeSet::new();
         for c in changes {
             match seqs.get(&c.change_id) {
                 Some(seq) => {
@@ -708,6 +724,12 @@ impl Agent {
                     records.push(c.acked(*seq));
                     if Some(c.root) == self.snap_root && !c.deleted {
                         spooled.push(c.fs_path.clone());
+                        // A sidecar completes a snapshot: apply the source's retention.
+                        if c.path.ends_with(".meta.json") {
+                            if let Some(src) = c.path.split('/').nth(1) {
+                                completed.insert(src.to_string());
+                            }
+                        }
                     }
                 }
                 None => missing.push(c.clone()),
@@ -730,6 +752,9 @@ impl Agent {
                 tracing::warn!(path = %p.display(), error = %e, "cannot remove an acknowledged snapshot file");
             }
         }
+        for src in completed {
+            self.expire_snapshots(&src).await?;
+        }
         self.progress.changes_acked.fetch_add(n, Ordering::Relaxed);
         self.progress.batches_acked.fetch_add(1, Ordering::Relaxed);
         self.progress
@@ -750,6 +775,80 @@ impl Agent {
                 tracing::warn!(path = %c.path, change_id = c.change_id, "reply did not acknowledge this change; sending it again");
                 self.queue.push_back(c.requeue());
             }
+        }
+        Ok(())
+    }
+
+    /// Applies the retention of database or exec source `source` (see [`crate::retention`]):
+    /// queues a deletion (tombstone) of every file of each expired snapshot, and of expired WAL.
+    ///
+    /// Errors: state database failures.
+    async fn expire_snapshots(&mut self, source: &str) -> Result<(), AgentError> {
+        let Some(root) = self.snap_root else {
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let found = cfg
+            .exec_sources
+            .iter()
+            .find(|s| s.name == source)
+            .map(|s| (&s.retention, false))
+            .or_else(|| {
+                cfg.redis_sources
+                    .iter()
+                    .find(|s| s.name == source)
+                    .map(|s| (&s.retention, false))
+            })
+            .or_else(|| {
+                cfg.postgres_sources
+                    .iter()
+                    .find(|s| s.name == source)
+                    .map(|s| (&s.retention, true))
+            });
+        let Some((r, postgres)) = found else {
+            return Ok(());
+        };
+        let Some(policy) = crate::retention::resolve(cfg, r) else {
+            return Ok(());
+        };
+        let (state, src) = (self.state.clone(), source.to_string());
+        let meta_dir = crate::pg_source::meta_dir(&cfg.data_dir, source);
+        let md = meta_dir.clone();
+        let plan =
+            blocking(move || crate::retention::plan_expiry(&state, &src, &policy, postgres, &md))
+                .await??;
+        if plan.files.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            source,
+            expired = ?plan.snapshots,
+            kept = plan.kept.len(),
+            wal_segments = plan.wal.len(),
+            "retention: expiring snapshots from the catalog"
+        );
+        for id in &plan.snapshots {
+            if let Some(ts) = id.rsplit('/').next() {
+                let _ = std::fs::remove_file(meta_dir.join(format!("{ts}.tar.meta.json")));
+            }
+        }
+        self.progress.busy.store(true, Ordering::Relaxed);
+        let snaps = crate::exec::snapshots_dir(&self.cfg.data_dir);
+        for rel in plan.files {
+            // A local copy (not yet removed after its ack) would make this a no-op, not a
+            // tombstone.
+            let _ = std::fs::remove_file(snaps.join(&rel));
+            if rel.contains("/wal/") {
+                self.expired_wal.insert(rel.clone());
+            }
+            // `sweep`: a deletion request; a missing snapshot file alone is never one.
+            self.queue.push_back(Work::Path {
+                root,
+                rel,
+                rename_from: None,
+                walk: false,
+                sweep: true,
+            });
         }
         Ok(())
     }

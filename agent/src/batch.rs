@@ -557,6 +557,12 @@ impl Planner<'_> {
                     tracing::error!(root = %fs_path.display(), "protected root is missing or not a directory; not deleting anything under it");
                     return Ok((None, follow));
                 }
+                if !sweep && self.roots.roots[root].name == crate::config::SNAPSHOTS_ROOT {
+                    // Snapshot files leave the disk once acknowledged: a missing one is no
+                    // deletion. Only retention removes snapshots from the catalog (a sweep item,
+                    // see `Agent::expire_snapshots`).
+                    return Ok((None, follow));
+                }
                 if sweep || was_dir {
                     follow.push(sweep_work());
                 }
@@ -694,6 +700,45 @@ mod tests {
     fn ack(db: &StateDb, changes: &[PlannedChange]) {
         let acked: Vec<_> = changes.iter().map(|c| c.acked(1)).collect();
         db.commit(&acked, 0, 0).unwrap();
+    }
+
+    /// A snapshot file that left the disk after its acknowledgement is not a deletion; a sweep
+    /// item for it (what retention queues) is.
+    #[test]
+    fn missing_snapshot_file_is_deleted_only_by_retention() {
+        let (d, mut roots, db) = setup(&[]);
+        let snaps = d.path().join("snaps");
+        std::fs::create_dir_all(snaps.join("src")).unwrap();
+        roots.roots.push(scan::Root {
+            name: crate::config::SNAPSHOTS_ROOT.into(),
+            path: snaps.clone(),
+            filter: scan::Filter::default_all(),
+        });
+        let idx = roots.roots.len() - 1;
+        std::fs::write(snaps.join("src/a.snap"), b"snapshot").unwrap();
+        let item = |sweep| Work::Path {
+            root: idx,
+            rel: "src/a.snap".into(),
+            rename_from: None,
+            walk: false,
+            sweep,
+        };
+        let mut q = WorkQueue::default();
+        q.push_back(item(false));
+        let sent = plan_all(&mut q, &roots, &db);
+        assert_eq!(sent.len(), 1);
+        assert!(!sent[0].deleted);
+        ack(&db, &sent);
+        std::fs::remove_file(snaps.join("src/a.snap")).unwrap();
+        q.push_back(item(false));
+        assert!(
+            plan_all(&mut q, &roots, &db).is_empty(),
+            "gone locally: no tombstone"
+        );
+        q.push_back(item(true));
+        let del = plan_all(&mut q, &roots, &db);
+        assert_eq!(del.len(), 1);
+        assert!(del[0].deleted && del[0].path == "_snapshots/src/a.snap");
     }
 
     #[test]

@@ -69,9 +69,6 @@ pub mod defaults {
     pub const EXEC_INTERVAL_SECS: u64 = 3600;
     /// Seconds an exec snapshot command may run.
     pub const EXEC_TIMEOUT_SECS: u64 = 600;
-    pub(super) fn exec_interval_secs() -> u64 {
-        EXEC_INTERVAL_SECS
-    }
     pub(super) fn exec_timeout_secs() -> u64 {
         EXEC_TIMEOUT_SECS
     }
@@ -133,6 +130,11 @@ pub struct Config {
     /// check makes this agent's region unhealthy for the failover decision. Default none.
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckConfig>,
+    /// Snapshot retention classes (`[retention.<class>]`, restic `forget` rules), referenced by
+    /// `retention = "<class>"` of exec, Redis and PostgreSQL sources. See
+    /// [`crate::retention`]. Default none.
+    #[serde(default)]
+    pub retention: std::collections::BTreeMap<String, crate::retention::RetentionPolicy>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -171,12 +173,28 @@ pub struct ExecSourceConfig {
     /// stdin by `lifeboat restore-snapshot --exec -- CMD...`). Default none.
     #[serde(default)]
     pub restore_command: Vec<String>,
-    /// Seconds between snapshots (one is also taken at start). Default 3600.
-    #[serde(default = "defaults::exec_interval_secs")]
-    pub interval_secs: u64,
+    /// Seconds between snapshots (one is also taken at start). Exclusive with `schedule`.
+    /// Default 3600 when neither is set.
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// Cron expression (croner syntax, 5 or 6 fields, UTC) of snapshot times. Exclusive with
+    /// `interval_secs`.
+    #[serde(default)]
+    pub schedule: Option<String>,
     /// Seconds a snapshot command may run before it is killed and the snapshot fails. Default 600.
     #[serde(default = "defaults::exec_timeout_secs")]
     pub timeout_secs: u64,
+    /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline
+    /// policy (see [`crate::retention`]). Default: every snapshot is kept.
+    #[serde(default)]
+    pub retention: Option<crate::retention::RetentionRef>,
+}
+
+impl ExecSourceConfig {
+    /// Seconds between snapshots when no `schedule` is set.
+    pub fn interval(&self) -> u64 {
+        self.interval_secs.unwrap_or(defaults::EXEC_INTERVAL_SECS)
+    }
 }
 
 /// One warm-standby replica (`[[replicas]]`): the agent follows its region's catalog
@@ -256,6 +274,14 @@ pub enum ConfigError {
     /// A `[[checks]]` entry is invalid.
     #[error("config: {0}")]
     BadCheck(String),
+    /// A `[retention.<class>]` table is invalid.
+    #[error("config: retention.{name}: {reason}")]
+    BadRetention {
+        /// Class name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A `[[postgres_sources]]` entry is invalid.
     #[error("config: postgres_sources {name:?}: {reason}")]
     BadPostgresSource {
@@ -356,6 +382,7 @@ impl Config {
             redis_sources: Vec::new(),
             postgres_sources: Vec::new(),
             checks: Vec::new(),
+            retention: Default::default(),
             tls: TlsConfig {
                 insecure: true,
                 ..TlsConfig::default()
@@ -414,6 +441,14 @@ impl Config {
         crate::redis_source::validate(self)?;
         crate::pg_source::validate_sources(self)?;
         crate::checks::validate(self).map_err(ConfigError::BadCheck)?;
+        for (name, p) in &self.retention {
+            if name.is_empty() || !p.keeps_something() {
+                return Err(ConfigError::BadRetention {
+                    name: name.clone(),
+                    reason: "a class must keep something: set keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly to 1 or more".into(),
+                });
+            }
+        }
         for (i, p) in self.paths.iter().enumerate() {
             let bad = |reason: &str| ConfigError::BadRootName {
                 name: p.name.clone(),
@@ -485,9 +520,18 @@ impl Config {
                         .into(),
                 ));
             }
-            if e.interval_secs == 0 {
-                return Err(bad("interval_secs must be at least 1".into()));
+            match (&e.schedule, e.interval_secs) {
+                (Some(_), Some(_)) => {
+                    return Err(bad("give schedule or interval_secs, not both".into()))
+                }
+                (Some(c), None) => {
+                    crate::pg_source::parse_cron(c)
+                        .map_err(|err| bad(format!("schedule {c:?}: {err}")))?;
+                }
+                (None, Some(0)) => return Err(bad("interval_secs must be at least 1".into())),
+                _ => {}
             }
+            crate::retention::validate_ref(self, &e.retention).map_err(bad)?;
             if e.timeout_secs == 0 {
                 return Err(bad("timeout_secs must be at least 1".into()));
             }
@@ -652,7 +696,8 @@ insecure = true
         ))
         .unwrap();
         let e = &c.exec_sources[0];
-        assert_eq!(e.interval_secs, defaults::EXEC_INTERVAL_SECS);
+        assert_eq!(e.interval(), defaults::EXEC_INTERVAL_SECS);
+        assert!(e.retention.is_none() && e.schedule.is_none());
         assert_eq!(e.timeout_secs, defaults::EXEC_TIMEOUT_SECS);
         assert!(e.restore_command.is_empty());
         for body in [
@@ -661,6 +706,10 @@ insecure = true
             "name = \"pg\"\nsnapshot_command = []",
             "name = \"pg\"\nsnapshot_command = [\"x\"]\ninterval_secs = 0",
             "name = \"pg\"\nsnapshot_command = [\"x\"]\ntimeout_secs = 0",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\nschedule = \"nope\"",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\nschedule = \"* * * * *\"\ninterval_secs = 5",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\nretention = \"missing\"",
+            "name = \"pg\"\nsnapshot_command = [\"x\"]\nretention = {}",
             "name = \"pg\"\nsnapshot_command = [\"x\"]\n[[exec_sources]]\nname = \"pg\"\nsnapshot_command = [\"y\"]",
         ] {
             let e = err(&src(body));

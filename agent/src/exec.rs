@@ -1,14 +1,19 @@
-//! Exec snapshot sources (`[[exec_sources]]`): runs a command on a schedule, streams its stdout
-//! into `data_dir/spool/<name>.tmp` (never whole in memory) and, when it exits 0 within its
-//! timeout, moves the spool to `data_dir/snapshots/<name>/<UTC timestamp>.snap` (mode 0600). The
-//! agent then sends that file as a regular change of the reserved root
-//! [`SNAPSHOTS_ROOT`](crate::config::SNAPSHOTS_ROOT) and removes it once acknowledged.
+//! Exec snapshot sources (`[[exec_sources]]`): runs a command every `interval_secs` or at the
+//! times of a cron `schedule`, streams its stdout into `data_dir/spool/<name>.tmp` (never whole in
+//! memory, hashed with blake3 on the way) and, when it exits 0 within its timeout, moves the spool
+//! to `data_dir/snapshots/<name>/<UTC ts>.snap` (mode 0600, ts with milliseconds, unique per
+//! source) and writes its sidecar [`ExecSnapshotMeta`] as `<UTC ts>.snap.meta.json`. The agent
+//! then sends both as regular changes of the reserved root
+//! [`SNAPSHOTS_ROOT`](crate::config::SNAPSHOTS_ROOT) and removes them once acknowledged.
+//! Snapshot id: `<name>/<UTC ts>`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -25,8 +30,55 @@ pub fn spool_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("spool")
 }
 
-/// Finished snapshots left from an earlier run (not yet acknowledged), as paths relative to
-/// [`snapshots_dir`] (`<source>/<timestamp>.snap`).
+/// The JSON sidecar `_snapshots/<id>.snap.meta.json` of an exec snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSnapshotMeta {
+    /// Snapshot id `<source>/<UTC ts>`.
+    pub id: String,
+    /// Source name.
+    pub source: String,
+    /// `"exec"`.
+    pub kind: String,
+    /// When the command started / ended, ms since the Unix epoch.
+    pub start_ms: i64,
+    /// See `start_ms`.
+    pub end_ms: i64,
+    /// Snapshot size in bytes.
+    pub bytes: u64,
+    /// blake3 of the snapshot, hex.
+    pub blake3: String,
+    /// Control epoch the agent had seen (0 if unknown).
+    pub epoch: u64,
+}
+
+/// Time until the next snapshot of a source with `interval` seconds or a cron `schedule`:
+/// zero the first time with an interval, else the interval or the next cron match (UTC).
+pub(crate) fn next_delay(interval: Option<u64>, schedule: Option<&str>, first: bool) -> Duration {
+    if let Some(s) = interval {
+        return if first {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(s)
+        };
+    }
+    let Some(cron) = schedule.and_then(|c| crate::pg_source::parse_cron(c).ok()) else {
+        return Duration::from_secs(3600);
+    };
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
+    match cron.find_next_occurrence(&now, false) {
+        Ok(t) => Duration::from_millis(
+            (t.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(1000) as u64,
+        ),
+        Err(e) => {
+            tracing::error!(schedule = ?schedule, error = %e, "no next cron occurrence; retrying in an hour");
+            Duration::from_secs(3600)
+        }
+    }
+}
+
+/// Finished snapshots and sidecars left from an earlier run (not yet acknowledged), as paths
+/// relative to [`snapshots_dir`] (`<source>/<ts>.snap`, `<source>/<ts>.snap.meta.json`), oldest
+/// first, each snapshot before its sidecar.
 pub fn leftovers(cfg: &Config) -> Vec<String> {
     let dir = snapshots_dir(&cfg.data_dir);
     let mut out = Vec::new();
@@ -38,7 +90,7 @@ pub fn leftovers(cfg: &Config) -> Vec<String> {
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".snap"))
+            .filter(|n| n.ends_with(".snap") || n.ends_with(".snap.meta.json"))
             .collect();
         names.sort();
         out.extend(names.into_iter().map(|n| format!("{}/{n}", s.name)));
@@ -46,11 +98,12 @@ pub fn leftovers(cfg: &Config) -> Vec<String> {
     out
 }
 
-/// Starts one task per source; each sends the relative path (`<source>/<timestamp>.snap`) of every
-/// successful snapshot on `tx`. Tasks end when `stop` asks for shutdown (a running command is
-/// killed).
+/// Starts one task per source; each sends the relative paths (`<source>/<ts>.snap`, then its
+/// sidecar) of every successful snapshot on `tx`. The epoch in `progress` is recorded in the
+/// sidecar. Tasks end when `stop` asks for shutdown (a running command is killed).
 pub fn spawn_all(
     cfg: &Config,
+    progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -59,8 +112,14 @@ pub fn spawn_all(
         .map(|s| {
             let span = tracing::info_span!("exec_source", source = %s.name);
             tokio::spawn(
-                source_loop(s.clone(), cfg.data_dir.clone(), tx.clone(), stop.clone())
-                    .instrument(span),
+                source_loop(
+                    s.clone(),
+                    cfg.data_dir.clone(),
+                    progress.clone(),
+                    tx.clone(),
+                    stop.clone(),
+                )
+                .instrument(span),
             )
         })
         .collect()
@@ -69,25 +128,31 @@ pub fn spawn_all(
 async fn source_loop(
     src: ExecSourceConfig,
     data_dir: PathBuf,
+    progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(src.interval_secs));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = src.schedule.is_none().then(|| src.interval());
+    let mut first = true;
     loop {
+        let delay = next_delay(interval, src.schedule.as_deref(), first);
+        first = false;
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|d| d.is_some()) => return,
         }
+        let epoch = progress.epoch.load(std::sync::atomic::Ordering::Relaxed);
         let r = tokio::select! {
-            r = take_snapshot(&src, &data_dir) => r,
+            r = take_snapshot(&src, &data_dir, epoch) => r,
             // Dropping the future kills the child (kill_on_drop).
             _ = stop.wait_for(|d| d.is_some()) => return,
         };
         match r {
-            Ok((rel, bytes)) => {
-                tracing::info!(snapshot = %rel, bytes, "exec snapshot taken");
-                if tx.send(rel).is_err() {
+            Ok(meta) => {
+                tracing::info!(snapshot = %meta.id, bytes = meta.bytes, "exec snapshot taken");
+                let snap = format!("{}.snap", meta.id);
+                let side = format!("{snap}.meta.json");
+                if tx.send(snap).is_err() || tx.send(side).is_err() {
                     return;
                 }
             }
@@ -98,52 +163,75 @@ async fn source_loop(
     }
 }
 
-/// Runs the snapshot command once. Returns the snapshot's path relative to [`snapshots_dir`] and
-/// its size.
+/// Runs the snapshot command once and places the snapshot and its sidecar in
+/// `snapshots_dir/<name>/` (`epoch` recorded in the sidecar). Returns the sidecar.
 ///
 /// Errors: the command cannot start, exits non-zero, or runs past `timeout_secs`; I/O errors on
 /// the spool or snapshot files.
 pub async fn take_snapshot(
     src: &ExecSourceConfig,
     data_dir: &Path,
-) -> Result<(String, u64), String> {
+    epoch: u64,
+) -> Result<ExecSnapshotMeta, String> {
+    let start_ms = lifeboat_common::now_ms();
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
         .await
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("{}.tmp", src.name));
     let result = spool_command(src, &spool).await;
-    let bytes = match result {
+    let (bytes, hash) = match result {
         Ok(n) => n,
         Err(e) => {
             let _ = tokio::fs::remove_file(&spool).await;
             return Err(e);
         }
     };
-    let ts = jiff::Timestamp::now()
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .strftime("%Y%m%dT%H%M%SZ")
-        .to_string();
-    let rel = format!("{}/{ts}.snap", src.name);
-    let dest = snapshots_dir(data_dir).join(&rel);
-    let parent = dest.parent().unwrap_or(data_dir).to_path_buf();
+    let parent = snapshots_dir(data_dir).join(&src.name);
+    let (ts, _) = crate::retention::unique_ts(&parent, start_ms);
+    let meta = ExecSnapshotMeta {
+        id: format!("{}/{ts}", src.name),
+        source: src.name.clone(),
+        kind: "exec".into(),
+        start_ms,
+        end_ms: lifeboat_common::now_ms(),
+        bytes,
+        blake3: hash.to_hex().to_string(),
+        epoch,
+    };
+    let dest = parent.join(format!("{ts}.snap"));
+    let side = parent.join(format!("{ts}.snap.meta.json"));
     let moved = async {
         tokio::fs::create_dir_all(&parent).await?;
-        tokio::fs::rename(&spool, &dest).await
+        tokio::fs::rename(&spool, &dest).await?;
+        let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
+        let tmp = spool_dir.join(format!("{}.meta.tmp", src.name));
+        let mut f = tokio::fs::File::create(&tmp).await?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .await?;
+        f.write_all(&json).await?;
+        f.sync_all().await?;
+        drop(f);
+        tokio::fs::rename(&tmp, &side).await
     }
     .await;
     if let Err(e) = moved {
         let _ = tokio::fs::remove_file(&spool).await;
+        let _ = tokio::fs::remove_file(&dest).await;
         return Err(format!(
             "cannot move the snapshot to {}: {e}",
             dest.display()
         ));
     }
-    Ok((rel, bytes))
+    Ok(meta)
 }
 
-/// Streams the command's stdout into `spool` (mode 0600, fsync'd). Returns the byte count.
-async fn spool_command(src: &ExecSourceConfig, spool: &Path) -> Result<u64, String> {
+/// Streams the command's stdout into `spool` (mode 0600, fsync'd), hashing it. Returns the byte
+/// count and the blake3.
+async fn spool_command(
+    src: &ExecSourceConfig,
+    spool: &Path,
+) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
     let mut file = tokio::fs::File::create(spool)
         .await
@@ -163,17 +251,31 @@ async fn spool_command(src: &ExecSourceConfig, spool: &Path) -> Result<u64, Stri
     };
     let limit = Duration::from_secs(src.timeout_secs);
     let run = tokio::time::timeout(limit, async {
-        let n = tokio::io::copy(&mut out, &mut file)
-            .await
-            .map_err(|e| io("cannot write", e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = out
+                .read(&mut buf)
+                .await
+                .map_err(|e| io("cannot read the output for", e))?;
+            if k == 0 {
+                break;
+            }
+            hasher.update(&buf[..k]);
+            file.write_all(&buf[..k])
+                .await
+                .map_err(|e| io("cannot write", e))?;
+            n += k as u64;
+        }
         let status = child
             .wait()
             .await
             .map_err(|e| format!("cannot wait for the command: {e}"))?;
-        Ok::<_, String>((n, status))
+        Ok::<_, String>((n, hasher.finalize(), status))
     })
     .await;
-    let (n, status) = match run {
+    let (n, hash, status) = match run {
         Ok(r) => r?,
         Err(_) => {
             let _ = child.start_kill();
@@ -188,5 +290,5 @@ async fn spool_command(src: &ExecSourceConfig, spool: &Path) -> Result<u64, Stri
         return Err(format!("command exited with {status}"));
     }
     file.sync_all().await.map_err(|e| io("cannot fsync", e))?;
-    Ok(n)
+    Ok((n, hash))
 }

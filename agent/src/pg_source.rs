@@ -76,7 +76,7 @@ fn default_dbname() -> String {
 /// data_dir = "/var/lib/postgresql/15/main"   # needed to fence (stop) a former primary
 /// run_as = "postgres"
 /// base_backup_schedule = "0 2 * * *"  # cron, UTC
-/// retention = { keep_last = 3 }
+/// retention = "standard"            # a [retention.standard] class, or inline { keep_last = 3 }
 /// primary_by_region = { eu = "10.0.0.5:5432", us = "10.1.0.5:5432" }
 /// replication_user = "replicator"
 /// ```
@@ -118,9 +118,12 @@ pub struct PostgresSourceConfig {
     /// `base_backup_schedule`.
     #[serde(default)]
     pub base_backup_interval_s: Option<u64>,
-    /// Retention of base backups (see [`RetentionConfig`]).
+    /// Retention of base backups in the catalog: a `[retention.<class>]` name or an inline policy
+    /// (see [`crate::retention`]); WAL older than the oldest kept base backup's start segment is
+    /// expired with them. Its `keep_last` also bounds the base backups waiting unacknowledged in
+    /// `data_dir/snapshots/<name>/base/`. Default: every base backup and WAL file is kept.
     #[serde(default)]
-    pub retention: RetentionConfig,
+    pub retention: Option<crate::retention::RetentionRef>,
     /// Run `pg_receivewal` and archive every completed WAL segment. Default true.
     #[serde(default = "default_true")]
     pub wal_archive: bool,
@@ -132,20 +135,6 @@ pub struct PostgresSourceConfig {
     /// Role for `primary_conninfo` of standbys. Default: `user`.
     #[serde(default)]
     pub replication_user: Option<String>,
-}
-
-/// Base backup retention (`retention = { keep_last = N }`).
-///
-/// Enforcement is local only: when more than `keep_last` base backups of a source wait in
-/// `data_dir/snapshots/<name>/base/` (not yet acknowledged, e.g. while the coordinators are
-/// unreachable), the oldest are deleted before a new one is added. Pruning old base backups and
-/// their WAL from the catalog is out of scope (the catalog keeps every version).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionConfig {
-    /// Number of base backups kept locally; at least 1. Default: unlimited.
-    #[serde(default)]
-    pub keep_last: Option<u32>,
 }
 
 impl PostgresSourceConfig {
@@ -262,9 +251,7 @@ pub fn validate_sources(cfg: &Config) -> Result<(), ConfigError> {
             }
             _ => {}
         }
-        if s.retention.keep_last == Some(0) {
-            return Err(bad("retention.keep_last must be at least 1".into()));
-        }
+        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
         for (region, addr) in &s.primary_by_region {
             let ok = addr
                 .rsplit_once(':')
@@ -355,9 +342,16 @@ pub fn spawn_all(
     let mut out = Vec::new();
     for s in &cfg.postgres_sources {
         let span = tracing::info_span!("postgres_source", source = %s.name);
+        let keep = crate::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
         out.push(tokio::spawn(
-            base_loop(s.clone(), cfg.data_dir.clone(), tx.clone(), stop.clone())
-                .instrument(span.clone()),
+            base_loop(
+                s.clone(),
+                keep,
+                cfg.data_dir.clone(),
+                tx.clone(),
+                stop.clone(),
+            )
+            .instrument(span.clone()),
         ));
         if s.wal_archive {
             out.push(tokio::spawn(
@@ -401,6 +395,7 @@ async fn until_due(src: &PostgresSourceConfig, first: bool) {
 
 async fn base_loop(
     src: PostgresSourceConfig,
+    local_keep: Option<u32>,
     data_dir: PathBuf,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -419,7 +414,7 @@ async fn base_loop(
         }
         first = false;
         let r = tokio::select! {
-            r = take_base_backup(&src, &data_dir, 0) => r,
+            r = take_base_backup(&src, &data_dir, 0, local_keep) => r,
             // Dropping the future kills pg_basebackup (kill_on_drop).
             _ = stop.wait_for(|d| d.is_some()) => return,
         };
@@ -440,14 +435,16 @@ async fn base_loop(
 }
 
 /// Takes one base backup of `src` into `data_dir/snapshots/<name>/base/` (tar plus sidecar, both
-/// mode 0600) and applies local retention. Returns the two relative paths (tar first) and the
-/// sidecar.
+/// mode 0600), keeps a copy of the sidecar in [`meta_dir`] (retention reads the start WAL file of
+/// acknowledged backups there), and deletes the oldest unacknowledged local backups so that at
+/// most `local_keep` remain. Returns the two relative paths (tar first) and the sidecar.
 ///
 /// Errors: pg_basebackup cannot start or fails (its stderr is in the message), I/O errors.
 pub async fn take_base_backup(
     src: &PostgresSourceConfig,
     data_dir: &Path,
     epoch: u64,
+    local_keep: Option<u32>,
 ) -> Result<(Vec<String>, BaseBackupMeta), String> {
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
@@ -483,11 +480,8 @@ pub async fn take_base_backup(
             pg_version.unwrap_or_default()
         }
     };
-    let ts = jiff::Timestamp::from_millisecond(end_ms)
-        .unwrap_or_else(|_| jiff::Timestamp::now())
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .strftime("%Y%m%dT%H%M%SZ")
-        .to_string();
+    let base_dir = snapshots_dir(data_dir).join(&src.name).join("base");
+    let (ts, _) = crate::retention::unique_ts(&base_dir, end_ms);
     let id = format!("{}/base/{ts}", src.name);
     let meta = BaseBackupMeta {
         id: id.clone(),
@@ -503,16 +497,18 @@ pub async fn take_base_backup(
         start_wal_file: label.get("START WAL LOCATION").and_then(|v| v.1.clone()),
         start_timeline: label.get("START TIMELINE").and_then(|v| v.0.parse().ok()),
     };
-    let base_dir = snapshots_dir(data_dir).join(&src.name).join("base");
     let tar_rel = format!("{id}.tar");
     let meta_rel = format!("{id}.tar.meta.json");
     let snaps = snapshots_dir(data_dir);
     let done = async {
         tokio::fs::create_dir_all(&base_dir).await?;
-        enforce_retention(src, &base_dir).await;
+        enforce_retention(local_keep, &base_dir).await;
         tokio::fs::rename(&spool, snaps.join(&tar_rel)).await?;
         let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
         let tmp = spool_dir.join(format!("pg-{}.meta.tmp", src.name));
+        let kept = meta_dir(data_dir, &src.name);
+        tokio::fs::create_dir_all(&kept).await?;
+        write_atomic(&tmp, &kept.join(format!("{ts}.tar.meta.json")), &json).await?;
         write_atomic(&tmp, &snaps.join(&meta_rel), &json).await
     }
     .await;
@@ -534,10 +530,16 @@ async fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> std::io::Result<
     tokio::fs::rename(tmp, dest).await
 }
 
-/// Deletes the oldest local (unacknowledged) base backups so that at most `keep_last - 1`
-/// remain before a new one is added.
-async fn enforce_retention(src: &PostgresSourceConfig, base_dir: &Path) {
-    let Some(keep) = src.retention.keep_last else {
+/// Directory (under `data_dir`) keeping a copy of every base backup sidecar of source `name`
+/// until retention expires that backup: `data_dir/pg-meta/<name>/<ts>.tar.meta.json`.
+pub fn meta_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("pg-meta").join(name)
+}
+
+/// Deletes the oldest local (unacknowledged) base backups so that at most `keep - 1` remain
+/// before a new one is added (`None`: no bound).
+async fn enforce_retention(keep: Option<u32>, base_dir: &Path) {
+    let Some(keep) = keep else {
         return;
     };
     let Ok(rd) = std::fs::read_dir(base_dir) else {
@@ -971,7 +973,10 @@ mod tests {
         let c = Config::from_toml(&out).unwrap();
         let s = &c.postgres_sources[0];
         assert_eq!(s.name, "main-db");
-        assert_eq!(s.retention.keep_last, Some(3));
+        assert_eq!(
+            s.retention,
+            Some(crate::retention::RetentionRef::Class("standard".into()))
+        );
         assert_eq!(s.primary_by_region.len(), 2);
     }
 

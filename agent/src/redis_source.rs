@@ -12,7 +12,8 @@
 //! regular file pipeline under the reserved root `_snapshots/` and are removed locally once the
 //! coordinators acknowledge them (as exec snapshots are, see `crate::exec`).
 //!
-//! **Snapshot id**: `<name>/<UTC ts>` (e.g. `cache/20261124T012233Z`): the catalog holds it as
+//! **Snapshot id**: `<name>/<UTC ts>` (e.g. `cache/20261124T012233.123Z`, millisecond
+//! precision, moved forward by 1 ms if taken: unique per source): the catalog holds it as
 //! `_snapshots/<id>.rdb` and `_snapshots/<id>.rdb.meta.json`.
 
 use std::collections::BTreeMap;
@@ -32,15 +33,12 @@ use crate::exec::{snapshots_dir, spool_dir};
 
 /// Defaults of [`RedisSourceConfig`].
 pub mod defaults {
-    /// Local snapshots kept by `retention.keep_last`.
+    /// Unacknowledged local snapshots kept when the retention policy has no `keep_last`.
     pub const KEEP_LAST: usize = 3;
     /// Seconds a snapshot may take before it is abandoned.
     pub const TIMEOUT_SECS: u64 = 600;
     /// `min-replicas-max-lag` applied with `enforce_min_replicas`, seconds.
     pub const MIN_REPLICAS_MAX_LAG_S: u64 = 10;
-    pub(super) fn keep_last() -> usize {
-        KEEP_LAST
-    }
     pub(super) fn timeout_secs() -> u64 {
         TIMEOUT_SECS
     }
@@ -58,7 +56,7 @@ pub mod defaults {
 /// password_env = "REDIS_PASSWORD" # or password_file = "/etc/lifeboat/redis.pass" (optional)
 /// username = "lifeboat"           # ACL user (optional; default user when absent)
 /// schedule = "*/5 * * * *"        # cron (croner syntax), or interval_s = 300; exactly one
-/// retention = { keep_last = 3 }
+/// retention = "standard"         # a [retention.standard] class, or inline { keep_last = 3 }
 /// primary_by_region = { eu = "10.0.1.5:6379", us = "10.1.1.5:6379" }
 /// ```
 ///
@@ -84,9 +82,23 @@ pub struct RedisSourceConfig {
     /// File holding the password (trailing newline ignored).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// TLS towards Redis. Not supported yet: `true` is refused by validation.
+    /// TLS towards Redis (rustls; TLS 1.2 or 1.3) for snapshots, role changes and health probes.
+    /// Needs `tls_ca_file`. Default false.
     #[serde(default)]
     pub tls: bool,
+    /// PEM file of the CA(s) that sign the Redis servers' certificates (with `tls`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers with `tls-auth-clients yes` (with `tls_key_file`).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (never logged).
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Name the server certificate must carry (DNS name or IP). Default: the host of the address
+    /// connected to.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
     /// Cron expression (croner syntax, 5 or 6 fields, UTC) of snapshot times. Exactly one of
     /// `schedule` and `interval_s`.
     #[serde(default)]
@@ -95,9 +107,12 @@ pub struct RedisSourceConfig {
     /// `interval_s`.
     #[serde(default)]
     pub interval_s: Option<u64>,
-    /// Local retention of snapshots not yet acknowledged.
+    /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline policy
+    /// (see [`crate::retention`]). Its `keep_last` (default [`defaults::KEEP_LAST`]) also bounds
+    /// the snapshots waiting unacknowledged in `data_dir/snapshots/<name>/`. Default: every
+    /// snapshot is kept in the catalog.
     #[serde(default)]
-    pub retention: Retention,
+    pub retention: Option<crate::retention::RetentionRef>,
     /// Seconds a snapshot may take (connection to last byte). Default 600.
     #[serde(default = "defaults::timeout_secs")]
     pub timeout_secs: u64,
@@ -112,28 +127,6 @@ pub struct RedisSourceConfig {
     /// `min-replicas-max-lag` (seconds) used with `enforce_min_replicas`. Default 10.
     #[serde(default = "defaults::min_replicas_max_lag_s")]
     pub min_replicas_max_lag_s: u64,
-}
-
-/// Local retention (`retention = { keep_last = N }`).
-///
-/// Acknowledged snapshots are removed locally at once; `keep_last` bounds the snapshots waiting
-/// in `data_dir/snapshots/<name>/` (e.g. while the coordinators are unreachable): after each new
-/// snapshot, older local ones beyond the newest `keep_last` are deleted. Pruning snapshots from
-/// the catalog is out of scope (they stay until removed there).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Retention {
-    /// Local snapshots kept (at least 1). Default 3.
-    #[serde(default = "defaults::keep_last")]
-    pub keep_last: usize,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            keep_last: defaults::KEEP_LAST,
-        }
-    }
 }
 
 /// The JSON sidecar `_snapshots/<id>.rdb.meta.json` of a Redis snapshot.
@@ -191,6 +184,15 @@ pub enum RedisSourceError {
     /// Local file errors.
     #[error("{0}")]
     Io(String),
+    /// TLS setup or handshake failed (a server certificate not signed by `tls_ca_file`, a name
+    /// mismatch, unreadable PEM files).
+    #[error("redis {addr}: TLS: {msg}")]
+    Tls {
+        /// Server.
+        addr: String,
+        /// What failed.
+        msg: String,
+    },
     /// `apply_role` cannot decide (e.g. no primary for the active region).
     #[error("redis source {name}: {msg}")]
     Role {
@@ -237,7 +239,27 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             split_addr(a).map_err(|e| bad(format!("primary_by_region.{region}: {e}")))?;
         }
         if s.tls {
-            return Err(bad("tls not supported yet".into()));
+            if s.tls_ca_file.is_none() {
+                return Err(bad(
+                    "tls = true needs tls_ca_file (PEM of the CA that signs the server certificate)"
+                        .into(),
+                ));
+            }
+            if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+                return Err(bad(
+                    "give both tls_cert_file and tls_key_file, or neither".into()
+                ));
+            }
+            if let Some(n) = &s.tls_server_name {
+                tokio_rustls::rustls::pki_types::ServerName::try_from(n.as_str())
+                    .map_err(|e| bad(format!("tls_server_name {n:?}: {e}")))?;
+            }
+        } else if s.tls_ca_file.is_some()
+            || s.tls_cert_file.is_some()
+            || s.tls_key_file.is_some()
+            || s.tls_server_name.is_some()
+        {
+            return Err(bad("tls_* options need tls = true".into()));
         }
         if s.password_env.is_some() && s.password_file.is_some() {
             return Err(bad(
@@ -252,9 +274,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             (None, Some(_)) => {}
             _ => return Err(bad("give exactly one of schedule and interval_s".into())),
         }
-        if s.retention.keep_last == 0 {
-            return Err(bad("retention.keep_last must be at least 1".into()));
-        }
+        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
         if s.timeout_secs == 0 {
             return Err(bad("timeout_secs must be at least 1".into()));
         }
@@ -305,31 +325,136 @@ fn redis_err(addr: &str) -> impl Fn(redis::RedisError) -> RedisSourceError + '_ 
     }
 }
 
-/// Connects to `addr` with the source's credentials (5 s connect, 30 s response timeouts).
-async fn connect(
+/// A byte stream to Redis: plain TCP or TLS.
+pub trait RedisIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RedisIo for T {}
+
+/// The rustls client configuration of `src` (aws-lc-rs provider): roots from `tls_ca_file`, the
+/// client certificate if configured.
+///
+/// Errors: unreadable or invalid PEM files ([`RedisSourceError::Tls`]).
+fn tls_config(
     src: &RedisSourceConfig,
     addr: &str,
-) -> Result<redis::aio::MultiplexedConnection, RedisSourceError> {
+) -> Result<tokio_rustls::rustls::ClientConfig, RedisSourceError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let err = |msg: String| RedisSourceError::Tls {
+        addr: addr.to_string(),
+        msg,
+    };
+    let ca = src
+        .tls_ca_file
+        .as_ref()
+        .ok_or_else(|| err("tls_ca_file is not set".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .and_then(|i| i.collect())
+        .map_err(|e| err(format!("tls_ca_file {}: {e}", ca.display())))?;
+    if certs.is_empty() {
+        return Err(err(format!("tls_ca_file {}: no certificate", ca.display())));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| err(format!("tls_ca_file {}: {e}", ca.display())))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_root_certificates(roots);
+    match (&src.tls_cert_file, &src.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect())
+                .map_err(|e| err(format!("tls_cert_file {}: {e}", cert.display())))?;
+            // The key's error never includes its content.
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| err(format!("tls_key_file {}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| err(format!("client certificate: {e}")))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Opens a byte stream to `addr` (5 s to connect, and 5 s more for the TLS handshake when `tls`).
+///
+/// Errors: connection refused or timed out, a failed TLS handshake (the message says why, e.g.
+/// an unknown issuer when `tls_ca_file` did not sign the server's certificate).
+async fn open_stream(
+    src: &RedisSourceConfig,
+    addr: &str,
+) -> Result<Box<dyn RedisIo>, RedisSourceError> {
     let (host, port) = split_addr(addr).map_err(|msg| RedisSourceError::Redis {
         addr: addr.to_string(),
         msg,
     })?;
-    let info = redis::ConnectionInfo {
-        addr: redis::ConnectionAddr::Tcp(host, port),
-        redis: redis::RedisConnectionInfo {
-            username: src.username.clone(),
-            password: password(src)?.map(|s| s.0),
-            ..Default::default()
-        },
+    let sock = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: "connect timed out".into(),
+    })?
+    .map_err(|e| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: e.to_string(),
+    })?;
+    let _ = sock.set_nodelay(true);
+    if !src.tls {
+        return Ok(Box::new(sock));
+    }
+    let err = |msg: String| RedisSourceError::Tls {
+        addr: addr.to_string(),
+        msg,
     };
-    let client = redis::Client::open(info).map_err(redis_err(addr))?;
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(Duration::from_secs(30));
-    client
-        .get_multiplexed_async_connection_with_config(&cfg)
+    let cfg = tls_config(src, addr)?;
+    let name = src.tls_server_name.clone().unwrap_or(host);
+    let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| err(format!("server name {name:?}: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, sock))
         .await
-        .map_err(redis_err(addr))
+        .map_err(|_| err("handshake timed out".into()))?
+        .map_err(|e| {
+            err(format!(
+                "handshake failed: {e} (does tls_ca_file sign the server certificate, and does it name {name:?}?)"
+            ))
+        })?;
+    Ok(Box::new(tls))
+}
+
+/// Connects to `addr` with the source's credentials and TLS settings (5 s connect, 30 s response
+/// timeouts).
+async fn connect(
+    src: &RedisSourceConfig,
+    addr: &str,
+) -> Result<redis::aio::MultiplexedConnection, RedisSourceError> {
+    let stream = open_stream(src, addr).await?;
+    let info = redis::RedisConnectionInfo {
+        username: src.username.clone(),
+        password: password(src)?.map(|s| s.0),
+        ..Default::default()
+    };
+    let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(Duration::from_secs(30));
+    let (con, driver) = tokio::time::timeout(
+        Duration::from_secs(30),
+        redis::aio::MultiplexedConnection::new_with_config(&info, stream, cfg),
+    )
+    .await
+    .map_err(|_| RedisSourceError::Redis {
+        addr: addr.to_string(),
+        msg: "connection setup timed out".into(),
+    })?
+    .map_err(redis_err(addr))?;
+    tokio::spawn(driver);
+    Ok(con)
 }
 
 /// `INFO <section>` as a map of `field → value`.
@@ -409,9 +534,13 @@ pub fn spawn_all(
         .iter()
         .map(|s| {
             let span = tracing::info_span!("redis_source", source = %s.name);
+            let keep = crate::retention::resolve(cfg, &s.retention)
+                .and_then(|p| p.keep_last)
+                .map_or(defaults::KEEP_LAST, |k| k as usize);
             tokio::spawn(
                 source_loop(
                     s.clone(),
+                    keep,
                     cfg.data_dir.clone(),
                     progress.clone(),
                     tx.clone(),
@@ -425,34 +554,12 @@ pub fn spawn_all(
 
 /// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
 fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
-    if let Some(s) = src.interval_s {
-        return if first {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(s)
-        };
-    }
-    let Some(cron) = src
-        .schedule
-        .as_deref()
-        .and_then(|c| crate::pg_source::parse_cron(c).ok())
-    else {
-        return Duration::from_secs(3600);
-    };
-    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
-    match cron.find_next_occurrence(&now, false) {
-        Ok(t) => Duration::from_millis(
-            (t.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(1000) as u64,
-        ),
-        Err(e) => {
-            tracing::error!(schedule = ?src.schedule, error = %e, "no next cron occurrence; retrying in an hour");
-            Duration::from_secs(3600)
-        }
-    }
+    crate::exec::next_delay(src.interval_s, src.schedule.as_deref(), first)
 }
 
 async fn source_loop(
     src: RedisSourceConfig,
+    local_keep: usize,
     data_dir: PathBuf,
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
@@ -479,7 +586,7 @@ async fn source_loop(
                 if tx.send(rdb).is_err() || tx.send(side).is_err() {
                     return;
                 }
-                prune_local(&src, &data_dir);
+                prune_local(&src, &data_dir, local_keep);
             }
             Err(e) => {
                 tracing::error!(source = %src.name, addr = %src.addr, error = %e, "redis snapshot failed; no snapshot recorded");
@@ -488,8 +595,8 @@ async fn source_loop(
     }
 }
 
-/// Deletes local snapshots of `src` beyond the newest `retention.keep_last`.
-fn prune_local(src: &RedisSourceConfig, data_dir: &Path) {
+/// Deletes unacknowledged local snapshots of `src` beyond the newest `keep`.
+fn prune_local(src: &RedisSourceConfig, data_dir: &Path, keep: usize) {
     let d = snapshots_dir(data_dir).join(&src.name);
     let Ok(rd) = std::fs::read_dir(&d) else {
         return;
@@ -500,7 +607,7 @@ fn prune_local(src: &RedisSourceConfig, data_dir: &Path) {
         .filter(|n| n.ends_with(".rdb"))
         .collect();
     rdbs.sort();
-    let excess = rdbs.len().saturating_sub(src.retention.keep_last);
+    let excess = rdbs.len().saturating_sub(keep.max(1));
     for n in &rdbs[..excess] {
         tracing::info!(source = %src.name, snapshot = %n, "retention: deleting an unacknowledged local snapshot");
         let _ = std::fs::remove_file(d.join(format!("{n}.meta.json")));
@@ -552,11 +659,8 @@ pub async fn take_snapshot(
             return Err(e);
         }
     };
-    let ts = jiff::Timestamp::from_millisecond(start_ms)
-        .unwrap_or_else(|_| jiff::Timestamp::now())
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .strftime("%Y%m%dT%H%M%SZ")
-        .to_string();
+    let dir = snapshots_dir(data_dir).join(&src.name);
+    let (ts, _) = crate::retention::unique_ts(&dir, start_ms);
     let id = format!("{}/{ts}", src.name);
     let meta = SnapshotMeta {
         id: id.clone(),
@@ -570,7 +674,6 @@ pub async fn take_snapshot(
         redis_version: server.get("redis_version").cloned().unwrap_or_default(),
         keys,
     };
-    let dir = snapshots_dir(data_dir).join(&src.name);
     let rdb = dir.join(format!("{ts}.rdb"));
     let side = dir.join(format!("{ts}.rdb.meta.json"));
     let placed = async {
@@ -660,17 +763,7 @@ async fn fetch_rdb(
         addr: addr.to_string(),
         msg: e.to_string(),
     };
-    let (host, port) = split_addr(addr).map_err(proto)?;
-    let sock = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| RedisSourceError::Redis {
-        addr: addr.to_string(),
-        msg: "connect timed out".into(),
-    })?
-    .map_err(net)?;
+    let sock = open_stream(src, addr).await?;
     let mut r = BufReader::with_capacity(64 * 1024, sock);
     if let Some(pw) = password(src)? {
         let cmd = match &src.username {
@@ -1012,7 +1105,7 @@ mod tests {
     fn config_parses_and_validates() {
         let c = with("name = \"cache\"\naddr = \"127.0.0.1:6379\"\nschedule = \"*/5 * * * *\"\nprimary_by_region = { eu = \"10.0.0.1:6379\" }").unwrap();
         let s = &c.redis_sources[0];
-        assert_eq!(s.retention.keep_last, defaults::KEEP_LAST);
+        assert!(s.retention.is_none());
         assert_eq!(s.timeout_secs, defaults::TIMEOUT_SECS);
         assert!(!s.enforce_min_replicas && !s.tls);
         assert_eq!(s.primary_by_region["eu"], "10.0.0.1:6379");
@@ -1031,9 +1124,12 @@ mod tests {
             ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nschedule = \"* * * * *\"", "exactly one"),
             ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 0", "at least 1"),
             ("name = \"c\"\naddr = \"h:1\"\nschedule = \"not cron\"", "schedule"),
-            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls = true", "tls not supported yet"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls = true", "needs tls_ca_file"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls_ca_file = \"/ca.pem\"", "need tls = true"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\ntls = true\ntls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"", "both"),
             ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\npassword_env = \"P\"\npassword_file = \"/p\"", "at most one"),
-            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nretention = { keep_last = 0 }", "keep_last"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nretention = { keep_last = 0 }", "keep something"),
+            ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nretention = \"nope\"", "no [retention.nope]"),
             ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\nprimary_by_region = { eu = \"x\" }", "primary_by_region.eu"),
             ("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5\n[[redis_sources]]\nname = \"c\"\naddr = \"h:2\"\ninterval_s = 5", "twice"),
         ] {

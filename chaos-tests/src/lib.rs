@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod pg_server;
 pub mod redis_server;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,36 @@ pub async fn agent_once(
     agent_status(data).ok_or_else(|| anyhow::anyhow!("no status.json in {}", data.display()))
 }
 
+/// Flips one byte in the middle of blob `h` on every coordinator of `cluster` (after waiting up to
+/// 30 s for each to hold a copy) and checks that it no longer decodes.
+///
+/// Errors: the blob missing on a coordinator, I/O.
+pub async fn corrupt_blob_everywhere(
+    cluster: &Cluster,
+    h: &lifeboat_common::blob::BlobHash,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.local_blob_copies(h) < cluster.coords.len() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "blob {h} not on every coordinator"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in &cluster.coords {
+        let p = c.data_dir.join("blobs").join(h.key());
+        let mut b = std::fs::read(&p)?;
+        let at = (b.len() / 2).max(5);
+        b[at] ^= 0x5a;
+        std::fs::write(&p, &b)?;
+        anyhow::ensure!(
+            lifeboat_common::blob::decode(h, &b, lifeboat_common::PART_SIZE).is_err(),
+            "blob {h} still decodes after the flip"
+        );
+    }
+    Ok(())
+}
+
 /// Index of the settled leader (every running coordinator agrees on it), waiting up to 30 s.
 ///
 /// Errors: no settled leader.
@@ -160,6 +191,43 @@ pub fn json(out: &std::process::Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+/// Live catalog paths under `prefix` (`lifeboat ls PREFIX`; empty on failure).
+pub fn catalog_paths(cluster: &Cluster, prefix: &str) -> Vec<String> {
+    let out = lifeboat(cluster, &["ls", prefix, "--output", "json"]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["path"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `(path, deleted)` of the newest version of every path under `prefix`, tombstones included
+/// (`lifeboat ls PREFIX --deleted`; empty on failure).
+pub fn catalog_with_deleted(cluster: &Cluster, prefix: &str) -> Vec<(String, bool)> {
+    let out = lifeboat(cluster, &["ls", prefix, "--deleted", "--output", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| Some((r["path"].as_str()?.to_string(), r["deleted"].as_bool()?)))
+        .collect()
+}
+
+/// Parses the JSON report of a `lifeboat ... --output json` run that must have failed (non-zero
+/// exit; the report is still on stdout); panics naming `what` otherwise.
+pub fn failed_json(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(!out.status.success(), "{what}: lifeboat succeeded");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: no JSON report ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Starts region A (active) and region B (standby of A, same CA) under `dir`, each with a settled

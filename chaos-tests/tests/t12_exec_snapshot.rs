@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 use lifeboat_chaos_tests::*;
 
 fn snapshot_paths(cluster: &Cluster) -> Vec<String> {
-    let out = lifeboat(cluster, &["ls", "_snapshots", "--output", "json"]);
-    if !out.status.success() {
-        return Vec::new();
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r["path"].as_str().map(str::to_string))
-        .collect()
+    catalog_paths(cluster, "_snapshots")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,192 +5,15 @@
 //! (b) `apply_role` promotes a streaming replica in the active region and fences a primary in a
 //! standby region; `health` reports the roles.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use lifeboat_agent::pg_role::{apply_role, health};
-use lifeboat_agent::pg_source::PostgresSourceConfig;
+use lifeboat_chaos_tests::pg_server::*;
 use lifeboat_chaos_tests::*;
-use lifeboat_common::blob;
 use lifeboat_common::catalog::EntryKind;
-
-// `free_port` never hands out a port twice in this process: the two tests run in parallel.
-use lifeboat_cli::harness::free_port;
-
-const BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn as_postgres(prog: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"])
-        .arg(Path::new(BIN).join(prog))
-        .current_dir("/");
-    c
-}
-
-fn check(mut c: Command, what: &str) -> anyhow::Result<String> {
-    let out = c.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn chown_postgres(p: &Path) -> anyhow::Result<()> {
-    check(
-        {
-            let mut c = Command::new("chown");
-            c.args(["-R", "postgres:postgres"]).arg(p);
-            c
-        },
-        "chown",
-    )
-    .map(|_| ())
-}
-
-/// A PostgreSQL server on 127.0.0.1:`port`, data in `data`; stopped (immediate) on drop.
-struct Pg {
-    data: PathBuf,
-    port: u16,
-}
-
-impl Pg {
-    /// initdb (trust auth) + start.
-    fn init(data: &Path) -> anyhow::Result<Pg> {
-        std::fs::create_dir_all(data.parent().unwrap())?;
-        let mut c = as_postgres("initdb");
-        c.arg("-D")
-            .arg(data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"]);
-        check(c, "initdb")?;
-        Pg::start(data)
-    }
-
-    /// Starts an existing data directory on a free port (socket in the data dir's parent).
-    fn start(data: &Path) -> anyhow::Result<Pg> {
-        let port = free_port();
-        let sock = data.parent().unwrap();
-        let mut c = as_postgres("pg_ctl");
-        c.arg("-D")
-            .arg(data)
-            .arg("-l")
-            .arg(data.with_extension("log"))
-            .arg("-o")
-            .arg(format!(
-                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c archive_mode=off",
-                sock.display()
-            ))
-            .args(["-w", "-t", "120", "start"]);
-        let pg = Pg {
-            data: data.to_path_buf(),
-            port,
-        };
-        if let Err(e) = check(c, "pg_ctl start") {
-            let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
-            bail!("{e}\nserver log:\n{log}");
-        }
-        Ok(pg)
-    }
-
-    fn psql(&self, sql: &str) -> anyhow::Result<String> {
-        let mut c = Command::new(Path::new(BIN).join("psql"));
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-X",
-            "-A",
-            "-t",
-        ])
-        .args(["-v", "ON_ERROR_STOP=1", "-p"])
-        .arg(self.port.to_string())
-        .arg("-c")
-        .arg(sql);
-        check(c, &format!("psql {sql:?}"))
-    }
-
-    fn in_recovery(&self) -> anyhow::Result<bool> {
-        Ok(self.psql("SELECT pg_is_in_recovery()")? == "t")
-    }
-
-    /// `[[postgres_sources]]` entry for this server.
-    fn source(&self, name: &str) -> PostgresSourceConfig {
-        serde_json::from_value(serde_json::json!({
-            "name": name,
-            "host": "127.0.0.1",
-            "port": self.port,
-            "user": "postgres",
-            "data_dir": self.data,
-            "run_as": "postgres",
-            "base_backup_interval_s": 3600,
-        }))
-        .expect("source config")
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let mut c = as_postgres("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = c.output();
-    }
-}
-
-/// A scratch directory the `postgres` user can traverse, owned by it.
-fn pg_dir(scratch: &Path) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o711))?;
-    let d = scratch.join("pg");
-    std::fs::create_dir_all(&d)?;
-    chown_postgres(&d)?;
-    Ok(d)
-}
-
-fn catalog_paths(cluster: &Cluster, prefix: &str) -> Vec<String> {
-    let out = lifeboat(cluster, &["ls", prefix, "--output", "json"]);
-    if !out.status.success() {
-        return Vec::new();
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r["path"].as_str().map(str::to_string))
-        .collect()
-}
-
-async fn wait_for(
-    what: &str,
-    secs: u64,
-    mut f: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) if Instant::now() >= deadline => return Err(e.context(what.to_string())),
-            Err(_) => {}
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out after {secs} s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
@@ -216,7 +39,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
         let base = catalog_paths(&cluster, "_snapshots/db/base");
         let tar_path = base.iter().find(|p| p.ends_with(".tar")).unwrap().clone();
         assert!(
-            tar_path.starts_with("_snapshots/db/base/") && tar_path.len() == "_snapshots/db/base/20261124T000000Z.tar".len(),
+            tar_path.starts_with("_snapshots/db/base/") && tar_path.len() == "_snapshots/db/base/20261124T000000.000Z.tar".len(),
             "{tar_path}"
         );
 
@@ -235,14 +58,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
         let t = jiff::Timestamp::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
         primary.psql("INSERT INTO t VALUES (2, 'after')")?;
-        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-        primary.psql("SELECT pg_switch_wal()")?;
-        let want = format!("_snapshots/db/wal/{seg}");
-        wait_for(&format!("{want} in the catalog"), 120, || {
-            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
-        })
-        .await?;
-        settle(&data).await?;
+        let seg = switch_wal_and_wait(&primary, &cluster, "db", &data, 120).await?;
         // Acknowledged copies are removed locally; the WAL spool keeps at most the newest segment.
         let left: Vec<_> = std::fs::read_dir(data.join("snapshots/db/base"))?.collect();
         assert!(left.is_empty(), "acknowledged base backup files left: {left:?}");
@@ -316,15 +132,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
             .find(|v| v.v.path == tar_path && v.v.kind == EntryKind::File)
             .context("tar row")?;
         let h = v.v.parts[0].hash;
-        wait_for("blob on every coordinator", 30, || Ok(cluster.local_blob_copies(&h) == cluster.coords.len())).await?;
-        for c in &cluster.coords {
-            let p = c.data_dir.join("blobs").join(h.key());
-            let mut b = std::fs::read(&p)?;
-            let at = (b.len() / 2).max(5);
-            b[at] ^= 0x5a;
-            std::fs::write(&p, &b)?;
-            assert!(blob::decode(&h, &b, lifeboat_common::PART_SIZE).is_err());
-        }
+        corrupt_blob_everywhere(&cluster, &h).await?;
         let bad = pgd.join("corrupt");
         let out = lifeboat(
             &cluster,
@@ -508,14 +316,7 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         let t = jiff::Timestamp::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
         primary.psql("INSERT INTO marker VALUES (2)")?;
-        let seg = primary.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-        primary.psql("SELECT pg_switch_wal()")?;
-        let want = format!("_snapshots/db/wal/{seg}");
-        wait_for("WAL acknowledged", 300, || {
-            Ok(catalog_paths(&cluster, "_snapshots/db/wal").contains(&want))
-        })
-        .await?;
-        settle(&data).await?;
+        switch_wal_and_wait(&primary, &cluster, "db", &data, 300).await?;
         let restored = pgd.join("restored");
         let at = t.to_string();
         let t0 = Instant::now();

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -55,11 +56,52 @@ pub struct RedisRestoreArgs {
 /// `lifeboat verify snapshot` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct VerifyArgs {
-    /// Snapshot id `<source>/<UTC ts>`.
+    /// Snapshot id: `<source>/<UTC ts>` (Redis, exec) or `<source>/base/<UTC ts>` (a PostgreSQL
+    /// base backup); see `lifeboat ls _snapshots`.
     pub id: String,
     /// The `redis-server` binary used to load Redis snapshots.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
+    /// Redis: the number of keys (all databases) the snapshot must hold (default: the count the
+    /// sidecar recorded).
+    #[arg(long)]
+    pub expect_keys: Option<u64>,
+    /// PostgreSQL: database whose tables are counted and where --sql runs.
+    #[arg(long, default_value = "postgres")]
+    pub database: String,
+    /// PostgreSQL: role for the checks (the scratch server trusts local connections).
+    #[arg(long, default_value = "postgres")]
+    pub user: String,
+    /// PostgreSQL: a query to run on the restored database; its first column of the first row
+    /// (as text) is reported.
+    #[arg(long)]
+    pub sql: Option<String>,
+    /// PostgreSQL: the value --sql must return (compared as text, surrounding spaces ignored).
+    #[arg(long, requires = "sql")]
+    pub expect: Option<String>,
+    /// PostgreSQL: replay every archived WAL segment from the backup's start on (the whole PITR
+    /// path) instead of stopping as soon as the backup is consistent.
+    #[arg(long)]
+    pub full: bool,
+    /// PostgreSQL binaries.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub bin_dir: PathBuf,
+    /// PostgreSQL: OS user running the scratch server (default: `postgres` when run as root).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Directory for the scratch data (default: the system temp dir); removed afterwards.
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
+    /// Longest wait for a scratch server to load or recover, seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_s: u64,
+    /// Exec snapshots: pipe the snapshot into the command given after `--` (its restore
+    /// command); the check passes when it exits 0.
+    #[arg(long)]
+    pub exec: bool,
+    /// The restore command and its arguments (after `--`, with --exec).
+    #[arg(last = true)]
+    pub command: Vec<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub conn: ConnArgs,
@@ -87,7 +129,8 @@ pub struct RedisRestoreReport {
 /// One check of `verify snapshot`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
-    /// Check name (`download`, `blake3`, `header`, `load`, `keys`).
+    /// Check name: `download`, `blake3`; Redis `header`, `load`, `keys`; PostgreSQL `unpack`,
+    /// `start`, `row_counts`, `sql`; exec `restore_command`.
     pub name: String,
     /// Passed?
     pub ok: bool,
@@ -100,16 +143,33 @@ pub struct Check {
 pub struct VerifyReport {
     /// Snapshot id.
     pub snapshot: String,
-    /// Sidecar `kind` (empty when the sidecar could not be read).
+    /// Sidecar `kind`: `redis`, `postgres`, `exec` (empty when the sidecar could not be read).
     pub kind: String,
     /// Every check passed.
     pub ok: bool,
+    /// `ok` or `failed`.
+    pub verdict: String,
+    /// The dump's blake3 matched the catalog (every blob and the whole file) and the sidecar.
+    pub blake3_ok: bool,
+    /// The dump's blake3, hex (empty when it could not be checked).
+    pub blake3: String,
     /// Keys the scratch server holds after loading (Redis).
     pub keys: Option<u64>,
-    /// Keys the sidecar recorded at snapshot time.
+    /// Keys expected: `--expect-keys`, else the count the sidecar recorded (Redis).
     pub expected_keys: Option<u64>,
     /// Dump bytes.
     pub bytes: u64,
+    /// ms until the scratch copy was ready to start (download, verify, unpack).
+    pub restore_ms: Option<u64>,
+    /// ms from starting the scratch server until it answered (Redis: loaded; PostgreSQL: out of
+    /// recovery).
+    pub start_ms: Option<u64>,
+    /// PostgreSQL: rows per `schema.table` of `--database`.
+    pub tables: Option<BTreeMap<String, i64>>,
+    /// PostgreSQL: archived WAL files replayed (`--full`).
+    pub wal_files: Option<u64>,
+    /// PostgreSQL: result of `--sql` (None for no query or SQL NULL).
+    pub sql_result: Option<String>,
     /// Wall time, ms.
     pub duration_ms: u64,
     /// The checks run, in order.
@@ -118,21 +178,29 @@ pub struct VerifyReport {
     pub error: Option<String>,
 }
 
-/// A snapshot id split into (source, timestamp).
+/// A snapshot id split into (directory below `_snapshots/`, timestamp): `<source>/<ts>` →
+/// (`<source>`, `<ts>`), `<source>/base/<ts>` (a PostgreSQL base backup) → (`<source>/base`,
+/// `<ts>`).
 ///
-/// Errors: not `<source>/<ts>` with two safe path components.
+/// Errors: not one of those forms with safe path components.
 pub fn parse_id(id: &str) -> anyhow::Result<(String, String)> {
-    let (src, ts) = id.split_once('/').ok_or_else(|| {
-        anyhow!("snapshot id {id:?}: expected <source>/<UTC ts>, e.g. cache/20261124T012233Z")
-    })?;
-    for part in [src, ts] {
-        if part.is_empty() || part.contains('/') || part == "." || part == ".." {
-            bail!("snapshot id {id:?}: expected <source>/<UTC ts>, e.g. cache/20261124T012233Z");
+    let usage = || {
+        anyhow!("snapshot id {id:?}: expected <source>/<UTC ts> or <source>/base/<UTC ts>, e.g. cache/20261124T012233.123Z")
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    let (dir, ts) = match parts.as_slice() {
+        [src, ts] => (src.to_string(), *ts),
+        [src, "base", ts] => (format!("{src}/base"), *ts),
+        _ => return Err(usage()),
+    };
+    for part in &parts {
+        if part.is_empty() || *part == "." || *part == ".." {
+            return Err(usage());
         }
         lifeboat_common::path::validate_rel_path(part)
             .map_err(|e| anyhow!("snapshot id {id:?}: {e}"))?;
     }
-    Ok((src.to_string(), ts.to_string()))
+    Ok((dir, ts.to_string()))
 }
 
 /// A downloaded, verified snapshot.
@@ -146,6 +214,8 @@ pub struct Fetched {
     pub bytes: u64,
     /// Its blake3 hex.
     pub blake3: String,
+    /// The coordinator that answered (for further blob fetches).
+    pub addr: String,
 }
 
 /// Finds snapshot `id` in the catalog (any dump extension with a `.meta.json` sidecar), and
@@ -160,18 +230,39 @@ pub async fn fetch(
     dir: &Path,
     dump_name: &str,
 ) -> anyhow::Result<Fetched> {
-    let (src, ts) = parse_id(id)?;
-    let prefix = format!("_snapshots/{src}/{ts}.");
-    // Catalog listings match whole path components: list the source's directory.
-    let (rows, addr) = list(conn, &format!("_snapshots/{src}"), None, false, false).await?;
+    let (sub, ts) = parse_id(id)?;
+    let prefix = format!("_snapshots/{sub}/{ts}.");
+    // Catalog listings match whole path components: list the snapshot's directory.
+    let (rows, addr) = list(conn, &format!("_snapshots/{sub}"), None, false, false).await?;
     let live = |v: &&FileVersion| {
         v.v.kind == EntryKind::File && !v.v.deleted && v.v.path.starts_with(&prefix)
     };
-    let meta_v = rows
-        .iter()
-        .filter(live)
-        .find(|v| v.v.path.ends_with(".meta.json") && v.v.path[prefix.len()..].matches('.').count() == 2)
-        .ok_or_else(|| anyhow!("no snapshot {id:?}: no sidecar {prefix}<ext>.meta.json in the catalog (see `lifeboat ls _snapshots`)"))?;
+    let client = conn.blobs(&addr)?;
+    let root = dir.canonicalize()?;
+    let meta_v = rows.iter().filter(live).find(|v| {
+        v.v.path.ends_with(".meta.json") && v.v.path[prefix.len()..].matches('.').count() == 2
+    });
+    let Some(meta_v) = meta_v else {
+        // An exec snapshot taken before exec sidecars existed: the catalog's hash only.
+        let snap = format!("{prefix}snap");
+        let v = rows.iter().filter(live).find(|v| v.v.path == snap).ok_or_else(|| {
+            anyhow!("no snapshot {id:?}: no sidecar {prefix}<ext>.meta.json in the catalog (see `lifeboat ls _snapshots`)")
+        })?;
+        let bytes = apply::write_file(&client, &root, dump_name, v, ".lifeboat-restore-", false)
+            .await
+            .with_context(|| format!("snapshot {id}: {snap}"))?;
+        let path = root.join(dump_name);
+        let blake3 = hash_file(&path)?;
+        let meta =
+            serde_json::json!({ "id": id, "kind": "exec", "bytes": bytes, "blake3": blake3 });
+        return Ok(Fetched {
+            meta,
+            path,
+            bytes,
+            blake3,
+            addr,
+        });
+    };
     let dump_path = meta_v.v.path.trim_end_matches(".meta.json").to_string();
     let dump_v = rows
         .iter()
@@ -180,8 +271,6 @@ pub async fn fetch(
         .ok_or_else(|| {
             anyhow!("snapshot {id:?}: sidecar present but {dump_path} is missing from the catalog")
         })?;
-    let client = conn.blobs(&addr)?;
-    let root = dir.canonicalize()?;
     apply::write_file(
         &client,
         &root,
@@ -224,6 +313,7 @@ pub async fn fetch(
         path,
         bytes,
         blake3: hash,
+        addr,
     })
 }
 
@@ -526,61 +616,191 @@ fn place_file(from: &Path, dest: &Path) -> anyhow::Result<()> {
 /// `lifeboat verify snapshot`: downloads snapshot `args.id`, checks it, and (per sidecar `kind`)
 /// restores it into a scratch server. Never fails: problems are in the report (`ok = false`).
 ///
-/// Redis checks: `blake3` (catalog and sidecar), `header` (`REDIS`), `load` (a scratch
-/// `redis-server` loads it), `keys` (keys loaded, all databases, equal the sidecar's `keys`, which
-/// the agent read from `INFO keyspace` just before requesting the RDB: a Redis taking writes at
-/// that moment can make this check fail although the RDB itself is sound; the detail shows both).
+/// Every kind: `download` + `blake3` (each blob and the whole dump against the catalog, the dump
+/// against the sidecar's `blake3` and `bytes`; a corrupted snapshot fails here).
+///
+/// Redis checks: `header` (`REDIS`), `load` (a scratch `redis-server` loads it), `keys` (keys
+/// loaded, all databases, equal `--expect-keys` or else the sidecar's `keys`, which the agent read
+/// from `INFO keyspace` just before requesting the RDB: a Redis taking writes at that moment can
+/// make this check fail although the RDB itself is sound; the detail shows both).
+///
+/// PostgreSQL checks (see [`crate::pg_verify`]): `unpack`, `start` (recovered to consistency, or
+/// through the archived WAL with `--full`), `row_counts` (every table of `--database`), `sql`
+/// (`--sql`, compared with `--expect`).
+///
+/// Exec checks: with `--exec -- CMD`, `restore_command` (the snapshot piped into CMD exits 0).
 pub async fn verify(args: &VerifyArgs) -> VerifyReport {
     let started = Instant::now();
     let mut r = VerifyReport {
         snapshot: args.id.clone(),
         kind: String::new(),
         ok: false,
+        verdict: "failed".into(),
+        blake3_ok: false,
+        blake3: String::new(),
         keys: None,
         expected_keys: None,
         bytes: 0,
+        restore_ms: None,
+        start_ms: None,
+        tables: None,
+        wal_files: None,
+        sql_result: None,
         duration_ms: 0,
         checks: Vec::new(),
         error: None,
     };
-    if let Err(e) = verify_inner(args, &mut r).await {
+    if let Err(e) = verify_inner(args, &mut r, started).await {
         r.error = Some(format!("{e:#}"));
     }
     r.ok = r.error.is_none() && !r.checks.is_empty() && r.checks.iter().all(|c| c.ok);
+    r.verdict = if r.ok { "ok" } else { "failed" }.into();
     r.duration_ms = started.elapsed().as_millis() as u64;
     r
 }
 
-async fn verify_inner(args: &VerifyArgs, r: &mut VerifyReport) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("lifeboat-verify-")
-        .tempdir()
-        .context("create a temp directory")?;
-    let f = match fetch(&args.conn, &args.id, tmp.path(), "dump.rdb").await {
+fn check(r: &mut VerifyReport, name: &str, ok: bool, detail: String) {
+    r.checks.push(Check {
+        name: name.into(),
+        ok,
+        detail,
+    });
+}
+
+async fn verify_inner(
+    args: &VerifyArgs,
+    r: &mut VerifyReport,
+    started: Instant,
+) -> anyhow::Result<()> {
+    if args.exec == args.command.is_empty() {
+        bail!(
+            "give --exec together with the restore command after `--` (e.g. --exec -- psql -f -)"
+        );
+    }
+    let mut b = tempfile::Builder::new();
+    b.prefix("lifeboat-verify-");
+    let tmp = match &args.scratch_dir {
+        Some(d) => b.tempdir_in(d),
+        None => b.tempdir(),
+    }
+    .context("create a scratch directory")?;
+    let dl = tmp.path().join("download");
+    std::fs::create_dir(&dl)?;
+    let f = match fetch(&args.conn, &args.id, &dl, "dump").await {
         Ok(f) => f,
         Err(e) => {
-            r.checks.push(Check {
-                name: "download".into(),
-                ok: false,
-                detail: format!("{e:#}"),
-            });
+            check(r, "download", false, format!("{e:#}"));
             return Err(e);
         }
     };
     r.bytes = f.bytes;
+    r.blake3_ok = true;
+    r.blake3 = f.blake3.clone();
     r.kind = f.meta["kind"].as_str().unwrap_or_default().to_string();
-    r.checks.push(Check {
-        name: "blake3".into(),
-        ok: true,
-        detail: format!(
+    check(
+        r,
+        "blake3",
+        true,
+        format!(
             "{} bytes, blake3 {} (catalog and sidecar agree)",
             f.bytes, f.blake3
         ),
-    });
+    );
     match r.kind.as_str() {
-        "redis" => verify_redis(args, &f, tmp.path(), r).await,
+        "redis" => verify_redis(args, &f, tmp.path(), r, started).await,
+        "postgres" => verify_postgres(args, &f, tmp.path(), r, started).await,
+        "exec" => verify_exec(args, &f, r, started).await,
         other => bail!("snapshot {}: verify does not know kind {other:?}", args.id),
     }
+}
+
+async fn verify_postgres(
+    args: &VerifyArgs,
+    f: &Fetched,
+    scratch: &Path,
+    r: &mut VerifyReport,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let source = crate::pg_verify::source_of(&args.id)?;
+    let opts = crate::pg_verify::PgVerifyOpts {
+        database: args.database.clone(),
+        user: args.user.clone(),
+        sql: args.sql.clone(),
+        expect: args.expect.clone(),
+        full: args.full,
+        bin_dir: args.bin_dir.clone(),
+        owner: args.owner.clone(),
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let mut out = crate::pg_verify::PgVerifyOutcome::default();
+    let mut checks = Vec::new();
+    let res = crate::pg_verify::verify(
+        &args.conn,
+        &f.addr,
+        source,
+        &f.path,
+        &f.meta,
+        scratch,
+        &opts,
+        started,
+        &mut out,
+        &mut checks,
+    )
+    .await;
+    for (name, ok, detail) in checks {
+        check(r, &name, ok, detail);
+    }
+    if out.restore_ms > 0 {
+        r.restore_ms = Some(out.restore_ms);
+    }
+    if out.start_ms > 0 {
+        r.start_ms = Some(out.start_ms);
+        r.tables = Some(out.tables);
+        r.sql_result = out.sql_result;
+    }
+    if args.full {
+        r.wal_files = Some(out.wal_files);
+    }
+    res
+}
+
+async fn verify_exec(
+    args: &VerifyArgs,
+    f: &Fetched,
+    r: &mut VerifyReport,
+    started: Instant,
+) -> anyhow::Result<()> {
+    r.restore_ms = Some(started.elapsed().as_millis() as u64);
+    if !args.exec {
+        return Ok(());
+    }
+    let argv = &args.command;
+    if argv.is_empty() {
+        bail!("--exec needs the restore command after `--`");
+    }
+    let t0 = Instant::now();
+    let input = std::fs::File::open(&f.path).context("open the downloaded snapshot")?;
+    let status = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::from(input))
+        .status()
+        .await;
+    r.start_ms = Some(t0.elapsed().as_millis() as u64);
+    match status {
+        Ok(s) => check(
+            r,
+            "restore_command",
+            s.success(),
+            format!("{argv:?} with the snapshot on stdin: {s}"),
+        ),
+        Err(e) => check(
+            r,
+            "restore_command",
+            false,
+            format!("cannot start {argv:?}: {e}"),
+        ),
+    }
+    Ok(())
 }
 
 async fn verify_redis(
@@ -588,49 +808,57 @@ async fn verify_redis(
     f: &Fetched,
     dir: &Path,
     r: &mut VerifyReport,
+    started: Instant,
 ) -> anyhow::Result<()> {
     let header = check_rdb_header(&f.path);
-    r.checks.push(Check {
-        name: "header".into(),
-        ok: header.is_ok(),
-        detail: match &header {
+    check(
+        r,
+        "header",
+        header.is_ok(),
+        match &header {
             Ok(()) => "starts with REDIS".into(),
             Err(e) => e.to_string(),
         },
-    });
+    );
     header?;
-    let scratch = match ScratchRedis::start(&args.redis_server, dir, Duration::from_secs(600)).await
-    {
+    std::fs::rename(&f.path, dir.join("dump.rdb"))?;
+    r.restore_ms = Some(started.elapsed().as_millis() as u64);
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(args.timeout_s);
+    let scratch = match ScratchRedis::start(&args.redis_server, dir, timeout).await {
         Ok(s) => s,
         Err(e) => {
-            r.checks.push(Check {
-                name: "load".into(),
-                ok: false,
-                detail: format!("{e:#}"),
-            });
+            check(r, "load", false, format!("{e:#}"));
             return Err(e);
         }
     };
-    r.checks.push(Check {
-        name: "load".into(),
-        ok: true,
-        detail: format!("a scratch redis-server on port {} loaded it", scratch.port),
-    });
+    r.start_ms = Some(t0.elapsed().as_millis() as u64);
+    check(
+        r,
+        "load",
+        true,
+        format!("a scratch redis-server on port {} loaded it", scratch.port),
+    );
     let keys: u64 = scratch.keyspace().await?.values().sum();
     let mut c = redis_conn(&format!("127.0.0.1:{}", scratch.port), None, 0).await?;
     let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut c).await?;
     drop(scratch);
     r.keys = Some(keys);
-    r.expected_keys = f.meta["keys"].as_u64();
+    let recorded = f.meta["keys"].as_u64();
+    r.expected_keys = args.expect_keys.or(recorded);
     let ok = r.expected_keys.is_none_or(|k| k == keys);
-    r.checks.push(Check {
-        name: "keys".into(),
+    let want = match (args.expect_keys, recorded) {
+        (Some(k), Some(s)) => format!("--expect-keys {k} (sidecar recorded {s})"),
+        (Some(k), None) => format!("--expect-keys {k}"),
+        (None, Some(s)) => format!("sidecar recorded {s}"),
+        (None, None) => "sidecar has no key count".into(),
+    };
+    check(
+        r,
+        "keys",
         ok,
-        detail: match r.expected_keys {
-            Some(k) => format!("{keys} keys loaded (db0 DBSIZE {dbsize}), sidecar recorded {k}"),
-            None => format!("{keys} keys loaded (db0 DBSIZE {dbsize}); sidecar has no key count"),
-        },
-    });
+        format!("{keys} keys loaded (db0 DBSIZE {dbsize}), {want}"),
+    );
     Ok(())
 }
 
@@ -658,15 +886,19 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
+    let ms = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "snapshot {} ({}): {}  keys {}  bytes {}  {} ms",
+        "snapshot {} ({}): {}  keys {}  bytes {}  blake3 {}  restore {}  start {}  total {} ms",
         r.snapshot,
         if r.kind.is_empty() { "?" } else { &r.kind },
         if r.ok { "ok" } else { "FAILED" },
         r.keys.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
         r.bytes,
+        if r.blake3_ok { "ok" } else { "not verified" },
+        ms(r.restore_ms),
+        ms(r.start_ms),
         r.duration_ms
     )?;
     for c in &r.checks {
@@ -678,9 +910,15 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> anyhow::Result<()> {
             c.detail
         )?;
     }
+    if let Some(t) = &r.tables {
+        for (name, rows) in t {
+            writeln!(out, "    {name}: {rows} rows")?;
+        }
+    }
     if let Some(e) = &r.error {
         writeln!(out, "  error: {e}")?;
     }
+    writeln!(out, "verdict: {}", r.verdict)?;
     Ok(())
 }
 
@@ -694,7 +932,13 @@ mod tests {
             parse_id("cache/20261124T012233Z").unwrap(),
             ("cache".into(), "20261124T012233Z".into())
         );
-        for bad in ["cache", "a/b/c", "../x", "a/..", "/x", "a/"] {
+        assert_eq!(
+            parse_id("db/base/20261124T012233.123Z").unwrap(),
+            ("db/base".into(), "20261124T012233.123Z".into())
+        );
+        for bad in [
+            "cache", "a/b/c", "../x", "a/..", "/x", "a/", "a/base/", "a//b",
+        ] {
             assert!(parse_id(bad).is_err(), "{bad}");
         }
     }

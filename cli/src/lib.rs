@@ -10,6 +10,7 @@ pub mod demo;
 pub mod demo_regions;
 pub mod harness;
 pub mod pg_restore;
+pub mod pg_verify;
 pub mod regions;
 pub mod restore;
 pub mod s3server;

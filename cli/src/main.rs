@@ -258,8 +258,11 @@ enum RestoreDb {
 
 #[derive(Subcommand, Debug)]
 enum VerifyCmd {
-    /// Download snapshot ID (`<source>/<UTC ts>`), verify it and load it into a scratch server;
-    /// prints a report (ok/failed, keys, bytes, duration) and exits non-zero when it failed.
+    /// Download snapshot ID (`<source>/<UTC ts>`, or `<source>/base/<UTC ts>` for a PostgreSQL
+    /// base backup), check its blake3, restore it into a scratch server (redis-server, or a
+    /// PostgreSQL on a Unix socket recovered to consistency) and run checks (keys; row counts per
+    /// table and --sql/--expect; an exec snapshot's --exec restore command); prints a report and
+    /// exits non-zero when any check failed.
     Snapshot(db_restore::VerifyArgs),
 }
 

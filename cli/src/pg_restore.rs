@@ -183,52 +183,25 @@ pub async fn restore_postgres(
     }
     drop(work);
 
-    // WAL from the backup's start segment on (all timelines), and every history file.
-    let start_seg = meta
-        .start_wal_file
-        .as_deref()
-        .filter(|f| f.len() == 24 && is_hex_upper(f))
-        .map(|f| f[8..].to_string());
-    let wal_prefix = format!("_snapshots/{source}/wal/");
-    let (wal_rows, _) = list(conn, &wal_prefix, None, false, false).await?;
-    let wanted: Vec<FileVersion> = wal_rows
-        .into_iter()
-        .filter(|v| live(v))
-        .filter(|v| {
-            let name = &v.v.path[wal_prefix.len().min(v.v.path.len())..];
-            let seg = name.len() == 24 && is_hex_upper(name);
-            let hist = name.len() == 16 && name.ends_with(".history") && is_hex_upper(&name[..8]);
-            hist || (seg && start_seg.as_deref().is_none_or(|s| &name[8..] >= s))
-        })
-        .collect();
-    let wal_files = wanted.len() as u64;
-    let mut fetches = futures::stream::iter(wanted.into_iter().map(|v| {
-        let (client, root) = (client.clone(), datadir.clone());
-        async move {
-            let name = v.v.path.rsplit('/').next().unwrap_or_default().to_string();
-            apply::write_file(
-                &client,
-                &root,
-                &format!("lifeboat_wal/{name}"),
-                &v,
-                ".lifeboat-restore-",
-                false,
-            )
-            .await
-        }
-    }))
-    .buffer_unordered(8);
-    while let Some(r) = fetches.next().await {
-        r?;
-    }
-    std::fs::create_dir_all(datadir.join("lifeboat_wal"))?;
+    let wal_files = fetch_wal(
+        conn,
+        &client,
+        source,
+        meta.start_wal_file.as_deref(),
+        &datadir,
+    )
+    .await?;
 
     let target = at.map(|t| {
         t.to_zoned(jiff::tz::TimeZone::UTC)
             .strftime("%Y-%m-%d %H:%M:%S%.6f+00")
             .to_string()
     });
-    write_recovery_conf(&datadir, target.as_deref())?;
+    let goal = match &target {
+        Some(t) => RecoveryGoal::Time(t.clone()),
+        None => RecoveryGoal::Latest,
+    };
+    write_recovery_conf(&datadir, &goal)?;
     if let Some((name, uid, gid)) = &owner {
         chown_tree(&datadir, *uid, *gid).with_context(|| format!("chown to {name}"))?;
     }
@@ -262,9 +235,73 @@ pub async fn restore_postgres(
     })
 }
 
+/// Fetches every archived WAL segment of `source` from `start_wal_file`'s segment number on (all
+/// timelines; every segment when None), and every timeline history file, into
+/// `DATADIR/lifeboat_wal/` (each blob and file verified by blake3). Returns the files fetched.
+///
+/// Errors: RPC, verification or I/O failures.
+pub async fn fetch_wal(
+    conn: &ConnArgs,
+    client: &lifeboat_proto::blob_service_client::BlobServiceClient<tonic::transport::Channel>,
+    source: &str,
+    start_wal_file: Option<&str>,
+    datadir: &Path,
+) -> anyhow::Result<u64> {
+    let live = |v: &FileVersion| v.v.kind == EntryKind::File && !v.v.deleted;
+    let start_seg = start_wal_file
+        .filter(|f| f.len() == 24 && is_hex_upper(f))
+        .map(|f| f[8..].to_string());
+    let wal_prefix = format!("_snapshots/{source}/wal/");
+    let (wal_rows, _) = list(conn, &wal_prefix, None, false, false).await?;
+    let wanted: Vec<FileVersion> = wal_rows
+        .into_iter()
+        .filter(|v| live(v))
+        .filter(|v| {
+            let name = &v.v.path[wal_prefix.len().min(v.v.path.len())..];
+            let seg = name.len() == 24 && is_hex_upper(name);
+            let hist = name.len() == 16 && name.ends_with(".history") && is_hex_upper(&name[..8]);
+            hist || (seg && start_seg.as_deref().is_none_or(|s| &name[8..] >= s))
+        })
+        .collect();
+    let wal_files = wanted.len() as u64;
+    let mut fetches = futures::stream::iter(wanted.into_iter().map(|v| {
+        let (client, root) = (client.clone(), datadir.to_path_buf());
+        async move {
+            let name = v.v.path.rsplit('/').next().unwrap_or_default().to_string();
+            apply::write_file(
+                &client,
+                &root,
+                &format!("lifeboat_wal/{name}"),
+                &v,
+                ".lifeboat-restore-",
+                false,
+            )
+            .await
+        }
+    }))
+    .buffer_unordered(8);
+    while let Some(r) = fetches.next().await {
+        r?;
+    }
+    std::fs::create_dir_all(datadir.join("lifeboat_wal"))?;
+    Ok(wal_files)
+}
+
+/// Where recovery of a restored data directory stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryGoal {
+    /// `recovery_target_time` (a PostgreSQL timestamp literal).
+    Time(String),
+    /// Replay every WAL file `restore_command` finds, then promote.
+    Latest,
+    /// `recovery_target = 'immediate'`: stop as soon as the backup is consistent (the WAL inside
+    /// a `-X fetch` base backup is enough), then promote.
+    Immediate,
+}
+
 /// Creates DATADIR (0700) or checks that it is an empty directory; returns its canonical path.
 /// Refuses paths with characters that would need quoting in `restore_command`.
-fn prepare_datadir(to: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn prepare_datadir(to: &Path) -> anyhow::Result<PathBuf> {
     let s = to.to_str().ok_or_else(|| anyhow!("--to must be UTF-8"))?;
     if s.chars()
         .any(|c| !(c.is_ascii_alphanumeric() || "/._-+@,:".contains(c)))
@@ -287,7 +324,7 @@ fn prepare_datadir(to: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// `(name, uid, gid)` of the owner to chown to, or None (keep the current user).
-fn resolve_owner(owner: Option<&str>) -> anyhow::Result<Option<(String, u32, u32)>> {
+pub(crate) fn resolve_owner(owner: Option<&str>) -> anyhow::Result<Option<(String, u32, u32)>> {
     match owner {
         Some(name) => lookup_user(name)
             .map(|(u, g)| Some((name.to_string(), u, g)))
@@ -329,7 +366,7 @@ fn hash_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Unpacks `tar` into `dest`, refusing absolute paths, `..`, links and special files.
-fn unpack(tar: &Path, dest: &Path) -> anyhow::Result<()> {
+pub(crate) fn unpack(tar: &Path, dest: &Path) -> anyhow::Result<()> {
     let mut ar = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(tar)?));
     ar.set_preserve_permissions(false);
     ar.set_unpack_xattrs(false);
@@ -357,9 +394,9 @@ fn unpack(tar: &Path, dest: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends the recovery settings to `postgresql.auto.conf` (temp + fsync + rename) and creates
-/// `recovery.signal` (removing a `standby.signal`).
-fn write_recovery_conf(datadir: &Path, target: Option<&str>) -> anyhow::Result<()> {
+/// Appends the recovery settings for `goal` to `postgresql.auto.conf` (temp + fsync + rename)
+/// and creates `recovery.signal` (removing a `standby.signal`).
+pub(crate) fn write_recovery_conf(datadir: &Path, goal: &RecoveryGoal) -> anyhow::Result<()> {
     let conf = datadir.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
     if !text.is_empty() && !text.ends_with('\n') {
@@ -370,8 +407,10 @@ fn write_recovery_conf(datadir: &Path, target: Option<&str>) -> anyhow::Result<(
         "restore_command = 'cp {}/lifeboat_wal/%f %p'\n",
         datadir.display()
     ));
-    if let Some(t) = target {
-        text.push_str(&format!("recovery_target_time = '{t}'\n"));
+    match goal {
+        RecoveryGoal::Time(t) => text.push_str(&format!("recovery_target_time = '{t}'\n")),
+        RecoveryGoal::Immediate => text.push_str("recovery_target = 'immediate'\n"),
+        RecoveryGoal::Latest => {}
     }
     text.push_str("recovery_target_action = 'promote'\n");
     write_atomic(&conf, text.as_bytes())?;
@@ -395,7 +434,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -408,18 +447,32 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn pg_command(bin_dir: &Path, prog: &str, owner: Option<&str>) -> tokio::process::Command {
+/// `bin_dir/prog`, run as `owner` through `runuser` when given, in `/`, stdin null.
+pub(crate) fn pg_std_command(
+    bin_dir: &Path,
+    prog: &str,
+    owner: Option<&str>,
+) -> std::process::Command {
     let bin = bin_dir.join(prog);
     let mut c = match owner {
         Some(u) => {
-            let mut c = tokio::process::Command::new("runuser");
+            let mut c = std::process::Command::new("runuser");
             c.arg("-u").arg(u).arg("--").arg(bin);
             c
         }
-        None => tokio::process::Command::new(bin),
+        None => std::process::Command::new(bin),
     };
     c.current_dir("/").stdin(std::process::Stdio::null());
     c
+}
+
+/// [`pg_std_command`] for tokio.
+pub(crate) fn pg_command(
+    bin_dir: &Path,
+    prog: &str,
+    owner: Option<&str>,
+) -> tokio::process::Command {
+    tokio::process::Command::from(pg_std_command(bin_dir, prog, owner))
 }
 
 /// Starts the restored server (free port, Unix socket in DATADIR only, archiving off), waits up

@@ -181,16 +181,21 @@ pub struct SnapshotReport {
     pub taken_at: String,
 }
 
-/// `20261124T012233Z` → `2026-11-24T01:22:33Z`.
+/// `20261124T012233Z` → `2026-11-24T01:22:33Z`; `20261124T012233.123Z` →
+/// `2026-11-24T01:22:33.123Z`.
 fn taken_at(stem: &str) -> Option<String> {
     let b = stem.as_bytes();
-    let ok = b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
+    let frac = match b.len() {
+        16 => "",
+        20 if b[15] == b'.' && b[16..19].iter().all(u8::is_ascii_digit) => &stem[15..19],
+        _ => return None,
+    };
+    let ok = b[8] == b'T'
+        && b[b.len() - 1] == b'Z'
         && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
     ok.then(|| {
         format!(
-            "{}-{}-{}T{}:{}:{}Z",
+            "{}-{}-{}T{}:{}:{}{frac}Z",
             &stem[..4],
             &stem[4..6],
             &stem[6..8],

@@ -1,0 +1,204 @@
+//! Redis sources over TLS against a real `redis-server --tls-port` (Debian's build has TLS) with
+//! certificates from the dev CA: the RDB snapshot taken over TLS (`SYNC` on a rustls stream) loads
+//! into a fresh Redis with every key and value equal; health and role reconciliation work over
+//! TLS; a client certificate is required when the server asks for one; a server certificate from
+//! another CA, or one that does not carry `tls_server_name`, is refused with a clear error and
+//! records nothing. An agent with a `tls = true` source stores the snapshot in the catalog, and
+//! `lifeboat verify snapshot --expect-keys` checks the key count.
+
+use std::path::Path;
+
+use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
+use lifeboat_chaos_tests::redis_server::Redis;
+use lifeboat_chaos_tests::*;
+use lifeboat_cli::harness::free_port;
+
+fn source(
+    addr: &str,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    name: Option<&str>,
+) -> RedisSourceConfig {
+    let mut v = serde_json::json!({
+        "name": "secure", "addr": addr, "interval_s": 3600, "tls": true, "tls_ca_file": ca,
+    });
+    if let Some((c, k)) = client {
+        v["tls_cert_file"] = serde_json::json!(c);
+        v["tls_key_file"] = serde_json::json!(k);
+    }
+    if let Some(n) = name {
+        v["tls_server_name"] = serde_json::json!(n);
+    }
+    serde_json::from_value(v).expect("source config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow::Result<()> {
+    run("t23", |dir| async move {
+        let certs = dir.join("certs");
+        lifeboat_common::tls::init_dev_ca(&certs)?;
+        lifeboat_common::tls::issue_cert(&certs, "redis", &[])?;
+        lifeboat_common::tls::issue_cert(&certs, "agent", &[])?;
+        let other = dir.join("other-ca");
+        lifeboat_common::tls::init_dev_ca(&other)?;
+        let ca = certs.join("ca.pem");
+        let client = (certs.join("agent.pem"), certs.join("agent.key"));
+        let client = Some((client.0.as_path(), client.1.as_path()));
+
+        // The plain port fills the data; the agent only talks to the TLS port.
+        let tls_port = free_port();
+        let p = |x: &Path| x.to_str().unwrap().to_string();
+        let args = [
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            p(&certs.join("redis.pem")),
+            "--tls-key-file".into(),
+            p(&certs.join("redis.key")),
+            "--tls-ca-cert-file".into(),
+            p(&ca),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = Redis::start_with(&dir.join("redis"), &args)?;
+        let mut c = r.con().await?;
+        let mut pipe = redis::pipe();
+        for i in 0..3000 {
+            pipe.cmd("SET")
+                .arg(format!("k:{i}"))
+                .arg(format!("v:{i}:{}", "x".repeat(i % 40)))
+                .ignore();
+        }
+        pipe.cmd("HSET").arg("h").arg("f").arg("hv").ignore();
+        pipe.query_async::<()>(&mut c).await?;
+        let addr = format!("127.0.0.1:{tls_port}");
+
+        // Snapshot over TLS with a client certificate.
+        let src = source(&addr, &ca, client, None);
+        let data = dir.join("agent");
+        let meta = take_snapshot(&src, &data, 5).await?;
+        assert_eq!(
+            (meta.keys, meta.kind.as_str(), meta.epoch),
+            (3001, "redis", 5)
+        );
+        let rdb = data.join("snapshots").join(format!("{}.rdb", meta.id));
+        let bytes = std::fs::read(&rdb)?;
+        assert_eq!(&bytes[..5], b"REDIS");
+        assert_eq!(blake3::hash(&bytes).to_hex().as_str(), meta.blake3);
+
+        // Restore equals: a fresh Redis loading the RDB holds every key with the same value.
+        let check = dir.join("check");
+        std::fs::create_dir_all(&check)?;
+        std::fs::copy(&rdb, check.join("dump.rdb"))?;
+        let loaded = Redis::start(&check)?;
+        let mut l = loaded.con().await?;
+        let n: u64 = redis::cmd("DBSIZE").query_async(&mut l).await?;
+        assert_eq!(n, 3001);
+        let keys: Vec<String> = (0..3000).map(|i| format!("k:{i}")).collect();
+        let want: Vec<String> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        let got: Vec<String> = redis::cmd("MGET").arg(&keys).query_async(&mut l).await?;
+        assert_eq!(got, want);
+        let hv: String = redis::cmd("HGET")
+            .arg("h")
+            .arg("f")
+            .query_async(&mut l)
+            .await?;
+        assert_eq!(hv, "hv");
+
+        // Health and role reconciliation over TLS.
+        let h = health(&src).await;
+        assert!(h.healthy && h.role == "primary", "{h:?}");
+        let did = apply_role(&src, "eu", "eu", 5).await?;
+        assert!(did.contains("already primary"), "{did}");
+        // The name in the certificate (`lifeboat`) instead of the address.
+        let named = source(&addr, &ca, client, Some("lifeboat"));
+        assert_eq!(
+            take_snapshot(&named, &dir.join("agent-named"), 0)
+                .await?
+                .keys,
+            3001
+        );
+
+        // Refusals: another CA, a name the certificate lacks, no client certificate.
+        for (what, bad, needle) in [
+            // Both dev CAs have the same subject: rustls reports a signature that does not verify.
+            (
+                "wrong CA",
+                source(&addr, &other.join("ca.pem"), client, None),
+                "invalid peer certificate",
+            ),
+            (
+                "wrong name",
+                source(&addr, &ca, client, Some("redis.example.org")),
+                "not valid for name \"redis.example.org\"",
+            ),
+        ] {
+            let out = dir.join(format!("agent-{}", what.replace(' ', "-")));
+            let e = take_snapshot(&bad, &out, 0).await.unwrap_err().to_string();
+            assert!(
+                e.contains("TLS") && e.contains("handshake failed") && e.contains(needle),
+                "{what}: {e}"
+            );
+            assert!(!out.join("snapshots").exists(), "{what}: nothing recorded");
+            let h = health(&bad).await;
+            assert!(!h.healthy && h.detail.contains("TLS"), "{what}: {h:?}");
+            assert!(apply_role(&bad, "eu", "eu", 5).await.is_err(), "{what}");
+        }
+        let anonymous = source(&addr, &ca, None, None);
+        let out = dir.join("agent-anonymous");
+        assert!(
+            take_snapshot(&anonymous, &out, 0).await.is_err(),
+            "the server requires a client certificate"
+        );
+        assert!(!out.join("snapshots").exists());
+
+        // End to end: an agent with a `tls = true` source stores the snapshot in the catalog;
+        // `verify snapshot --expect-keys` loads it into a scratch redis-server.
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(std::time::Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[redis_sources]]\nname = \"secure\"\naddr = \"{addr}\"\ninterval_s = 3600\ntls = true\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_server_name = \"localhost\"\n",
+            ca.display(),
+            certs.join("agent.pem").display(),
+            certs.join("agent.key").display()
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        cluster.start_agent(&cfg)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let id = loop {
+            let side = catalog_paths(&cluster, "_snapshots/secure")
+                .into_iter()
+                .find(|p| p.ends_with(".rdb.meta.json"));
+            if let Some(p) = side {
+                break p["_snapshots/".len()..p.len() - ".rdb.meta.json".len()].to_string();
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no TLS snapshot in the catalog; agent log:\n{}",
+                std::fs::read_to_string(cfg.with_extension("log")).unwrap_or_default()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        settle(&data).await?;
+        let v = json(&lifeboat(
+            &cluster,
+            &["verify", "snapshot", &id, "--expect-keys", "3001", "--output", "json"],
+        ));
+        assert_eq!((v["verdict"].as_str(), v["keys"].as_u64()), (Some("ok"), Some(3001)), "{v}");
+        let out = lifeboat(
+            &cluster,
+            &["verify", "snapshot", &id, "--expect-keys", "5", "--output", "json"],
+        );
+        let v = failed_json(&out, "a wrong --expect-keys");
+        let keys = v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "keys"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(keys["ok"], false, "{v}");
+        assert!(keys["detail"].as_str().unwrap_or_default().contains("--expect-keys 5"), "{v}");
+        Ok(())
+    })
+    .await
+}
