@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod leases;
 pub mod redis_server;
 
 use std::path::{Path, PathBuf};

@@ -150,6 +150,8 @@ struct Switchover {
     started_ms: u64,
     deadline_ms: u64,
     failback: bool,
+    /// Compare-and-set epoch of the decision that starts it (the operator's, if given).
+    expect_epoch: u64,
 }
 
 #[derive(Default)]
@@ -609,7 +611,8 @@ impl ControlRuntime {
                 };
                 w.failover_start_ms = Some(sw.started_ms);
                 commits.push(ControlCommand::Decide {
-                    expect_epoch: w.committed_epoch,
+                    // The order's epoch: refused by the state machine if it moved on.
+                    expect_epoch: sw.expect_epoch,
                     record: w.rec.clone(),
                     previous_region: Some(sw.from.clone()),
                     rto_ms: None,
@@ -697,10 +700,18 @@ impl ControlRuntime {
     /// This node's report about its region. Drains the pending audit entries (they are
     /// committed by the global leader that asked).
     pub fn report(&self) -> RegionReport {
+        self.report_with(true)
+    }
+
+    /// This node's report; `drain`: hand over the pending audit entries (only the global
+    /// leader's poll does; a peek leaves them for it).
+    pub fn report_with(&self, drain: bool) -> RegionReport {
+        let now = now_ms();
         let Some(reg) = &self.regional else {
             return RegionReport {
                 region: self.region.clone(),
                 node_id: self.node_id,
+                at_ms: now,
                 ..Default::default()
             };
         };
@@ -746,7 +757,7 @@ impl ControlRuntime {
         } else {
             (healthy, detail)
         };
-        let pending = if leading {
+        let pending = if leading && drain {
             std::mem::take(&mut self.local.lock().pending_audit)
         } else {
             Vec::new()
@@ -759,7 +770,10 @@ impl ControlRuntime {
             detail,
             role: if standby { "standby" } else { "active" }.into(),
             promoted_epoch: view.promoted_epoch,
-            leased: view.lease.valid(now_ms(), view.epoch),
+            leased: view.lease.valid(now, view.epoch),
+            epoch: view.epoch,
+            lease_until_ms: view.lease.valid_until_ms().unwrap_or(0),
+            at_ms: now,
             lag_ms: repl.as_ref().map(|r| r.lag_ms.max(0) as u64).unwrap_or(0),
             lag_entries: repl.as_ref().map(|r| r.lag_entries).unwrap_or(0),
             lag_bytes: 0,
@@ -1008,8 +1022,30 @@ impl ControlRuntime {
             "renew" => enc(&self
                 .handle_renew(serde_json::from_slice(body).map_err(bad)?)
                 .await?),
-            "report" => enc(&self.report()),
-            "status" => enc(&self.status()?),
+            "report" => {
+                let r: ReportRequest = if body.is_empty() {
+                    ReportRequest::default()
+                } else {
+                    serde_json::from_slice(body).map_err(bad)?
+                };
+                enc(&self.report_with(!r.peek))
+            }
+            "status" => {
+                // A deposed global leader cut off from the majority still believes it leads;
+                // its view (record, reports, lease) may be stale, so it must not answer as the
+                // leader.
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.global.ensure_linearizable(),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => enc(&self.status()?),
+                    _ => Err(Status::unavailable(
+                        "leadership of the global group not confirmed by a quorum (partitioned from the majority?); ask another coordinator",
+                    )),
+                }
+            }
             "audit" => {
                 let r: AuditRequest = serde_json::from_slice(body).map_err(bad)?;
                 let s = self.store.state();
@@ -1070,6 +1106,15 @@ impl ControlRuntime {
                 "a switchover is already in progress",
             ));
         }
+        // An order computed under an older epoch is refused (fencing token on operator orders).
+        if let Some(e) = req.expect_epoch {
+            if e != w.committed_epoch {
+                return Err(Status::failed_precondition(format!(
+                    "stale_epoch: switchover ordered under epoch {e} but the current epoch is {}",
+                    w.committed_epoch
+                )));
+            }
+        }
         let Phase::Active { region: from } = w.rec.phase.clone() else {
             return Err(Status::failed_precondition(format!(
                 "the control record is not in a steady state ({:?}); retry when it is",
@@ -1111,6 +1156,7 @@ impl ControlRuntime {
             started_ms: now,
             deadline_ms: now + req.timeout_ms.unwrap_or(60_000),
             failback: req.failback,
+            expect_epoch: req.expect_epoch.unwrap_or(w.committed_epoch),
         });
         tracing::warn!(%from, %to, "switchover requested: fencing {from}");
         Ok(SwitchoverReply {
