@@ -411,6 +411,7 @@ impl ControlRuntime {
                         Action::RenewLease { .. } => {}
                         Action::Suspect { region } => {
                             decide = true;
+                            w.blocked = None;
                             w.failover_start_ms = Some(before.last_healthy_ms);
                             let why = w
                                 .reports
@@ -439,6 +440,7 @@ impl ControlRuntime {
                         }
                         Action::Recovered { region } => {
                             decide = true;
+                            w.blocked = None;
                             w.failover_start_ms = None;
                             audit_entries.push(audit(
                                 w.rec.epoch,
@@ -479,7 +481,12 @@ impl ControlRuntime {
                             tracing::warn!(%region, epoch, rto_ms = rto.unwrap_or(0), "failover completed");
                         }
                         Action::Blocked { reason } => {
-                            if w.blocked.as_ref() != Some(&reason) {
+                            // One audit entry per kind of refusal, not one per tick: the
+                            // reasons carry changing figures (ms since the last change, lag).
+                            let key = |r: &str| -> String {
+                                r.chars().filter(|c| !c.is_ascii_digit()).collect()
+                            };
+                            if w.blocked.as_deref().map(key) != Some(key(&reason)) {
                                 commits.push(ControlCommand::Audit {
                                     entries: vec![audit(
                                         w.rec.epoch,
@@ -490,8 +497,8 @@ impl ControlRuntime {
                                     )],
                                 });
                                 tracing::warn!(%reason, "failover refused");
-                                w.blocked = Some(reason);
                             }
+                            w.blocked = Some(reason);
                         }
                     }
                 }
@@ -826,7 +833,9 @@ impl ControlRuntime {
             }
             return;
         }
-        if !matches!(rec.phase, Phase::Active { .. }) {
+        // Suspect: keep asking. The renewals are refused, but they are this region's heartbeat
+        // to the global leader, which lets it recover once healthy again.
+        if !matches!(rec.phase, Phase::Active { .. } | Phase::Suspect { .. }) {
             return;
         }
         let now = now_ms();
@@ -864,7 +873,11 @@ impl ControlRuntime {
         match reply {
             Ok(r) if r.granted => self.role.lease_granted(sent, r.lease_ms, r.epoch),
             Ok(r) => {
-                tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
+                if self.role.view().lease.valid(now_ms(), epoch) {
+                    tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
+                } else {
+                    tracing::debug!(reason = %r.reason, "lease renewal refused");
+                }
                 self.role.lease_refused();
             }
             Err(e) => {
@@ -924,13 +937,20 @@ impl ControlRuntime {
                     reason: String::new(),
                 })
             }
-            Err(e) => Ok(RenewReply {
-                granted: false,
-                lease_ms: 0,
-                epoch: w.rec.epoch,
-                active_region: w.rec.active_region().into(),
-                reason: e.to_string(),
-            }),
+            Err(e) => {
+                if matches!(e, lease::LeaseRefused::Suspect { .. }) {
+                    // Refused, but the region reached us: its heartbeat (see the views in
+                    // `global_tick`), without which a suspect region could never recover.
+                    w.last_renew.insert(req.region.clone(), now);
+                }
+                Ok(RenewReply {
+                    granted: false,
+                    lease_ms: 0,
+                    epoch: w.rec.epoch,
+                    active_region: w.rec.active_region().into(),
+                    reason: e.to_string(),
+                })
+            }
         }
     }
 
