@@ -110,6 +110,17 @@ async fn partition_of_the_standby_moves_nothing_and_stalls_synchronous_writes() 
         let c = tree::compare(&src, &restored.join("data"))?;
         assert!(c.equal(), "{:?}", c.differences);
 
+        // Each refused batch was committed in a before the wait ran out, and is committed
+        // again when the agent resends it: report how many versions of the file exist.
+        let (all, _) = restore::list(
+            &regions.region("b").conn(),
+            "data/during.txt",
+            None,
+            true,
+            false,
+        )
+        .await?;
+        eprintln!("versions of data/during.txt in b: {}", all.len());
         let s = regions.wait_active("a", 1, Duration::from_secs(30)).await?;
         assert_eq!(s["state"]["record"]["epoch"], 1, "{s}");
         let samples = sampler.finish().await?;
