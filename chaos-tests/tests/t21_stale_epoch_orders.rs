@@ -9,9 +9,15 @@
 //!   current epoch (which the agent's parser reads back), while the same push stamped with epoch 2
 //!   is acknowledged, and only that one is in b's catalog;
 //! - the old active region a, now a standby, refuses the push outright.
+//!
+//! A second test covers database role orders: b's agent (with a `[[redis_sources]]` entry) saw
+//! epoch 2 and promoted b's Redis; restarted against a stale coordinator that still says "a
+//! active at epoch 1", it ignores that order (its epoch is persisted), while an agent that never
+//! saw epoch 2 obeys the same coordinator and turns b's Redis into a replica of a's.
 
 use std::time::Duration;
 
+use lifeboat_chaos_tests::redis_server::Redis;
 use lifeboat_chaos_tests::*;
 use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_common::tls::TlsConfig;
@@ -31,6 +37,42 @@ fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
         .arg(conn.tls_dir.unwrap())
         .output()
         .expect("run lifeboat")
+}
+
+/// `lifeboat ARGS`, retried while no global leader answers (an election right after start-up);
+/// any other outcome, success or refusal, is returned.
+async fn run_cli_settled(regions: &Regions, args: &[&str]) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run_cli(regions, args);
+        let transient = !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("no coordinator answered");
+        if !transient || std::time::Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the global leader has a fresh report saying `region`'s leader is healthy (a
+/// switchover to it is refused before).
+async fn wait_healthy(regions: &Regions, region: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = regions.control_status().await.unwrap_or_default();
+        let ok =
+            s["regions"].as_array().into_iter().flatten().any(|r| {
+                r["region"] == region && r["healthy"] == true && r["regional_leader"] == true
+            });
+        if ok {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{region} not healthy: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Pushes one empty file `orders/<name>` stamped with `epoch` to `addr`, as an agent would.
@@ -82,9 +124,10 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
     run("t21", |dir| async move {
         let regions = Regions::start(&dir.join("regions"), &RegionsOpts::default())?;
         regions.wait_active("a", 1, Duration::from_secs(60)).await?;
+        wait_healthy(&regions, "b").await?;
 
         // A planned switchover ordered under the current epoch 1 is carried out.
-        let out = run_cli(
+        let out = run_cli_settled(
             &regions,
             &[
                 "switchover",
@@ -95,7 +138,8 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
                 "--output",
                 "json",
             ],
-        );
+        )
+        .await;
         let sw = json(&out);
         assert_eq!(sw["to"], "b");
         assert_eq!(sw["epoch"], 2);
@@ -110,7 +154,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
                 Duration::from_secs(5),
             )
             .await?;
-        let out = run_cli(
+        let out = run_cli_settled(
             &regions,
             &[
                 "switchover",
@@ -121,7 +165,8 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
                 "--output",
                 "json",
             ],
-        );
+        )
+        .await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "a stale switchover must fail");
         assert!(
@@ -219,6 +264,123 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             .expect_err("a standby refuses pushes");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains("standby region"), "{e:?}");
+        Ok(())
+    })
+    .await
+}
+
+async fn redis_role(c: &mut redis::aio::MultiplexedConnection) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(c)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("role:"))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+async fn wait_role(
+    c: &mut redis::aio::MultiplexedConnection,
+    want: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while redis_role(c).await != want {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: redis never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ignores_database_orders_older_than_its_epoch() -> anyhow::Result<()> {
+    run("t21db", |dir| async move {
+        let redis_a = Redis::start(&dir.join("redis-a"))?;
+        let redis_b = Redis::start(&dir.join("redis-b"))?;
+        let mut cb = redis_b.con().await?;
+        let regions = Regions::start(&dir.join("regions"), &RegionsOpts::default())?;
+        regions.wait_active("a", 1, Duration::from_secs(60)).await?;
+        let source = format!(
+            "[[redis_sources]]\nname = \"cache\"\naddr = \"{}\"\ninterval_s = 3600\nprimary_by_region = {{ a = \"{}\", b = \"{}\" }}\n",
+            redis_b.addr(),
+            redis_a.addr(),
+            redis_b.addr()
+        );
+        let (cfg, data) = regions
+            .region("b")
+            .write_agent_config("agent-b", &[], &source)?;
+        let mut agent = regions.region("b").spawn_agent(&cfg, false)?;
+        wait_role(&mut cb, "slave", "epoch 1: b's redis follows a's").await?;
+
+        // Epoch 2: b active, its Redis promoted; the agent persists epoch 2.
+        wait_healthy(&regions, "b").await?;
+        json(
+            &run_cli_settled(
+                &regions,
+                &["switchover", "--to", "b", "--expect-epoch", "1", "--output", "json"],
+            )
+            .await,
+        );
+        wait_role(&mut cb, "master", "epoch 2: b's redis promoted").await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while agent_status(&data).map(|s| s["epoch"].clone()) != Some(json!(2)) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "agent never reported epoch 2");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = agent.kill();
+        let _ = agent.wait();
+
+        // A stale coordinator: a single-region cluster named a, static role, epoch 1 (what a
+        // partitioned old region would still say).
+        let stale = Cluster::start(
+            &dir.join("stale-a"),
+            &ClusterOpts {
+                coordinators: 1,
+                region: "a".into(),
+                ca_from: Some(regions.region("b").certs.clone()),
+                ..Default::default()
+            },
+        )?;
+        stale.wait_leader(Duration::from_secs(30), None).await?;
+        let stale_addrs: Vec<String> = stale.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+        let toml = std::fs::read_to_string(&cfg)?;
+        let coords_line = toml
+            .lines()
+            .find(|l| l.starts_with("coordinators = "))
+            .expect("coordinators line")
+            .to_string();
+        let to_stale = toml.replace(&coords_line, &format!("coordinators = [{}]", stale_addrs.join(", ")));
+        std::fs::write(&cfg, &to_stale)?;
+        let mut agent = regions.region("b").spawn_agent(&cfg, false)?;
+        // Several heartbeats (every 500 ms) answer "a active at epoch 1": ignored.
+        let until = std::time::Instant::now() + Duration::from_secs(4);
+        while std::time::Instant::now() < until {
+            assert_eq!(redis_role(&mut cb).await, "master", "an order of epoch 1 was applied after epoch 2");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let st = agent_status(&data).expect("status.json");
+        assert_eq!(st["epoch"], 2, "the agent keeps its persisted epoch: {st}");
+        let _ = agent.kill();
+        let _ = agent.wait();
+
+        // Control: an agent that never saw epoch 2 obeys the same stale coordinator, so the
+        // order really reached the first one.
+        let fresh_data = dir.join("agent-fresh");
+        let fresh_cfg = dir.join("agent-fresh.toml");
+        std::fs::write(
+            &fresh_cfg,
+            to_stale.replace(&data.display().to_string(), &fresh_data.display().to_string()),
+        )?;
+        let mut fresh = regions.region("b").spawn_agent(&fresh_cfg, false)?;
+        wait_role(&mut cb, "slave", "an agent at epoch 0 follows the stale order").await?;
+        let _ = fresh.kill();
+        let _ = fresh.wait();
         Ok(())
     })
     .await
