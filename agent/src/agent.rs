@@ -902,6 +902,10 @@ async fn heartbeat_loop(
 ) {
     let agent_id = cfg.agent_id.clone();
     let db_roles = Arc::new(crate::db_roles::DbRoles::default());
+    // Highest epoch known durable. The in-memory epoch may be ahead of it (learned from a push
+    // reply or a `stale_epoch` refusal): a database order is applied only once its epoch is
+    // persisted, so that after a restart no older order is obeyed (rule 3).
+    let mut persisted = state.epoch().unwrap_or(0);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -929,13 +933,17 @@ async fn heartbeat_loop(
                 if reply.epoch > prev {
                     agent_span.record("epoch", reply.epoch);
                     tracing::info!(epoch = reply.epoch, "new epoch (heartbeat)");
+                }
+                if reply.epoch > persisted {
                     let (state, e) = (state.clone(), reply.epoch);
-                    let r = tokio::task::spawn_blocking(move || state.raise_epoch(e)).await;
-                    if let Ok(Err(err)) = r {
-                        tracing::warn!(error = %err, "cannot persist epoch");
+                    match tokio::task::spawn_blocking(move || state.raise_epoch(e)).await {
+                        Ok(Ok(())) => persisted = reply.epoch,
+                        Ok(Err(err)) => tracing::warn!(error = %err, "cannot persist epoch"),
+                        Err(err) => tracing::warn!(error = %err, "cannot persist epoch"),
                     }
                 }
-                if reply.epoch >= progress.epoch.load(Ordering::Relaxed) {
+                if reply.epoch >= progress.epoch.load(Ordering::Relaxed) && reply.epoch <= persisted
+                {
                     db_roles.offer(&cfg, reply.epoch, &reply.active_region);
                 }
                 if !reply.leader_addr.is_empty() {

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod leases;
 pub mod pg_server;
 pub mod redis_server;
 
@@ -26,11 +27,16 @@ impl Scratch {
             .prefix(&format!("lifeboat-test-{name}-"))
             .tempdir()
             .expect("tempdir");
-        let dir = tmp.path().to_path_buf();
-        let keep = std::env::var("LIFEBOAT_KEEP").is_ok();
+        if std::env::var("LIFEBOAT_KEEP").is_ok() {
+            // Keep the directory itself (dropping the TempDir would delete it).
+            return Scratch {
+                dir: tmp.keep(),
+                _tmp: None,
+            };
+        }
         Scratch {
-            dir,
-            _tmp: if keep { None } else { Some(tmp) },
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
         }
     }
 

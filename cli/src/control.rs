@@ -127,12 +127,27 @@ pub async fn switchover(
     failback: bool,
     wait: Duration,
 ) -> anyhow::Result<Value> {
+    switchover_at(conn, to, failback, wait, None).await
+}
+
+/// [`switchover`] ordered under `expect_epoch`: the global leader refuses it (`stale_epoch`)
+/// unless that is still the current epoch, and the decision carries it as its compare-and-set
+/// epoch.
+///
+/// Errors: as [`switchover`]; a stale epoch is a refusal.
+pub async fn switchover_at(
+    conn: &ConnArgs,
+    to: Option<String>,
+    failback: bool,
+    wait: Duration,
+    expect_epoch: Option<u64>,
+) -> anyhow::Result<Value> {
     let actor = operator();
     let started = Instant::now();
     let r = call(
         conn,
         "switchover",
-        json!({"to": to, "failback": failback, "actor": actor, "timeout_ms": wait.as_millis() as u64}),
+        json!({"to": to, "failback": failback, "actor": actor, "timeout_ms": wait.as_millis() as u64, "expect_epoch": expect_epoch}),
     )
     .await?;
     let target = r["to"].as_str().unwrap_or_default().to_string();

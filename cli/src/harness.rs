@@ -1,6 +1,7 @@
-//! A local cluster of real processes on 127.0.0.1: N coordinators and agents started from the
-//! binaries next to the current executable (or in `LIFEBOAT_BIN_DIR`), each with a written TOML
-//! config, a log file and a certificate from a throwaway CA. Children are killed when the
+//! A local cluster of real processes on 127.0.0.1 (or on a site address inside a network
+//! namespace, see [`crate::netns`]): N coordinators and agents started from the binaries next
+//! to the current executable (or in `LIFEBOAT_BIN_DIR`), each with a written TOML config, a log
+//! file and a certificate from a throwaway CA. Children are killed when the
 //! [`Cluster`] is dropped and (through `PR_SET_PDEATHSIG`) when this process dies.
 
 use std::os::unix::process::CommandExt;
@@ -39,6 +40,12 @@ pub struct ClusterOpts {
     pub ports: Option<Vec<u16>>,
     /// Write `witness = true` (a global group's witness).
     pub witness: bool,
+    /// Address the coordinators listen on (default `127.0.0.1`; a site address of a
+    /// [`crate::netns::Netns`]).
+    pub host: String,
+    /// Network namespace every coordinator and agent of this cluster runs in
+    /// (`ip netns exec`); `None`: the caller's namespace.
+    pub netns: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -53,6 +60,8 @@ impl Default for ClusterOpts {
             first_id: 1,
             ports: None,
             witness: false,
+            host: "127.0.0.1".into(),
+            netns: None,
         }
     }
 }
@@ -61,7 +70,7 @@ impl Default for ClusterOpts {
 pub struct CoordProc {
     /// Node id (1-based).
     pub id: u64,
-    /// `127.0.0.1:port`.
+    /// `host:port`.
     pub addr: String,
     /// Its config file.
     pub config: PathBuf,
@@ -85,6 +94,10 @@ pub struct Cluster {
     pub agents: Vec<Child>,
     /// Region name of its coordinators and agents.
     pub region: String,
+    /// Address its coordinators listen on.
+    pub host: String,
+    /// Network namespace of its processes, if any.
+    pub netns: Option<String>,
     bin_dir: PathBuf,
 }
 
@@ -167,8 +180,9 @@ impl Cluster {
         let members: String = (0..n)
             .map(|i| {
                 format!(
-                    "[[members]]\nid = {}\naddr = \"127.0.0.1:{}\"\n",
+                    "[[members]]\nid = {}\naddr = \"{}:{}\"\n",
                     first + i as u64,
+                    opts.host,
                     ports[i]
                 )
             })
@@ -181,8 +195,9 @@ impl Cluster {
             let data_dir = dir.join(&name);
             let config = dir.join(format!("{name}.toml"));
             let toml = format!(
-                "node_id = {id}\nregion = \"{region}\"\n{witness}listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                "node_id = {id}\nregion = \"{region}\"\n{witness}listen = \"{host}:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
                 port = port,
+                host = opts.host,
                 region = opts.region,
                 data = data_dir.display(),
                 snap = opts.snapshot_logs,
@@ -194,7 +209,7 @@ impl Cluster {
             std::fs::write(&config, toml)?;
             coords.push(CoordProc {
                 id,
-                addr: format!("127.0.0.1:{}", port),
+                addr: format!("{}:{port}", opts.host),
                 config,
                 log: dir.join(format!("{name}.log")),
                 data_dir,
@@ -207,6 +222,8 @@ impl Cluster {
             coords,
             agents: Vec::new(),
             region: opts.region.clone(),
+            host: opts.host.clone(),
+            netns: opts.netns.clone(),
             bin_dir: bin_dir()?,
         };
         for i in 0..n {
@@ -227,15 +244,16 @@ impl Cluster {
         let data_dir = self.dir.join(&name);
         let config = self.dir.join(format!("{name}.toml"));
         let toml = format!(
-            "node_id = {id}\nregion = \"{region}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
+            "node_id = {id}\nregion = \"{region}\"\nlisten = \"{host}:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
             region = self.region,
+            host = self.host,
             data = data_dir.display(),
             certs = self.certs.display(),
         );
         std::fs::write(&config, toml)?;
         self.coords.push(CoordProc {
             id,
-            addr: format!("127.0.0.1:{port}"),
+            addr: format!("{}:{port}", self.host),
             config,
             log: self.dir.join(format!("{name}.log")),
             data_dir,
@@ -250,11 +268,20 @@ impl Cluster {
     ///
     /// Errors: spawn failure.
     pub fn start_coordinator(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut cmd = self.command(self.bin_dir.join("lifeboat-coordinator"));
         let c = &mut self.coords[i];
-        let mut cmd = Command::new(self.bin_dir.join("lifeboat-coordinator"));
         cmd.arg("--config").arg(&c.config);
         c.child = Some(spawn_logged(cmd, &c.log)?);
         Ok(())
+    }
+
+    /// A command running `program` where this cluster's processes run (its network namespace,
+    /// if any).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => crate::netns::netns_command(ns, program),
+            None => Command::new(program),
+        }
     }
 
     /// SIGKILLs coordinator at index `i` and reaps it.
@@ -428,7 +455,7 @@ impl Cluster {
     ///
     /// Errors: spawn failure.
     pub fn spawn_agent(&self, config: &Path, once: bool) -> anyhow::Result<Child> {
-        let mut cmd = Command::new(self.bin_dir.join("lifeboat-agent"));
+        let mut cmd = self.command(self.bin_dir.join("lifeboat-agent"));
         cmd.arg("--config").arg(config);
         if once {
             cmd.arg("--once");

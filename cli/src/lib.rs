@@ -9,6 +9,7 @@ pub mod db_restore;
 pub mod demo;
 pub mod demo_regions;
 pub mod harness;
+pub mod netns;
 pub mod pg_restore;
 pub mod pg_verify;
 pub mod regions;

@@ -144,6 +144,10 @@ enum Cmd {
         /// Longest wait for the target to catch up, seconds.
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
+        /// Only if the current epoch is still N (the epoch the decision was made under, e.g. read
+        /// from `lifeboat status`); refused with `stale_epoch` otherwise.
+        #[arg(long, value_name = "N")]
+        expect_epoch: Option<u64>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -403,13 +407,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Switchover {
             to,
             timeout_s,
+            expect_epoch,
             conn,
         } => {
-            let r = control::switchover(
+            let r = control::switchover_at(
                 &conn,
                 Some(to),
                 false,
                 std::time::Duration::from_secs(timeout_s),
+                expect_epoch,
             )
             .await?;
             print_done(output, &r)?;

@@ -1,6 +1,10 @@
 //! A local multi-region deployment for tests and the demo: one [`Cluster`] of coordinators per
 //! region plus a witness, all voters of one global group (`[global]` in every config), sharing
 //! one dev CA.
+//!
+//! By default every process runs on 127.0.0.1. With [`RegionsOpts::netns`], each region and the
+//! witness is a site of a [`Netns`] (its own network namespace and address), so that tests can
+//! partition sites from each other ([`Regions::net`]); the test process reaches every site.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +14,10 @@ use serde_json::Value;
 
 use crate::conn::ConnArgs;
 use crate::harness::{free_port, Cluster, ClusterOpts};
+use crate::netns::Netns;
+
+/// Site name of the witness when the deployment runs in network namespaces.
+pub const WITNESS_SITE: &str = "witness";
 
 /// Options of [`Regions::start`].
 #[derive(Debug, Clone)]
@@ -26,6 +34,10 @@ pub struct RegionsOpts {
     pub global_toml: String,
     /// Traffic hooks per region, as TOML `[[global.traffic_hooks]]` tables.
     pub hooks_toml: BTreeMap<String, String>,
+    /// Run each region (its coordinators and agents) and the witness in a site of its own: a
+    /// network namespace with its own address (needs root; see [`crate::netns`]). Sites are
+    /// named after the regions, the witness's is [`WITNESS_SITE`].
+    pub netns: bool,
 }
 
 impl Default for RegionsOpts {
@@ -37,6 +49,7 @@ impl Default for RegionsOpts {
             policy_toml: String::new(),
             global_toml: String::new(),
             hooks_toml: BTreeMap::new(),
+            netns: false,
         }
     }
 }
@@ -55,6 +68,9 @@ pub struct Regions {
     opts: RegionsOpts,
     /// Next unused node id.
     next_id: u64,
+    /// The sites' network namespaces (with [`RegionsOpts::netns`]). Declared last: dropped after
+    /// every process is killed.
+    pub net: Option<Netns>,
 }
 
 impl Regions {
@@ -63,6 +79,23 @@ impl Regions {
     /// Errors: config or spawn failures.
     pub fn start(dir: &Path, opts: &RegionsOpts) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let net = if opts.netns {
+            let mut sites: Vec<&str> = opts.regions.iter().map(String::as_str).collect();
+            sites.push(WITNESS_SITE);
+            Some(Netns::create(&sites)?)
+        } else {
+            None
+        };
+        // (listen host, network namespace) of each site.
+        let place = |site: &str| -> anyhow::Result<(String, Option<String>)> {
+            match &net {
+                Some(n) => {
+                    let s = n.site(site)?;
+                    Ok((s.addr.clone(), Some(s.netns.clone())))
+                }
+                None => Ok(("127.0.0.1".to_string(), None)),
+            }
+        };
         let n = opts.per_region;
         let mut plan: Vec<(String, u64, Vec<u16>)> = Vec::new();
         let mut next_id = 1u64;
@@ -74,16 +107,18 @@ impl Regions {
         let witness_id = next_id;
         let mut members = String::new();
         for (r, first, ports) in &plan {
+            let (host, _) = place(r)?;
             for (i, p) in ports.iter().enumerate() {
                 members.push_str(&format!(
-                    "[[global.members]]\nid = {}\naddr = \"127.0.0.1:{p}\"\nregion = \"{r}\"\n",
+                    "[[global.members]]\nid = {}\naddr = \"{host}:{p}\"\nregion = \"{r}\"\n",
                     first + i as u64
                 ));
             }
         }
         if opts.witness {
+            let (host, _) = place(WITNESS_SITE)?;
             members.push_str(&format!(
-                "[[global.members]]\nid = {witness_id}\naddr = \"127.0.0.1:{witness_port}\"\nregion = \"witness\"\nwitness = true\n"
+                "[[global.members]]\nid = {witness_id}\naddr = \"{host}:{witness_port}\"\nregion = \"witness\"\nwitness = true\n"
             ));
         }
         let global = |hooks: &str| {
@@ -95,6 +130,7 @@ impl Regions {
         let mut regions = BTreeMap::new();
         let mut ca: Option<PathBuf> = None;
         for (r, first, ports) in &plan {
+            let (host, netns) = place(r)?;
             let c = Cluster::start(
                 &dir.join(format!("region-{r}")),
                 &ClusterOpts {
@@ -106,6 +142,8 @@ impl Regions {
                     extra_coordinator_toml: global(
                         opts.hooks_toml.get(r).map(String::as_str).unwrap_or(""),
                     ),
+                    host,
+                    netns,
                     ..Default::default()
                 },
             )?;
@@ -113,6 +151,7 @@ impl Regions {
             regions.insert(r.clone(), c);
         }
         let witness = if opts.witness {
+            let (host, netns) = place(WITNESS_SITE)?;
             Some(Cluster::start(
                 &dir.join("witness"),
                 &ClusterOpts {
@@ -123,6 +162,8 @@ impl Regions {
                     ca_from: ca.clone(),
                     extra_coordinator_toml: global(""),
                     witness: true,
+                    host,
+                    netns,
                     ..Default::default()
                 },
             )?)
@@ -136,6 +177,7 @@ impl Regions {
             members_toml: members,
             opts: opts.clone(),
             next_id: witness_id + 1,
+            net,
         })
     }
 
@@ -218,15 +260,67 @@ impl Regions {
         Ok(())
     }
 
+    /// The sites' network namespaces.
+    ///
+    /// Panics when the regions were started without [`RegionsOpts::netns`] (a test bug).
+    pub fn net(&self) -> &Netns {
+        self.net
+            .as_ref()
+            .expect("regions started without RegionsOpts::netns")
+    }
+
+    /// Addresses of every coordinator of every region and the witness.
+    pub fn all_addrs(&self) -> Vec<String> {
+        self.conn().coordinators
+    }
+
+    /// Calls the `Control` op `op` with `body` on every address of `addrs` at once, each call
+    /// limited to `timeout`, and returns the first answer (a partitioned coordinator that cannot
+    /// forward to the global leader does not hold the others up).
+    ///
+    /// Errors: no coordinator answered (each one's error).
+    pub async fn control_on(
+        &self,
+        addrs: &[String],
+        op: &str,
+        body: Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let base = self.conn();
+        let calls = addrs.iter().map(|a| {
+            let mut conn = base.clone();
+            conn.coordinators = vec![a.clone()];
+            let body = body.clone();
+            Box::pin(async move {
+                match tokio::time::timeout(timeout, crate::control::call(&conn, op, body)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow::anyhow!(
+                        "{op} to {}: timed out",
+                        conn.coordinators[0]
+                    )),
+                }
+            })
+        });
+        let calls: Vec<_> = calls.collect();
+        anyhow::ensure!(!calls.is_empty(), "{op}: no address");
+        Ok(futures::future::select_ok(calls).await?.0)
+    }
+
     /// The global control status (`lifeboat status`'s global part), if a global leader answers.
     pub async fn control_status(&self) -> Option<Value> {
-        tokio::time::timeout(
+        self.control_on(
+            &self.all_addrs(),
+            "status",
+            serde_json::json!({}),
             Duration::from_secs(3),
-            crate::control::call(&self.conn(), "status", serde_json::json!({})),
         )
         .await
-        .ok()?
         .ok()
+    }
+
+    /// What `region`'s own regional leader reports (see [`leader_report`]).
+    pub async fn report(&self, region: &str) -> Option<Value> {
+        leader_report(&self.conn(), &self.region(region).addrs()).await
     }
 
     /// Waits until `region` is active (phase `active`) at an epoch >= `min_epoch` and a region
@@ -266,4 +360,29 @@ impl Regions {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// What a region's own regional leader reports: `Control` op `report` (peeked: its pending audit
+/// entries stay for the global leader) asked of each address of `addrs` (the region's
+/// coordinators) directly and at once; the answer of the node that says it leads, if one
+/// answers within 1 s. `base` gives the TLS files.
+pub async fn leader_report(base: &ConnArgs, addrs: &[String]) -> Option<Value> {
+    let asks = addrs.iter().map(|a| {
+        let mut conn = base.clone();
+        conn.coordinators = vec![a.clone()];
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                crate::control::call(&conn, "report", serde_json::json!({"peek": true})),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .find(|r| r["regional_leader"] == true)
 }

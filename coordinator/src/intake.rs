@@ -90,17 +90,8 @@ impl SyncAck {
         use std::sync::atomic::Ordering;
         let mut rx = self.confirmed.clone();
         let best = |m: &std::collections::BTreeMap<String, u64>| m.values().copied().max();
-        let since = self.degraded_since_seq.load(Ordering::Relaxed);
-        if since > 0 {
-            if best(&rx.borrow()).is_some_and(|s| s >= since) {
-                self.degraded_since_seq.store(0, Ordering::Relaxed);
-                tracing::warn!(
-                    seq,
-                    "a standby region caught up: synchronous replication resumed"
-                );
-            } else {
-                return Ok(());
-            }
+        if self.degraded() {
+            return Ok(());
         }
         let ok = tokio::time::timeout(self.timeout, async {
             rx.wait_for(|m| best(m).is_some_and(|s| s >= seq))
@@ -132,11 +123,27 @@ impl SyncAck {
         }
     }
 
-    /// Degraded: acknowledging without a standby's confirmation.
+    /// Degraded: acknowledging without a standby's confirmation. A standby that has since
+    /// confirmed the sequence that timed out ends degraded mode (also between writes).
     pub fn degraded(&self) -> bool {
-        self.degraded_since_seq
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
+        use std::sync::atomic::Ordering;
+        let since = self.degraded_since_seq.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let caught_up = self.confirmed.borrow().values().any(|&s| s >= since);
+        if caught_up
+            && self
+                .degraded_since_seq
+                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                since,
+                "a standby region caught up: synchronous replication resumed"
+            );
+        }
+        !caught_up
     }
 }
 

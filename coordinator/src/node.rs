@@ -219,6 +219,7 @@ pub async fn run(
         leader: leader.clone(),
         region: cfg.region.clone(),
         confirmed,
+        tls: cfg.tls.clone(),
     };
     let admin = Admin {
         raft: raft.clone(),

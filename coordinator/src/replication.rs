@@ -92,7 +92,12 @@ pub struct ReplicationServer {
     pub region: String,
     /// Upstream sequence numbers confirmed by each standby region (`ConfirmApplied`).
     pub confirmed: Arc<tokio::sync::watch::Sender<std::collections::BTreeMap<String, u64>>>,
+    /// TLS for forwarding a `ConfirmApplied` received while not leading to the leader.
+    pub tls: TlsConfig,
 }
+
+/// Metadata key marking a `ConfirmApplied` forwarded by a follower (never forwarded again).
+const FORWARDED_HEADER: &str = "x-lifeboat-forwarded";
 
 #[tonic::async_trait]
 impl ReplicationService for ReplicationServer {
@@ -134,9 +139,33 @@ impl ReplicationService for ReplicationServer {
         &self,
         req: Request<lifeboat_proto::ConfirmAppliedRequest>,
     ) -> Result<Response<lifeboat_proto::ConfirmAppliedReply>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
         let r = req.into_inner();
         if r.region.is_empty() || r.region.len() > 128 {
             return Err(Status::invalid_argument("region must be 1..128 bytes"));
+        }
+        // A subscriber reading a follower's catalog (`any_node`, e.g. right after a partition
+        // healed) confirms to that follower; only the leader's intake waits for confirmations
+        // (synchronous acknowledgement), so pass it on, or writes stall until the subscriber
+        // returns to the leader.
+        if !forwarded && self.leader.ensure_leader().is_err() {
+            if let Some(addr) = self.leader.leader_addr() {
+                let tls = self.tls.clone();
+                let fwd = r.clone();
+                tokio::spawn(async move {
+                    let Ok(ch) = tls.channel(&addr) else { return };
+                    let mut req = Request::new(fwd);
+                    req.metadata_mut().insert(
+                        FORWARDED_HEADER,
+                        tonic::metadata::MetadataValue::from_static("1"),
+                    );
+                    let mut client = ReplicationServiceClient::new(ch);
+                    let call = client.confirm_applied(req);
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(2), call).await {
+                        tracing::debug!(error = %e, %addr, "forwarding ConfirmApplied to the leader timed out");
+                    }
+                });
+            }
         }
         self.confirmed.send_if_modified(|m| {
             let e = m.entry(r.region).or_insert(0);

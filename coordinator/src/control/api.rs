@@ -5,7 +5,7 @@
 //! | op | body | reply | served by |
 //! |---|---|---|---|
 //! | `renew` | [`RenewRequest`] | [`RenewReply`] | global leader |
-//! | `report` | `{}` | [`RegionReport`] | any coordinator (about itself) |
+//! | `report` | [`ReportRequest`] (`{}`) | [`RegionReport`] | any coordinator (about itself) |
 //! | `status` | `{}` | [`ControlStatus`] | global leader (forwarded) |
 //! | `switchover` | [`SwitchoverRequest`] | [`SwitchoverReply`] | global leader (forwarded) |
 //! | `drill` | [`DrillRequest`] | [`DrillPlan`] | global leader (forwarded) |
@@ -43,6 +43,16 @@ pub struct RenewReply {
     pub reason: String,
 }
 
+/// `report`: the global leader sends `{}` (the answer carries, and so hands over, the node's
+/// pending audit entries); monitors and tests send `{"peek": true}` to leave them in place.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    /// Do not drain `pending_audit` (the reply's list is then empty).
+    #[serde(default)]
+    pub peek: bool,
+}
+
 /// What one coordinator says about its region (the global leader polls these).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RegionReport {
@@ -62,6 +72,17 @@ pub struct RegionReport {
     pub promoted_epoch: u64,
     /// The leader holds a valid lease now.
     pub leased: bool,
+    /// Epoch this node's role follows (the committed record it knows; a partitioned region's
+    /// may be old).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Local expiry of the lease it holds (or last held), ms since the Unix epoch; 0 if none.
+    /// With `at_ms`, tests check that no two regions' lease windows overlap.
+    #[serde(default)]
+    pub lease_until_ms: u64,
+    /// The node's clock when it made this report, ms since the Unix epoch.
+    #[serde(default)]
+    pub at_ms: u64,
     /// Replication lag behind the active region (standby), ms.
     pub lag_ms: u64,
     /// Replication lag, entries.
@@ -119,6 +140,12 @@ pub struct SwitchoverRequest {
     /// Longest wait for the target to catch up, ms (default 60000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Epoch the order was computed under (`lifeboat switchover --expect-epoch`). Refused with
+    /// `stale_epoch` unless it is still the committed epoch; the decision that moves the active
+    /// region carries it as its compare-and-set epoch, so the global state machine also refuses
+    /// it if the epoch moves on meanwhile. `None`: the current epoch.
+    #[serde(default)]
+    pub expect_epoch: Option<u64>,
 }
 
 /// Switchover accepted (it runs asynchronously; poll `status`).

@@ -155,6 +155,8 @@ struct Switchover {
     started_ms: u64,
     deadline_ms: u64,
     failback: bool,
+    /// Compare-and-set epoch of the decision that starts it (the operator's, if given).
+    expect_epoch: u64,
 }
 
 #[derive(Default)]
@@ -421,6 +423,7 @@ impl ControlRuntime {
                         Action::RenewLease { .. } => {}
                         Action::Suspect { region } => {
                             decide = true;
+                            w.blocked = None;
                             w.failover_start_ms = Some(before.last_healthy_ms);
                             let why = w
                                 .reports
@@ -449,6 +452,7 @@ impl ControlRuntime {
                         }
                         Action::Recovered { region } => {
                             decide = true;
+                            w.blocked = None;
                             w.failover_start_ms = None;
                             audit_entries.push(audit(
                                 w.rec.epoch,
@@ -489,7 +493,12 @@ impl ControlRuntime {
                             tracing::warn!(%region, epoch, rto_ms = rto.unwrap_or(0), "failover completed");
                         }
                         Action::Blocked { reason } => {
-                            if w.blocked.as_ref() != Some(&reason) {
+                            // One audit entry per kind of refusal, not one per tick: the
+                            // reasons carry changing figures (ms since the last change, lag).
+                            let key = |r: &str| -> String {
+                                r.chars().filter(|c| !c.is_ascii_digit()).collect()
+                            };
+                            if w.blocked.as_deref().map(key) != Some(key(&reason)) {
                                 commits.push(ControlCommand::Audit {
                                     entries: vec![audit(
                                         w.rec.epoch,
@@ -500,8 +509,8 @@ impl ControlRuntime {
                                     )],
                                 });
                                 tracing::warn!(%reason, "failover refused");
-                                w.blocked = Some(reason);
                             }
+                            w.blocked = Some(reason);
                         }
                     }
                 }
@@ -600,6 +609,7 @@ impl ControlRuntime {
             started_ms: now,
             deadline_ms: now + 60_000,
             failback: true,
+            expect_epoch: w.committed_epoch,
         });
     }
 
@@ -672,7 +682,8 @@ impl ControlRuntime {
                 };
                 w.failover_start_ms = Some(sw.started_ms);
                 commits.push(ControlCommand::Decide {
-                    expect_epoch: w.committed_epoch,
+                    // The order's epoch: refused by the state machine if it moved on.
+                    expect_epoch: sw.expect_epoch,
                     record: w.rec.clone(),
                     previous_region: Some(sw.from.clone()),
                     rto_ms: None,
@@ -760,10 +771,18 @@ impl ControlRuntime {
     /// This node's report about its region. Drains the pending audit entries (they are
     /// committed by the global leader that asked).
     pub fn report(&self) -> RegionReport {
+        self.report_with(true)
+    }
+
+    /// This node's report; `drain`: hand over the pending audit entries (only the global
+    /// leader's poll does; a peek leaves them for it).
+    pub fn report_with(&self, drain: bool) -> RegionReport {
+        let now = now_ms();
         let Some(reg) = &self.regional else {
             return RegionReport {
                 region: self.region.clone(),
                 node_id: self.node_id,
+                at_ms: now,
                 ..Default::default()
             };
         };
@@ -809,7 +828,7 @@ impl ControlRuntime {
         } else {
             (healthy, detail)
         };
-        let pending = if leading {
+        let pending = if leading && drain {
             std::mem::take(&mut self.local.lock().pending_audit)
         } else {
             Vec::new()
@@ -822,7 +841,10 @@ impl ControlRuntime {
             detail,
             role: if standby { "standby" } else { "active" }.into(),
             promoted_epoch: view.promoted_epoch,
-            leased: view.lease.valid(now_ms(), view.epoch),
+            leased: view.lease.valid(now, view.epoch),
+            epoch: view.epoch,
+            lease_until_ms: view.lease.valid_until_ms().unwrap_or(0),
+            at_ms: now,
             lag_ms: repl.as_ref().map(|r| r.lag_ms.max(0) as u64).unwrap_or(0),
             lag_entries: repl.as_ref().map(|r| r.lag_entries).unwrap_or(0),
             lag_bytes: repl.as_ref().map(|r| r.lag_bytes).unwrap_or(0),
@@ -876,7 +898,9 @@ impl ControlRuntime {
             }
             return;
         }
-        if !matches!(rec.phase, Phase::Active { .. }) {
+        // Suspect: keep asking. The renewals are refused, but they are this region's heartbeat
+        // to the global leader, which lets it recover once healthy again.
+        if !matches!(rec.phase, Phase::Active { .. } | Phase::Suspect { .. }) {
             return;
         }
         let now = now_ms();
@@ -914,7 +938,11 @@ impl ControlRuntime {
         match reply {
             Ok(r) if r.granted => self.role.lease_granted(sent, r.lease_ms, r.epoch),
             Ok(r) => {
-                tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
+                if self.role.view().lease.valid(now_ms(), epoch) {
+                    tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
+                } else {
+                    tracing::debug!(reason = %r.reason, "lease renewal refused");
+                }
                 self.role.lease_refused();
             }
             Err(e) => {
@@ -974,13 +1002,20 @@ impl ControlRuntime {
                     reason: String::new(),
                 })
             }
-            Err(e) => Ok(RenewReply {
-                granted: false,
-                lease_ms: 0,
-                epoch: w.rec.epoch,
-                active_region: w.rec.active_region().into(),
-                reason: e.to_string(),
-            }),
+            Err(e) => {
+                if matches!(e, lease::LeaseRefused::Suspect { .. }) {
+                    // Refused, but the region reached us: its heartbeat (see the views in
+                    // `global_tick`), without which a suspect region could never recover.
+                    w.last_renew.insert(req.region.clone(), now);
+                }
+                Ok(RenewReply {
+                    granted: false,
+                    lease_ms: 0,
+                    epoch: w.rec.epoch,
+                    active_region: w.rec.active_region().into(),
+                    reason: e.to_string(),
+                })
+            }
         }
     }
 
@@ -1073,8 +1108,30 @@ impl ControlRuntime {
             "renew" => enc(&self
                 .handle_renew(serde_json::from_slice(body).map_err(bad)?)
                 .await?),
-            "report" => enc(&self.report()),
-            "status" => enc(&self.status()?),
+            "report" => {
+                let r: ReportRequest = if body.is_empty() {
+                    ReportRequest::default()
+                } else {
+                    serde_json::from_slice(body).map_err(bad)?
+                };
+                enc(&self.report_with(!r.peek))
+            }
+            "status" => {
+                // A deposed global leader cut off from the majority still believes it leads;
+                // its view (record, reports, lease) may be stale, so it must not answer as the
+                // leader.
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.global.ensure_linearizable(),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => enc(&self.status()?),
+                    _ => Err(Status::unavailable(
+                        "leadership of the global group not confirmed by a quorum (partitioned from the majority?); ask another coordinator",
+                    )),
+                }
+            }
             "audit" => {
                 let r: AuditRequest = serde_json::from_slice(body).map_err(bad)?;
                 let s = self.store.state();
@@ -1141,6 +1198,15 @@ impl ControlRuntime {
                 "a switchover is already in progress",
             ));
         }
+        // An order computed under an older epoch is refused (fencing token on operator orders).
+        if let Some(e) = req.expect_epoch {
+            if e != w.committed_epoch {
+                return Err(Status::failed_precondition(format!(
+                    "stale_epoch: switchover ordered under epoch {e} but the current epoch is {}",
+                    w.committed_epoch
+                )));
+            }
+        }
         let Phase::Active { region: from } = w.rec.phase.clone() else {
             return Err(Status::failed_precondition(format!(
                 "the control record is not in a steady state ({:?}); retry when it is",
@@ -1182,6 +1248,7 @@ impl ControlRuntime {
             started_ms: now,
             deadline_ms: now + req.timeout_ms.unwrap_or(60_000),
             failback: req.failback,
+            expect_epoch: req.expect_epoch.unwrap_or(w.committed_epoch),
         });
         tracing::warn!(%from, %to, "switchover requested: fencing {from}");
         Ok(SwitchoverReply {

@@ -1,0 +1,119 @@
+//! Watching the write leases of every region while a test runs: a background task asks each
+//! region's own regional leader (`Control` op `report`, peeked) every 100 ms whether it holds a
+//! lease and until when, and [`check_no_overlap`] proves that no two regions' lease windows ever
+//! overlapped. All processes share the host's clock (namespaces do not virtualize time), so the
+//! windows `[at_ms, lease_until_ms)` of different regions are comparable.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_cli::conn::ConnArgs;
+use lifeboat_cli::regions::{leader_report, Regions};
+use serde_json::Value;
+
+/// One answer of a regional leader.
+#[derive(Debug, Clone)]
+pub struct LeaseSample {
+    /// Region.
+    pub region: String,
+    /// Answering node.
+    pub node_id: u64,
+    /// Epoch its role follows.
+    pub epoch: u64,
+    /// It holds a valid lease at `at_ms`.
+    pub leased: bool,
+    /// Its clock when answering (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Local expiry of its lease (ms since the Unix epoch; 0 if none).
+    pub lease_until_ms: u64,
+}
+
+impl LeaseSample {
+    fn from_report(r: &Value) -> Option<Self> {
+        Some(LeaseSample {
+            region: r["region"].as_str()?.to_string(),
+            node_id: r["node_id"].as_u64()?,
+            epoch: r["epoch"].as_u64()?,
+            leased: r["leased"].as_bool()?,
+            at_ms: r["at_ms"].as_u64()?,
+            lease_until_ms: r["lease_until_ms"].as_u64()?,
+        })
+    }
+}
+
+/// Samples every region's regional leader in the background until [`LeaseSampler::finish`].
+pub struct LeaseSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<LeaseSample>>,
+}
+
+impl LeaseSampler {
+    /// Starts sampling every region of `regions` (from the test's own network namespace, which
+    /// reaches every site even during partitions).
+    pub fn start(regions: &Regions) -> Self {
+        let conn: ConnArgs = regions.conn();
+        let addrs: BTreeMap<String, Vec<String>> = regions
+            .regions
+            .iter()
+            .map(|(r, c)| (r.clone(), c.addrs()))
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let asks = addrs.values().map(|a| leader_report(&conn, a));
+                for r in futures::future::join_all(asks).await.into_iter().flatten() {
+                    if let Some(x) = LeaseSample::from_report(&r) {
+                        out.push(x);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        });
+        LeaseSampler { stop, task }
+    }
+
+    /// Stops sampling and returns every sample.
+    ///
+    /// Errors: the sampling task panicked.
+    pub async fn finish(self) -> anyhow::Result<Vec<LeaseSample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// Checks that no two regions were leased at the same instant: every sample that says `leased`
+/// covers `[at_ms, lease_until_ms)` of its region; windows of different regions must be disjoint.
+///
+/// Errors: the first overlapping pair.
+pub fn check_no_overlap(samples: &[LeaseSample]) -> anyhow::Result<()> {
+    let leased: Vec<&LeaseSample> = samples.iter().filter(|s| s.leased).collect();
+    for (i, x) in leased.iter().enumerate() {
+        anyhow::ensure!(
+            x.lease_until_ms > x.at_ms,
+            "region {} says it is leased at {} but its lease ends at {}",
+            x.region,
+            x.at_ms,
+            x.lease_until_ms
+        );
+        for y in &leased[i + 1..] {
+            if x.region != y.region && x.at_ms.max(y.at_ms) < x.lease_until_ms.min(y.lease_until_ms)
+            {
+                anyhow::bail!("two regions leased at once: {x:?} and {y:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Leased samples of `region`.
+pub fn leased_samples<'a>(samples: &'a [LeaseSample], region: &str) -> Vec<&'a LeaseSample> {
+    samples
+        .iter()
+        .filter(|s| s.region == region && s.leased)
+        .collect()
+}
