@@ -667,6 +667,7 @@ mod tests {
                 path: root,
                 include: vec!["**".into()],
                 exclude: exclude.iter().map(|s| s.to_string()).collect(),
+                follow_active: true,
             }],
             &d.path().join("state"),
         )
@@ -909,6 +910,7 @@ mod tests {
                 path: root.clone(),
                 include: vec!["**".into()],
                 exclude: vec![],
+                follow_active: true,
             }],
             &state_dir,
         )

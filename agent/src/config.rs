@@ -75,6 +75,11 @@ pub mod defaults {
     pub(super) fn exec_timeout_secs() -> u64 {
         EXEC_TIMEOUT_SECS
     }
+    /// Whether `[[paths]]`/`[[replicas]]` entries follow the active region.
+    pub const FOLLOW_ACTIVE: bool = true;
+    pub(super) fn follow_active() -> bool {
+        FOLLOW_ACTIVE
+    }
     pub(super) fn include() -> Vec<String> {
         INCLUDE.iter().map(|s| s.to_string()).collect()
     }
@@ -154,10 +159,18 @@ pub struct PathConfig {
     /// Globs of entries to skip; an excluded directory excludes everything below it. Default none.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// With a global group, the directory's role follows the active region (see
+    /// `crate::roles`): a source while this agent's region is active, a replica of the active
+    /// region's catalog otherwise (changes the active region lacks are kept as conflicts first).
+    /// `false` pins it as a source. Default true.
+    #[serde(default = "defaults::follow_active")]
+    pub follow_active: bool,
 }
 
 /// Catalog root name reserved for exec snapshots (`_snapshots/<source>/<timestamp>.snap`).
 pub const SNAPSHOTS_ROOT: &str = "_snapshots";
+
+pub use lifeboat_common::catalog::CONFLICTS_ROOT;
 
 /// One exec snapshot source (`[[exec_sources]]`): `snapshot_command`'s stdout becomes a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +206,12 @@ pub struct ReplicaConfig {
     /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
     /// Entries under it that are not in the catalog are left alone.
     pub path: PathBuf,
+    /// With a global group, the directory's role follows the active region (see
+    /// `crate::roles`): it becomes a watched source under the same catalog name when this
+    /// agent's region becomes active (after a failover or switchover), and a replica again when
+    /// another region is. `false` pins it as a replica. Default true.
+    #[serde(default = "defaults::follow_active")]
+    pub follow_active: bool,
 }
 
 /// Why a configuration was refused.
@@ -426,6 +445,15 @@ impl Config {
             if p.name == SNAPSHOTS_ROOT {
                 return Err(bad("is reserved for [[exec_sources]] snapshots"));
             }
+            if p.name == CONFLICTS_ROOT {
+                return Err(bad("is reserved for conflicts after a failover"));
+            }
+            let follows = |r: &ReplicaConfig| r.follow_active || p.follow_active;
+            if self.replicas.iter().any(|r| r.name == p.name && follows(r)) {
+                return Err(bad(
+                    "is also a [[replicas]] name: with follow_active both would become sources of the same catalog root",
+                ));
+            }
             if !p.path.is_absolute() {
                 return Err(ConfigError::RelativePath {
                     name: p.name.clone(),
@@ -507,6 +535,9 @@ impl Config {
             }
             lifeboat_common::path::validate_rel_path(&r.name)
                 .map_err(|e| bad(format!("bad name: {e}")))?;
+            if r.name == CONFLICTS_ROOT || r.name == SNAPSHOTS_ROOT {
+                return Err(bad("name is reserved".into()));
+            }
             if !r.path.is_absolute() {
                 return Err(bad(format!("path {:?} must be absolute", r.path)));
             }
