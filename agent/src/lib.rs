@@ -12,6 +12,7 @@
 //! - [`push`]: the gRPC client, the lazy part stream, leader following.
 //! - [`redis_source`]: `[[redis_sources]]`: RDB snapshots, `apply_role`, `health`.
 //! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
+//! - [`roles`]: directory roles follow the active region (promotion, demotion with conflicts).
 //! - [`pg_source`]: `[[postgres_sources]]`: base backups and WAL archiving through the pipeline.
 //! - [`pg_role`] and [`db`]: PostgreSQL promotion/fencing ([`pg_role::apply_role`]) and health.
 //! - [`status`]: progress counters and `status.json`.
@@ -35,6 +36,7 @@ pub mod pg_source;
 pub mod push;
 pub mod redis_source;
 pub mod replica;
+pub mod roles;
 pub mod scan;
 pub mod state;
 pub mod status;
