@@ -132,10 +132,9 @@ pub fn effective(cfg: &Config, roles: &BTreeMap<String, DirRole>) -> Config {
     out
 }
 
-/// Directories whose role must change under `order` for an agent in `my_region`: `(name,
-/// becomes source)`. Also lists (with their unchanged role) following directories that have
-/// no persisted role yet, so the first order is recorded. Empty when `order` is older than a
-/// persisted role.
+/// Directories whose role must change under `order` for an agent of `cfg.region`: `(name,
+/// becomes source)`. Empty without a global group (no active region) and when `order` is older
+/// than a persisted role (refused).
 pub fn switches(
     cfg: &Config,
     roles: &BTreeMap<String, DirRole>,
@@ -147,13 +146,55 @@ pub fn switches(
     let want = order.active_region == cfg.region;
     dirs(cfg)
         .into_iter()
-        .filter(|d| d.follow && (current(d, roles) != want || !roles.contains_key(&d.name)))
+        .filter(|d| d.follow && current(d, roles) != want)
         .map(|d| (d.name, want))
         .collect()
 }
 
+/// Following directories with no persisted role yet whose role `order` confirms: their role to
+/// record (no transition needed).
+pub fn unrecorded(
+    cfg: &Config,
+    roles: &BTreeMap<String, DirRole>,
+    order: &Order,
+) -> Vec<(String, DirRole)> {
+    if order.active_region.is_empty() {
+        return Vec::new();
+    }
+    let want = order.active_region == cfg.region;
+    dirs(cfg)
+        .into_iter()
+        .filter(|d| d.follow && !roles.contains_key(&d.name) && current(d, roles) == want)
+        .map(|d| {
+            (
+                d.name,
+                DirRole {
+                    source: want,
+                    epoch: order.epoch,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The role of every directory of `cfg` as `status.json` shows it.
+pub fn describe(cfg: &Config, roles: &BTreeMap<String, DirRole>) -> BTreeMap<String, String> {
+    dirs(cfg)
+        .iter()
+        .map(|d| {
+            let r = if current(d, roles) {
+                "source"
+            } else {
+                "replica"
+            };
+            (d.name.clone(), r.to_string())
+        })
+        .collect()
+}
+
 /// Runs the transition of directory `name` to `source` (see the module docs) and persists the
-/// role. Does nothing but persist when the role does not change.
+/// role. Does nothing but persist when the role does not change. Returns the number of local
+/// changes kept as conflicts.
 ///
 /// Errors: a message; nothing on disk was changed by a failed demotion before its conflicts
 /// were acknowledged.
@@ -165,7 +206,7 @@ pub async fn transition(
     source: bool,
     order: &Order,
     part_size: usize,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let d = dirs(cfg)
         .into_iter()
         .find(|d| d.name == name)
@@ -173,14 +214,16 @@ pub async fn transition(
     let was = current(&d, roles);
     let work = async {
         match (was, source) {
-            (false, true) => promote(cfg, state, &d).await,
+            (false, true) => promote(cfg, state, &d).await.map(|()| 0),
             (true, false) => demote(cfg, state, &d, order, part_size).await,
-            _ => Ok(()),
+            _ => Ok(0),
         }
     };
-    tokio::time::timeout(TRANSITION_TIMEOUT, work)
+    let kept = tokio::time::timeout(TRANSITION_TIMEOUT, work)
         .await
-        .map_err(|_| format!("{name}: transition did not finish within {TRANSITION_TIMEOUT:?}"))??;
+        .map_err(|_| {
+            format!("{name}: transition did not finish within {TRANSITION_TIMEOUT:?}")
+        })??;
     let st = state.clone();
     let role = (
         name.to_string(),
@@ -192,7 +235,8 @@ pub async fn transition(
     tokio::task::spawn_blocking(move || st.set_roles(&[role]))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(kept)
 }
 
 /// Replica → source: apply everything committed, adopt directory metadata.
@@ -271,7 +315,7 @@ async fn demote(
     d: &Dir,
     order: &Order,
     part_size: usize,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     if order.active_coordinators.is_empty() {
         return Err(format!(
             "the heartbeat reply names no coordinator of the active region {}; cannot hand over {}",
@@ -294,7 +338,7 @@ async fn demote(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     tracing::warn!(dir = %d.name, entries = rows.len(), from_seq = own_seq + 1, "directory equals the active region's catalog; following it as a replica");
-    Ok(())
+    Ok(kept)
 }
 
 /// Plans every local change of `d` against the acknowledged state and pushes the files and
@@ -310,7 +354,11 @@ async fn push_conflicts(
     let roots = Arc::new(Roots::new(&[pc], &cfg.data_dir).map_err(|e| e.to_string())?);
     let mut queue = WorkQueue::default();
     queue.push_back(Work::scan_root(0));
-    let client = PushClient::new(cfg.tls.clone(), order.active_coordinators.clone(), part_size);
+    let client = PushClient::new(
+        cfg.tls.clone(),
+        order.active_coordinators.clone(),
+        part_size,
+    );
     let counters = Arc::new(SendCounters::default());
     let limits = Limits {
         max_bytes: cfg.batch_max_bytes,
@@ -584,7 +632,9 @@ async fn reconcile(
             std::fs::remove_file(&p)
         };
         match r {
-            Ok(()) => tracing::info!(path = %p.display(), "removed: the active region does not have it (kept as a conflict when it had content)"),
+            Ok(()) => {
+                tracing::info!(path = %p.display(), "removed: the active region does not have it (kept as a conflict when it had content)")
+            }
             Err(e) => tracing::debug!(path = %p.display(), error = %e, "left in place"),
         }
     }
@@ -667,4 +717,117 @@ fn blob_client(cfg: &Config, order: &Order) -> Result<BlobClient, String> {
     Ok(BlobServiceClient::new(ch)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        let mut c = Config::new("a1", "/var/lib/agent".into(), vec!["127.0.0.1:1".into()]);
+        c.region = "a".into();
+        c.paths.push(PathConfig {
+            name: "data".into(),
+            path: "/srv/data".into(),
+            include: vec!["**".into()],
+            exclude: vec!["*.tmp".into()],
+            follow_active: true,
+        });
+        c.paths.push(PathConfig {
+            name: "pinned".into(),
+            path: "/srv/pinned".into(),
+            include: vec!["**".into()],
+            exclude: vec![],
+            follow_active: false,
+        });
+        c.replicas.push(ReplicaConfig {
+            name: "other".into(),
+            path: "/srv/replica/other".into(),
+            follow_active: true,
+        });
+        c
+    }
+
+    fn order(epoch: u64, active: &str) -> Order {
+        Order {
+            epoch,
+            active_region: active.into(),
+            active_coordinators: vec!["127.0.0.1:2".into()],
+        }
+    }
+
+    #[test]
+    fn roles_follow_the_active_region() {
+        let c = cfg();
+        let mut roles = BTreeMap::new();
+        // Without a global group nothing changes.
+        assert!(switches(&c, &roles, &order(0, "")).is_empty());
+        assert!(unrecorded(&c, &roles, &order(0, "")).is_empty());
+        // Region a active: the replica becomes a source; data is confirmed as one.
+        assert_eq!(
+            switches(&c, &roles, &order(1, "a")),
+            vec![("other".to_string(), true)]
+        );
+        assert_eq!(
+            unrecorded(&c, &roles, &order(1, "a")),
+            vec![(
+                "data".to_string(),
+                DirRole {
+                    source: true,
+                    epoch: 1
+                }
+            )]
+        );
+        // b active at epoch 2: every following directory is a replica, the pinned one stays.
+        assert_eq!(
+            switches(&c, &roles, &order(2, "b")),
+            vec![("data".to_string(), false)]
+        );
+        roles.insert(
+            "data".to_string(),
+            DirRole {
+                source: false,
+                epoch: 2,
+            },
+        );
+        let eff = effective(&c, &roles);
+        let names = |v: &[PathConfig]| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&eff.paths), vec!["pinned"]);
+        assert_eq!(
+            eff.replicas
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["data", "other"]
+        );
+        eff.validate().unwrap();
+        // An order older than a persisted role is refused.
+        assert!(switches(&c, &roles, &order(1, "a")).is_empty());
+        // Failback at epoch 3: data is a source again with its globs.
+        roles.insert(
+            "data".to_string(),
+            DirRole {
+                source: true,
+                epoch: 3,
+            },
+        );
+        let eff = effective(&c, &roles);
+        let data = eff.paths.iter().find(|p| p.name == "data").unwrap();
+        assert_eq!(data.exclude, vec!["*.tmp"]);
+        // A replica promoted gets every entry.
+        roles.insert(
+            "other".to_string(),
+            DirRole {
+                source: true,
+                epoch: 3,
+            },
+        );
+        let eff = effective(&c, &roles);
+        assert!(eff.replicas.is_empty());
+        assert_eq!(names(&eff.paths), vec!["data", "pinned", "other"]);
+        assert_eq!(
+            describe(&c, &roles).get("other").map(String::as_str),
+            Some("source")
+        );
+    }
 }
