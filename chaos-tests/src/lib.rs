@@ -180,3 +180,24 @@ pub async fn leader_status(cluster: &Cluster) -> anyhow::Result<lifeboat_proto::
         .await?
         .into_inner())
 }
+
+/// Polls `cond` every 200 ms until it holds, for at most `timeout`.
+///
+/// Errors: `cond` still false after `timeout` (the message names `what`).
+pub async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
