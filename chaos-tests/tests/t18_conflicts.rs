@@ -204,6 +204,22 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
 
         // Failback: a active again under epoch 3; a's agent a source, b's a replica.
         std::fs::write(&flag, b"")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let healthy = regions.control_status().await.is_some_and(|s| {
+                s["regions"].as_array().into_iter().flatten().any(|r| {
+                    r["region"] == "a" && r["role"] == "standby" && r["healthy"] == true
+                })
+            });
+            if healthy {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "a is not a healthy standby again"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let fb = json(&cli(&regions, &["failback", "--output", "json"]));
         assert_eq!(fb["to"], "a");
         wait_until(Duration::from_secs(120), "roles swapped back", || {
