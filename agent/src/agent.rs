@@ -455,6 +455,13 @@ impl Agent {
                     }
                 }
             }
+            let (order_tx, order_rx) = tokio_watch::channel(None::<crate::roles::Order>);
+            let watchdog = switch.is_some().then(|| crate::replica::Watchdog {
+                cfg: Arc::new(self.full_cfg.clone()),
+                order: order_rx,
+                part_size: self.opts.part_size,
+                progress: self.progress.clone(),
+            });
             let hb = tokio::spawn(
                 heartbeat_loop(
                     self.client.clone(),
@@ -465,6 +472,7 @@ impl Agent {
                     helpers_rx.clone(),
                     Span::current(),
                     switch,
+                    order_tx,
                 )
                 .in_current_span(),
             );
@@ -475,6 +483,7 @@ impl Agent {
                     self.state.clone(),
                     &self.progress,
                     helpers_rx.clone(),
+                    watchdog,
                 )
             } else {
                 Vec::new()
@@ -959,6 +968,7 @@ async fn heartbeat_loop(
     mut stop: StopRx,
     agent_span: Span,
     switch: Option<Arc<SwitchCtx>>,
+    order_tx: tokio_watch::Sender<Option<crate::roles::Order>>,
 ) {
     let agent_id = cfg.agent_id.clone();
     let mut roles = switch.as_ref().map(|s| s.roles.clone()).unwrap_or_default();
@@ -1006,6 +1016,9 @@ async fn heartbeat_loop(
                             active_coordinators: reply.active_coordinators.clone(),
                         };
                         follow_order(sw, &mut roles, &order, &state).await;
+                        if !order.active_region.is_empty() {
+                            order_tx.send_replace(Some(order.clone()));
+                        }
                         if !order.active_region.is_empty() && resolvers.is_none() {
                             resolvers = Some(spawn_resolvers(&cfg, &state, &stop));
                         }

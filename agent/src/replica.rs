@@ -48,6 +48,23 @@ use crate::push::{classify, Coordinators, PushError};
 use crate::state::{AckedChange, EntryState, StateDb};
 use crate::status::ReplicaProgress;
 
+/// Seconds between two looks for local changes in a replica that follows the active region.
+pub const LOCAL_CHECK: Duration = Duration::from_secs(3);
+
+/// Looks for local changes in a replica that follows the active region and hands them to the
+/// active region as conflicts ([`crate::roles::keep_local_changes`]), between batches.
+#[derive(Clone)]
+pub struct Watchdog {
+    /// The agent's configuration as written.
+    pub cfg: Arc<crate::Config>,
+    /// The newest order of the control record (from the heartbeat replies).
+    pub order: watch::Receiver<Option<crate::roles::Order>>,
+    /// Content bytes per part.
+    pub part_size: usize,
+    /// Counters (`conflicts_kept`).
+    pub progress: Arc<crate::status::Progress>,
+}
+
 /// What a [`Replica`] task applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -123,6 +140,8 @@ pub struct Replica {
     /// Record applied versions as acknowledged state (directories that follow the active
     /// region: a later promotion re-sends nothing).
     record: bool,
+    watchdog: Option<Watchdog>,
+    last_check: Option<Instant>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -168,6 +187,44 @@ impl Replica {
             pending_rmdirs: BTreeSet::new(),
             mode: Mode::Replica,
             record: false,
+            watchdog: None,
+            last_check: None,
+        }
+    }
+
+    /// Hands local changes to the active region between batches (see [`Watchdog`]).
+    pub fn watching(mut self, w: Option<Watchdog>) -> Replica {
+        self.watchdog = w;
+        self
+    }
+
+    /// Runs the [`Watchdog`] when due; failures are logged (the changes stay and are tried
+    /// again).
+    async fn check_local(&mut self) {
+        let Some(w) = &self.watchdog else { return };
+        if self.last_check.is_some_and(|t| t.elapsed() < LOCAL_CHECK) {
+            return;
+        }
+        self.last_check = Some(Instant::now());
+        let Some(order) = w.order.borrow().clone() else {
+            return;
+        };
+        match crate::roles::keep_local_changes(
+            &w.cfg,
+            &self.state,
+            &self.cfg.name,
+            &order,
+            w.part_size,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                w.progress.conflicts_kept.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(replica = %self.cfg.name, error = %e, "cannot hand local changes to the active region yet; they stay and are tried again")
+            }
         }
     }
 
@@ -315,6 +372,7 @@ impl Replica {
         self.coordinators.confirm(&addr);
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|s| classify(&addr, &s))?;
+            self.check_local().await;
             self.progress
                 .known_seq
                 .fetch_max(batch.last_seq, Ordering::Relaxed);
@@ -582,12 +640,14 @@ impl Replica {
     }
 }
 
-/// Starts one task per replica of `cfg`, registering their progress in `progress`.
+/// Starts one task per replica of `cfg`, registering their progress in `progress`; replicas
+/// that follow the active region get `watchdog`.
 pub fn spawn_all(
     cfg: &crate::Config,
     state: Arc<StateDb>,
     progress: &crate::status::Progress,
     stop: watch::Receiver<Option<Instant>>,
+    watchdog: Option<Watchdog>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use tracing::Instrument;
     cfg.replicas
@@ -606,7 +666,8 @@ pub fn spawn_all(
                 state.clone(),
                 p,
             )
-            .recording(r.follow_active);
+            .recording(r.follow_active)
+            .watching(watchdog.clone().filter(|_| r.follow_active));
             tokio::spawn(rep.run(stop.clone()).in_current_span())
         })
         .collect()

@@ -307,6 +307,79 @@ fn adopt_dirs(state: &StateDb, name: &str, root: &Path) -> Result<(), String> {
     state.commit(&changes, 0, 0).map_err(e)
 }
 
+/// A replica directory that follows the active region: local changes made in it (e.g. by an
+/// application of a fenced region still writing after the directory became a replica) are
+/// handed to the active region as conflicts, then the active region's version of those paths is
+/// put back (or the path removed when it has none). Returns how many were kept.
+///
+/// Call with nothing else writing into the directory (the replica task calls it between
+/// batches). Errors: a message; nothing on disk is changed before the conflicts are
+/// acknowledged.
+pub async fn keep_local_changes(
+    cfg: &Config,
+    state: &Arc<StateDb>,
+    name: &str,
+    order: &Order,
+    part_size: usize,
+) -> Result<u64, String> {
+    let Some(d) = dirs(cfg).into_iter().find(|d| d.name == name) else {
+        return Ok(0);
+    };
+    if order.active_region.is_empty() || order.active_region == cfg.region {
+        return Ok(0);
+    }
+    let kept = push_conflicts(cfg, state, &d, order, part_size).await?;
+    if kept.is_empty() {
+        return Ok(0);
+    }
+    tracing::warn!(dir = %name, conflicts = kept.len(), active = %order.active_region, epoch = order.epoch, "local changes in a replica kept as conflicts (see `lifeboat conflicts`); the active region's versions are put back");
+    let root = d.path.canonicalize().map_err(|e| e.to_string())?;
+    let rows = list_active(cfg, order, name).await?;
+    let mut acked = Vec::new();
+    let mut blobs: Option<BlobClient> = None;
+    for path in &kept {
+        let rel = path.strip_prefix(&format!("{name}/")).unwrap_or(path);
+        match rows.iter().find(|v| &v.v.path == path) {
+            Some(v) if v.v.kind == EntryKind::File => {
+                if blobs.is_none() {
+                    blobs = Some(blob_client(cfg, order)?);
+                }
+                let c = blobs.as_ref().expect("set above");
+                apply::write_file(c, &root, rel, v, TEMP_PREFIX, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                acked.push(AckedChange::Upsert {
+                    path: path.clone(),
+                    entry: entry_of(v),
+                    signatures: Vec::new(),
+                });
+            }
+            Some(v) if v.v.kind == EntryKind::Symlink => {
+                let target = v.v.symlink_target.clone().unwrap_or_default();
+                apply::write_symlink(&root, rel, &target, true).map_err(|e| e.to_string())?;
+                acked.push(AckedChange::Upsert {
+                    path: path.clone(),
+                    entry: entry_of(v),
+                    signatures: Vec::new(),
+                });
+            }
+            _ => {
+                let p = safe_join(&root, rel, true).map_err(|e| e.to_string())?;
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove a file the active region does not have");
+                }
+                acked.push(AckedChange::Delete { path: path.clone() });
+            }
+        }
+    }
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.commit(&acked, 0, 0))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(kept.len() as u64)
+}
+
 /// Source → replica: conflicts to the active region, then the directory made equal to its
 /// catalog.
 async fn demote(
@@ -323,7 +396,7 @@ async fn demote(
         ));
     }
     tracing::warn!(dir = %d.name, active = %order.active_region, epoch = order.epoch, "this region is no longer active: keeping local changes as conflicts in the active region, then this directory becomes a replica");
-    let kept = push_conflicts(cfg, state, d, order, part_size).await?;
+    let kept = push_conflicts(cfg, state, d, order, part_size).await?.len() as u64;
     if kept > 0 {
         tracing::warn!(dir = %d.name, conflicts = kept, active = %order.active_region, epoch = order.epoch, "local changes kept as conflicts (see `lifeboat conflicts`)");
     }
@@ -349,7 +422,7 @@ async fn push_conflicts(
     d: &Dir,
     order: &Order,
     part_size: usize,
-) -> Result<u64, String> {
+) -> Result<Vec<String>, String> {
     let pc = as_path(d);
     let roots = Arc::new(Roots::new(&[pc], &cfg.data_dir).map_err(|e| e.to_string())?);
     let mut queue = WorkQueue::default();
@@ -367,7 +440,7 @@ async fn push_conflicts(
         retain_bytes: crate::agent::DEFAULT_RETAIN_BYTES.min(cfg.batch_max_bytes),
     };
     let mut next_id = 1u64;
-    let mut kept = 0u64;
+    let mut kept = Vec::new();
     while !queue.is_empty() {
         let (st, r) = (state.clone(), roots.clone());
         let (q, n, planned) = tokio::task::spawn_blocking(move || {
@@ -384,6 +457,14 @@ async fn push_conflicts(
         let reader = state.reader().map_err(|e| e.to_string())?;
         let mut batch = Vec::new();
         for mut c in planned {
+            let temp = c
+                .rel
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+            if temp {
+                continue; // a replica's unfinished write
+            }
             if c.deleted || c.kind == EntryKind::Dir {
                 if c.deleted && c.kind != EntryKind::Dir {
                     tracing::warn!(path = %c.path, "a deletion made here is not kept: the active region's version comes back");
@@ -397,6 +478,7 @@ async fn push_conflicts(
             if same {
                 continue; // metadata only: nothing to keep
             }
+            kept.push(c.path.clone());
             c.path = conflict_path(&cfg.region, order.epoch, &c.path);
             c.root_name = CONFLICTS_ROOT.to_string();
             c.rename_from = None;
@@ -406,7 +488,6 @@ async fn push_conflicts(
         if batch.is_empty() {
             continue;
         }
-        kept += batch.len() as u64;
         send_until_acked(&client, batch, order.epoch, &counters).await?;
     }
     Ok(kept)
