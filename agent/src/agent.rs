@@ -104,6 +104,8 @@ pub(crate) struct SwitchCtx {
     roles: std::collections::BTreeMap<String, crate::state::DirRole>,
     not_before: Instant,
     tx: tokio_watch::Sender<Option<crate::roles::Order>>,
+    /// The newest order seen (read by the replica watchdogs).
+    order_tx: tokio_watch::Sender<Option<crate::roles::Order>>,
 }
 
 /// The agent. Build with [`Agent::new`], then call [`Agent::run_once`] or [`Agent::run`].
@@ -322,6 +324,7 @@ impl Agent {
                 roles: me.roles.clone(),
                 not_before: me.switch_not_before,
                 tx: switch_tx,
+                order_tx: tokio_watch::channel(None).0,
             });
             let carry = Carry {
                 full_cfg: me.full_cfg.clone(),
@@ -455,10 +458,9 @@ impl Agent {
                     }
                 }
             }
-            let (order_tx, order_rx) = tokio_watch::channel(None::<crate::roles::Order>);
-            let watchdog = switch.is_some().then(|| crate::replica::Watchdog {
+            let watchdog = switch.as_ref().map(|sw| crate::replica::Watchdog {
                 cfg: Arc::new(self.full_cfg.clone()),
-                order: order_rx,
+                order: sw.order_tx.subscribe(),
                 part_size: self.opts.part_size,
                 progress: self.progress.clone(),
             });
@@ -468,11 +470,9 @@ impl Agent {
                     self.progress.clone(),
                     self.state.clone(),
                     Arc::new(self.cfg.clone()),
-                    Duration::from_millis(self.cfg.heartbeat_ms),
                     helpers_rx.clone(),
                     Span::current(),
                     switch,
-                    order_tx,
                 )
                 .in_current_span(),
             );
@@ -964,12 +964,11 @@ async fn heartbeat_loop(
     progress: Arc<Progress>,
     state: Arc<StateDb>,
     cfg: Arc<Config>,
-    every: Duration,
     mut stop: StopRx,
     agent_span: Span,
     switch: Option<Arc<SwitchCtx>>,
-    order_tx: tokio_watch::Sender<Option<crate::roles::Order>>,
 ) {
+    let every = Duration::from_millis(cfg.heartbeat_ms);
     let agent_id = cfg.agent_id.clone();
     let mut roles = switch.as_ref().map(|s| s.roles.clone()).unwrap_or_default();
     let mut resolvers: Option<Vec<tokio::task::JoinHandle<()>>> = None;
@@ -1017,7 +1016,7 @@ async fn heartbeat_loop(
                         };
                         follow_order(sw, &mut roles, &order, &state).await;
                         if !order.active_region.is_empty() {
-                            order_tx.send_replace(Some(order.clone()));
+                            sw.order_tx.send_replace(Some(order.clone()));
                         }
                         if !order.active_region.is_empty() && resolvers.is_none() {
                             resolvers = Some(spawn_resolvers(&cfg, &state, &stop));

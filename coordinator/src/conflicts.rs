@@ -86,11 +86,14 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
     lifeboat_common::path::validate_rel_path(&req.path).map_err(|e| bad(e.to_string()))?;
     let catalog = admin.catalog.clone();
     let wanted = req.path.clone();
-    let rows =
-        tokio::task::spawn_blocking(move || catalog.list(CONFLICTS_ROOT, None, false, false))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+    let rows = tokio::task::spawn_blocking(move || {
+        catalog
+            .list(CONFLICTS_ROOT, None, false, false)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(Status::internal)?;
     let matching: Vec<FileVersion> = rows
         .into_iter()
         .filter(|r| {
