@@ -539,16 +539,27 @@ async fn send_until_acked(
     }
 }
 
+/// A channel to `addr`, or `None` with the reason noted in `errors`.
+fn channel_to(
+    cfg: &Config,
+    addr: &str,
+    errors: &mut Vec<String>,
+) -> Option<tonic::transport::Channel> {
+    match cfg.tls.channel(addr) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(format!("{addr}: {e}"));
+            None
+        }
+    }
+}
+
 /// Newest sequence number of this region's catalog (any coordinator's committed prefix).
 async fn own_last_seq(cfg: &Config) -> Result<u64, String> {
     let mut errors = Vec::new();
     for addr in &cfg.coordinators {
-        let ch = match cfg.tls.channel(addr) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
+        let Some(ch) = channel_to(cfg, addr, &mut errors) else {
+            continue;
         };
         let mut c = ReplicationServiceClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let req = pb::SubscribeRequest {
@@ -579,12 +590,8 @@ async fn own_last_seq(cfg: &Config) -> Result<u64, String> {
 async fn list_active(cfg: &Config, order: &Order, name: &str) -> Result<Vec<FileVersion>, String> {
     let mut errors = Vec::new();
     for addr in &order.active_coordinators {
-        let ch = match cfg.tls.channel(addr) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
+        let Some(ch) = channel_to(cfg, addr, &mut errors) else {
+            continue;
         };
         let mut c = AdminServiceClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let res = tokio::time::timeout(Duration::from_secs(60), async {
@@ -676,7 +683,7 @@ async fn reconcile(
             EntryKind::File => {
                 let same = match &found {
                     Found::Entry(m) if m.kind == EntryKind::File && m.size == v.v.size => {
-                        file_hash(&disk).ok() == v.v.blake3
+                        lifeboat_common::blob::BlobHash::of_file(&disk).ok() == v.v.blake3
                     }
                     _ => false,
                 };
@@ -736,22 +743,6 @@ async fn reconcile(
         }
     }
     Ok(acked)
-}
-
-/// blake3 of a file's content, read in 1 MiB chunks.
-fn file_hash(p: &Path) -> std::io::Result<lifeboat_common::blob::BlobHash> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(lifeboat_common::blob::BlobHash(*h.finalize().as_bytes()))
 }
 
 /// Sets mode and mtime of the regular file `p` (already checked with `lstat`).

@@ -644,4 +644,48 @@ mod tests {
         assert!(db.replica_pending_rmdirs("data").unwrap().is_empty());
         assert_eq!(db.replica_pending_rmdirs("other").unwrap(), vec!["x"]);
     }
+
+    #[test]
+    fn roles_and_replica_acks_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            assert!(db.roles().unwrap().is_empty());
+            db.set_roles(&[(
+                "data".into(),
+                DirRole {
+                    source: false,
+                    epoch: 4,
+                },
+            )])
+            .unwrap();
+            // A replica's applied version counts as acknowledged (parts known, no signature).
+            db.replica_commit(
+                "data",
+                9,
+                &[],
+                &[AckedChange::Upsert {
+                    path: "data/f".into(),
+                    entry: file_entry(&[b"abc"], 9),
+                    signatures: vec![],
+                }],
+            )
+            .unwrap();
+        }
+        let db = StateDb::open(dir.path()).unwrap();
+        let roles = db.roles().unwrap();
+        assert_eq!(
+            roles.get("data"),
+            Some(&DirRole {
+                source: false,
+                epoch: 4
+            })
+        );
+        assert_eq!(db.epoch().unwrap(), 4, "a role's epoch raises the epoch");
+        assert_eq!(db.replica_seq("data").unwrap(), 9);
+        let r = db.reader().unwrap();
+        assert_eq!(r.get("data/f").unwrap().unwrap().seq, 9);
+        assert!(r.is_acked_blob(&BlobHash::of(b"abc")).unwrap());
+        assert!(r.signature("data/f", 0).unwrap().is_none());
+    }
 }

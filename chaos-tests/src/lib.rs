@@ -134,6 +134,24 @@ pub fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::pr
         .expect("run lifeboat")
 }
 
+/// Runs the real `lifeboat` binary against every coordinator of every region and the witness of
+/// `regions` (same CA): `lifeboat ARGS --coordinator <all> --tls-dir <certs>`.
+pub fn lifeboat_regions(
+    regions: &lifeboat_cli::regions::Regions,
+    args: &[&str],
+) -> std::process::Output {
+    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let conn = regions.conn();
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--coordinator")
+        .arg(conn.coordinators.join(","))
+        .arg("--tls-dir")
+        .arg(conn.tls_dir.expect("regions have a CA"))
+        .output()
+        .expect("run lifeboat")
+}
+
 /// Parses a successful `lifeboat --output json` run; panics with its stderr otherwise.
 pub fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(

@@ -16,19 +16,6 @@ use lifeboat_chaos_tests::*;
 use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_cli::tree;
 
-fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
-    let conn = regions.conn();
-    std::process::Command::new(bin)
-        .args(args)
-        .arg("--coordinator")
-        .arg(conn.coordinators.join(","))
-        .arg("--tls-dir")
-        .arg(conn.tls_dir.unwrap())
-        .output()
-        .expect("run lifeboat")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> anyhow::Result<()> {
     run("t15", |dir| async move {
@@ -53,7 +40,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert!(s["automatic"].get("Ok").is_some(), "2 regions + witness: automatic failover allowed: {s}");
 
         // Drill: the plan names the target, the new epoch and the hook, and acts on nothing.
-        let drill = json(&run_cli(&regions, &["drill", "--simulate", "--output", "json"]));
+        let drill = json(&lifeboat_regions(&regions, &["drill", "--simulate", "--output", "json"]));
         assert_eq!(drill["to"], "b");
         assert_eq!(drill["new_epoch"], 2);
         assert_eq!(drill["hooks"][0], "move-dns");
@@ -99,7 +86,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert!(c.equal(), "{:?}", c.differences);
 
         // The audit log has the failover, the promotion, the hook and the completion.
-        let audit = json(&run_cli(&regions, &["audit", "--output", "json"]));
+        let audit = json(&lifeboat_regions(&regions, &["audit", "--output", "json"]));
         let actions: Vec<&str> = audit
             .as_array()
             .unwrap()
@@ -161,7 +148,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         );
 
         // Planned failback: back to A under epoch 3, nothing lost.
-        let out = run_cli(&regions, &["failback", "--output", "json"]);
+        let out = lifeboat_regions(&regions, &["failback", "--output", "json"]);
         let fb = json(&out);
         assert_eq!(fb["to"], "a");
         assert_eq!(fb["epoch"], 3);

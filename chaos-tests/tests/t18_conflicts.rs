@@ -18,21 +18,8 @@ use lifeboat_chaos_tests::*;
 use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_common::catalog::EntryKind;
 
-fn cli(regions: &Regions, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
-    let conn = regions.conn();
-    std::process::Command::new(bin)
-        .args(args)
-        .arg("--coordinator")
-        .arg(conn.coordinators.join(","))
-        .arg("--tls-dir")
-        .arg(conn.tls_dir.unwrap())
-        .output()
-        .expect("run lifeboat")
-}
-
 fn conflicts(regions: &Regions) -> serde_json::Value {
-    let out = cli(regions, &["conflicts", "--output", "json"]);
+    let out = lifeboat_regions(regions, &["conflicts", "--output", "json"]);
     if !out.status.success() {
         return serde_json::Value::Null;
     }
@@ -158,7 +145,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
         .await?;
 
         // keep-source: a's bytes become the current version, in b's directory and catalog.
-        let r = json(&cli(
+        let r = json(&lifeboat_regions(
             &regions,
             &["resolve", "data/keep-source.txt", "--keep", "source", "--output", "json"],
         ));
@@ -174,7 +161,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
             b"edited in the fenced region a\n"
         );
         // keep-both: the side file next to b's version.
-        json(&cli(
+        json(&lifeboat_regions(
             &regions,
             &["resolve", "data/sub/keep-both.txt", "--keep", "both", "--output", "json"],
         ));
@@ -184,7 +171,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
         .await?;
         assert_eq!(read(&rep.join("sub/keep-both.txt")), b"v1 of keep-both\n");
         // keep-target: nothing changes in b.
-        json(&cli(
+        json(&lifeboat_regions(
             &regions,
             &["resolve", "data/new-in-a.txt", "--keep", "target", "--output", "json"],
         ));
@@ -199,7 +186,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
             tree::compare(&src, &rep).map(|c| c.equal()).unwrap_or(false)
         })
         .await?;
-        let audit = json(&cli(&regions, &["audit", "--output", "json"])).to_string();
+        let audit = json(&lifeboat_regions(&regions, &["audit", "--output", "json"])).to_string();
         assert!(audit.contains("\"resolve\""), "audit names the resolutions: {audit}");
 
         // Failback: a active again under epoch 3; a's agent a source, b's a replica.
@@ -220,7 +207,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let fb = json(&cli(&regions, &["failback", "--output", "json"]));
+        let fb = json(&lifeboat_regions(&regions, &["failback", "--output", "json"]));
         assert_eq!(fb["to"], "a");
         wait_until(Duration::from_secs(120), "roles swapped back", || {
             role(&data_a, "data") == "source" && role(&data_b, "data") == "replica"

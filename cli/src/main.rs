@@ -436,11 +436,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "resolved {} (conflict from region {} epoch {}): kept {}; committed {}",
+                    "resolved {} (conflict {} from region {}): kept {keep}; committed at epoch {}: {}",
                     v["path"].as_str().unwrap_or("?"),
+                    v["conflict"].as_str().unwrap_or("?"),
                     v["from_region"].as_str().unwrap_or("?"),
                     v["epoch"],
-                    keep,
                     v["committed"]
                 );
             }

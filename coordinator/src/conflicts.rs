@@ -152,14 +152,7 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
             commit_time_ms: lifeboat_common::now_ms(),
         })
         .await
-        .map_err(|e| match e {
-            openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(f),
-            ) => admin
-                .leader
-                .not_leader_status(f.leader_node.map(|n| n.addr)),
-            other => Status::unavailable(format!("raft commit failed: {other}")),
-        })?;
+        .map_err(|e| admin.leader.commit_error(e))?;
     let committed: Vec<(String, u64)> = paths.into_iter().zip(resp.data.seqs).collect();
     tracing::warn!(region = %admin.region, epoch, conflict = %conflict.v.path, keep = %req.keep, "conflict resolved");
     if let Some(c) = &admin.control {

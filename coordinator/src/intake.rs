@@ -377,12 +377,7 @@ impl Intake {
                 commit_time_ms: lifeboat_common::now_ms(),
             })
             .await
-            .map_err(|e| match e {
-                openraft::error::RaftError::APIError(
-                    openraft::error::ClientWriteError::ForwardToLeader(f),
-                ) => self.leader.not_leader_status(f.leader_node.map(|n| n.addr)),
-                other => Status::unavailable(format!("raft commit failed: {other}")),
-            })?;
+            .map_err(|e| self.leader.commit_error(e))?;
         let seqs = resp.data.seqs;
         if seqs.len() != n {
             return Err(Status::internal(
