@@ -644,7 +644,22 @@ insecure = true
         let replica = |name: &str, path: &str| {
             format!("{GOOD}\n[[replicas]]\nname = \"{name}\"\npath = \"{path}\"\n")
         };
-        assert!(Config::from_toml(&replica("data", "/srv/replica")).is_ok());
+        assert!(Config::from_toml(&replica("other", "/srv/replica")).is_ok());
+        // The same name as a [[paths]] entry: both would become sources of one catalog root
+        // once the directory roles follow the active region; allowed only when pinned.
+        let e = err(&replica("data", "/srv/replica"));
+        assert!(e.to_string().contains("follow_active"), "{e}");
+        let pinned = format!(
+            "{}follow_active = false\n",
+            replica("data", "/srv/replica").replace(
+                "path = \"/srv/data\"\n",
+                "path = \"/srv/data\"\nfollow_active = false\n"
+            )
+        );
+        assert!(Config::from_toml(&pinned).is_ok(), "{pinned}");
+        assert!(err(&replica("_conflicts", "/srv/replica"))
+            .to_string()
+            .contains("reserved"));
         for (name, path) in [
             ("data", "/srv/data/replica"),
             ("data", "/srv"),
