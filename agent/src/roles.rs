@@ -341,13 +341,7 @@ pub async fn keep_local_changes(
         let rel = path.strip_prefix(&format!("{name}/")).unwrap_or(path);
         match rows.iter().find(|v| &v.v.path == path) {
             Some(v) if v.v.kind == EntryKind::File => {
-                if blobs.is_none() {
-                    blobs = Some(blob_client(cfg, order)?);
-                }
-                let c = blobs.as_ref().expect("set above");
-                apply::write_file(c, &root, rel, v, TEMP_PREFIX, true)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write_active(cfg, order, &mut blobs, &root, rel, v).await?;
                 acked.push(AckedChange::Upsert {
                     path: path.clone(),
                     entry: entry_of(v),
@@ -692,13 +686,7 @@ async fn reconcile(
                         .map_err(|e| format!("{}: {e}", disk.display()))?;
                     continue;
                 }
-                if blobs.is_none() {
-                    blobs = Some(blob_client(cfg, order)?);
-                }
-                let c = blobs.as_ref().expect("set above");
-                apply::write_file(c, &root, rel, v, TEMP_PREFIX, true)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write_active(cfg, order, &mut blobs, &root, rel, v).await?;
             }
         }
     }
@@ -777,6 +765,26 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, bool)>) -> std::io::Result
         out.push((r, is_dir));
     }
     Ok(())
+}
+
+/// Writes file version `v` of the active region at `rel` under `root` (verified, temp + fsync +
+/// rename), connecting `blobs` on first use.
+async fn write_active(
+    cfg: &Config,
+    order: &Order,
+    blobs: &mut Option<BlobClient>,
+    root: &Path,
+    rel: &str,
+    v: &FileVersion,
+) -> Result<(), String> {
+    if blobs.is_none() {
+        *blobs = Some(blob_client(cfg, order)?);
+    }
+    let c = blobs.as_ref().expect("set above");
+    apply::write_file(c, root, rel, v, TEMP_PREFIX, true)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// A blob client on the first active-region coordinator (blobs are on every node).
