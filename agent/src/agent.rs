@@ -44,6 +44,10 @@ pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
 /// Times a change the coordinator accepted without acknowledging it is resent before giving up.
 const MAX_UNACKED_RETRIES: u32 = 3;
+/// Delay before a failed role switch is tried again; doubles up to [`SWITCH_BACKOFF_MAX`].
+pub const SWITCH_BACKOFF_START: Duration = Duration::from_secs(2);
+/// Longest delay between two attempts of a failed role switch.
+pub const SWITCH_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -83,9 +87,39 @@ impl Default for Options {
 /// Stop request: `Some(deadline)` once shutdown was asked for.
 type StopRx = tokio_watch::Receiver<Option<Instant>>;
 
+/// What a role switch needs from the agent that stopped for it.
+struct Carry {
+    full_cfg: Config,
+    state: Arc<StateDb>,
+    opts: Options,
+    progress: Arc<Progress>,
+    switch_backoff: Duration,
+    span: Span,
+}
+
+/// Lets the heartbeat loop order a role switch: the roles this run uses and where to send the
+/// order.
+pub(crate) struct SwitchCtx {
+    full: Config,
+    roles: std::collections::BTreeMap<String, crate::state::DirRole>,
+    not_before: Instant,
+    tx: tokio_watch::Sender<Option<crate::roles::Order>>,
+    /// The newest order seen (read by the replica watchdogs).
+    order_tx: tokio_watch::Sender<Option<crate::roles::Order>>,
+}
+
 /// The agent. Build with [`Agent::new`], then call [`Agent::run_once`] or [`Agent::run`].
 pub struct Agent {
+    /// The effective config (directories placed by their roles, see [`crate::roles`]).
     cfg: Config,
+    /// The config as written (roles are computed from it).
+    full_cfg: Config,
+    /// Persisted directory roles this instance runs with.
+    roles: std::collections::BTreeMap<String, crate::state::DirRole>,
+    /// No role switch is ordered before this instant (backoff after a failed switch).
+    switch_not_before: Instant,
+    /// Current backoff of failed switches.
+    switch_backoff: Duration,
     opts: Options,
     roots: Arc<Roots>,
     /// Number of configured `[[paths]]` roots (the snapshot root, if any, follows them).
@@ -154,6 +188,15 @@ impl Agent {
             )));
         }
         let state = Arc::new(StateDb::open(&cfg.data_dir)?);
+        Agent::build(cfg, opts, state)
+    }
+
+    /// An agent for the validated `full_cfg` on an open `state`, running every directory in its
+    /// persisted role.
+    fn build(full_cfg: Config, opts: Options, state: Arc<StateDb>) -> Result<Agent, AgentError> {
+        let roles = state.roles()?;
+        let cfg = crate::roles::effective(&full_cfg, &roles);
+        cfg.validate()?;
         let mut roots = Roots::new(&cfg.paths, &cfg.data_dir)?;
         let watched_roots = roots.roots.len();
         let has_sources = !cfg.exec_sources.is_empty()
@@ -172,6 +215,8 @@ impl Agent {
         let epoch = state.epoch()?;
         let progress = Arc::new(Progress::default());
         progress.epoch.store(epoch, Ordering::Relaxed);
+        *progress.roles.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::roles::describe(&full_cfg, &roles);
         progress
             .files_tracked
             .store(state.count()?, Ordering::Relaxed);
@@ -194,6 +239,10 @@ impl Agent {
         span.record("epoch", epoch);
         Ok(Agent {
             cfg,
+            full_cfg,
+            roles,
+            switch_not_before: Instant::now(),
+            switch_backoff: SWITCH_BACKOFF_START,
             opts,
             roots,
             watched_roots,
@@ -230,12 +279,15 @@ impl Agent {
     ///
     /// Errors: [`AgentError`] on state database failures.
     pub async fn run_once(self) -> Result<Status, AgentError> {
-        self.run_inner(None::<std::future::Pending<()>>).await
+        let (_stop_tx, stop_rx) = tokio_watch::channel(None::<Instant>);
+        self.run_inner(false, stop_rx, None).await
     }
 
     /// Runs until `shutdown` completes: initial scan, then watching; on shutdown the in-flight
     /// batch may finish within [`SHUTDOWN_GRACE`]. Writes `status.json` on the way out and
-    /// returns the final status.
+    /// returns the final status. When the control record moves the active region, directories
+    /// that follow it switch roles ([`crate::roles`]): the loop stops, the transitions run, and
+    /// the loop starts again with the new roles.
     ///
     /// Errors: [`AgentError`] on state database failures. Without a working file watcher the
     /// agent logs a warning and rescans every [`DEGRADED_RESCAN`].
@@ -243,30 +295,141 @@ impl Agent {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Status, AgentError> {
-        self.run_inner(Some(shutdown)).await
+        let (stop_tx, stop_rx) = tokio_watch::channel(None::<Instant>);
+        let span = self.span.clone();
+        let signal_task = tokio::spawn(
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested; finishing the batch in flight");
+                let _ = stop_tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
+            }
+            .instrument(span),
+        );
+        let mut me = self;
+        let result = loop {
+            let (inner_tx, inner_rx) = tokio_watch::channel(None::<Instant>);
+            let (switch_tx, mut switch_rx) = tokio_watch::channel(None::<crate::roles::Order>);
+            let mut outer = stop_rx.clone();
+            let forward = tokio::spawn(async move {
+                tokio::select! {
+                    d = stopped(&mut outer) => { let _ = inner_tx.send(Some(d)); }
+                    ok = async { switch_rx.wait_for(|o| o.is_some()).await.is_ok() } => {
+                        if ok {
+                            let _ = inner_tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
+                        }
+                        // Still honour a shutdown that comes while the loop winds down.
+                        let d = stopped(&mut outer).await;
+                        let _ = inner_tx.send(Some(d));
+                    }
+                }
+            });
+            let ctx = Arc::new(SwitchCtx {
+                full: me.full_cfg.clone(),
+                roles: me.roles.clone(),
+                not_before: me.switch_not_before,
+                tx: switch_tx,
+                order_tx: tokio_watch::channel(None).0,
+            });
+            let carry = Carry {
+                full_cfg: me.full_cfg.clone(),
+                state: me.state.clone(),
+                opts: me.opts,
+                progress: me.progress.clone(),
+                switch_backoff: me.switch_backoff,
+                span: me.span.clone(),
+            };
+            let status = me.run_inner(true, inner_rx, Some(ctx.clone())).await;
+            forward.abort();
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => break Err(e),
+            };
+            let order = ctx.tx.borrow().clone();
+            match order {
+                Some(order) if stop_rx.borrow().is_none() => {
+                    me = match Agent::switch(carry, order).await {
+                        Ok(a) => a,
+                        Err(e) => break Err(e),
+                    };
+                }
+                _ => break Ok(status),
+            }
+        };
+        signal_task.abort();
+        result
     }
 
-    async fn run_inner<F: Future<Output = ()> + Send + 'static>(
+    /// Runs the role transitions `order` asks for, then rebuilds the agent with the new roles
+    /// (counters carried over). A failed transition leaves that directory in its old role and
+    /// delays the next attempt (backoff [`SWITCH_BACKOFF_START`] doubling to
+    /// [`SWITCH_BACKOFF_MAX`]).
+    async fn switch(c: Carry, order: crate::roles::Order) -> Result<Agent, AgentError> {
+        let span = c.span.clone();
+        let this = c;
+        async move {
+            let c = this;
+            let roles = c.state.roles()?;
+            let wanted = crate::roles::switches(&c.full_cfg, &roles, &order);
+            tracing::warn!(epoch = order.epoch, active = %order.active_region, switches = wanted.len(), "the control record moved the active region: switching directory roles");
+            let mut failed = false;
+            for (name, source) in &wanted {
+                let r = crate::roles::transition(
+                    &c.full_cfg,
+                    &c.state,
+                    &roles,
+                    name,
+                    *source,
+                    &order,
+                    c.opts.part_size,
+                )
+                .await;
+                match r {
+                    Ok(kept) => {
+                        c.progress.role_switches.fetch_add(1, Ordering::Relaxed);
+                        c.progress.conflicts_kept.fetch_add(kept, Ordering::Relaxed);
+                        tracing::warn!(dir = %name, role = if *source { "source" } else { "replica" }, epoch = order.epoch, "directory role switched");
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::error!(dir = %name, error = %e, retry_in_s = c.switch_backoff.as_secs(), "role switch failed; the directory keeps its role (local changes are kept) and the switch is retried");
+                    }
+                }
+            }
+            c.state.raise_epoch(order.epoch)?;
+            let mut next = Agent::build(c.full_cfg.clone(), c.opts, c.state.clone())?;
+            if failed {
+                next.switch_not_before = Instant::now() + c.switch_backoff;
+                next.switch_backoff = (c.switch_backoff * 2).min(SWITCH_BACKOFF_MAX);
+            }
+            let (old, new) = (&c.progress, &next.progress);
+            for (a, b) in [
+                (&old.changes_acked, &new.changes_acked),
+                (&old.batches_acked, &new.batches_acked),
+                (&old.role_switches, &new.role_switches),
+                (&old.conflicts_kept, &new.conflicts_kept),
+                (&old.sent.full, &new.sent.full),
+                (&old.sent.delta, &new.sent.delta),
+            ] {
+                b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            new.last_ack_ms
+                .store(old.last_ack_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+            Ok(next)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One run of the loop with the current roles, until `stop_rx` carries a deadline (a
+    /// shutdown, or a role switch ordered through `switch`).
+    async fn run_inner(
         mut self,
-        shutdown: Option<F>,
+        watching: bool,
+        mut stop_rx: StopRx,
+        switch: Option<Arc<SwitchCtx>>,
     ) -> Result<Status, AgentError> {
         let span = self.span.clone();
         async move {
-            let watching = shutdown.is_some();
-            let (stop_tx, mut stop_rx) = tokio_watch::channel(None::<Instant>);
-            let stop_tx = Arc::new(stop_tx);
-            let mut signal_task = None;
-            if let Some(sd) = shutdown {
-                let tx = stop_tx.clone();
-                signal_task = Some(tokio::spawn(
-                    async move {
-                        sd.await;
-                        tracing::info!("shutdown requested; finishing the batch in flight");
-                        let _ = tx.send(Some(Instant::now() + SHUTDOWN_GRACE));
-                    }
-                    .in_current_span(),
-                ));
-            }
             let (helpers_tx, helpers_rx) = tokio_watch::channel(None::<Instant>);
             let activity = Arc::new(Activity::new(self.roots.data_dir.clone()));
             let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -299,15 +462,21 @@ impl Agent {
                     }
                 }
             }
+            let watchdog = switch.as_ref().map(|sw| crate::replica::Watchdog {
+                cfg: Arc::new(self.full_cfg.clone()),
+                order: sw.order_tx.subscribe(),
+                part_size: self.opts.part_size,
+                progress: self.progress.clone(),
+            });
             let hb = tokio::spawn(
                 heartbeat_loop(
                     self.client.clone(),
                     self.progress.clone(),
                     self.state.clone(),
                     Arc::new(self.cfg.clone()),
-                    Duration::from_millis(self.cfg.heartbeat_ms),
                     helpers_rx.clone(),
                     Span::current(),
+                    switch,
                 )
                 .in_current_span(),
             );
@@ -318,6 +487,7 @@ impl Agent {
                     self.state.clone(),
                     &self.progress,
                     helpers_rx.clone(),
+                    watchdog,
                 )
             } else {
                 Vec::new()
@@ -434,9 +604,6 @@ impl Agent {
                 let _ = e.await;
             }
             let _ = writer.await;
-            if let Some(t) = signal_task {
-                t.abort();
-            }
             self.progress
                 .pending_changes
                 .store(self.queue.len() as u64, Ordering::Relaxed);
@@ -896,11 +1063,14 @@ async fn heartbeat_loop(
     progress: Arc<Progress>,
     state: Arc<StateDb>,
     cfg: Arc<Config>,
-    every: Duration,
     mut stop: StopRx,
     agent_span: Span,
+    switch: Option<Arc<SwitchCtx>>,
 ) {
+    let every = Duration::from_millis(cfg.heartbeat_ms);
     let agent_id = cfg.agent_id.clone();
+    let mut roles = switch.as_ref().map(|s| s.roles.clone()).unwrap_or_default();
+    let mut resolvers: Option<Vec<tokio::task::JoinHandle<()>>> = None;
     let db_roles = Arc::new(crate::db_roles::DbRoles::default());
     // Highest epoch known durable. The in-memory epoch may be ahead of it (learned from a push
     // reply or a `stale_epoch` refusal): a database order is applied only once its epoch is
@@ -911,7 +1081,7 @@ async fn heartbeat_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => break,
         }
         let sent = &progress.sent;
         let req = pb::HeartbeatRequest {
@@ -925,7 +1095,7 @@ async fn heartbeat_loop(
         };
         let result = tokio::select! {
             r = client.heartbeat(req) => r,
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => break,
         };
         match result {
             Ok(reply) => {
@@ -945,6 +1115,20 @@ async fn heartbeat_loop(
                 if reply.epoch >= progress.epoch.load(Ordering::Relaxed) && reply.epoch <= persisted
                 {
                     db_roles.offer(&cfg, reply.epoch, &reply.active_region);
+                    if let Some(sw) = &switch {
+                        let order = crate::roles::Order {
+                            epoch: reply.epoch,
+                            active_region: reply.active_region.clone(),
+                            active_coordinators: reply.active_coordinators.clone(),
+                        };
+                        follow_order(sw, &mut roles, &order, &state).await;
+                        if !order.active_region.is_empty() {
+                            sw.order_tx.send_replace(Some(order.clone()));
+                        }
+                        if !order.active_region.is_empty() && resolvers.is_none() {
+                            resolvers = Some(spawn_resolvers(&cfg, &state, &stop));
+                        }
+                    }
                 }
                 if !reply.leader_addr.is_empty() {
                     client.coordinators.redirect(&reply.leader_addr);
@@ -961,6 +1145,62 @@ async fn heartbeat_loop(
             Err(e) => tracing::debug!(error = %e, "heartbeat refused"),
         }
     }
+    for h in resolvers.into_iter().flatten() {
+        let _ = h.await;
+    }
+}
+
+/// Applies one order of the control record to the directory roles: records the roles it
+/// confirms, and asks for a switch (stopping the loop) when a role must change.
+async fn follow_order(
+    sw: &SwitchCtx,
+    roles: &mut std::collections::BTreeMap<String, crate::state::DirRole>,
+    order: &crate::roles::Order,
+    state: &Arc<StateDb>,
+) {
+    let rec = crate::roles::unrecorded(&sw.full, roles, order);
+    if !rec.is_empty() {
+        let (st, r) = (state.clone(), rec.clone());
+        match tokio::task::spawn_blocking(move || st.set_roles(&r)).await {
+            Ok(Ok(())) => roles.extend(rec),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist directory roles"),
+            Err(e) => tracing::warn!(error = %e, "cannot persist directory roles"),
+        }
+    }
+    if !crate::roles::switches(&sw.full, roles, order).is_empty() && Instant::now() >= sw.not_before
+    {
+        sw.tx.send_if_modified(|o| {
+            if o.is_none() {
+                *o = Some(order.clone());
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Starts, for every source directory that follows the active region, the task writing the
+/// versions `lifeboat resolve` commits ([`crate::replica::Mode::Resolved`]).
+fn spawn_resolvers(
+    cfg: &Config,
+    state: &Arc<StateDb>,
+    stop: &StopRx,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    cfg.paths
+        .iter()
+        .filter(|p| p.follow_active)
+        .map(|p| {
+            let r = crate::replica::Replica::resolved(
+                &p.name,
+                p.path.clone(),
+                cfg.tls.clone(),
+                cfg.coordinators.clone(),
+                state.clone(),
+            );
+            tokio::spawn(r.run(stop.clone()).in_current_span())
+        })
+        .collect()
 }
 
 async fn status_loop(

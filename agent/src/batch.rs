@@ -673,6 +673,7 @@ mod tests {
                 path: root,
                 include: vec!["**".into()],
                 exclude: exclude.iter().map(|s| s.to_string()).collect(),
+                follow_active: true,
             }],
             &d.path().join("state"),
         )
@@ -954,6 +955,7 @@ mod tests {
                 path: root.clone(),
                 include: vec!["**".into()],
                 exclude: vec![],
+                follow_active: true,
             }],
             &state_dir,
         )

@@ -72,6 +72,11 @@ pub mod defaults {
     pub(super) fn exec_timeout_secs() -> u64 {
         EXEC_TIMEOUT_SECS
     }
+    /// Whether `[[paths]]`/`[[replicas]]` entries follow the active region.
+    pub const FOLLOW_ACTIVE: bool = true;
+    pub(super) fn follow_active() -> bool {
+        FOLLOW_ACTIVE
+    }
     pub(super) fn include() -> Vec<String> {
         INCLUDE.iter().map(|s| s.to_string()).collect()
     }
@@ -156,10 +161,18 @@ pub struct PathConfig {
     /// Globs of entries to skip; an excluded directory excludes everything below it. Default none.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// With a global group, the directory's role follows the active region (see
+    /// `crate::roles`): a source while this agent's region is active, a replica of the active
+    /// region's catalog otherwise (changes the active region lacks are kept as conflicts first).
+    /// `false` pins it as a source. Default true.
+    #[serde(default = "defaults::follow_active")]
+    pub follow_active: bool,
 }
 
 /// Catalog root name reserved for exec snapshots (`_snapshots/<source>/<timestamp>.snap`).
 pub const SNAPSHOTS_ROOT: &str = "_snapshots";
+
+pub use lifeboat_common::catalog::CONFLICTS_ROOT;
 
 /// One exec snapshot source (`[[exec_sources]]`): `snapshot_command`'s stdout becomes a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +224,12 @@ pub struct ReplicaConfig {
     /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
     /// Entries under it that are not in the catalog are left alone.
     pub path: PathBuf,
+    /// With a global group, the directory's role follows the active region (see
+    /// `crate::roles`): it becomes a watched source under the same catalog name when this
+    /// agent's region becomes active (after a failover or switchover), and a replica again when
+    /// another region is. `false` pins it as a replica. Default true.
+    #[serde(default = "defaults::follow_active")]
+    pub follow_active: bool,
 }
 
 /// Why a configuration was refused.
@@ -461,6 +480,15 @@ impl Config {
             if p.name == SNAPSHOTS_ROOT {
                 return Err(bad("is reserved for [[exec_sources]] snapshots"));
             }
+            if p.name == CONFLICTS_ROOT {
+                return Err(bad("is reserved for conflicts after a failover"));
+            }
+            let follows = |r: &ReplicaConfig| r.follow_active || p.follow_active;
+            if self.replicas.iter().any(|r| r.name == p.name && follows(r)) {
+                return Err(bad(
+                    "is also a [[replicas]] name: with follow_active both would become sources of the same catalog root",
+                ));
+            }
             if !p.path.is_absolute() {
                 return Err(ConfigError::RelativePath {
                     name: p.name.clone(),
@@ -551,6 +579,9 @@ impl Config {
             }
             lifeboat_common::path::validate_rel_path(&r.name)
                 .map_err(|e| bad(format!("bad name: {e}")))?;
+            if r.name == CONFLICTS_ROOT || r.name == SNAPSHOTS_ROOT {
+                return Err(bad("name is reserved".into()));
+            }
             if !r.path.is_absolute() {
                 return Err(bad(format!("path {:?} must be absolute", r.path)));
             }
@@ -657,7 +688,22 @@ insecure = true
         let replica = |name: &str, path: &str| {
             format!("{GOOD}\n[[replicas]]\nname = \"{name}\"\npath = \"{path}\"\n")
         };
-        assert!(Config::from_toml(&replica("data", "/srv/replica")).is_ok());
+        assert!(Config::from_toml(&replica("other", "/srv/replica")).is_ok());
+        // The same name as a [[paths]] entry: both would become sources of one catalog root
+        // once the directory roles follow the active region; allowed only when pinned.
+        let e = err(&replica("data", "/srv/replica"));
+        assert!(e.to_string().contains("follow_active"), "{e}");
+        let pinned = format!(
+            "{}follow_active = false\n",
+            replica("data", "/srv/replica").replace(
+                "path = \"/srv/data\"\n",
+                "path = \"/srv/data\"\nfollow_active = false\n"
+            )
+        );
+        assert!(Config::from_toml(&pinned).is_ok(), "{pinned}");
+        assert!(err(&replica("_conflicts", "/srv/replica"))
+            .to_string()
+            .contains("reserved"));
         for (name, path) in [
             ("data", "/srv/data/replica"),
             ("data", "/srv"),

@@ -13,6 +13,7 @@
 //! - [`redis_source`]: `[[redis_sources]]`: RDB snapshots, `apply_role`, `health`.
 //! - [`replica`]: warm standby: applies the region's catalog to `[[replicas]]` directories.
 //! - [`retention`]: retention classes (restic `forget` rules) and catalog expiry of snapshots.
+//! - [`roles`]: directory roles follow the active region (promotion, demotion with conflicts).
 //! - [`pg_source`]: `[[postgres_sources]]`: base backups and WAL archiving through the pipeline.
 //! - [`pg_role`] and [`db`]: PostgreSQL promotion/fencing ([`pg_role::apply_role`]) and health.
 //! - [`status`]: progress counters and `status.json`.
@@ -37,6 +38,7 @@ pub mod push;
 pub mod redis_source;
 pub mod replica;
 pub mod retention;
+pub mod roles;
 pub mod scan;
 pub mod state;
 pub mod status;

@@ -45,8 +45,67 @@ use tonic::transport::Channel;
 
 use crate::config::ReplicaConfig;
 use crate::push::{classify, Coordinators, PushError};
-use crate::state::StateDb;
+use crate::state::{AckedChange, EntryState, StateDb};
 use crate::status::ReplicaProgress;
+
+/// Seconds between two looks for local changes in a replica that follows the active region.
+pub const LOCAL_CHECK: Duration = Duration::from_secs(3);
+
+/// Looks for local changes in a replica that follows the active region and hands them to the
+/// active region as conflicts ([`crate::roles::keep_local_changes`]), between batches.
+#[derive(Clone)]
+pub struct Watchdog {
+    /// The agent's configuration as written.
+    pub cfg: Arc<crate::Config>,
+    /// The newest order of the control record (from the heartbeat replies).
+    pub order: watch::Receiver<Option<crate::roles::Order>>,
+    /// Content bytes per part.
+    pub part_size: usize,
+    /// Counters (`conflicts_kept`).
+    pub progress: Arc<crate::status::Progress>,
+}
+
+/// What a [`Replica`] task applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every version under `"<name>/"`: a warm-standby directory.
+    Replica,
+    /// Only versions committed by `lifeboat resolve` (agent id
+    /// [`lifeboat_common::catalog::RESOLVE_AGENT_ID`]) into a *source* directory, and only when
+    /// newer than what this agent acknowledged for the path while the file on disk is still
+    /// that acknowledged version (a local change made since wins and is pushed as usual).
+    Resolved,
+}
+
+/// The acknowledged state matching an applied version (no signatures: the next change of the
+/// file is sent full, later ones as deltas).
+pub fn entry_of(v: &FileVersion) -> EntryState {
+    EntryState {
+        kind: v.v.kind,
+        size: v.v.size,
+        mode: v.v.mode,
+        mtime_ns: v.v.mtime_ns,
+        blake3: v.v.blake3,
+        parts: v.v.parts.clone(),
+        symlink_target: v.v.symlink_target.clone(),
+        seq: v.seq,
+    }
+}
+
+/// The state record of an applied version.
+fn acked_of(v: &FileVersion) -> AckedChange {
+    if v.v.deleted {
+        AckedChange::Delete {
+            path: v.v.path.clone(),
+        }
+    } else {
+        AckedChange::Upsert {
+            path: v.v.path.clone(),
+            entry: entry_of(v),
+            signatures: Vec::new(),
+        }
+    }
+}
 
 /// Prefix of the temp files written next to their destination.
 pub const TEMP_PREFIX: &str = ".lifeboat-replica-";
@@ -77,6 +136,12 @@ pub struct Replica {
     root: PathBuf,
     applied: u64,
     pending_rmdirs: BTreeSet<String>,
+    mode: Mode,
+    /// Record applied versions as acknowledged state (directories that follow the active
+    /// region: a later promotion re-sends nothing).
+    record: bool,
+    watchdog: Option<Watchdog>,
+    last_check: Option<Instant>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -120,6 +185,102 @@ impl Replica {
             progress,
             applied: 0,
             pending_rmdirs: BTreeSet::new(),
+            mode: Mode::Replica,
+            record: false,
+            watchdog: None,
+            last_check: None,
+        }
+    }
+
+    /// Hands local changes to the active region between batches (see [`Watchdog`]).
+    pub fn watching(mut self, w: Option<Watchdog>) -> Replica {
+        self.watchdog = w;
+        self
+    }
+
+    /// Runs the [`Watchdog`] when due; failures are logged (the changes stay and are tried
+    /// again).
+    async fn check_local(&mut self) {
+        let Some(w) = &self.watchdog else { return };
+        if self.last_check.is_some_and(|t| t.elapsed() < LOCAL_CHECK) {
+            return;
+        }
+        self.last_check = Some(Instant::now());
+        let Some(order) = w.order.borrow().clone() else {
+            return;
+        };
+        match crate::roles::keep_local_changes(
+            &w.cfg,
+            &self.state,
+            &self.cfg.name,
+            &order,
+            w.part_size,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                w.progress.conflicts_kept.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(replica = %self.cfg.name, error = %e, "cannot hand local changes to the active region yet; they stay and are tried again")
+            }
+        }
+    }
+
+    /// A follower of the `lifeboat resolve` versions for source directory `name` at `path`
+    /// ([`Mode::Resolved`]); its progress is kept apart from a replica's.
+    pub fn resolved(
+        name: &str,
+        path: PathBuf,
+        tls: TlsConfig,
+        coordinators: Vec<String>,
+        state: Arc<StateDb>,
+    ) -> Replica {
+        let mut r = Replica::new(
+            ReplicaConfig {
+                name: name.to_string(),
+                path,
+                follow_active: true,
+            },
+            tls,
+            coordinators,
+            state,
+            Arc::new(ReplicaProgress::default()),
+        );
+        r.mode = Mode::Resolved;
+        r.record = true;
+        r
+    }
+
+    /// Records applied versions as acknowledged state too (see [`crate::roles`]).
+    pub fn recording(mut self, record: bool) -> Replica {
+        self.record = record;
+        self
+    }
+
+    /// Key of this task's progress in the state (`/` cannot occur in a root name).
+    fn state_key(&self) -> String {
+        match self.mode {
+            Mode::Replica => self.cfg.name.clone(),
+            Mode::Resolved => format!("/resolved/{}", self.cfg.name),
+        }
+    }
+
+    /// Applies every version committed so far (the stream without `follow`), then returns.
+    ///
+    /// Errors: the first failure (nothing is lost: progress is persisted batch by batch).
+    pub async fn catch_up(&mut self) -> Result<(), String> {
+        loop {
+            match self.session(false).await {
+                Ok(()) => return Ok(()),
+                Err(SessionError::Push(PushError::NotLeader { leader })) => {
+                    if !self.coordinators.redirect(&leader) {
+                        return Err(format!("not the leader; leader is {leader}"));
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
         }
     }
 
@@ -137,7 +298,7 @@ impl Replica {
         let mut backoff = BACKOFF_MIN;
         loop {
             let res = tokio::select! {
-                r = self.session() => r,
+                r = self.session(true) => r,
                 _ = stop.wait_for(|d| d.is_some()) => return,
             };
             let wait = match res {
@@ -173,7 +334,7 @@ impl Replica {
         self.root = path
             .canonicalize()
             .map_err(|e| SessionError::Other(format!("{}: {e}", path.display())))?;
-        let (state, name) = (self.state.clone(), self.cfg.name.clone());
+        let (state, name) = (self.state.clone(), self.state_key());
         let (applied, pending) = tokio::task::spawn_blocking(move || {
             Ok::<_, crate::state::StateError>((
                 state.replica_seq(&name)?,
@@ -188,7 +349,7 @@ impl Replica {
         Ok(())
     }
 
-    async fn session(&mut self) -> Result<(), SessionError> {
+    async fn session(&mut self, follow: bool) -> Result<(), SessionError> {
         self.load().await?;
         let addr = self.coordinators.current();
         let ch = self.channel(&addr)?;
@@ -200,7 +361,7 @@ impl Replica {
         let mut stream = repl
             .subscribe_catalog(SubscribeRequest {
                 from_seq: self.applied + 1,
-                follow: true,
+                follow,
                 max_rows: 0,
                 any_node: false,
             })
@@ -211,6 +372,7 @@ impl Replica {
         self.coordinators.confirm(&addr);
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|s| classify(&addr, &s))?;
+            self.check_local().await;
             self.progress
                 .known_seq
                 .fetch_max(batch.last_seq, Ordering::Relaxed);
@@ -218,8 +380,14 @@ impl Replica {
                 continue;
             };
             let mut touched = BTreeSet::new();
+            let mut acked = Vec::new();
             for row in &batch.rows {
                 if row.seq <= self.applied {
+                    continue;
+                }
+                if self.mode == Mode::Resolved
+                    && row.agent_id != lifeboat_common::catalog::RESOLVE_AGENT_ID
+                {
                     continue;
                 }
                 let v = match FileVersion::from_pb(row) {
@@ -230,8 +398,12 @@ impl Replica {
                         continue;
                     }
                 };
+                if self.mode == Mode::Resolved && !self.resolution_applies(&v).await? {
+                    continue;
+                }
                 match self.apply(&blobs, &v, &mut touched).await {
-                    Ok(()) => {}
+                    Ok(true) if self.record => acked.push(acked_of(&v)),
+                    Ok(_) => {}
                     Err(e) if is_unsafe_path(&e) => {
                         tracing::error!(replica = %self.cfg.name, seq = v.seq, path = %v.v.path, error = %e, "replica refused an unsafe path; skipped, nothing written");
                         self.progress.refused.fetch_add(1, Ordering::Relaxed);
@@ -240,16 +412,65 @@ impl Replica {
                 }
             }
             self.retry_rmdirs(&mut touched);
-            self.persist(last, touched).await?;
+            self.persist(last, touched, acked).await?;
         }
-        Err(SessionError::Other(
-            "the coordinator ended the subscription".into(),
-        ))
+        if follow {
+            return Err(SessionError::Other(
+                "the coordinator ended the subscription".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Mode::Resolved`]: whether version `v` (committed by `lifeboat resolve`) should be
+    /// written: newer than the acknowledged state of its path, and the disk still holds that
+    /// state (or nothing, for a path this agent never had).
+    async fn resolution_applies(&self, v: &FileVersion) -> Result<bool, SessionError> {
+        let Some(rel) =
+            v.v.path
+                .strip_prefix(self.cfg.name.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+        else {
+            return Ok(false);
+        };
+        let (state, path, disk) = (
+            self.state.clone(),
+            v.v.path.clone(),
+            safe_join(&self.root, rel, true).ok(),
+        );
+        let seq = v.seq;
+        let ok = tokio::task::spawn_blocking(move || {
+            let entry = state.reader()?.get(&path)?;
+            if entry.as_ref().is_some_and(|e| e.seq >= seq) {
+                return Ok::<_, SessionError>(false);
+            }
+            let Some(disk) = disk else { return Ok(false) };
+            let found = crate::scan::lstat(&disk)
+                .map_err(|e| SessionError::Other(format!("lstat {}: {e}", disk.display())))?;
+            Ok(match (found, entry) {
+                (crate::scan::Found::Missing, _) => true,
+                (crate::scan::Found::Entry(m), Some(e)) => crate::scan::unchanged(&m, &e),
+                _ => false,
+            })
+        })
+        .await
+        .map_err(|e| SessionError::Other(e.to_string()))??;
+        if !ok {
+            tracing::warn!(path = %v.v.path, seq = v.seq, "resolved version not written: the path changed here since (the local version is pushed and wins)");
+        } else {
+            tracing::info!(path = %v.v.path, seq = v.seq, "writing the version chosen by `lifeboat resolve`");
+        }
+        Ok(ok)
     }
 
     /// fsyncs touched directories, then records `seq` (and the pending removals) durably.
-    async fn persist(&mut self, seq: u64, touched: BTreeSet<PathBuf>) -> Result<(), SessionError> {
-        let (state, name) = (self.state.clone(), self.cfg.name.clone());
+    async fn persist(
+        &mut self,
+        seq: u64,
+        touched: BTreeSet<PathBuf>,
+        acked: Vec<AckedChange>,
+    ) -> Result<(), SessionError> {
+        let (state, name) = (self.state.clone(), self.state_key());
         let pending: Vec<String> = self.pending_rmdirs.iter().cloned().collect();
         tokio::task::spawn_blocking(move || {
             for d in touched {
@@ -259,7 +480,7 @@ impl Replica {
                         .map_err(|e| SessionError::Other(format!("fsync {}: {e}", d.display())))?;
                 }
             }
-            state.replica_commit(&name, seq, &pending)?;
+            state.replica_commit(&name, seq, &pending, &acked)?;
             Ok::<(), SessionError>(())
         })
         .await
@@ -281,12 +502,13 @@ impl Replica {
         }
     }
 
+    /// Applies `v` if it lies under this replica's root; returns whether it did.
     async fn apply(
         &mut self,
         blobs: &BlobClient,
         v: &FileVersion,
         touched: &mut BTreeSet<PathBuf>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<bool, ApplyError> {
         let name = self.cfg.name.as_str();
         let rel = if v.v.path == name {
             None
@@ -299,7 +521,7 @@ impl Replica {
             {
                 Some(r) => Some(r.to_string()),
                 // Another root: not ours.
-                None => return Ok(()),
+                None => return Ok(false),
             }
         };
         let root = self.root.clone();
@@ -313,10 +535,10 @@ impl Replica {
                         error,
                     })?;
             }
-            return Ok(());
+            return Ok(true);
         };
         if v.v.deleted {
-            return self.remove(&root, &rel, v.v.kind, touched);
+            return self.remove(&root, &rel, v.v.kind, touched).map(|()| true);
         }
         match v.v.kind {
             EntryKind::File => {
@@ -333,7 +555,7 @@ impl Replica {
         }
         self.keep_dirs(&rel);
         touched.insert(parent_of(&root, &rel));
-        Ok(())
+        Ok(true)
     }
 
     /// Applies a tombstone: unlinks a file or symlink (never following it); a directory is
@@ -418,12 +640,14 @@ impl Replica {
     }
 }
 
-/// Starts one task per replica of `cfg`, registering their progress in `progress`.
+/// Starts one task per replica of `cfg`, registering their progress in `progress`; replicas
+/// that follow the active region get `watchdog`.
 pub fn spawn_all(
     cfg: &crate::Config,
     state: Arc<StateDb>,
     progress: &crate::status::Progress,
     stop: watch::Receiver<Option<Instant>>,
+    watchdog: Option<Watchdog>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use tracing::Instrument;
     cfg.replicas
@@ -441,7 +665,9 @@ pub fn spawn_all(
                 cfg.coordinators.clone(),
                 state.clone(),
                 p,
-            );
+            )
+            .recording(r.follow_active)
+            .watching(watchdog.clone().filter(|_| r.follow_active));
             tokio::spawn(rep.run(stop.clone()).in_current_span())
         })
         .collect()
@@ -457,6 +683,7 @@ mod tests {
             ReplicaConfig {
                 name: "data".into(),
                 path: root.to_path_buf(),
+                follow_active: true,
             },
             TlsConfig::default(),
             vec!["127.0.0.1:1".into()],

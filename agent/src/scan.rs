@@ -303,6 +303,7 @@ mod tests {
             path: "/x".into(),
             include: include.iter().map(|s| s.to_string()).collect(),
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            follow_active: true,
         })
         .unwrap()
     }
@@ -348,6 +349,7 @@ mod tests {
                 path: root.clone(),
                 include: vec!["**".into()],
                 exclude: vec![],
+                follow_active: true,
             }],
             &data,
         )

@@ -32,6 +32,10 @@ const REPLICA_SEQ: TableDefinition<&str, u64> = TableDefinition::new("replica_se
 /// was not empty yet; removed once it is.
 const REPLICA_RMDIR: TableDefinition<(&str, &str), ()> = TableDefinition::new("replica_rmdir");
 
+/// Catalog root name → serialized [`DirRole`] (JSON): the role a `follow_active` directory took
+/// under which epoch (see `crate::roles`).
+const ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("roles");
+
 const META_EPOCH: &str = "epoch";
 const META_NEXT_CHANGE_ID: &str = "next_change_id";
 
@@ -78,6 +82,16 @@ pub struct EntryState {
     pub symlink_target: Option<String>,
     /// Catalog sequence number from the acknowledgement.
     pub seq: u64,
+}
+
+/// The role of one directory (a `[[paths]]` or `[[replicas]]` entry that follows the active
+/// region), persisted so a restart resumes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirRole {
+    /// Watched and pushed (`true`), or kept as a replica of the catalog (`false`).
+    pub source: bool,
+    /// Epoch of the control record that ordered this role.
+    pub epoch: u64,
 }
 
 /// One acknowledged change, as recorded by [`StateDb::commit`].
@@ -137,6 +151,42 @@ fn prefix_end(prefix: &str) -> String {
     end
 }
 
+/// Records acknowledged changes (entries, signatures, acked part hashes; removals) in `txn`.
+fn record_acked(txn: &redb::WriteTransaction, changes: &[AckedChange]) -> Result<(), redb::Error> {
+    let mut entries = txn.open_table(ENTRIES)?;
+    let mut sigs = txn.open_table(SIGNATURES)?;
+    let mut blobs = txn.open_table(ACKED_BLOBS)?;
+    for c in changes {
+        match c {
+            AckedChange::Upsert {
+                path,
+                entry,
+                signatures,
+            } => {
+                let bytes = serde_json::to_vec(entry)
+                    .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+                entries.insert(path.as_str(), bytes.as_slice())?;
+                sigs.retain_in((path.as_str(), 0u32)..=(path.as_str(), u32::MAX), |_, _| {
+                    false
+                })?;
+                for (i, s) in signatures.iter().enumerate() {
+                    sigs.insert((path.as_str(), i as u32), s.as_slice())?;
+                }
+                for p in &entry.parts {
+                    blobs.insert(p.hash.0.as_slice(), ())?;
+                }
+            }
+            AckedChange::Delete { path } => {
+                entries.remove(path.as_str())?;
+                sigs.retain_in((path.as_str(), 0u32)..=(path.as_str(), u32::MAX), |_, _| {
+                    false
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl StateDb {
     /// Opens (creating if needed) `<data_dir>/agent.redb`, creating `data_dir` too.
     ///
@@ -158,6 +208,7 @@ impl StateDb {
             txn.open_table(META)?;
             txn.open_table(REPLICA_SEQ)?;
             txn.open_table(REPLICA_RMDIR)?;
+            txn.open_table(ROLES)?;
             Ok(())
         })?;
         Ok(me)
@@ -249,40 +300,8 @@ impl StateDb {
         next_change_id: u64,
     ) -> Result<(), StateError> {
         self.write(|txn| {
-            let mut entries = txn.open_table(ENTRIES)?;
-            let mut sigs = txn.open_table(SIGNATURES)?;
-            let mut blobs = txn.open_table(ACKED_BLOBS)?;
+            record_acked(txn, changes)?;
             let mut meta = txn.open_table(META)?;
-            for c in changes {
-                match c {
-                    AckedChange::Upsert {
-                        path,
-                        entry,
-                        signatures,
-                    } => {
-                        let bytes = serde_json::to_vec(entry)
-                            .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
-                        entries.insert(path.as_str(), bytes.as_slice())?;
-                        sigs.retain_in(
-                            (path.as_str(), 0u32)..=(path.as_str(), u32::MAX),
-                            |_, _| false,
-                        )?;
-                        for (i, s) in signatures.iter().enumerate() {
-                            sigs.insert((path.as_str(), i as u32), s.as_slice())?;
-                        }
-                        for p in &entry.parts {
-                            blobs.insert(p.hash.0.as_slice(), ())?;
-                        }
-                    }
-                    AckedChange::Delete { path } => {
-                        entries.remove(path.as_str())?;
-                        sigs.retain_in(
-                            (path.as_str(), 0u32)..=(path.as_str(), u32::MAX),
-                            |_, _| false,
-                        )?;
-                    }
-                }
-            }
             let cur = meta.get(META_EPOCH)?.map(|v| v.value()).unwrap_or(0);
             if epoch > cur {
                 meta.insert(META_EPOCH, epoch)?;
@@ -328,7 +347,9 @@ impl StateDb {
     }
 
     /// Records, in one write transaction, that replica `name` applied everything up to `seq`
-    /// (durably), with its pending directory removals now exactly `pending_rmdirs`.
+    /// (durably), with its pending directory removals now exactly `pending_rmdirs`, and the
+    /// versions it applied as acknowledged state (`acked`, so a directory that becomes a source
+    /// sends only what changes afterwards).
     ///
     /// Errors: [`StateError::Db`]; nothing is recorded then.
     pub fn replica_commit(
@@ -336,14 +357,55 @@ impl StateDb {
         name: &str,
         seq: u64,
         pending_rmdirs: &[String],
+        acked: &[AckedChange],
     ) -> Result<(), StateError> {
         self.write(|txn| {
+            record_acked(txn, acked)?;
             let mut seqs = txn.open_table(REPLICA_SEQ)?;
             seqs.insert(name, seq)?;
             let mut rm = txn.open_table(REPLICA_RMDIR)?;
             rm.retain_in((name, "")..(name, "\u{10FFFF}"), |_, _| false)?;
             for p in pending_rmdirs {
                 rm.insert((name, p.as_str()), ())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Roles of the directories that follow the active region, by catalog root name.
+    ///
+    /// Errors: [`StateError`].
+    pub fn roles(&self) -> Result<std::collections::BTreeMap<String, DirRole>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(ROLES).map_err(|e| self.err(e))?;
+        let mut out = std::collections::BTreeMap::new();
+        for r in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = r.map_err(|e| self.err(e))?;
+            let role: DirRole =
+                serde_json::from_slice(v.value()).map_err(|e| StateError::Corrupted {
+                    path: k.value().to_string(),
+                    reason: e.to_string(),
+                })?;
+            out.insert(k.value().to_string(), role);
+        }
+        Ok(out)
+    }
+
+    /// Records `roles` (and raises the epoch to theirs) in one write transaction.
+    ///
+    /// Errors: [`StateError::Db`]; nothing is recorded then.
+    pub fn set_roles(&self, roles: &[(String, DirRole)]) -> Result<(), StateError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(ROLES)?;
+            let mut meta = txn.open_table(META)?;
+            for (name, role) in roles {
+                let bytes = serde_json::to_vec(role)
+                    .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+                t.insert(name.as_str(), bytes.as_slice())?;
+                let cur = meta.get(META_EPOCH)?.map(|v| v.value()).unwrap_or(0);
+                if role.epoch > cur {
+                    meta.insert(META_EPOCH, role.epoch)?;
+                }
             }
             Ok(())
         })
@@ -570,16 +632,60 @@ mod tests {
         {
             let db = StateDb::open(dir.path()).unwrap();
             assert_eq!(db.replica_seq("data").unwrap(), 0);
-            db.replica_commit("data", 42, &["d/e".into(), "d".into()])
+            db.replica_commit("data", 42, &["d/e".into(), "d".into()], &[])
                 .unwrap();
-            db.replica_commit("other", 7, &["x".into()]).unwrap();
+            db.replica_commit("other", 7, &["x".into()], &[]).unwrap();
         }
         let db = StateDb::open(dir.path()).unwrap();
         assert_eq!(db.replica_seq("data").unwrap(), 42);
         assert_eq!(db.replica_seq("other").unwrap(), 7);
         assert_eq!(db.replica_pending_rmdirs("data").unwrap(), vec!["d", "d/e"]);
-        db.replica_commit("data", 50, &[]).unwrap();
+        db.replica_commit("data", 50, &[], &[]).unwrap();
         assert!(db.replica_pending_rmdirs("data").unwrap().is_empty());
         assert_eq!(db.replica_pending_rmdirs("other").unwrap(), vec!["x"]);
+    }
+
+    #[test]
+    fn roles_and_replica_acks_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            assert!(db.roles().unwrap().is_empty());
+            db.set_roles(&[(
+                "data".into(),
+                DirRole {
+                    source: false,
+                    epoch: 4,
+                },
+            )])
+            .unwrap();
+            // A replica's applied version counts as acknowledged (parts known, no signature).
+            db.replica_commit(
+                "data",
+                9,
+                &[],
+                &[AckedChange::Upsert {
+                    path: "data/f".into(),
+                    entry: file_entry(&[b"abc"], 9),
+                    signatures: vec![],
+                }],
+            )
+            .unwrap();
+        }
+        let db = StateDb::open(dir.path()).unwrap();
+        let roles = db.roles().unwrap();
+        assert_eq!(
+            roles.get("data"),
+            Some(&DirRole {
+                source: false,
+                epoch: 4
+            })
+        );
+        assert_eq!(db.epoch().unwrap(), 4, "a role's epoch raises the epoch");
+        assert_eq!(db.replica_seq("data").unwrap(), 9);
+        let r = db.reader().unwrap();
+        assert_eq!(r.get("data/f").unwrap().unwrap().seq, 9);
+        assert!(r.is_acked_blob(&BlobHash::of(b"abc")).unwrap());
+        assert!(r.signature("data/f", 0).unwrap().is_none());
     }
 }

@@ -59,6 +59,16 @@ pub struct Status {
     /// as errors and skipped.
     #[serde(default)]
     pub replica_refused: u64,
+    /// Role of every directory: catalog root name → `"source"` or `"replica"` (see
+    /// `crate::roles`).
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, String>,
+    /// Role switches completed since start (promotions and demotions).
+    #[serde(default)]
+    pub role_switches: u64,
+    /// Local changes handed to the active region as conflicts since start.
+    #[serde(default)]
+    pub conflicts_kept: u64,
     /// When this file was written, ms since the Unix epoch.
     pub updated_ms: i64,
 }
@@ -99,6 +109,12 @@ pub struct Progress {
     pub last_ack_ms: AtomicI64,
     /// One entry per `[[replicas]]` entry being applied.
     pub replicas: std::sync::Mutex<Vec<Arc<ReplicaProgress>>>,
+    /// Role of every directory (catalog root name → `"source"` / `"replica"`).
+    pub roles: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Role switches completed since start.
+    pub role_switches: AtomicU64,
+    /// Local changes handed to the active region as conflicts since start.
+    pub conflicts_kept: AtomicU64,
 }
 
 impl Progress {
@@ -153,6 +169,9 @@ impl Progress {
             replica_applied_seq,
             replica_lag_entries,
             replica_refused,
+            roles: self.roles.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            role_switches: self.role_switches.load(Ordering::Relaxed),
+            conflicts_kept: self.conflicts_kept.load(Ordering::Relaxed),
             updated_ms: now,
         }
     }

@@ -189,6 +189,24 @@ pub fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::pr
         .expect("run lifeboat")
 }
 
+/// Runs the real `lifeboat` binary against every coordinator of every region and the witness of
+/// `regions` (same CA): `lifeboat ARGS --coordinator <all> --tls-dir <certs>`.
+pub fn lifeboat_regions(
+    regions: &lifeboat_cli::regions::Regions,
+    args: &[&str],
+) -> std::process::Output {
+    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let conn = regions.conn();
+    std::process::Command::new(bin)
+        .args(args)
+        .arg("--coordinator")
+        .arg(conn.coordinators.join(","))
+        .arg("--tls-dir")
+        .arg(conn.tls_dir.expect("regions have a CA"))
+        .output()
+        .expect("run lifeboat")
+}
+
 /// Parses a successful `lifeboat --output json` run; panics with its stderr otherwise.
 pub fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(
@@ -271,4 +289,25 @@ pub async fn leader_status(cluster: &Cluster) -> anyhow::Result<lifeboat_proto::
         .status(lifeboat_proto::StatusRequest {})
         .await?
         .into_inner())
+}
+
+/// Polls `cond` every 200 ms until it holds, for at most `timeout`.
+///
+/// Errors: `cond` still false after `timeout` (the message names `what`).
+pub async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -3,8 +3,11 @@
 //! replication). Every process of A is SIGKILLed: the global group (B's 3 + witness = 4 of 7)
 //! fails B over under epoch 2 after A's lease surely expired, B's traffic hook runs with the
 //! epoch and regions in its environment, and a restore from B is byte-equal with every
-//! acknowledged change (RPO 0). A restarts and rejoins as a standby that refuses writes; a
-//! planned `lifeboat failback` then moves back to A under epoch 3 with nothing lost.
+//! acknowledged change (RPO 0). B's agent, which kept a warm replica of A's directory, turns it
+//! into a source: nothing is re-sent on the switch, and a file written there afterwards is
+//! acknowledged by B. A restarts and rejoins as a standby that refuses writes; a planned
+//! `lifeboat failback` then moves back to A under epoch 3 with nothing lost, and B's directory
+//! becomes a replica again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -37,7 +40,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert!(s["automatic"].get("Ok").is_some(), "2 regions + witness: automatic failover allowed: {s}");
 
         // Drill: the plan names the target, the new epoch and the hook, and acts on nothing.
-        let drill = json(&run_cli(&regions, &["drill", "--simulate", "--output", "json"]));
+        let drill = json(&lifeboat_regions(&regions, &["drill", "--simulate", "--output", "json"]));
         assert_eq!(drill["to"], "b");
         assert_eq!(drill["new_epoch"], 2);
         assert_eq!(drill["hooks"][0], "move-dns");
@@ -53,6 +56,18 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         let st = settle(&data).await?;
         assert!(st["changes_acked"].as_u64().unwrap() > 0, "{st}");
         assert_eq!(st["pending_changes"], 0, "{st}");
+        // Region B's agent keeps a warm replica of it (its role follows the active region).
+        let rep_b = dir.join("replica-b");
+        let (cfg_rb, data_rb) = regions.region("b").write_agent_config(
+            "agent-rb",
+            &[],
+            &format!("[[replicas]]\nname = \"data\"\npath = \"{}\"\n", rep_b.display()),
+        )?;
+        regions.region_mut("b").start_agent(&cfg_rb)?;
+        wait_until(Duration::from_secs(120), "b's replica equals a's tree", || {
+            tree::compare(&src, &rep_b).map(|c| c.equal()).unwrap_or(false)
+        })
+        .await?;
 
         // Lose region A entirely.
         let killed = Instant::now();
@@ -71,7 +86,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert!(c.equal(), "{:?}", c.differences);
 
         // The audit log has the failover, the promotion, the hook and the completion.
-        let audit = json(&run_cli(&regions, &["audit", "--output", "json"]));
+        let audit = json(&lifeboat_regions(&regions, &["audit", "--output", "json"]));
         let actions: Vec<&str> = audit
             .as_array()
             .unwrap()
@@ -81,6 +96,19 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         for a in ["failover", "promote", "traffic-hook", "completed"] {
             assert!(actions.contains(&a), "audit lacks {a}: {audit}");
         }
+
+        // B's agent promoted its replica to a source without re-sending a single file.
+        wait_until(Duration::from_secs(120), "b's agent is a source of data", || {
+            agent_status(&data_rb).is_some_and(|s| s["roles"]["data"] == "source")
+        })
+        .await?;
+        let (all, _) = restore::list(&regions.region("b").conn(), "data", None, true, false).await?;
+        let resent: Vec<&str> = all
+            .iter()
+            .filter(|v| v.v.region == "b" && v.v.kind == lifeboat_common::catalog::EntryKind::File)
+            .map(|v| v.v.path.as_str())
+            .collect();
+        assert!(resent.is_empty(), "files re-sent on promotion: {resent:?}");
 
         // A comes back: standby of B, refusing agent writes (its lease is gone).
         regions.start_region("a")?;
@@ -106,9 +134,21 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
             .write_agent_config("agent-b", &[("data-b", &src_b)], "")?;
         regions.region_mut("b").start_agent(&cfg_b)?;
         settle(&data_b).await?;
+        // A file written in B's promoted directory is acknowledged by B and restorable from B.
+        std::fs::write(rep_b.join("written-in-b.txt"), b"written in region b after the failover\n")?;
+        let st = settle(&data_rb).await?;
+        assert_eq!(st["pending_changes"], 0, "{st}");
+        let restored = dir.join("restored-b-new");
+        restore_latest(regions.region("b"), "data", &restored).await?;
+        let c = tree::compare(&rep_b, &restored.join("data"))?;
+        assert!(c.equal(), "{:?}", c.differences);
+        assert_eq!(
+            std::fs::read(restored.join("data/written-in-b.txt"))?,
+            b"written in region b after the failover\n"
+        );
 
         // Planned failback: back to A under epoch 3, nothing lost.
-        let out = run_cli(&regions, &["failback", "--output", "json"]);
+        let out = lifeboat_regions(&regions, &["failback", "--output", "json"]);
         let fb = json(&out);
         assert_eq!(fb["to"], "a");
         assert_eq!(fb["epoch"], 3);
@@ -118,8 +158,13 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert!(c.equal(), "{:?}", c.differences);
         let restored = dir.join("restored-a2");
         restore_latest(regions.region("a"), "data", &restored).await?;
-        let c = tree::compare(&src, &restored.join("data"))?;
+        let c = tree::compare(&rep_b, &restored.join("data"))?;
         assert!(c.equal(), "{:?}", c.differences);
+        // B's directory follows A again: a replica.
+        wait_until(Duration::from_secs(120), "b's agent is a replica of data", || {
+            agent_status(&data_rb).is_some_and(|s| s["roles"]["data"] == "replica")
+        })
+        .await?;
         Ok(())
     })
     .await

@@ -2,8 +2,10 @@
 //! entry (an exec check) starts failing. The regional leader reports the region unhealthy, the
 //! global group stops renewing a's lease, waits until it surely expired, and fails over to b
 //! under epoch 2; the audit log names the failing check. Region a, alive but fenced, no longer
-//! acknowledges its agent's changes: a file written in a afterwards stays pending and never
-//! reaches b's catalog.
+//! acknowledges its agent's changes: a file written in a afterwards never reaches b's `data`
+//! tree. Once a's agent learns b is active it hands that file to b as a conflict
+//! (`_conflicts/a/e2/data/after.txt`, listed by `lifeboat conflicts`) and its directory becomes
+//! a replica of b (the file leaves a's directory; it is kept only as the conflict).
 
 use std::time::Duration;
 
@@ -39,21 +41,39 @@ async fn failing_agent_check_fails_the_region_over_and_fences_it() -> anyhow::Re
             audit.contains("check service failed"),
             "the audit log names the failing check: {audit}"
         );
-        // Region a is fenced: a new change there is never acknowledged.
+        // Region a is fenced: a new change there is not acknowledged as `data/after.txt`; it
+        // becomes a conflict in b, and a's directory follows b.
         std::fs::write(src.join("after.txt"), b"written in the fenced region\n")?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let st = agent_status(&data).expect("status.json");
-        assert!(
-            st["pending_changes"].as_u64().unwrap_or(0) >= 1,
-            "the fenced region must not acknowledge: {st}"
-        );
+        let conflict = "_conflicts/a/e2/data/after.txt";
+        let mut listed = serde_json::Value::Null;
+        wait_until(Duration::from_secs(120), "the fenced change is a conflict", || {
+            let out = lifeboat(regions.region("b"), &["conflicts", "--output", "json"]);
+            listed = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            listed
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c["conflict"] == conflict))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {listed}"))?;
+        wait_until(Duration::from_secs(120), "a's directory follows b", || {
+            agent_status(&data).is_some_and(|s| s["roles"]["data"] == "replica")
+                && !src.join("after.txt").exists()
+        })
+        .await?;
         let restored = dir.join("restored");
         restore_latest(regions.region("b"), "data", &restored).await?;
         assert!(restored.join("data/before.txt").exists());
         assert!(
             !restored.join("data/after.txt").exists(),
-            "a change made in the fenced region reached b"
+            "a change made in the fenced region reached b's data tree"
         );
+        restore_latest(regions.region("b"), conflict, &restored).await?;
+        assert_eq!(
+            std::fs::read(restored.join(conflict))?,
+            b"written in the fenced region\n"
+        );
+        let c = tree::compare(&src, &restored.join("data"))?;
+        assert!(c.equal(), "a's directory equals b's tree: {:?}", c.differences);
         let a = regions.control_status().await.expect("status");
         let ra = a["regions"]
             .as_array()

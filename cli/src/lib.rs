@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod conflicts;
 pub mod conn;
 pub mod control;
 pub mod db_restore;

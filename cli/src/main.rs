@@ -1,6 +1,6 @@
 //! `lifeboat`: the operator CLI (status, ls, versions, restore, certs) plus `demo` and `bench`.
 
-use lifeboat_cli::{conn, control, db_restore, demo, pg_restore, restore};
+use lifeboat_cli::{conflicts, conn, control, db_restore, demo, pg_restore, restore};
 
 use std::path::PathBuf;
 
@@ -181,6 +181,32 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Unresolved conflicts after a failover: changes a fenced region made that the active
+    /// region did not have, kept in the active region's catalog at
+    /// `_conflicts/<from region>/e<epoch>/<path>` (path, from region, epoch, when, size, blake3,
+    /// and the active region's current version of the path).
+    #[command(
+        long_about = "Unresolved conflicts after a failover.\n\nWhen a region that was fenced (another region became active at a newer epoch) learns it is no longer active, its agents push every local change the active region lacks (pending when it was fenced, or made afterwards) to the active region, which commits it at `_conflicts/<from region>/e<epoch>/<path>`; only then do their directories become replicas of the active region (its version wins on disk). Settle each with `lifeboat resolve`. Give the coordinators of every region (or at least of the active one)."
+    )]
+    Conflicts {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Settle the conflict of PATH in the active region: `--keep source` makes the fenced
+    /// region's version the current version of PATH, `--keep target` keeps the active region's
+    /// version (the conflict is discarded), `--keep both` adds the fenced version next to it as
+    /// `PATH.conflict-<region>-e<epoch>`. Catalog-only (no data copied); the active region's
+    /// agents write the result into their directories, standbys get it by replication.
+    Resolve {
+        /// The conflicting path (e.g. `data/report.txt`), or the conflict row itself
+        /// (`_conflicts/a/e2/data/report.txt`) when PATH has several.
+        path: String,
+        /// Which version wins.
+        #[arg(long, value_enum)]
+        keep: Keep,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// The global group's topology (every coordinator of every region and the witness): show
     /// it, or add / remove a voter. Automatic failover is re-evaluated after every change (two
     /// regions need a witness).
@@ -225,6 +251,17 @@ enum TopologyCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+}
+
+/// `lifeboat resolve --keep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Keep {
+    /// The fenced region's version becomes the current version.
+    Source,
+    /// The active region's version stays; the conflict is discarded.
+    Target,
+    /// Both: the fenced version is added as `PATH.conflict-<region>-e<epoch>`.
+    Both,
 }
 
 #[derive(Subcommand, Debug)]
@@ -435,6 +472,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
                 control::print_plan(&p);
+            }
+        }
+        Cmd::Conflicts { conn } => {
+            let list = conflicts::list(&conn).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                conflicts::print(&list);
+            }
+        }
+        Cmd::Resolve { path, keep, conn } => {
+            let keep = match keep {
+                Keep::Source => "source",
+                Keep::Target => "target",
+                Keep::Both => "both",
+            };
+            let v = conflicts::resolve(&conn, &path, keep).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "resolved {} (conflict {} from region {}): kept {keep}; committed at epoch {}: {}",
+                    v["path"].as_str().unwrap_or("?"),
+                    v["conflict"].as_str().unwrap_or("?"),
+                    v["from_region"].as_str().unwrap_or("?"),
+                    v["epoch"],
+                    v["committed"]
+                );
             }
         }
         Cmd::Topology { action } => {

@@ -13,7 +13,6 @@
 //! `--start-check` does that once (on a free port, no TCP listener, archiving off), waits until
 //! `pg_controldata` reports `in production`, and stops the server again.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -352,17 +351,7 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
 }
 
 fn hash_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(lifeboat_common::blob::BlobHash::of_file(path)?.to_hex())
 }
 
 /// Unpacks `tar` into `dest`, refusing absolute paths, `..`, links and special files.

@@ -30,6 +30,23 @@ impl BlobHash {
     pub fn of(data: &[u8]) -> Self {
         BlobHash(*blake3::hash(data).as_bytes())
     }
+    /// Hash of the whole content of the file at `path`, read in 1 MiB chunks.
+    ///
+    /// Errors: I/O errors opening or reading it.
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(BlobHash(*h.finalize().as_bytes()))
+    }
     /// Lowercase hex form (64 chars).
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

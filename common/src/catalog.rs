@@ -77,6 +77,31 @@ pub struct NewVersion {
     pub rename_from: Option<String>,
 }
 
+/// Catalog root of conflicts after a failover: a change a fenced region made that the active
+/// region lacks is committed in the active region at [`conflict_path`] (never applied to
+/// replicas; listed by `lifeboat conflicts`, settled by `lifeboat resolve`).
+pub const CONFLICTS_ROOT: &str = "_conflicts";
+
+/// `agent_id` of the versions `lifeboat resolve` commits: the active region's source agents
+/// write them into their directories.
+pub const RESOLVE_AGENT_ID: &str = "lifeboat-resolve";
+
+/// `_conflicts/<from region>/e<epoch>/<original path>`: where the active region keeps a fenced
+/// region's version of `path` (`epoch`: the epoch under which it was handed over).
+pub fn conflict_path(from_region: &str, epoch: u64, path: &str) -> String {
+    format!("{CONFLICTS_ROOT}/{from_region}/e{epoch}/{path}")
+}
+
+/// The parts of a [`conflict_path`]: `(from region, epoch, original path)`; `None` for any
+/// other path.
+pub fn parse_conflict_path(p: &str) -> Option<(String, u64, String)> {
+    let rest = p.strip_prefix(CONFLICTS_ROOT)?.strip_prefix('/')?;
+    let (region, rest) = rest.split_once('/')?;
+    let (epoch, path) = rest.split_once('/')?;
+    let epoch = epoch.strip_prefix('e')?.parse().ok()?;
+    (!region.is_empty() && !path.is_empty()).then(|| (region.to_string(), epoch, path.to_string()))
+}
+
 /// A committed version: a [`NewVersion`] plus its catalog sequence number and commit time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileVersion {
@@ -189,4 +214,22 @@ pub enum CatalogError {
         /// Sum of part sizes.
         parts: u64,
     },
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+
+    #[test]
+    fn conflict_paths_round_trip() {
+        let p = conflict_path("a", 2, "data/dir/x.txt");
+        assert_eq!(p, "_conflicts/a/e2/data/dir/x.txt");
+        assert_eq!(
+            parse_conflict_path(&p),
+            Some(("a".into(), 2, "data/dir/x.txt".into()))
+        );
+        assert_eq!(parse_conflict_path("data/x"), None);
+        assert_eq!(parse_conflict_path("_conflicts/a/2/data"), None);
+        assert_eq!(parse_conflict_path("_conflicts/a/e2"), None);
+    }
 }

@@ -239,6 +239,14 @@ impl AdminService for Admin {
         } else {
             r.body
         };
+        if r.op == "resolve" {
+            // A catalog write of this region (its regional leader, under the active lease).
+            let req = serde_json::from_slice(&body)
+                .map_err(|e| Status::invalid_argument(format!("bad resolve request: {e}")))?;
+            let reply = crate::conflicts::resolve(self, req).await?;
+            let out = serde_json::to_vec(&reply).map_err(internal)?;
+            return Ok(Response::new(lifeboat_proto::ControlReply { body: out }));
+        }
         let out = c.handle(&r.op, &body).await?;
         Ok(Response::new(lifeboat_proto::ControlReply { body: out }))
     }

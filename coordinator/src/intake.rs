@@ -54,6 +54,9 @@ pub struct Intake {
     pub agents: AgentTable,
     /// Synchronous cross-region acknowledgement (RPO 0), when configured.
     pub sync: Option<SyncAck>,
+    /// Coordinator addresses of every region (`[global].members`, witness excluded; empty
+    /// without a global group): the heartbeat reply names the active region's.
+    pub region_addrs: Arc<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 pub use crate::control::role::STANDBY_REFUSAL;
@@ -431,12 +434,7 @@ impl Intake {
                 commit_time_ms: lifeboat_common::now_ms(),
             })
             .await
-            .map_err(|e| match e {
-                openraft::error::RaftError::APIError(
-                    openraft::error::ClientWriteError::ForwardToLeader(f),
-                ) => self.leader.not_leader_status(f.leader_node.map(|n| n.addr)),
-                other => Status::unavailable(format!("raft commit failed: {other}")),
-            })?;
+            .map_err(|e| self.leader.commit_error(e))?;
         let seqs = resp.data.seqs;
         if seqs.len() != n {
             return Err(Status::internal(
@@ -506,6 +504,11 @@ impl AgentService for Intake {
         Ok(Response::new(HeartbeatReply {
             epoch: v.epoch,
             leader_addr: self.leader.leader_addr().unwrap_or_default(),
+            active_coordinators: self
+                .region_addrs
+                .get(&v.active_region)
+                .cloned()
+                .unwrap_or_default(),
             active_region: v.active_region,
             region: self.region.clone(),
         }))

@@ -55,4 +55,21 @@ impl LeaderInfo {
         }
         s
     }
+
+    /// The status for a failed regional `client_write`: a redirect to the leader, else
+    /// `UNAVAILABLE` naming the cause.
+    pub fn commit_error(
+        &self,
+        e: openraft::error::RaftError<
+            u64,
+            openraft::error::ClientWriteError<u64, openraft::BasicNode>,
+        >,
+    ) -> Status {
+        match e {
+            openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            ) => self.not_leader_status(f.leader_node.map(|n| n.addr)),
+            other => Status::unavailable(format!("raft commit failed: {other}")),
+        }
+    }
 }

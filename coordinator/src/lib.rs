@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod blobs;
 pub mod config;
+pub mod conflicts;
 pub mod control;
 pub mod failover;
 pub mod intake;

@@ -147,6 +147,20 @@ pub async fn run(
         role: role.clone(),
         agents: Arc::clone(&agents),
         sync: sync.clone(),
+        region_addrs: Arc::new(
+            cfg.global
+                .as_ref()
+                .map(|g| {
+                    g.regions()
+                        .into_iter()
+                        .map(|r| {
+                            let addrs = g.addrs_of(&r);
+                            (r, addrs)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
     };
     let replication = ReplicationStatus::new(cfg.replication.clone());
     let replicator_template = Replicator {

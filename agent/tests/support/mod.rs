@@ -327,6 +327,7 @@ impl AgentService for Fake {
             leader_addr: String::new(),
             active_region: String::new(),
             region: String::new(),
+            active_coordinators: Vec::new(),
         }))
     }
 }
@@ -385,6 +386,7 @@ impl Layout {
             path: self.root.clone(),
             include: vec!["**".into()],
             exclude: vec!["*.tmp".into()],
+            follow_active: true,
         }];
         c
     }

@@ -1059,6 +1059,15 @@ impl ControlRuntime {
         });
     }
 
+    /// Queues an entry for the global audit log (shipped with this node's next region report
+    /// while it leads its region).
+    pub fn note_audit(&self, epoch: u64, actor: String, action: &str, detail: String) {
+        self.local
+            .lock()
+            .pending_audit
+            .push(audit(epoch, actor, action, detail, "ok"));
+    }
+
     fn ensure_replicating(&self, reg: &Regional, active: &str) {
         let mut l = self.local.lock();
         if let Some((from, h)) = &l.replicating_from {
