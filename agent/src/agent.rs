@@ -802,12 +802,14 @@ async fn heartbeat_loop(
     agent_span: Span,
 ) {
     let agent_id = cfg.agent_id.clone();
-    let db_roles = Arc::new(crate::db_roles::DbRoles::default());
+    let db_roles = crate::db_roles::DbRoles::new(&cfg);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // A database role order finished: report its outcome now, not at the next tick.
+            _ = db_roles.changed().notified() => tick.reset(),
             _ = stopped(&mut stop) => return,
         }
         let sent = &progress.sent;
@@ -819,6 +821,7 @@ async fn heartbeat_loop(
             bytes_sent: sent.full.load(Ordering::Relaxed) + sent.delta.load(Ordering::Relaxed),
             changes_acked: progress.changes_acked.load(Ordering::Relaxed),
             checks: crate::checks::run_all(&cfg).await,
+            db_roles: db_roles.outcomes(),
         };
         let result = tokio::select! {
             r = client.heartbeat(req) => r,

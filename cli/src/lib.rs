@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod control;
 pub mod db_restore;
+pub mod dbservers;
 pub mod demo;
 pub mod demo_regions;
 pub mod harness;
