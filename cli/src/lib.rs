@@ -8,6 +8,7 @@ pub mod control;
 pub mod db_restore;
 pub mod dbservers;
 pub mod demo;
+pub mod demo_dbs;
 pub mod demo_regions;
 pub mod harness;
 pub mod pg_restore;
