@@ -135,13 +135,19 @@ impl DemoDbs {
     /// Errors: not so within 60 s.
     pub async fn ready(&self) -> anyhow::Result<()> {
         let a = pg_client(self.pg[0].port).await?;
-        a.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS demo_writes (id int PRIMARY KEY); \
-             ALTER SYSTEM SET synchronous_standby_names = '{}'; SELECT pg_reload_conf();",
-            self.pg[1].name
-        ))
-        .await
-        .context("configure synchronous replication")?;
+        // One statement per call: ALTER SYSTEM cannot run inside a (multi-statement) transaction.
+        for sql in [
+            "CREATE TABLE IF NOT EXISTS demo_writes (id int PRIMARY KEY)".to_string(),
+            format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+                self.pg[1].name
+            ),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            a.batch_execute(&sql)
+                .await
+                .with_context(|| format!("configure synchronous replication: {sql}"))?;
+        }
         let mut rb = self.redis[1].con().await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
