@@ -1071,7 +1071,7 @@ async fn heartbeat_loop(
     let agent_id = cfg.agent_id.clone();
     let mut roles = switch.as_ref().map(|s| s.roles.clone()).unwrap_or_default();
     let mut resolvers: Option<Vec<tokio::task::JoinHandle<()>>> = None;
-    let db_roles = Arc::new(crate::db_roles::DbRoles::default());
+    let db_roles = crate::db_roles::DbRoles::new(&cfg);
     // Highest epoch known durable. The in-memory epoch may be ahead of it (learned from a push
     // reply or a `stale_epoch` refusal): a database order is applied only once its epoch is
     // persisted, so that after a restart no older order is obeyed (rule 3).
@@ -1081,6 +1081,8 @@ async fn heartbeat_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // A database role order finished: report its outcome now, not at the next tick.
+            _ = db_roles.changed().notified() => tick.reset(),
             _ = stopped(&mut stop) => break,
         }
         let sent = &progress.sent;
@@ -1092,6 +1094,7 @@ async fn heartbeat_loop(
             bytes_sent: sent.full.load(Ordering::Relaxed) + sent.delta.load(Ordering::Relaxed),
             changes_acked: progress.changes_acked.load(Ordering::Relaxed),
             checks: crate::checks::run_all(&cfg).await,
+            db_roles: db_roles.outcomes(),
         };
         let result = tokio::select! {
             r = client.heartbeat(req) => r,

@@ -57,6 +57,8 @@ pub enum Work {
         prefix: String,
         /// Resume point (exclusive).
         after: Option<String>,
+        /// Only the direct children of `prefix` (not deeper descendants).
+        shallow: bool,
     },
 }
 
@@ -84,6 +86,12 @@ impl Work {
                 "p{root}\0{rel}\0{walk}{sweep}\0{}",
                 rename_from.as_deref().unwrap_or("")
             )),
+            Work::Sweep {
+                root,
+                prefix,
+                after: None,
+                shallow: true,
+            } => Some(format!("s{root}\0{prefix}")),
             Work::Walk { .. } | Work::Sweep { .. } => None,
         }
     }
@@ -391,7 +399,8 @@ impl Planner<'_> {
                 root,
                 prefix,
                 after,
-            } => self.sweep(queue, root, prefix, after),
+                shallow,
+            } => self.sweep(queue, root, prefix, after, shallow),
         }
     }
 
@@ -437,6 +446,7 @@ impl Planner<'_> {
         root: usize,
         prefix: String,
         after: Option<String>,
+        shallow: bool,
     ) -> Result<bool, StateError> {
         let root_dir = &self.roots.roots[root].path;
         if !matches!(scan::lstat(root_dir), Ok(Found::Entry(ref m)) if m.kind == EntryKind::Dir) {
@@ -454,11 +464,12 @@ impl Planner<'_> {
                     root,
                     prefix,
                     after: last,
+                    shallow,
                 });
                 return Ok(false);
             }
             last = Some(path.clone());
-            if self.paths.contains(path) {
+            if self.paths.contains(path) || (shallow && path[prefix.len()..].contains('/')) {
                 continue;
             }
             let rel = &path[name_len..];
@@ -477,6 +488,7 @@ impl Planner<'_> {
                         root,
                         prefix,
                         after: last,
+                        shallow,
                     });
                     return Ok(false);
                 }
@@ -487,6 +499,7 @@ impl Planner<'_> {
                 root,
                 prefix,
                 after: last,
+                shallow,
             });
         }
         Ok(true)
@@ -538,6 +551,7 @@ impl Planner<'_> {
             root,
             prefix: format!("{wire}/"),
             after: None,
+            shallow: false,
         };
         let was_dir = st.as_ref().is_some_and(|s| s.kind == EntryKind::Dir);
         let found = match scan::lstat(&fs_path) {
@@ -565,6 +579,19 @@ impl Planner<'_> {
                 }
                 if sweep || was_dir {
                     follow.push(sweep_work());
+                }
+                if st.is_none() {
+                    // Gone and never acknowledged: the event may stand for `rename(x, p)` then
+                    // `unlink(p)` within one debounce window, which the debouncer reports as
+                    // the removal of `p` alone, losing `x`. Look at p's siblings for
+                    // acknowledged entries that are gone.
+                    let parent = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                    follow.push(Work::Sweep {
+                        root,
+                        prefix: format!("{}/", self.roots.wire_path(root, parent)),
+                        after: None,
+                        shallow: true,
+                    });
                 }
                 let change = st.map(|s| self.delete(root, rel, s.kind));
                 return Ok((change, follow));
@@ -891,6 +918,37 @@ mod tests {
         assert_eq!(b[0].path, "data/f2");
         assert_eq!(b[0].parts.len(), 3);
         assert_eq!(b[0].payload_bytes(), 0);
+    }
+
+    /// `rename(x, y)` then `unlink(y)` within one debounce window reaches the agent as the
+    /// removal of `y` only (notify-debouncer-full keeps the rename in `y`'s queue and replaces it
+    /// by the removal): `x`, acknowledged before, must still be deleted.
+    #[test]
+    fn removal_of_an_unknown_path_deletes_its_vanished_siblings() {
+        let (_d, roots, db) = setup(&[]);
+        let root = roots.roots[0].path.clone();
+        std::fs::create_dir_all(root.join("dir/sub")).unwrap();
+        std::fs::write(root.join("dir/x"), b"x").unwrap();
+        std::fs::write(root.join("dir/keep"), b"k").unwrap();
+        std::fs::write(root.join("dir/sub/deep"), b"d").unwrap();
+        let mut q = WorkQueue::default();
+        q.push_back(Work::scan_root(0));
+        let all = plan_all(&mut q, &roots, &db);
+        ack(&db, &all);
+        std::fs::rename(root.join("dir/x"), root.join("dir/y")).unwrap();
+        std::fs::remove_file(root.join("dir/y")).unwrap();
+        // A deeper entry gone too is not the concern of this shallow look (its own event is).
+        std::fs::remove_file(root.join("dir/sub/deep")).unwrap();
+        q.push_back(Work::Path {
+            root: 0,
+            rel: "dir/y".into(),
+            rename_from: None,
+            walk: true,
+            sweep: true,
+        });
+        let b = plan_all(&mut q, &roots, &db);
+        let summary: Vec<(&str, bool)> = b.iter().map(|c| (c.path.as_str(), c.deleted)).collect();
+        assert_eq!(summary, vec![("data/dir/x", true)]);
     }
 
     #[test]

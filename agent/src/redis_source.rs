@@ -37,7 +37,7 @@ pub mod defaults {
     pub const KEEP_LAST: usize = 3;
     /// Seconds a snapshot may take before it is abandoned.
     pub const TIMEOUT_SECS: u64 = 600;
-    /// `min-replicas-max-lag` applied with `enforce_min_replicas`, seconds.
+    /// `min-replicas-max-lag` applied with `min_replicas_to_write`, seconds.
     pub const MIN_REPLICAS_MAX_LAG_S: u64 = 10;
     pub(super) fn timeout_secs() -> u64 {
         TIMEOUT_SECS
@@ -60,10 +60,16 @@ pub mod defaults {
 /// primary_by_region = { eu = "10.0.1.5:6379", us = "10.1.1.5:6379" }
 /// ```
 ///
-/// **Fencing**: operators should set `min-replicas-to-write 1` and `min-replicas-max-lag 10` on
-/// every Redis of the group, so that an old primary cut off from its replicas refuses writes
-/// (`NOREPLICAS`) instead of diverging. With `enforce_min_replicas = true`, [`apply_role`] sets
-/// both (`CONFIG SET`) on every call. A lone primary then refuses writes until a replica follows.
+/// **Fencing** (`min_replicas_to_write = N`, N > 0): the primary of the active region is
+/// *armed* with `CONFIG SET min-replicas-to-write N` and `min-replicas-max-lag` as soon as N
+/// replicas are connected to it ([`arm_min_replicas`], checked on every heartbeat). An old
+/// primary cut off from its replicas (the other region promoted its replica, or the network
+/// between the regions broke) then refuses writes with `NOREPLICAS` instead of diverging, even
+/// when the agent beside it cannot reach any coordinator. A promotion ([`apply_role`] turning a
+/// replica into the primary under a new epoch) *disarms* the new primary (`min-replicas-to-write
+/// 0`): the control record designated it and the old region is fenced by its lease, so it takes
+/// writes at once; it is armed again once N replicas follow it (the old region rejoining).
+/// Default 0: the server's setting is left alone.
 ///
 /// The `Debug` output holds no secret: only the name of the variable or file with the password.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,11 +126,12 @@ pub struct RedisSourceConfig {
     /// a standby at `primary_by_region[active_region]`.
     #[serde(default)]
     pub primary_by_region: BTreeMap<String, String>,
-    /// When true, [`apply_role`] also sets `min-replicas-to-write 1` and `min-replicas-max-lag`
-    /// (see the fencing note above). Default false.
+    /// `min-replicas-to-write` of the armed primary (see the fencing note above); 0 leaves the
+    /// server's setting alone. Default 0.
     #[serde(default)]
-    pub enforce_min_replicas: bool,
-    /// `min-replicas-max-lag` (seconds) used with `enforce_min_replicas`. Default 10.
+    pub min_replicas_to_write: u32,
+    /// `min-replicas-max-lag` (seconds) used with `min_replicas_to_write`: a replica whose last
+    /// acknowledgement is older does not count. Default 10.
     #[serde(default = "defaults::min_replicas_max_lag_s")]
     pub min_replicas_max_lag_s: u64,
 }
@@ -913,8 +920,9 @@ impl RdbSink {
 /// calls it on every epoch change). `my_region == active_region`: make it a writable primary
 /// (`REPLICAOF NO ONE` unless it already is one). Otherwise: make it a replica of
 /// `primary_by_region[active_region]` (`REPLICAOF host port` unless it already follows that
-/// address). With `enforce_min_replicas`, also `CONFIG SET min-replicas-to-write 1` and
-/// `min-replicas-max-lag`. Returns one line for the audit log, e.g.
+/// address). With `min_replicas_to_write = N > 0`: a promotion also disarms the new primary
+/// (`CONFIG SET min-replicas-to-write 0`); a primary that already was one is armed when N
+/// replicas are connected ([`arm_min_replicas`]). Returns one line for the audit log, e.g.
 /// `"cache: epoch 7: promoted 10.0.1.5:6379 (REPLICAOF NO ONE)"`.
 ///
 /// Errors: connection/command failures; no `primary_by_region` entry for `active_region`, or
@@ -939,7 +947,15 @@ pub async fn apply_role(
                 .query_async(&mut con)
                 .await
                 .map_err(redis_err(addr))?;
-            format!("promoted {addr} (REPLICAOF NO ONE; was {role})")
+            let mut did = format!("promoted {addr} (REPLICAOF NO ONE; was {role})");
+            if src.min_replicas_to_write > 0 {
+                set_min_replicas(&mut con, addr, 0, src.min_replicas_max_lag_s).await?;
+                did += &format!(
+                    "; min-replicas-to-write 0 until {} replica(s) follow",
+                    src.min_replicas_to_write
+                );
+            }
+            did
         }
     } else {
         let target =
@@ -979,22 +995,79 @@ pub async fn apply_role(
             format!("{addr} now replica of {target} (REPLICAOF; was {role})")
         }
     };
-    if src.enforce_min_replicas {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("min-replicas-to-write")
-            .arg(1)
-            .arg("min-replicas-max-lag")
-            .arg(src.min_replicas_max_lag_s)
-            .query_async(&mut con)
-            .await
-            .map_err(redis_err(addr))?;
-        did += &format!(
-            "; min-replicas-to-write 1, min-replicas-max-lag {}",
-            src.min_replicas_max_lag_s
-        );
+    if my_region == active_region && role == "master" {
+        if let Some(armed) = arm_with(src, &mut con, addr).await? {
+            did += &format!("; {armed}");
+        }
     }
     Ok(format!("{}: epoch {epoch}: {did}", src.name))
+}
+
+/// `CONFIG SET min-replicas-to-write n min-replicas-max-lag lag_s`.
+async fn set_min_replicas(
+    con: &mut redis::aio::MultiplexedConnection,
+    addr: &str,
+    n: u32,
+    lag_s: u64,
+) -> Result<(), RedisSourceError> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg(n)
+        .arg("min-replicas-max-lag")
+        .arg(lag_s)
+        .query_async(con)
+        .await
+        .map_err(redis_err(addr))
+}
+
+/// Arms the fencing of a primary (see [`RedisSourceConfig`]): when `min_replicas_to_write = N >
+/// 0`, the server is a primary with at least N connected replicas and its
+/// `min-replicas-to-write` is below N, sets `min-replicas-to-write N` and
+/// `min-replicas-max-lag`. Never lowers the setting. Returns what was done (`None`: nothing to
+/// do). The agent calls it on every heartbeat while its region is active.
+///
+/// Errors: connection or command failures.
+pub async fn arm_min_replicas(src: &RedisSourceConfig) -> anyhow::Result<Option<String>> {
+    if src.min_replicas_to_write == 0 {
+        return Ok(None);
+    }
+    let mut con = connect(src, &src.addr).await?;
+    Ok(arm_with(src, &mut con, &src.addr).await?)
+}
+
+async fn arm_with(
+    src: &RedisSourceConfig,
+    con: &mut redis::aio::MultiplexedConnection,
+    addr: &str,
+) -> Result<Option<String>, RedisSourceError> {
+    let n = src.min_replicas_to_write;
+    if n == 0 {
+        return Ok(None);
+    }
+    let repl = info(con, addr, "replication").await?;
+    if repl.get("role").map(String::as_str) != Some("master") {
+        return Ok(None);
+    }
+    let connected: u32 = repl
+        .get("connected_slaves")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let current: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("min-replicas-to-write")
+        .query_async(con)
+        .await
+        .map_err(redis_err(addr))?;
+    let current: u32 = current.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    if connected < n || current >= n {
+        return Ok(None);
+    }
+    set_min_replicas(con, addr, n, src.min_replicas_max_lag_s).await?;
+    Ok(Some(format!(
+        "armed: min-replicas-to-write {n}, min-replicas-max-lag {} ({connected} replica(s) connected)",
+        src.min_replicas_max_lag_s
+    )))
 }
 
 /// Probes `src`'s Redis: `PING`, then `INFO replication`. A primary reports its
@@ -1107,7 +1180,7 @@ mod tests {
         let s = &c.redis_sources[0];
         assert!(s.retention.is_none());
         assert_eq!(s.timeout_secs, defaults::TIMEOUT_SECS);
-        assert!(!s.enforce_min_replicas && !s.tls);
+        assert!(s.min_replicas_to_write == 0 && !s.tls);
         assert_eq!(s.primary_by_region["eu"], "10.0.0.1:6379");
         assert!(next_delay(s, true) <= Duration::from_secs(300));
         let ok = with("name = \"c\"\naddr = \"h:1\"\ninterval_s = 5").unwrap();

@@ -1,6 +1,7 @@
 //! Redis sources against real `redis-server` processes: `apply_role` makes a standby follow the
 //! active region's primary and promotes it on a region switch (the old primary then follows it
-//! and refuses writes); the agent's RDB snapshot (replication protocol) comes back with
+//! and refuses writes; with `min_replicas_to_write` an isolated old primary refuses writes with
+//! NOREPLICAS while the promoted one takes them at once); the agent's RDB snapshot (replication protocol) comes back with
 //! `lifeboat restore redis --to` (every key, values and TTLs) and `--file` (header, blake3 of the
 //! sidecar); `lifeboat verify snapshot` reports ok with the key count; a snapshot whose blob is
 //! corrupted on every coordinator is refused by restore and verify with a clear error.
@@ -10,7 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
+use lifeboat_agent::redis_source::{
+    apply_role, arm_min_replicas, health, take_snapshot, RedisSourceConfig,
+};
 use lifeboat_chaos_tests::redis_server::{get, set, wait_value, Redis};
 use lifeboat_chaos_tests::*;
 use lifeboat_cli::harness::free_port;
@@ -83,17 +86,65 @@ async fn apply_role_follows_and_promotes() -> anyhow::Result<()> {
             .await?
             .contains("already primary"));
 
-        // Fencing option: the primary refuses writes without a replica.
-        let mut fenced = sb.clone();
-        fenced.enforce_min_replicas = true;
-        let did = apply_role(&fenced, "us", "us", 3).await?;
+        // Fencing (`min_replicas_to_write`): B, primary with A following, is armed once A is
+        // connected, and still takes writes.
+        let mut fb = sb.clone();
+        fb.min_replicas_to_write = 1;
+        fb.min_replicas_max_lag_s = 2;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let did = loop {
+            if let Some(d) = arm_min_replicas(&fb).await? {
+                break d;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "B never saw A connected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(did.contains("min-replicas-to-write 1"), "{did}");
+        assert_eq!(arm_min_replicas(&fb).await?, None, "armed once");
         let cfg: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("min-replicas-to-write")
             .query_async(&mut cb)
             .await?;
         assert_eq!(cfg[1], "1");
+        set(&mut cb, "armed", "yes").await?;
+        wait_value(&mut ca, "armed", "yes").await?;
+        // eu active again at epoch 3: A is promoted and disarmed (takes writes at once, with no
+        // replica); B, the old primary now without a replica, refuses writes: NOREPLICAS.
+        let mut fa = sa.clone();
+        fa.min_replicas_to_write = 1;
+        fa.min_replicas_max_lag_s = 2;
+        let did = apply_role(&fa, "eu", "eu", 3).await?;
+        assert!(
+            did.contains("promoted") && did.contains("min-replicas-to-write 0"),
+            "{did}"
+        );
+        set(&mut ca, "new-primary", "yes").await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match set(&mut cb, "isolated", "write").await {
+                Err(e) if e.to_string().to_uppercase().contains("NOREPLICAS") => break,
+                r => anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the isolated old primary still answers {r:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            get(&mut cb, "isolated").await,
+            None,
+            "the refused write is not there"
+        );
+        // B rejoins as A's replica; A is armed again once B follows.
+        apply_role(&fb, "us", "eu", 3).await?;
+        wait_value(&mut cb, "new-primary", "yes").await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while arm_min_replicas(&fa).await?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "A never re-armed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        set(&mut ca, "rearmed", "yes").await?;
 
         drop(b);
         let h = health(&sb).await;

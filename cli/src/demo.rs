@@ -33,6 +33,12 @@ pub struct DemoArgs {
     /// restart and catch-up, restore throughput).
     #[arg(long)]
     pub single_region: bool,
+    /// Two-region demo only: also run a Redis and a PostgreSQL per region (when `redis-server`
+    /// and `/usr/lib/postgresql/*/bin` are installed; skipped with a message otherwise), write
+    /// to both during the drill, and show after the region kill that region b's are primaries
+    /// holding every acknowledged write (`db_rpo_redis`, `db_rpo_postgres`).
+    #[arg(long)]
+    pub with_databases: bool,
 }
 
 /// Options of `lifeboat bench`.

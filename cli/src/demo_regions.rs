@@ -13,6 +13,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::demo::{dir_size, prepare_work, say, workdir, DemoArgs};
+use crate::demo_dbs::DemoDbs;
 use crate::harness::wait_agent_idle;
 use crate::regions::{Regions, RegionsOpts};
 use crate::{restore, tree};
@@ -46,6 +47,10 @@ pub struct RegionDemoSummary {
     pub restored_equal: bool,
     /// Differences, if any.
     pub differences: Vec<String>,
+    /// `--with-databases`: what happened to the databases.
+    pub databases: Option<crate::demo_dbs::DbDemoSummary>,
+    /// `--with-databases` without the binaries: why the databases part was skipped.
+    pub databases_skipped: Option<String>,
 }
 
 /// Hooks of regions a and b that both write "EPOCH ACTIVE PREVIOUS" into `marker`.
@@ -81,6 +86,25 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                     "demo: regions=2 witness=1 files={} bytes={} sync={:.1}s acked={} rto_ms={} rto_global_ms={} rpo_changes={} epoch={} hook_ran={} replica_complete={} old_region_rejoined={} restored_equal={}",
                     s.files, s.bytes, s.sync_secs, s.acked_changes, s.rto_ms, s.rto_global_ms, s.rpo_changes, s.epoch, s.hook_ran, s.replica_complete, s.old_region_rejoined, s.restored_equal
                 );
+                if let Some(d) = &s.databases {
+                    println!(
+                        "databases: rpo_changes={} db_rpo_redis={} db_rpo_postgres={} redis_acked={} postgres_acked={} b_redis_primary={} b_postgres_primary={} writes_after_failover={} promote_db_audited={} decision_to_dbs_primary_ms={} kill_to_redis_primary_ms={} kill_to_postgres_primary_ms={}",
+                        s.rpo_changes, d.db_rpo_redis, d.db_rpo_postgres, d.redis_acked, d.postgres_acked, d.redis_primary, d.postgres_primary, d.writes_after_failover, d.promote_db_audited,
+                        d.decision_to_dbs_primary_ms.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
+                        d.kill_to_redis_primary_ms, d.kill_to_postgres_primary_ms
+                    );
+                }
+                if let Some(why) = &s.databases_skipped {
+                    println!("databases: skipped ({why})");
+                }
+            }
+            if let Some(d) = &s.databases {
+                if d.db_rpo_redis > 0 || d.db_rpo_postgres > 0 {
+                    bail!("region b's databases lack acknowledged writes (redis {}, postgres {}); workdir kept at {}", d.db_rpo_redis, d.db_rpo_postgres, wd.display());
+                }
+                if !(d.redis_primary && d.postgres_primary && d.writes_after_failover) {
+                    bail!("region b's databases were not promoted (redis primary {}, postgres primary {}, writes {}); workdir kept at {}", d.redis_primary, d.postgres_primary, d.writes_after_failover, wd.display());
+                }
             }
             if !s.restored_equal || s.rpo_changes > 0 {
                 for d in &s.differences {
@@ -121,6 +145,20 @@ async fn wait_equal(a: &Path, b: &Path, timeout: Duration) -> anyhow::Result<boo
 
 async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDemoSummary> {
     let work = prepare_work(args, wd, json)?;
+    let mut databases_skipped = None;
+    let mut dbs = None;
+    if args.with_databases {
+        match DemoDbs::start(wd)? {
+            Ok(d) => {
+                say(json, &format!("databases: Redis {} (a) and {} (b), PostgreSQL {} (a, primary) and {} (b, standby from a base backup)", d.redis[0].addr(), d.redis[1].addr(), d.pg[0].addr(), d.pg[1].addr()));
+                dbs = Some(d);
+            }
+            Err(why) => {
+                eprintln!("demo: --with-databases: skipping the databases part: {why}");
+                databases_skipped = Some(why);
+            }
+        }
+    }
     let marker = wd.join("traffic-points-at");
     let mut regions = Regions::start(
         &wd.join("regions"),
@@ -133,16 +171,18 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
     say(json, "regions a (active) and b (standby), 3 coordinators each, and a witness are up: 7 voters in the global group, epoch 1");
 
     let replica = wd.join("replica-b/data");
+    let db_toml = |i: usize| dbs.as_ref().map(|d| d.agent_toml(i)).unwrap_or_default();
     let (cfg_a, data_a) =
         regions
             .region("a")
-            .write_agent_config("agent-a", &[("data", &work)], "")?;
+            .write_agent_config("agent-a", &[("data", &work)], &db_toml(0))?;
     let (cfg_b, _) = regions.region("b").write_agent_config(
         "agent-b",
         &[],
         &format!(
-            "[[replicas]]\nname = \"data\"\npath = \"{}\"\n",
-            replica.display()
+            "[[replicas]]\nname = \"data\"\npath = \"{}\"\n{}",
+            replica.display(),
+            db_toml(1)
         ),
     )?;
     let started = Instant::now();
@@ -152,6 +192,12 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
         json,
         "agent-a protects the working copy; agent-b keeps a warm replica in region b",
     );
+    let mut writers = None;
+    if let Some(d) = &dbs {
+        d.ready().await?;
+        writers = Some(d.start_writers().await?);
+        say(json, "b's Redis follows a's (agent-b, from the control record); b's PostgreSQL streams synchronously; writers run against a's Redis (SET + WAIT 1) and PostgreSQL (INSERT, synchronous commit)");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let m = tree::mutate(&work, 100, 7)?;
     say(
@@ -182,6 +228,12 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
     );
     let killed = Instant::now();
     regions.kill_region("a");
+    let mut watched = None;
+    if let Some(d) = dbs.as_mut() {
+        d.kill_a();
+        watched = Some(d.watch_b(killed));
+        say(json, "SIGKILL region a's Redis and PostgreSQL too");
+    }
     let status = regions.wait_active("b", 2, Duration::from_secs(60)).await?;
     let mut hook_ran = false;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -202,6 +254,14 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
             "region b active at epoch {epoch}; traffic hook ran; replica complete: RTO {rto_ms} ms"
         ),
     );
+
+    let mut databases = None;
+    if let (Some(d), Some(w), Some(watched)) = (&dbs, writers, watched) {
+        let acked = w.stop().await;
+        let r = d.check_b(&regions, watched, epoch, acked).await?;
+        say(json, &format!("databases: b's Redis primary={} PostgreSQL primary={}, writes accepted={}; acknowledged writes missing: redis {} of {}, postgres {} of {}; failover decision -> databases primary {} ms", r.redis_primary, r.postgres_primary, r.writes_after_failover, r.db_rpo_redis, r.redis_acked, r.db_rpo_postgres, r.postgres_acked, r.decision_to_dbs_primary_ms.map(|m| m.to_string()).unwrap_or_else(|| "?".into())));
+        databases = Some(r);
+    }
 
     let restored = wd.join("restored-from-b");
     let conn = regions.region("b").conn();
@@ -257,6 +317,8 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
         old_region_rejoined: rejoined,
         restored_equal: cmp.equal(),
         differences: cmp.differences,
+        databases,
+        databases_skipped,
     })
 }
 
@@ -269,6 +331,94 @@ pub struct FailoverBenchArgs {
     /// Where to work (default: a new directory in /tmp, removed afterwards).
     #[arg(long)]
     pub workdir: Option<std::path::PathBuf>,
+    /// Then also measure failovers with a Redis and a PostgreSQL per region (b's replicas of
+    /// a's, managed by the agents): each of `--db-kills` rounds starts a fresh deployment,
+    /// SIGKILLs region a with its databases and measures the RTO (kill → b active and its hook
+    /// ran, which waits for b's databases to be primaries) and the time from the failover
+    /// decision to the databases being primaries (audit log). Needs redis-server and
+    /// PostgreSQL binaries.
+    #[arg(long)]
+    pub with_databases: bool,
+    /// Rounds with databases (`--with-databases`).
+    #[arg(long, default_value_t = 5)]
+    pub db_kills: usize,
+}
+
+/// Figures of one failover with databases.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct DbRound {
+    rto_ms: u64,
+    decision_to_dbs_primary_ms: u64,
+    kill_to_redis_primary_ms: u64,
+    kill_to_postgres_primary_ms: u64,
+}
+
+/// One `--with-databases` round in a fresh deployment under `wd`.
+async fn db_round(wd: &Path) -> anyhow::Result<DbRound> {
+    let mut dbs = match DemoDbs::start(wd)? {
+        Ok(d) => d,
+        Err(why) => bail!("--with-databases: {why}"),
+    };
+    let marker = wd.join("traffic");
+    let mut regions = Regions::start(
+        &wd.join("regions"),
+        &RegionsOpts {
+            hooks_toml: marker_hooks(&marker),
+            ..Default::default()
+        },
+    )?;
+    regions.wait_active("a", 1, Duration::from_secs(60)).await?;
+    for (i, r) in ["a", "b"].iter().enumerate() {
+        let (cfg, _) =
+            regions
+                .region(r)
+                .write_agent_config(&format!("agent-{r}"), &[], &dbs.agent_toml(i))?;
+        regions.region_mut(r).start_agent(&cfg)?;
+    }
+    dbs.ready().await?;
+    // b must be a healthy standby (its agent's checks pass) before the kill.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !regions.control_status().await.is_some_and(|s| {
+        s["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["region"] == "b" && r["role"] == "standby" && r["healthy"] == true)
+    }) {
+        if Instant::now() > deadline {
+            bail!("b never became a healthy standby");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let killed = Instant::now();
+    regions.kill_region("a");
+    dbs.kill_a();
+    let watched = dbs.watch_b(killed);
+    regions.wait_active("b", 2, Duration::from_secs(60)).await?;
+    while !std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == "2 b a") {
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("hook of b did not run");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rto_ms = killed.elapsed().as_millis() as u64;
+    let (r, p) = watched.await.unwrap_or((None, None));
+    let (decision, _) = crate::demo_dbs::promotion_from_audit(&regions, 2).await;
+    Ok(DbRound {
+        rto_ms,
+        decision_to_dbs_primary_ms: decision.unwrap_or(0),
+        kill_to_redis_primary_ms: r.unwrap_or(0),
+        kill_to_postgres_primary_ms: p.unwrap_or(0),
+    })
+}
+
+fn median_worst(v: &[u64]) -> (u64, u64) {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    (
+        s.get(s.len() / 2).copied().unwrap_or(0),
+        s.last().copied().unwrap_or(0),
+    )
 }
 
 /// `lifeboat bench-failover`: kills the active region `kills` times (alternating a and b; the
@@ -334,17 +484,48 @@ pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
         regions.start_region(&active)?;
         active = other;
     }
-    let mut sorted = rtos.clone();
-    sorted.sort_unstable();
-    let median = sorted[sorted.len() / 2];
-    let worst = *sorted.last().unwrap_or(&0);
+    let (median, worst) = median_worst(&rtos);
+    drop(regions);
+    let mut rounds = Vec::new();
+    if args.with_databases {
+        for k in 0..args.db_kills {
+            let r = db_round(&wd.join(format!("db-round-{k}"))).await?;
+            if !json {
+                eprintln!(
+                    "db kill {:>2}: a -> b with Redis + PostgreSQL: RTO {} ms; failover decision -> databases primary {} ms; kill -> redis primary {} ms, postgres primary {} ms",
+                    k + 1, r.rto_ms, r.decision_to_dbs_primary_ms, r.kill_to_redis_primary_ms, r.kill_to_postgres_primary_ms
+                );
+            }
+            rounds.push(r);
+        }
+    }
+    let db_rto: Vec<u64> = rounds.iter().map(|r| r.rto_ms).collect();
+    let db_promo: Vec<u64> = rounds
+        .iter()
+        .map(|r| r.decision_to_dbs_primary_ms)
+        .collect();
+    let (db_median, db_worst) = median_worst(&db_rto);
+    let (promo_median, promo_worst) = median_worst(&db_promo);
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"kills": rtos.len(), "rto_ms": rtos, "median_ms": median, "worst_ms": worst})
-        );
+        let mut v = serde_json::json!({"kills": rtos.len(), "rto_ms": rtos, "median_ms": median, "worst_ms": worst});
+        if args.with_databases {
+            v["with_databases"] = serde_json::json!({
+                "rounds": rounds, "rto_median_ms": db_median, "rto_worst_ms": db_worst,
+                "extra_rto_median_ms": db_median as i64 - median as i64,
+                "decision_to_dbs_primary_median_ms": promo_median,
+                "decision_to_dbs_primary_worst_ms": promo_worst,
+            });
+        }
+        println!("{v}");
     } else {
         println!("bench-failover: kills={} rto_median_ms={median} rto_worst_ms={worst} (targets: median <= 3000, worst <= 5000)", rtos.len());
+        if args.with_databases {
+            println!(
+                "bench-failover --with-databases: kills={} rto_median_ms={db_median} rto_worst_ms={db_worst} extra_rto_median_ms={} decision_to_dbs_primary_median_ms={promo_median} decision_to_dbs_primary_worst_ms={promo_worst} (target: databases add < 1000 ms)",
+                rounds.len(),
+                db_median as i64 - median as i64
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&wd);
     Ok(())

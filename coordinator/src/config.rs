@@ -169,6 +169,10 @@ fn default_sync_timeout() -> u64 {
     10_000
 }
 
+fn default_db_promotion_timeout() -> u64 {
+    5_000
+}
+
 /// `[global]`: the global group of every coordinator of every region plus a witness (DESIGN.md
 /// section 2), holding the control record. Without this section the region runs alone (static
 /// role from `[replication]`, epoch from `epoch`).
@@ -202,6 +206,14 @@ pub struct GlobalConfig {
     /// Traffic-move hooks this region runs when it becomes active.
     #[serde(default)]
     pub traffic_hooks: Vec<TrafficHook>,
+    /// How long a promoting region's leader waits, ms, for every agent of the region that
+    /// manages databases to report them primary under the new epoch before it runs the traffic
+    /// hooks (default 5000). When the time runs out the missing promotions are audited as
+    /// `failed` and traffic moves anyway: the old region is already fenced by its lease, and a
+    /// database that was not promoted is a read-only replica, so moving traffic cannot let two
+    /// primaries diverge; it only makes the failed database unavailable until it is promoted.
+    #[serde(default = "default_db_promotion_timeout")]
+    pub db_promotion_timeout_ms: u64,
 }
 
 impl GlobalConfig {
@@ -499,6 +511,7 @@ mod tests {
         assert!(g.topology().check().is_ok(), "two regions and a witness");
         assert_eq!(g.traffic_hooks.len(), 2);
         assert_eq!(g.policy.lease_ms, 1500);
+        assert_eq!(g.db_promotion_timeout_ms, 5000);
         // Without the witness, automatic failover is refused, with the reason.
         let mut no_witness = g.clone();
         no_witness.members.retain(|m| !m.witness);

@@ -4,6 +4,7 @@
 //! traffic-move hooks ([`hooks`]) and the JSON documents of the `Control` RPC ([`api`]).
 
 pub mod api;
+pub mod dbs;
 pub mod hooks;
 pub mod record;
 pub mod role;

@@ -163,6 +163,8 @@ struct Switchover {
 struct RegionLocal {
     promoting: Option<u64>,
     pending_audit: Vec<AuditEntry>,
+    /// Database role outcomes already audited (see `dbs::new_entries`).
+    db_audited: std::collections::HashSet<super::dbs::AuditKey>,
     replicating_from: Option<(String, JoinHandle<()>)>,
     last_renew_ms: u64,
 }
@@ -878,6 +880,7 @@ impl ControlRuntime {
             self.role.lease_refused();
             if leading {
                 self.ensure_replicating(&reg, &active);
+                self.audit_db_outcomes(&reg, epoch, false, &state.audit);
             } else {
                 self.stop_replicating();
             }
@@ -891,7 +894,9 @@ impl ControlRuntime {
         let view = self.role.view();
         if view.promoted_epoch < epoch {
             match &rec.phase {
-                Phase::FailingOver { from, .. } => self.start_promotion(epoch, from.clone()),
+                Phase::FailingOver {
+                    from, started_ms, ..
+                } => self.start_promotion(epoch, from.clone(), *started_ms),
                 // Already promoted earlier (this node became regional leader afterwards), or the
                 // initial record.
                 _ => self.role.set_promoted(epoch),
@@ -902,6 +907,9 @@ impl ControlRuntime {
         // to the global leader, which lets it recover once healthy again.
         if !matches!(rec.phase, Phase::Active { .. } | Phase::Suspect { .. }) {
             return;
+        }
+        if self.local.lock().promoting.is_none() {
+            self.audit_db_outcomes(&reg, epoch, true, &state.audit);
         }
         let now = now_ms();
         let interval = (state.policy.lease_ms / 4).max(50);
@@ -1019,7 +1027,28 @@ impl ControlRuntime {
         }
     }
 
-    fn start_promotion(self: &Arc<Self>, epoch: u64, previous: String) {
+    /// Queues audit entries for database role outcomes at `epoch` reported by this region's
+    /// agents and not audited yet (late promotions, old primaries fenced or following).
+    fn audit_db_outcomes(
+        &self,
+        reg: &Regional,
+        epoch: u64,
+        active: bool,
+        committed: &[AuditEntry],
+    ) {
+        let all = super::dbs::outcomes(&reg.agents);
+        if all.is_empty() {
+            return;
+        }
+        let mut l = self.local.lock();
+        let entries = super::dbs::new_entries(&all, epoch, active, &mut l.db_audited, committed);
+        for e in &entries {
+            tracing::warn!(epoch, actor = %e.actor, action = %e.action, outcome = %e.outcome, detail = %e.detail, "database role audited");
+        }
+        l.pending_audit.extend(entries);
+    }
+
+    fn start_promotion(self: &Arc<Self>, epoch: u64, previous: String, decided_ms: u64) {
         {
             let mut l = self.local.lock();
             if l.promoting.is_some_and(|e| e >= epoch) {
@@ -1044,6 +1073,28 @@ impl ControlRuntime {
                 format!("replication from {previous} stopped; this region takes writes at epoch {epoch} once the global group confirms"),
                 "ok",
             )];
+            // Traffic moves only once the databases are primaries (or the wait timed out).
+            if let Some(reg) = &me.regional {
+                let w = super::dbs::await_promotion(
+                    &reg.agents,
+                    epoch,
+                    Duration::from_millis(me.cfg.db_promotion_timeout_ms),
+                    Some(decided_ms),
+                )
+                .await;
+                if w.total > 0 {
+                    tracing::warn!(
+                        epoch,
+                        promoted = w.promoted,
+                        total = w.total,
+                        ms = w.waited.as_millis() as u64,
+                        timed_out = w.timed_out,
+                        "databases of this region promoted; moving traffic"
+                    );
+                }
+                me.local.lock().db_audited.extend(w.audited);
+                entries.extend(w.entries);
+            }
             for h in &me.cfg.traffic_hooks {
                 entries.push(hooks::run(h, &ctx).await);
             }
