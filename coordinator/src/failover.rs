@@ -136,6 +136,54 @@ pub struct RegionView {
     pub promoted_epoch: u64,
 }
 
+/// What the global leader last heard from the active region's leader, for [`standby_rpo_ms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveProgress {
+    /// Age of its newest report (ms).
+    pub report_age_ms: u64,
+    /// The report is recent enough to count the region as reachable (within the detection
+    /// timeout).
+    pub fresh: bool,
+    /// It acknowledged without a standby's confirmation (degraded synchronous replication).
+    pub sync_degraded: bool,
+}
+
+/// Expected loss, in ms of acknowledged changes, if a standby were promoted now: the lag
+/// compared with [`Policy::rpo_budget_ms`] in consistency-first failover.
+///
+/// - Active region reachable (`fresh`), or never heard from: the standby's measured lag.
+/// - Active region gone, synchronous replication not degraded (`synchronous` and not
+///   `sync_degraded` in its last report), and this standby holds the highest upstream sequence
+///   of any standby (`upstream_seq >= best_upstream_seq`): **0**. Every acknowledged batch was
+///   confirmed by a standby first, and standbys commit a prefix of the active region's catalog,
+///   so the most advanced one holds all of them; the silence since the loss is not lag.
+///   (A degraded region could only start acknowledging alone after `sync_timeout_ms`, longer
+///   than the lease it loses when cut off, so its last report tells.)
+/// - Otherwise (asynchronous or degraded): the standby's lag when the active region was last
+///   heard from (`lag_at_contact_ms`, else `measured_lag_ms`) plus the time the active region
+///   may have gone on acknowledging after that: the report's age, at most one lease plus the
+///   clock drift (it acknowledges nothing without a valid lease).
+pub fn standby_rpo_ms(
+    synchronous: bool,
+    active: Option<ActiveProgress>,
+    upstream_seq: u64,
+    best_upstream_seq: u64,
+    measured_lag_ms: u64,
+    lag_at_contact_ms: Option<u64>,
+    policy: &Policy,
+) -> u64 {
+    let Some(a) = active.filter(|a| !a.fresh) else {
+        return measured_lag_ms;
+    };
+    if synchronous && !a.sync_degraded && upstream_seq >= best_upstream_seq {
+        return 0;
+    }
+    lag_at_contact_ms.unwrap_or(measured_lag_ms).saturating_add(
+        a.report_age_ms
+            .min(policy.lease_ms + policy.max_clock_drift_ms),
+    )
+}
+
 /// Phase of the control record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "kebab-case")]
@@ -455,6 +503,51 @@ mod tests {
                 promoted_epoch: promoted_b,
             },
         ]
+    }
+
+    #[test]
+    fn standby_rpo_counts_acknowledged_changes_not_silence() {
+        let p = Policy::default();
+        let gone = |degraded| {
+            Some(ActiveProgress {
+                report_age_ms: 60_000,
+                fresh: false,
+                sync_degraded: degraded,
+            })
+        };
+        let alive = Some(ActiveProgress {
+            report_age_ms: 50,
+            fresh: true,
+            sync_degraded: false,
+        });
+        // Reachable active region: what the standby measures.
+        assert_eq!(standby_rpo_ms(true, alive, 10, 10, 120, None, &p), 120);
+        assert_eq!(standby_rpo_ms(true, None, 10, 10, 120, None, &p), 120);
+        // Lost, synchronous: the most advanced standby loses nothing, however long the silence.
+        assert_eq!(
+            standby_rpo_ms(true, gone(false), 10, 10, 60_000, None, &p),
+            0
+        );
+        // ... a standby behind another one may.
+        assert_eq!(
+            standby_rpo_ms(true, gone(false), 9, 10, 60_000, Some(30), &p),
+            30 + 1750
+        );
+        // Degraded or asynchronous: lag at the last contact plus at most lease + drift.
+        assert_eq!(
+            standby_rpo_ms(true, gone(true), 10, 10, 60_000, Some(0), &p),
+            1750
+        );
+        assert_eq!(
+            standby_rpo_ms(false, gone(false), 10, 10, 60_000, Some(200), &p),
+            1950
+        );
+        let recent = Some(ActiveProgress {
+            report_age_ms: 300,
+            fresh: false,
+            sync_degraded: false,
+        });
+        assert_eq!(standby_rpo_ms(false, recent, 10, 10, 900, None, &p), 1200);
     }
 
     #[test]

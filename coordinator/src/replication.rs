@@ -370,7 +370,8 @@ impl ReplicationStatus {
         };
     }
 
-    fn stop(&self) {
+    /// The follower task of this node stopped (or was aborted): no live figures any more.
+    pub fn stop(&self) {
         self.live.lock().running = false;
     }
 
@@ -440,7 +441,9 @@ impl ReplicationStatus {
             .replication()
             .map_err(|e| ReplicationError::Storage(e.to_string()))?;
         let upstream_seq = committed.upstream_seq;
-        if !self.cfg.is_standby() {
+        // A standby by configuration, or one following the active region of the global group
+        // (the follower task runs here).
+        if !self.cfg.is_standby() && !self.live.lock().running {
             return Ok(ReplicationReport {
                 role: "source".into(),
                 upstream_seq,

@@ -145,6 +145,9 @@ struct LeaderWork {
     /// Since when the preferred region is healthy and caught up while another region is active
     /// (automatic failback).
     home_ready_since: Option<u64>,
+    /// Each standby's measured lag (ms) when the active region was last heard from (see
+    /// [`failover::standby_rpo_ms`]).
+    lag_at_contact: BTreeMap<String, u64>,
 }
 
 #[derive(Clone)]
@@ -355,6 +358,10 @@ impl ControlRuntime {
                     rec,
                     committed_epoch: committed.epoch,
                     last_renew,
+                    lag_at_contact: prev
+                        .as_ref()
+                        .map(|p| p.lag_at_contact.clone())
+                        .unwrap_or_default(),
                     reports: prev.map(|p| p.reports).unwrap_or_default(),
                     blocked: None,
                     switchover: None,
@@ -380,6 +387,33 @@ impl ControlRuntime {
             }
             let policy = state.policy.clone();
             let active = w.rec.active_region().to_string();
+            // Expected RPO of each standby (acknowledged changes, not silence): see
+            // `failover::standby_rpo_ms`.
+            let epoch_now = w.rec.epoch;
+            let active_progress = w.reports.get(&active).map(|(t, r)| {
+                let age = now.saturating_sub(*t);
+                failover::ActiveProgress {
+                    report_age_ms: age,
+                    fresh: age <= policy.detection_timeout_ms && r.regional_leader,
+                    sync_degraded: r.sync_degraded,
+                }
+            });
+            let best_upstream_seq = w
+                .reports
+                .iter()
+                .filter(|(region, (_, r))| **region != active && r.epoch == epoch_now)
+                .map(|(_, (_, r))| r.upstream_seq)
+                .max()
+                .unwrap_or(0);
+            if active_progress.is_some_and(|a| a.fresh) {
+                let measured: Vec<(String, u64)> = w
+                    .reports
+                    .iter()
+                    .filter(|(region, _)| **region != active)
+                    .map(|(region, (_, r))| (region.clone(), r.lag_ms))
+                    .collect();
+                w.lag_at_contact = measured.into_iter().collect();
+            }
             let views: Vec<RegionView> = state
                 .regions
                 .iter()
@@ -397,7 +431,18 @@ impl ControlRuntime {
                         healthy &= now.saturating_sub(renewed) <= policy.detection_timeout_ms;
                     }
                     let (lag_ms, promoted) = fresh
-                        .map(|(_, r)| (r.lag_ms, r.promoted_epoch))
+                        .map(|(_, r)| {
+                            let rpo = failover::standby_rpo_ms(
+                                self.cfg.synchronous,
+                                active_progress,
+                                r.upstream_seq,
+                                best_upstream_seq,
+                                r.lag_ms,
+                                w.lag_at_contact.get(region).copied(),
+                                &policy,
+                            );
+                            (rpo, r.promoted_epoch)
+                        })
                         .unwrap_or((u64::MAX / 4, 0));
                     RegionView {
                         region: region.clone(),
@@ -1128,6 +1173,7 @@ impl ControlRuntime {
         }
         if let Some((_, h)) = l.replicating_from.take() {
             h.abort();
+            reg.replication.stop();
         }
         let mut r = reg.replicator.clone();
         r.cfg.upstream =
@@ -1141,6 +1187,9 @@ impl ControlRuntime {
         if let Some((from, h)) = self.local.lock().replicating_from.take() {
             tracing::info!(%from, "replication stopped");
             h.abort();
+            if let Some(reg) = &self.regional {
+                reg.replication.stop();
+            }
         }
     }
 
