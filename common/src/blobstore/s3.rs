@@ -19,6 +19,9 @@ use aws_sdk_s3::Client;
 use super::{BlobStore, BlobStoreError};
 use crate::blob::BlobHash;
 
+/// Attempts per S3 request (the first try plus retries of transient errors).
+pub const S3_ATTEMPTS: u32 = 5;
+
 fn default_region() -> String {
     "us-east-1".to_string()
 }
@@ -184,9 +187,14 @@ impl S3BlobStore {
             ));
         }
         let sdk = loader.load().await;
+        // Transient answers (5xx, throttling, timeouts: e.g. a server still starting) are retried
+        // with jittered exponential backoff, 5 attempts in all (the SDK's default is 3).
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
             .region(Region::new(cfg.region.clone()))
-            .force_path_style(cfg.path_style);
+            .force_path_style(cfg.path_style)
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(S3_ATTEMPTS),
+            );
         if let Some(ep) = &cfg.endpoint {
             builder = builder.endpoint_url(ep.clone());
         }
