@@ -53,6 +53,16 @@ pub struct ReportRequest {
     pub peek: bool,
 }
 
+/// Body of the `observe` op. The global leader could not reach `region`'s coordinators itself;
+/// the asked coordinator (another observer, in another region or the witness) polls them and
+/// relays their report, so a region is lost only when no observer reachable from the quorum
+/// hears it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ObserveRequest {
+    /// Region to observe.
+    pub region: String,
+}
+
 /// What one coordinator says about its region (the global leader polls these).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RegionReport {
@@ -60,6 +70,9 @@ pub struct RegionReport {
     pub region: String,
     /// Answering node.
     pub node_id: u64,
+    /// Node that relayed this report to the global leader (`observe`), 0 when it came directly.
+    #[serde(default)]
+    pub observed_via: u64,
     /// The node leads its regional group.
     pub regional_leader: bool,
     /// Regional health as the leader sees it (a leader with a quorum; agents' checks).

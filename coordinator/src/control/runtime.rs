@@ -810,7 +810,98 @@ impl ControlRuntime {
                 }
             }
         }
+        // Regions whose leader did not answer the global leader: ask other observers (other
+        // regions' coordinators, the witness) to reach them.
+        let unheard: Vec<String> = members
+            .iter()
+            .filter(|m| !m.witness)
+            .map(|m| m.region.clone())
+            .filter(|r| !best.get(r).is_some_and(|b| b.regional_leader))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for region in unheard {
+            if let Some(r) = self.observe_via_others(members, &region).await {
+                best.insert(region, r);
+            }
+        }
         best.into_values().collect()
+    }
+
+    /// Asks every coordinator outside `region` (other regions' and the witness) to poll
+    /// `region`'s coordinators, concurrently; the first regional leader's report wins.
+    async fn observe_via_others(
+        &self,
+        members: &[GlobalMember],
+        region: &str,
+    ) -> Option<RegionReport> {
+        let others = members
+            .iter()
+            .filter(|m| m.region != region && m.id != self.node_id);
+        let mut set = tokio::task::JoinSet::new();
+        for m in others {
+            let channels = self.channels.clone();
+            let (addr, id) = (m.addr.clone(), m.id);
+            let req = ObserveRequest {
+                region: region.to_string(),
+            };
+            set.spawn(async move {
+                call::<_, RegionReport>(&channels, &addr, "observe", &req, RPC_TIMEOUT * 2)
+                    .await
+                    .ok()
+                    .map(|mut r| {
+                        r.observed_via = id;
+                        r
+                    })
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(r)) = r {
+                if r.regional_leader {
+                    tracing::debug!(%region, via = r.observed_via, "region heard through another observer");
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
+    /// The `observe` op: polls `region`'s coordinators (peek: audit entries stay for the
+    /// leader's own poll) and returns its regional leader's report.
+    ///
+    /// Errors: `UNAVAILABLE` when no coordinator of `region` answered as its leader.
+    async fn observe(&self, req: ObserveRequest) -> Result<RegionReport, Status> {
+        let members = self.store.state().members_or(&self.cfg.members);
+        let mut set = tokio::task::JoinSet::new();
+        for m in members
+            .iter()
+            .filter(|m| m.region == req.region && !m.witness && m.id != self.node_id)
+        {
+            let channels = self.channels.clone();
+            let addr = m.addr.clone();
+            set.spawn(async move {
+                call::<_, RegionReport>(
+                    &channels,
+                    &addr,
+                    "report",
+                    &ReportRequest { peek: true },
+                    RPC_TIMEOUT,
+                )
+                .await
+                .ok()
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(r)) = r {
+                if r.regional_leader {
+                    return Ok(r);
+                }
+            }
+        }
+        Err(Status::unavailable(format!(
+            "no coordinator of region {} answered as its leader",
+            req.region
+        )))
     }
 
     // ----- region loop --------------------------------------------------------------------
@@ -883,6 +974,7 @@ impl ControlRuntime {
         RegionReport {
             region: self.region.clone(),
             node_id: self.node_id,
+            observed_via: 0,
             regional_leader: leading,
             healthy,
             detail,
@@ -983,10 +1075,23 @@ impl ControlRuntime {
         let sent = now_ms();
         let reply = if self.is_global_leader() {
             self.handle_renew(req).await
-        } else if let Some((_, addr)) = self.global_leader() {
-            call::<_, RenewReply>(&self.channels, &addr, "renew", &req, RPC_TIMEOUT).await
         } else {
-            return;
+            let direct = match self.global_leader() {
+                Some((leader, addr)) => (
+                    leader,
+                    call::<_, RenewReply>(&self.channels, &addr, "renew", &req, RPC_TIMEOUT).await,
+                ),
+                None => (0, Err(Status::unavailable("no global leader known here"))),
+            };
+            match direct {
+                (leader, Err(e)) => {
+                    // The link to the global leader may be the only one down (this node then
+                    // does not even know the leader: it keeps standing for election): other
+                    // coordinators forward the renewal to it, measured from `sent` all the same.
+                    self.renew_via_others(leader, &req).await.ok_or(e)
+                }
+                (_, r) => r,
+            }
         };
         match reply {
             Ok(r) if r.granted => self.role.lease_granted(sent, r.lease_ms, r.epoch),
@@ -1002,6 +1107,30 @@ impl ControlRuntime {
                 tracing::debug!(error = %e, "lease renewal failed; the lease runs out unless renewed")
             }
         }
+    }
+
+    /// Sends `req` through every coordinator of the other regions and the witness but the
+    /// leader (they forward it to the global leader), concurrently; the first reply wins.
+    async fn renew_via_others(&self, leader: u64, req: &RenewRequest) -> Option<RenewReply> {
+        let members = self.store.state().members_or(&self.cfg.members);
+        let mut set = tokio::task::JoinSet::new();
+        for m in members
+            .iter()
+            .filter(|m| m.id != self.node_id && m.id != leader && m.region != self.region)
+        {
+            let (channels, addr, req) = (self.channels.clone(), m.addr.clone(), req.clone());
+            set.spawn(async move {
+                call::<_, RenewReply>(&channels, &addr, "renew", &req, RPC_TIMEOUT)
+                    .await
+                    .ok()
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(r)) = r {
+                return Some(r);
+            }
+        }
+        None
     }
 
     /// Grantor side of a renewal (global leader only). Leadership is confirmed with a quorum
@@ -1216,6 +1345,9 @@ impl ControlRuntime {
         match op {
             "renew" => enc(&self
                 .handle_renew(serde_json::from_slice(body).map_err(bad)?)
+                .await?),
+            "observe" => enc(&self
+                .observe(serde_json::from_slice(body).map_err(bad)?)
                 .await?),
             "report" => {
                 let r: ReportRequest = if body.is_empty() {
