@@ -133,7 +133,14 @@ async fn database_promotion_is_audited_before_traffic_moves() -> anyhow::Result<
                 .arg("min-replicas-to-write")
                 .query_async(&mut ca)
                 .await?;
-            if redis_role(&mut cb).await == "slave connected" && armed[1] == "1" {
+            // Armed a refuses writes (NOREPLICAS) until b's first REPLCONF ACK counts it as a
+            // good replica.
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut ca)
+                .await?;
+            let good = info.contains("min_slaves_good_slaves:1");
+            if redis_role(&mut cb).await == "slave connected" && armed[1] == "1" && good {
                 break;
             }
             anyhow::ensure!(Instant::now() < deadline, "b's redis never followed an armed a");
