@@ -132,9 +132,13 @@ async fn wait_equal(a: &Path, b: &Path, timeout: Duration) -> anyhow::Result<boo
     loop {
         let a2 = a.to_path_buf();
         let b2 = b.to_path_buf();
-        let c = tokio::task::spawn_blocking(move || tree::compare(&a2, &b2)).await??;
-        if c.equal() {
-            return Ok(true);
+        // The replica is being written meanwhile (temp files renamed into place): an entry that
+        // vanished during the walk means "not equal yet", not a failure.
+        match tokio::task::spawn_blocking(move || tree::compare(&a2, &b2)).await? {
+            Ok(c) if c.equal() => return Ok(true),
+            Ok(_) => {}
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => {}
         }
         if Instant::now() > deadline {
             return Ok(false);

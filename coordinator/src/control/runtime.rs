@@ -45,6 +45,9 @@ pub type GlobalRaft = openraft::Raft<TypeConfig>;
 const TICK: Duration = Duration::from_millis(50);
 /// Timeout of one report or renewal RPC.
 const RPC_TIMEOUT: Duration = Duration::from_millis(400);
+/// How long one control-loop pass waits for other observers to relay an unreachable region's
+/// report.
+const OBSERVE_WAIT: Duration = Duration::from_millis(200);
 
 /// gRPC channels to other coordinators, kept open between calls (the control loops call every
 /// coordinator every tick; a new TLS connection per call would dominate detection time).
@@ -855,15 +858,22 @@ impl ControlRuntime {
                     })
             });
         }
-        while let Some(r) = set.join_next().await {
-            if let Ok(Some(r)) = r {
-                if r.regional_leader {
-                    tracing::debug!(%region, via = r.observed_via, "region heard through another observer");
-                    return Some(r);
+        // Bounded: a region that is really gone must not slow the control loop (a reachable
+        // one answers through an observer within milliseconds).
+        tokio::time::timeout(OBSERVE_WAIT, async {
+            while let Some(r) = set.join_next().await {
+                if let Ok(Some(r)) = r {
+                    if r.regional_leader {
+                        tracing::debug!(%region, via = r.observed_via, "region heard through another observer");
+                        return Some(r);
+                    }
                 }
             }
-        }
-        None
+            None
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The `observe` op: polls `region`'s coordinators (peek: audit entries stay for the
