@@ -525,22 +525,30 @@ impl Agent {
                     self.queue_snapshot(root, rel);
                 }
                 if watching {
+                    let up = Some(crate::preupload::Uploader::new(
+                        self.client.clone(),
+                        self.state.clone(),
+                        self.opts.part_size,
+                    ));
                     execs = crate::exec::spawn_all(
                         &self.cfg,
                         self.progress.clone(),
                         snap_tx.clone(),
                         helpers_rx.clone(),
+                        up.clone(),
                     );
                     execs.extend(crate::redis_source::spawn_all(
                         &self.cfg,
                         self.progress.clone(),
                         snap_tx.clone(),
                         helpers_rx.clone(),
+                        up.clone(),
                     ));
                     execs.extend(crate::pg_source::spawn_all(
                         &self.cfg,
                         snap_tx,
                         helpers_rx.clone(),
+                        up,
                     ));
                 }
             }

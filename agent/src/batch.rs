@@ -644,12 +644,15 @@ impl Planner<'_> {
                 },
             };
             let mut retain = self.retain_left;
+            // Snapshot files are written once and never changed: no signatures for deltas.
+            let signatures = self.roots.roots[root].name != crate::config::SNAPSHOTS_ROOT;
             match delta::plan_file(
                 &fs_path,
                 self.limits.part_size,
                 &known,
                 &mut retain,
                 false,
+                signatures,
                 &mut self.scratch,
             ) {
                 Ok(plan) => {

@@ -54,7 +54,8 @@ pub struct PartPlan {
     pub body: Body,
     /// The payload (full content or delta bytes) kept from planning, when within budget.
     pub retained: Option<Vec<u8>>,
-    /// Serialized fast_rsync signature of the new content (stored after the acknowledgement).
+    /// Serialized fast_rsync signature of the new content (stored after the acknowledgement);
+    /// empty when not computed (see [`plan_file`]).
     pub signature: Vec<u8>,
 }
 
@@ -199,7 +200,8 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// computing signatures and choosing each part's [`Body`] against `known` (a part equal to an
 /// earlier part of the same file is `reuse`: the coordinator stores it by then). Payloads are kept in
 /// [`PartPlan::retained`] while `retain_budget` (bytes) allows; `force_full` sends every part
-/// whole. If the size or mtime changed while reading, the file is read again (up to
+/// whole; without `signatures` every [`PartPlan::signature`] is empty (files never changed in
+/// place, such as snapshots, need none). If the size or mtime changed while reading, the file is read again (up to
 /// [`READ_RETRIES`] times), then what was read last is used. `scratch` is the part buffer,
 /// grown to `part_size` once and reused across files.
 ///
@@ -211,6 +213,7 @@ pub fn plan_file(
     known: &dyn Known,
     retain_budget: &mut u64,
     force_full: bool,
+    signatures: bool,
     scratch: &mut Vec<u8>,
 ) -> std::io::Result<FilePlan> {
     if scratch.len() != part_size {
@@ -267,7 +270,11 @@ pub fn plan_file(
                 size: n as u64,
                 body,
                 retained,
-                signature: signature(data),
+                signature: if signatures {
+                    signature(data)
+                } else {
+                    Vec::new()
+                },
             });
             total += n as u64;
             if n < part_size {
@@ -417,7 +424,16 @@ mod tests {
         let data = pseudo_random(part * 2 + 1234, 4);
         std::fs::write(&p, &data).unwrap();
         let mut budget = 0;
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
+        let plan = plan_file(
+            &p,
+            part,
+            &NothingKnown,
+            &mut budget,
+            false,
+            true,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(plan.size, data.len() as u64);
         assert_eq!(plan.blake3, BlobHash::of(&data));
         let sizes: Vec<u64> = plan.parts.iter().map(|p| p.size).collect();
@@ -436,17 +452,44 @@ mod tests {
 
         // An exact multiple of the part size has no empty trailing part; an empty file none.
         std::fs::write(&p, &data[..part * 2]).unwrap();
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
+        let plan = plan_file(
+            &p,
+            part,
+            &NothingKnown,
+            &mut budget,
+            false,
+            true,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(plan.parts.len(), 2);
         std::fs::write(&p, b"").unwrap();
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
+        let plan = plan_file(
+            &p,
+            part,
+            &NothingKnown,
+            &mut budget,
+            false,
+            true,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert!(plan.parts.is_empty());
         assert_eq!(plan.blake3, BlobHash::of(b""));
 
         // Payloads are kept within the budget only.
         std::fs::write(&p, &data).unwrap();
         let mut budget = part as u64 + 1300;
-        let plan = plan_file(&p, part, &NothingKnown, &mut budget, false, &mut Vec::new()).unwrap();
+        let plan = plan_file(
+            &p,
+            part,
+            &NothingKnown,
+            &mut budget,
+            false,
+            true,
+            &mut Vec::new(),
+        )
+        .unwrap();
         let kept: Vec<bool> = plan.parts.iter().map(|p| p.retained.is_some()).collect();
         assert_eq!(kept, vec![true, false, true]);
         assert_eq!(budget, 1300 - 1234);
@@ -474,7 +517,7 @@ mod tests {
         edited[part + 100] ^= 0x55;
         std::fs::write(&p, &edited).unwrap();
         let mut budget = u64::MAX;
-        let plan = plan_file(&p, part, &prev, &mut budget, false, &mut Vec::new()).unwrap();
+        let plan = plan_file(&p, part, &prev, &mut budget, false, true, &mut Vec::new()).unwrap();
         let kinds: Vec<&str> = plan
             .parts
             .iter()
@@ -487,7 +530,7 @@ mod tests {
         assert_eq!(kinds, vec!["reuse", "delta", "reuse"]);
         assert!(plan.payload_bytes() < 8 * 1024, "{}", plan.payload_bytes());
         // force_full ignores what is known.
-        let plan = plan_file(&p, part, &prev, &mut budget, true, &mut Vec::new()).unwrap();
+        let plan = plan_file(&p, part, &prev, &mut budget, true, true, &mut Vec::new()).unwrap();
         assert!(plan.parts.iter().all(|p| p.body == Body::Full));
     }
 }

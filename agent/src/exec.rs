@@ -106,6 +106,7 @@ pub fn spawn_all(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     cfg.exec_sources
         .iter()
@@ -118,6 +119,7 @@ pub fn spawn_all(
                     progress.clone(),
                     tx.clone(),
                     stop.clone(),
+                    uploader.clone(),
                 )
                 .instrument(span),
             )
@@ -131,6 +133,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) {
     let interval = src.schedule.is_none().then(|| src.interval());
     let mut first = true;
@@ -143,7 +146,7 @@ async fn source_loop(
         }
         let epoch = progress.epoch.load(std::sync::atomic::Ordering::Relaxed);
         let r = tokio::select! {
-            r = take_snapshot(&src, &data_dir, epoch) => r,
+            r = take_snapshot_with(&src, &data_dir, epoch, uploader.as_ref()) => r,
             // Dropping the future kills the child (kill_on_drop).
             _ = stop.wait_for(|d| d.is_some()) => return,
         };
@@ -173,13 +176,27 @@ pub async fn take_snapshot(
     data_dir: &Path,
     epoch: u64,
 ) -> Result<ExecSnapshotMeta, String> {
+    take_snapshot_with(src, data_dir, epoch, None).await
+}
+
+/// [`take_snapshot`], uploading the output's parts to the region's leader while the command
+/// writes them when `uploader` is given (see [`crate::preupload`]).
+///
+/// Errors: as [`take_snapshot`].
+pub async fn take_snapshot_with(
+    src: &ExecSourceConfig,
+    data_dir: &Path,
+    epoch: u64,
+    uploader: Option<&crate::preupload::Uploader>,
+) -> Result<ExecSnapshotMeta, String> {
     let start_ms = lifeboat_common::now_ms();
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
         .await
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("{}.tmp", src.name));
-    let result = spool_command(src, &spool).await;
+    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let result = spool_command(src, &spool, up).await;
     let (bytes, hash) = match result {
         Ok(n) => n,
         Err(e) => {
@@ -226,14 +243,25 @@ pub async fn take_snapshot(
     Ok(meta)
 }
 
+/// Asks the kernel for a 1 MiB pipe buffer on a child's stdout (default 64 KiB), so a dump tool
+/// can run ahead while the spool writes; failures are ignored (the default still works).
+pub fn widen_pipe(out: &tokio::process::ChildStdout) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a file descriptor we own for the duration of the call; no memory passed.
+    unsafe {
+        libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1024 * 1024);
+    }
+}
+
 /// Streams the command's stdout into `spool` (mode 0600, fsync'd), hashing it. Returns the byte
 /// count and the blake3.
 async fn spool_command(
     src: &ExecSourceConfig,
     spool: &Path,
+    mut up: crate::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = tokio::fs::File::create(spool)
+    let file = tokio::fs::File::create(spool)
         .await
         .map_err(|e| io("cannot create", e))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -249,10 +277,13 @@ async fn spool_command(
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
     };
+    widen_pipe(&out);
+    // Few large writes: every write of a tokio file is a round trip to the blocking pool.
+    let mut file = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file);
     let limit = Duration::from_secs(src.timeout_secs);
     let run = tokio::time::timeout(limit, async {
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; 1024 * 1024];
         let mut n = 0u64;
         loop {
             let k = out
@@ -263,6 +294,7 @@ async fn spool_command(
                 break;
             }
             hasher.update(&buf[..k]);
+            up.feed(&buf[..k]);
             file.write_all(&buf[..k])
                 .await
                 .map_err(|e| io("cannot write", e))?;
@@ -289,6 +321,11 @@ async fn spool_command(
     if !status.success() {
         return Err(format!("command exited with {status}"));
     }
-    file.sync_all().await.map_err(|e| io("cannot fsync", e))?;
+    file.flush().await.map_err(|e| io("cannot write", e))?;
+    file.get_ref()
+        .sync_all()
+        .await
+        .map_err(|e| io("cannot fsync", e))?;
+    up.finish().await;
     Ok((n, hash))
 }

@@ -34,6 +34,7 @@ pub mod delta;
 pub mod exec;
 pub mod pg_role;
 pub mod pg_source;
+pub mod preupload;
 pub mod push;
 pub mod redis_source;
 pub mod replica;

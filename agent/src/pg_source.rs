@@ -338,6 +338,7 @@ pub fn spawn_all(
     cfg: &Config,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut out = Vec::new();
     for s in &cfg.postgres_sources {
@@ -350,6 +351,7 @@ pub fn spawn_all(
                 cfg.data_dir.clone(),
                 tx.clone(),
                 stop.clone(),
+                uploader.clone(),
             )
             .instrument(span.clone()),
         ));
@@ -399,6 +401,7 @@ async fn base_loop(
     data_dir: PathBuf,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -414,7 +417,7 @@ async fn base_loop(
         }
         first = false;
         let r = tokio::select! {
-            r = take_base_backup(&src, &data_dir, 0, local_keep) => r,
+            r = take_base_backup(&src, &data_dir, 0, local_keep, uploader.as_ref()) => r,
             // Dropping the future kills pg_basebackup (kill_on_drop).
             _ = stop.wait_for(|d| d.is_some()) => return,
         };
@@ -439,12 +442,16 @@ async fn base_loop(
 /// acknowledged backups there), and deletes the oldest unacknowledged local backups so that at
 /// most `local_keep` remain. Returns the two relative paths (tar first) and the sidecar.
 ///
+/// With `uploader`, the tar's parts go to the region's leader while pg_basebackup writes them
+/// (see [`crate::preupload`]).
+///
 /// Errors: pg_basebackup cannot start or fails (its stderr is in the message), I/O errors.
 pub async fn take_base_backup(
     src: &PostgresSourceConfig,
     data_dir: &Path,
     epoch: u64,
     local_keep: Option<u32>,
+    uploader: Option<&crate::preupload::Uploader>,
 ) -> Result<(Vec<String>, BaseBackupMeta), String> {
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
@@ -452,7 +459,8 @@ pub async fn take_base_backup(
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("pg-{}.base.tmp", src.name));
     let start_ms = lifeboat_common::now_ms();
-    let (bytes, hash) = match spool_basebackup(src, &spool).await {
+    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let (bytes, hash) = match spool_basebackup(src, &spool, up).await {
         Ok(r) => r,
         Err(e) => {
             let _ = tokio::fs::remove_file(&spool).await;
@@ -607,9 +615,10 @@ fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::Join
 async fn spool_basebackup(
     src: &PostgresSourceConfig,
     spool: &Path,
+    mut up: crate::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = tokio::fs::File::create(spool)
+    let file = tokio::fs::File::create(spool)
         .await
         .map_err(|e| io("cannot create", e))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -629,8 +638,11 @@ async fn spool_basebackup(
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
     };
+    crate::exec::widen_pipe(&out);
+    // Few large writes: every write of a tokio file is a round trip to the blocking pool.
+    let mut file = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file);
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 1024 * 1024];
     let mut n: u64 = 0;
     loop {
         let k = out
@@ -641,6 +653,7 @@ async fn spool_basebackup(
             break;
         }
         hasher.update(&buf[..k]);
+        up.feed(&buf[..k]);
         file.write_all(&buf[..k])
             .await
             .map_err(|e| io("cannot write", e))?;
@@ -654,7 +667,12 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    file.sync_all().await.map_err(|e| io("cannot fsync", e))?;
+    file.flush().await.map_err(|e| io("cannot write", e))?;
+    file.get_ref()
+        .sync_all()
+        .await
+        .map_err(|e| io("cannot fsync", e))?;
+    up.finish().await;
     Ok((n, hasher.finalize()))
 }
 

@@ -314,32 +314,7 @@ impl PushClient {
     ) -> Result<pb::PushReply, PushError> {
         let addr = self.coordinators.current();
         let mut client = self.client(&addr)?;
-        // Ask who leads before streaming: a follower's refusal would otherwise arrive only after
-        // HTTP/2 flow control let megabytes of parts go out.
-        if !self.agent_id.is_empty() && !self.coordinators.is_confirmed(&addr) {
-            let probe = pb::HeartbeatRequest {
-                agent_id: self.agent_id.clone(),
-                epoch: opts.epoch,
-                ..Default::default()
-            };
-            match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(probe)).await {
-                Err(_) => {
-                    return Err(PushError::Transport {
-                        addr,
-                        message: "leader probe timed out".into(),
-                    })
-                }
-                Ok(Err(status)) => return Err(classify(&addr, &status)),
-                Ok(Ok(r)) => {
-                    let leader = r.into_inner().leader_addr;
-                    if leader == addr {
-                        self.coordinators.confirm(&addr);
-                    } else if !leader.is_empty() {
-                        return Err(PushError::NotLeader { leader });
-                    }
-                }
-            }
-        }
+        self.probe_leader(&addr, &mut client, opts.epoch).await?;
         let payload: u64 = if opts.force_full {
             batch.iter().map(|c| c.size).sum()
         } else {
@@ -359,6 +334,69 @@ impl PushClient {
                 }
             },
             Ok(path) = abort_rx => Err(PushError::Changed { path }),
+        }
+    }
+
+    /// Asks `addr` who leads before streaming (a follower's refusal would otherwise arrive only
+    /// after HTTP/2 flow control let megabytes of parts go out), unless it was confirmed already
+    /// or the client has no agent id.
+    ///
+    /// Errors: [`PushError::NotLeader`] naming the leader, or the probe's failure.
+    async fn probe_leader(
+        &self,
+        addr: &str,
+        client: &mut AgentServiceClient<Channel>,
+        epoch: u64,
+    ) -> Result<(), PushError> {
+        if self.agent_id.is_empty() || self.coordinators.is_confirmed(addr) {
+            return Ok(());
+        }
+        let probe = pb::HeartbeatRequest {
+            agent_id: self.agent_id.clone(),
+            epoch,
+            ..Default::default()
+        };
+        match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(probe)).await {
+            Err(_) => Err(PushError::Transport {
+                addr: addr.to_string(),
+                message: "leader probe timed out".into(),
+            }),
+            Ok(Err(status)) => Err(classify(addr, &status)),
+            Ok(Ok(r)) => {
+                let leader = r.into_inner().leader_addr;
+                if leader == addr {
+                    self.coordinators.confirm(addr);
+                } else if !leader.is_empty() {
+                    return Err(PushError::NotLeader { leader });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Streams whole parts to the leader with `PutParts` (see `crate::preupload`) and returns
+    /// its reply: the hashes stored durably. Follows one leader redirect before streaming.
+    ///
+    /// Errors: [`PushError`] as for [`PushClient::push`].
+    pub async fn put_parts(
+        &self,
+        parts: impl Stream<Item = pb::PartData> + Send + 'static,
+        epoch: u64,
+    ) -> Result<pb::PutPartsReply, PushError> {
+        let mut addr = self.coordinators.current();
+        let mut client = self.client(&addr)?;
+        if let Err(e) = self.probe_leader(&addr, &mut client, epoch).await {
+            let PushError::NotLeader { leader } = e else {
+                return Err(e);
+            };
+            self.coordinators.redirect(&leader);
+            addr = leader;
+            client = self.client(&addr)?;
+            self.probe_leader(&addr, &mut client, epoch).await?;
+        }
+        match client.put_parts(parts).await {
+            Err(status) => Err(classify(&addr, &status)),
+            Ok(r) => Ok(r.into_inner()),
         }
     }
 

@@ -3,7 +3,8 @@
 //! side calls.
 //!
 //! **Snapshots.** Like `redis-cli --rdb`: connect, `AUTH` if a password is configured,
-//! `REPLCONF rdb-only 1` (Redis ≥ 7; ignored when refused), `SYNC`, then read the RDB payload in
+//! `REPLCONF rdb-only 1` (Redis ≥ 7; ignored when refused), `REPLCONF capa eof` (so a primary with
+//! `repl-diskless-sync` streams the RDB from its fork instead of writing it to disk first), `SYNC`, then read the RDB payload in
 //! either form the primary sends (`$<len>\r\n<len bytes>` or the diskless
 //! `$EOF:<40-byte mark>\r\n<bytes><mark>`), streamed into `data_dir/spool/<name>.rdb.tmp`
 //! (never whole in memory) while hashing it with blake3. The payload must start with `REDIS`.
@@ -536,6 +537,7 @@ pub fn spawn_all(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     cfg.redis_sources
         .iter()
@@ -552,6 +554,7 @@ pub fn spawn_all(
                     progress.clone(),
                     tx.clone(),
                     stop.clone(),
+                    uploader.clone(),
                 )
                 .instrument(span),
             )
@@ -571,6 +574,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
+    uploader: Option<crate::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -582,7 +586,7 @@ async fn source_loop(
         }
         let e = progress.epoch.load(std::sync::atomic::Ordering::Relaxed);
         let r = tokio::select! {
-            r = take_snapshot(&src, &data_dir, e) => r,
+            r = take_snapshot_with(&src, &data_dir, e, uploader.as_ref()) => r,
             _ = stop.wait_for(|d| d.is_some()) => return,
         };
         match r {
@@ -633,6 +637,19 @@ pub async fn take_snapshot(
     data_dir: &Path,
     epoch: u64,
 ) -> Result<SnapshotMeta, RedisSourceError> {
+    take_snapshot_with(src, data_dir, epoch, None).await
+}
+
+/// [`take_snapshot`], uploading the RDB's parts to the region's leader while they arrive when
+/// `uploader` is given (see [`crate::preupload`]; a failed upload only costs time later).
+///
+/// Errors: as [`take_snapshot`].
+pub async fn take_snapshot_with(
+    src: &RedisSourceConfig,
+    data_dir: &Path,
+    epoch: u64,
+    uploader: Option<&crate::preupload::Uploader>,
+) -> Result<SnapshotMeta, RedisSourceError> {
     let start_ms = lifeboat_common::now_ms();
     let io = |what: String| move |e: std::io::Error| RedisSourceError::Io(format!("{what}: {e}"));
     let spool_dir = spool_dir(data_dir);
@@ -646,7 +663,8 @@ pub async fn take_snapshot(
         let server = info(&mut con, &src.addr, "server").await?;
         let keys = keyspace_keys(&info(&mut con, &src.addr, "keyspace").await?);
         drop(con);
-        let (bytes, hash) = fetch_rdb(src, &spool).await?;
+        let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+        let (bytes, hash) = fetch_rdb(src, &spool, up).await?;
         Ok::<_, RedisSourceError>((server, keys, bytes, hash))
     })
     .await
@@ -760,6 +778,7 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn fetch_rdb(
     src: &RedisSourceConfig,
     spool: &Path,
+    up: crate::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), RedisSourceError> {
     let addr = src.addr.as_str();
     let proto = |msg: String| RedisSourceError::Protocol {
@@ -792,6 +811,14 @@ async fn fetch_rdb(
         .map_err(net)?;
     // `-ERR` on servers before 7.0: they stream commands after the RDB, which we never read.
     let _ = read_line(&mut r, addr).await?;
+    // Without `capa eof` the primary cannot send the diskless `$EOF:` form and writes the whole
+    // RDB to its disk before sending a byte (`repl-diskless-sync` is ignored): measured 6.5 s
+    // instead of 4.8 s for a 188 MB RDB, and a `dump.rdb` left in the server's directory.
+    r.get_mut()
+        .write_all(&resp(&[b"REPLCONF", b"capa", b"eof"]))
+        .await
+        .map_err(net)?;
+    let _ = read_line(&mut r, addr).await?;
     r.get_mut()
         .write_all(&resp(&[b"SYNC"]))
         .await
@@ -821,6 +848,7 @@ async fn fetch_rdb(
         hasher: blake3::Hasher::new(),
         bytes: 0,
         head: Vec::with_capacity(5),
+        up,
     };
     let mut buf = vec![0u8; 1024 * 1024];
     if let Some(mark) = spec.strip_prefix("EOF:") {
@@ -888,6 +916,7 @@ async fn fetch_rdb(
         .sync_all()
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot fsync {}: {e}", spool.display())))?;
+    sink.up.finish().await;
     Ok((sink.bytes, sink.hasher.finalize()))
 }
 
@@ -896,6 +925,7 @@ struct RdbSink {
     hasher: blake3::Hasher,
     bytes: u64,
     head: Vec<u8>,
+    up: crate::preupload::Preupload,
 }
 
 impl RdbSink {
@@ -908,6 +938,7 @@ impl RdbSink {
             self.head.extend_from_slice(&data[..take]);
         }
         self.hasher.update(data);
+        self.up.feed(data);
         self.bytes += data.len() as u64;
         self.file
             .write_all(data)

@@ -170,7 +170,10 @@ fn record_acked(txn: &redb::WriteTransaction, changes: &[AckedChange]) -> Result
                     false
                 })?;
                 for (i, s) in signatures.iter().enumerate() {
-                    sigs.insert((path.as_str(), i as u32), s.as_slice())?;
+                    // Empty: not computed (snapshot files are never changed in place).
+                    if !s.is_empty() {
+                        sigs.insert((path.as_str(), i as u32), s.as_slice())?;
+                    }
                 }
                 for p in &entry.parts {
                     blobs.insert(p.hash.0.as_slice(), ())?;
@@ -406,6 +409,20 @@ impl StateDb {
                 if role.epoch > cur {
                     meta.insert(META_EPOCH, role.epoch)?;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Records part hashes a coordinator confirmed stored durably outside a batch (`PutParts`,
+    /// see `crate::preupload`): later batches send such parts as `reuse`.
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn record_stored_blobs(&self, hashes: &[BlobHash]) -> Result<(), StateError> {
+        self.write(|txn| {
+            let mut blobs = txn.open_table(ACKED_BLOBS)?;
+            for h in hashes {
+                blobs.insert(h.0.as_slice(), ())?;
             }
             Ok(())
         })

@@ -473,7 +473,9 @@ async fn bench_snapshot_vs_redis_cli() -> anyhow::Result<()> {
                 }
             }
             anyhow::ensure!(Instant::now() < deadline, "no snapshot within 30 min");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The acknowledgement time comes from the catalog (`commit_time_ms`), not from this
+            // poll: poll slowly, each `lifeboat ls` is a process competing for the 2 cores.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
         };
         let side = dir.join("side");
         restore_latest(&cluster, &format!("_snapshots/{id}.rdb.meta.json"), &side).await?;

@@ -11,6 +11,7 @@ pub mod blobstore;
 pub mod catalog;
 pub mod path;
 pub mod tls;
+pub mod treehash;
 
 /// gRPC metadata header in which a follower names the current leader's address.
 pub const LEADER_HEADER: &str = "x-lifeboat-leader";

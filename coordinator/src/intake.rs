@@ -15,11 +15,13 @@ use futures::StreamExt;
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::catalog::{EntryKind, NewVersion, PartRef};
 use lifeboat_common::path::validate_rel_path;
+use lifeboat_common::treehash::{self, ChainingValue};
 use lifeboat_proto::agent_service_server::AgentService;
 use lifeboat_proto::part_data::Body;
 use lifeboat_proto::push_message::Msg;
 use lifeboat_proto::{
     Ack, FileChange, HeartbeatReply, HeartbeatRequest, PartData, PushMessage, PushReply,
+    PutPartsReply,
 };
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
@@ -36,6 +38,10 @@ pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
 
 /// Most part encodes/writes in flight per batch (bounds memory to about 16 x 2 x 4 MiB).
 const MAX_PUTS_IN_FLIGHT: usize = 16;
+/// Reused blobs of one file read back at once.
+const MAX_READS_IN_FLIGHT: usize = 4;
+/// Parts one `PutParts` call may store (64 GiB of 4 MiB parts).
+const MAX_PUT_PARTS: usize = 16_384;
 
 /// The `AgentService` implementation.
 pub struct Intake {
@@ -57,6 +63,38 @@ pub struct Intake {
     /// Coordinator addresses of every region (`[global].members`, witness excluded; empty
     /// without a global group): the heartbeat reply names the active region's.
     pub region_addrs: Arc<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Chaining values of parts verified by `PutParts` (see [`CvCache`]).
+    pub part_cvs: Arc<Mutex<CvCache>>,
+}
+
+/// Chaining values (`lifeboat_common::treehash`) of parts this leader verified in `PutParts`,
+/// by (blob hash, offset in bytes): the later `PushChanges` of the whole file checks its blake3
+/// from them instead of reading every part back. Bounded ([`CvCache::CAPACITY`], oldest out
+/// first); only a time saver (a miss reads the part back).
+#[derive(Debug, Default)]
+pub struct CvCache {
+    map: HashMap<(BlobHash, u64), ChainingValue>,
+    order: std::collections::VecDeque<(BlobHash, u64)>,
+}
+
+impl CvCache {
+    /// Entries kept (about 80 bytes each: 20 MB; 1 TiB of 4 MiB parts).
+    pub const CAPACITY: usize = 262_144;
+
+    fn insert(&mut self, key: (BlobHash, u64), cv: ChainingValue) {
+        if self.map.insert(key, cv).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &(BlobHash, u64)) -> Option<ChainingValue> {
+        self.map.get(key).copied()
+    }
 }
 
 pub use crate::control::role::STANDBY_REFUSAL;
@@ -150,12 +188,102 @@ impl SyncAck {
     }
 }
 
+/// Reused parts of one file being checked in parallel, in part order: each yields the part's
+/// chaining value when the file has several parts (`None` for a one-part file, whose hash is
+/// the part's).
+#[derive(Default)]
+struct Readback {
+    reads:
+        std::collections::VecDeque<tokio::task::JoinHandle<Result<Option<ChainingValue>, Status>>>,
+}
+
+impl Readback {
+    /// Starts checking the reused part `pref`: present here with a cached chaining value at
+    /// `cv_offset` (`Some` for multi-part files), or else read (locally, else from a peer) and
+    /// verified, its chaining value computed from the content.
+    fn start(
+        &mut self,
+        blobs: &Blobs,
+        cached: Option<ChainingValue>,
+        pref: PartRef,
+        cv_offset: Option<u64>,
+    ) {
+        let blobs = blobs.clone();
+        let task = tokio::spawn(async move {
+            if let Some(cv) = cached {
+                if blobs.store.contains(&pref.hash).await.unwrap_or(false) {
+                    return Ok(Some(cv));
+                }
+            }
+            let raw = blobs.get_raw(&pref.hash).await.map_err(base_missing)?;
+            if raw.len() as u64 != pref.size {
+                return Err(bad(format!(
+                    "reused blob {} has {} bytes, part declares {}",
+                    pref.hash,
+                    raw.len(),
+                    pref.size
+                )));
+            }
+            match cv_offset {
+                None => Ok(None),
+                Some(o) => tokio::task::spawn_blocking(move || Some(treehash::part_cv(o, &raw)))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string())),
+            }
+        });
+        self.reads.push_back(task);
+    }
+
+    /// Adds finished checks to `cvs` in order until at most `keep` remain in flight.
+    ///
+    /// Errors: FAILED_PRECONDITION `base_missing` when a blob cannot be read; INVALID_ARGUMENT
+    /// when its size differs from the part's.
+    async fn drain(&mut self, cvs: &mut Vec<ChainingValue>, keep: usize) -> Result<(), Status> {
+        while self.reads.len() > keep {
+            let Some(task) = self.reads.pop_front() else {
+                break;
+            };
+            if let Some(cv) = task.await.map_err(|e| Status::internal(e.to_string()))?? {
+                cvs.push(cv);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The hash and size of `part`, checked against [`lifeboat_common::PART_SIZE`].
+///
+/// Errors: INVALID_ARGUMENT.
+fn part_ref(part: &PartData) -> Result<PartRef, Status> {
+    let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
+    if part.size > lifeboat_common::PART_SIZE as u64 {
+        return Err(bad(format!(
+            "part of {} bytes exceeds {}",
+            part.size,
+            lifeboat_common::PART_SIZE
+        )));
+    }
+    Ok(PartRef {
+        hash,
+        size: part.size,
+    })
+}
+
 struct Pending {
     change: FileChange,
     kind: EntryKind,
     parts: Vec<PartRef>,
-    /// blake3 of the content rebuilt so far, checked against the declared whole-file hash.
-    hasher: blake3::Hasher,
+    /// Chaining values of the parts so far (files of two or more parts): the whole-file hash
+    /// is merged from them (`treehash::file_hash`) and checked against the declared one.
+    cvs: Vec<ChainingValue>,
+}
+
+impl Pending {
+    /// Offset of the next part when the whole-file hash needs its chaining value.
+    fn cv_offset(&self) -> Option<u64> {
+        (self.change.part_count >= 2)
+            .then(|| self.parts.len() as u64 * lifeboat_common::PART_SIZE as u64)
+    }
 }
 
 fn bad(msg: impl Into<String>) -> Status {
@@ -213,7 +341,29 @@ impl Intake {
             )));
         }
         if !c.deleted && p.kind == EntryKind::File {
-            let got = BlobHash(*p.hasher.finalize().as_bytes());
+            let got = match p.parts.as_slice() {
+                [] => BlobHash::of(b""),
+                // One part: the file is the part, whose content hashes to its hash (checked).
+                [one] => one.hash,
+                parts => {
+                    let shape: Vec<(u64, ChainingValue)> = parts
+                        .iter()
+                        .map(|x| x.size)
+                        .zip(p.cvs.iter().copied())
+                        .collect();
+                    let h = (shape.len() == parts.len())
+                        .then(|| treehash::file_hash(lifeboat_common::PART_SIZE as u64, &shape))
+                        .flatten()
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "{}: parts do not form a file of {}-byte parts",
+                                c.path,
+                                lifeboat_common::PART_SIZE
+                            ))
+                        })?;
+                    BlobHash(*h.as_bytes())
+                }
+            };
             if got.to_hex() != c.blake3 {
                 return Err(bad(format!(
                     "{}: content hashes to {got}, the change declares {}; refusing a version no restore could verify",
@@ -250,40 +400,21 @@ impl Intake {
         })
     }
 
-    /// Rebuilds one part, returns its ref and, when the blob is new, its encoded bytes to store.
+    /// Rebuilds one `full` or `delta` part, returns its ref, when the blob is new its encoded
+    /// bytes to store, and with `cv_offset` its chaining value at that offset.
     async fn rebuild_part(
         &self,
         part: PartData,
         fresh: &HashSet<BlobHash>,
-        hasher: &mut blake3::Hasher,
-    ) -> Result<(PartRef, Option<Vec<u8>>), Status> {
-        let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
-        if part.size > lifeboat_common::PART_SIZE as u64 {
-            return Err(bad(format!(
-                "part of {} bytes exceeds {}",
-                part.size,
-                lifeboat_common::PART_SIZE
-            )));
-        }
+        cv_offset: Option<u64>,
+    ) -> Result<(PartRef, Option<Vec<u8>>, Option<ChainingValue>), Status> {
+        let pref = part_ref(&part)?;
+        let hash = pref.hash;
         let size = part.size as usize;
-        let pref = PartRef {
-            hash,
-            size: part.size,
-        };
         let raw = match part.body {
             None => return Err(bad("part without body")),
             Some(Body::Reuse(_)) => {
-                // Read (locally, else from a peer after a leader change) and verify the blob: its
-                // content is part of the whole-file hash checked in `finish`.
-                let raw = self.blobs.get_raw(&hash).await.map_err(base_missing)?;
-                if raw.len() != size {
-                    return Err(bad(format!(
-                        "reused blob {hash} has {} bytes, part declares {size}",
-                        raw.len()
-                    )));
-                }
-                hasher.update(&raw);
-                return Ok((pref, None));
+                return Err(Status::internal("reused parts are checked by `Readback`"));
             }
             Some(Body::Full(data)) => data,
             Some(Body::Delta(delta)) => {
@@ -310,23 +441,103 @@ impl Intake {
                 raw.len()
             )));
         }
-        hasher.update(&raw);
-        if fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false) {
-            // Still verify what was sent.
+        // Still verify what was sent when the blob is stored already.
+        let stored =
+            fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false);
+        let (encoded, cv) = tokio::task::spawn_blocking(move || {
             if BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));
             }
-            return Ok((pref, None));
-        }
-        let encoded = tokio::task::spawn_blocking(move || {
-            if BlobHash::of(&raw) != hash {
-                return Err(bad(format!("part content does not hash to {hash}")));
-            }
-            Ok(blob::encode(&raw))
+            let cv = cv_offset.map(|o| treehash::part_cv(o, &raw));
+            Ok(((!stored).then(|| blob::encode(&raw)), cv))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
-        Ok((pref, Some(encoded)))
+        Ok((pref, encoded, cv))
+    }
+
+    /// Stores `enc` (the encoded blob `h`) in a task of `puts` (at most [`MAX_PUTS_IN_FLIGHT`]
+    /// at once; waits for one to finish first) and, once it is durable here, hands `h` to the
+    /// copies to the followers.
+    ///
+    /// Errors: an earlier put of `puts` failed (UNAVAILABLE).
+    async fn spawn_put(
+        &self,
+        puts: &mut JoinSet<Result<(), Status>>,
+        replication: &crate::blobs::ReplicationSession,
+        h: BlobHash,
+        enc: Vec<u8>,
+    ) -> Result<(), Status> {
+        while puts.len() >= MAX_PUTS_IN_FLIGHT {
+            if let Some(r) = puts.join_next().await {
+                r.map_err(|e| Status::internal(e.to_string()))??;
+            }
+        }
+        let store = self.blobs.store.clone();
+        let fanout = replication.fanout();
+        puts.spawn(async move {
+            store
+                .put(&h, enc)
+                .await
+                .map_err(|e| Status::unavailable(format!("blob store: {e}")))?;
+            // Durable here: now copy it to the followers.
+            for f in fanout {
+                let _ = f.send(h);
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+
+    /// `PutParts`: stores every `full` part of the stream as a blob (verified, encoded, durable
+    /// here, then copied until a majority of voters holds it) and returns their hashes. At most
+    /// [`MAX_PUT_PARTS`] parts per call.
+    ///
+    /// Errors: INVALID_ARGUMENT for a part that is not `full`, too large or does not hash to its
+    /// declared hash; UNAVAILABLE when the blob store or the majority copy fails.
+    async fn put_parts_stream(
+        &self,
+        mut stream: Streaming<PartData>,
+    ) -> Result<PutPartsReply, Status> {
+        let mut fresh: HashSet<BlobHash> = HashSet::new();
+        let mut stored = Vec::new();
+        let mut cvs = Vec::new();
+        let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
+        let replication = self.blobs.start_replication();
+        while let Some(part) = stream.next().await {
+            let part = part?;
+            if !matches!(part.body, Some(Body::Full(_))) {
+                return Err(bad("PutParts takes full parts only"));
+            }
+            if stored.len() >= MAX_PUT_PARTS {
+                return Err(bad(format!(
+                    "more than {MAX_PUT_PARTS} parts in one PutParts"
+                )));
+            }
+            let offset = u64::from(part.index) * lifeboat_common::PART_SIZE as u64;
+            let (pref, encoded, cv) = self.rebuild_part(part, &fresh, Some(offset)).await?;
+            if let Some(enc) = encoded {
+                fresh.insert(pref.hash);
+                self.spawn_put(&mut puts, &replication, pref.hash, enc)
+                    .await?;
+            }
+            if let Some(cv) = cv {
+                cvs.push(((pref.hash, offset), cv));
+            }
+            stored.push(pref.hash.to_hex());
+        }
+        while let Some(r) = puts.join_next().await {
+            r.map_err(|e| Status::internal(e.to_string()))??;
+        }
+        replication
+            .finish(!fresh.is_empty())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut cache = self.part_cvs.lock();
+        for (k, cv) in cvs {
+            cache.insert(k, cv);
+        }
+        Ok(PutPartsReply { stored })
     }
 
     async fn push(
@@ -341,12 +552,14 @@ impl Intake {
         let mut new_blobs: Vec<BlobHash> = Vec::new();
         let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
         let replication = self.blobs.start_replication();
+        let mut readback = Readback::default();
         while let Some(msg) = stream.next().await {
             let msg = msg?;
             match msg.msg {
                 None => return Err(bad("empty message")),
                 Some(Msg::Change(c)) => {
-                    if let Some(p) = current.take() {
+                    if let Some(mut p) = current.take() {
+                        readback.drain(&mut p.cvs, 0).await?;
                         versions.push(self.finish(p, epoch)?);
                     }
                     let kind = self.check_change(&c, epoch)?;
@@ -355,7 +568,7 @@ impl Intake {
                         change: c,
                         kind,
                         parts: Vec::new(),
-                        hasher: blake3::Hasher::new(),
+                        cvs: Vec::new(),
                     });
                 }
                 Some(Msg::Part(part)) => {
@@ -381,35 +594,35 @@ impl Intake {
                             r.map_err(|e| Status::internal(e.to_string()))??;
                         }
                     }
-                    let (pref, encoded) = self.rebuild_part(part, &fresh, &mut p.hasher).await?;
+                    let cv_offset = p.cv_offset();
+                    if matches!(part.body, Some(Body::Reuse(_))) {
+                        // Check several reused parts at once; their chaining values join the
+                        // whole-file hash in part order.
+                        let pref = part_ref(&part)?;
+                        let cached =
+                            cv_offset.and_then(|o| self.part_cvs.lock().get(&(pref.hash, o)));
+                        readback.start(&self.blobs, cached, pref.clone(), cv_offset);
+                        readback.drain(&mut p.cvs, MAX_READS_IN_FLIGHT).await?;
+                        p.parts.push(pref);
+                        continue;
+                    }
+                    readback.drain(&mut p.cvs, 0).await?;
+                    let (pref, encoded, cv) = self.rebuild_part(part, &fresh, cv_offset).await?;
+                    if let Some(cv) = cv {
+                        p.cvs.push(cv);
+                    }
                     if let Some(enc) = encoded {
                         fresh.insert(pref.hash);
                         new_blobs.push(pref.hash);
-                        while puts.len() >= MAX_PUTS_IN_FLIGHT {
-                            if let Some(r) = puts.join_next().await {
-                                r.map_err(|e| Status::internal(e.to_string()))??;
-                            }
-                        }
-                        let store = self.blobs.store.clone();
-                        let h = pref.hash;
-                        let fanout = replication.fanout();
-                        puts.spawn(async move {
-                            store
-                                .put(&h, enc)
-                                .await
-                                .map_err(|e| Status::unavailable(format!("blob store: {e}")))?;
-                            // Durable here: now copy it to the followers.
-                            for f in fanout {
-                                let _ = f.send(h);
-                            }
-                            Ok(())
-                        });
+                        self.spawn_put(&mut puts, &replication, pref.hash, enc)
+                            .await?;
                     }
                     p.parts.push(pref);
                 }
             }
         }
-        if let Some(p) = current.take() {
+        if let Some(mut p) = current.take() {
+            readback.drain(&mut p.cvs, 0).await?;
             versions.push(self.finish(p, epoch)?);
         }
         while let Some(r) = puts.join_next().await {
@@ -484,6 +697,29 @@ impl AgentService for Intake {
             }
             Err(s) => {
                 tracing::warn!(parent: &span, code = ?s.code(), message = s.message(), "batch refused")
+            }
+        }
+        reply.map(Response::new)
+    }
+
+    async fn put_parts(
+        &self,
+        req: Request<Streaming<PartData>>,
+    ) -> Result<Response<PutPartsReply>, Status> {
+        let epoch = self.role.write_gate()?;
+        self.leader.ensure_leader()?;
+        let span = tracing::info_span!("put_parts", region = %self.region, node = self.leader.node_id, epoch);
+        let started = Instant::now();
+        let reply = self
+            .put_parts_stream(req.into_inner())
+            .instrument(span.clone())
+            .await;
+        match &reply {
+            Ok(r) => {
+                tracing::debug!(parent: &span, parts = r.stored.len(), ms = started.elapsed().as_millis() as u64, "parts stored")
+            }
+            Err(s) => {
+                tracing::warn!(parent: &span, code = ?s.code(), message = s.message(), "parts refused")
             }
         }
         reply.map(Response::new)

@@ -161,6 +161,7 @@ pub async fn run(
                 })
                 .unwrap_or_default(),
         ),
+        part_cvs: Default::default(),
     };
     let replication = ReplicationStatus::new(cfg.replication.clone());
     let replicator_template = Replicator {

@@ -15,7 +15,7 @@ use lifeboat_common::{LEADER_HEADER, MAX_MESSAGE_BYTES};
 use lifeboat_proto::agent_service_server::{AgentService, AgentServiceServer};
 use lifeboat_proto::{
     part_data::Body, push_message::Msg, Ack, EntryKind, FileChange, HeartbeatReply,
-    HeartbeatRequest, PushMessage, PushReply,
+    HeartbeatRequest, PartData, PushMessage, PushReply, PutPartsReply,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -119,6 +119,15 @@ struct Pending {
 
 #[tonic::async_trait]
 impl AgentService for Fake {
+    async fn put_parts(
+        &self,
+        _: Request<Streaming<PartData>>,
+    ) -> Result<Response<PutPartsReply>, Status> {
+        Err(Status::unimplemented(
+            "the fake stores parts only in batches",
+        ))
+    }
+
     async fn push_changes(
         &self,
         request: Request<Streaming<PushMessage>>,
