@@ -529,6 +529,7 @@ impl Agent {
                         self.client.clone(),
                         self.state.clone(),
                         self.opts.part_size,
+                        self.progress.sent.clone(),
                     ));
                     execs = crate::exec::spawn_all(
                         &self.cfg,

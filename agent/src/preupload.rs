@@ -21,7 +21,7 @@ use lifeboat_proto as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::push::PushClient;
+use crate::push::{PushClient, SendCounters};
 use crate::state::StateDb;
 
 /// Parts waiting for the upload at most (with 4 MiB parts: 32 MiB of memory).
@@ -36,16 +36,23 @@ pub struct Uploader {
     client: Arc<PushClient>,
     state: Arc<StateDb>,
     part_size: usize,
+    counters: Arc<SendCounters>,
 }
 
 impl Uploader {
     /// An uploader sending parts of `part_size` bytes through `client`, recording stored hashes
-    /// in `state`.
-    pub fn new(client: Arc<PushClient>, state: Arc<StateDb>, part_size: usize) -> Uploader {
+    /// in `state` and their bytes in `counters.preuploaded`.
+    pub fn new(
+        client: Arc<PushClient>,
+        state: Arc<StateDb>,
+        part_size: usize,
+        counters: Arc<SendCounters>,
+    ) -> Uploader {
         Uploader {
             client,
             state,
             part_size,
+            counters,
         }
     }
 
@@ -62,6 +69,7 @@ impl Uploader {
             skipped: 0,
             task: Some(task),
             state: Some(self.state.clone()),
+            counters: Some(self.counters.clone()),
         }
     }
 }
@@ -75,8 +83,9 @@ pub struct Preupload {
     part_size: usize,
     index: u32,
     skipped: u32,
-    task: Option<JoinHandle<Vec<BlobHash>>>,
+    task: Option<JoinHandle<Vec<(BlobHash, u64)>>>,
     state: Option<Arc<StateDb>>,
+    counters: Option<Arc<SendCounters>>,
 }
 
 impl Preupload {
@@ -90,6 +99,7 @@ impl Preupload {
             skipped: 0,
             task: None,
             state: None,
+            counters: None,
         }
     }
 
@@ -146,10 +156,16 @@ impl Preupload {
             return 0;
         }
         if let Some(state) = &self.state {
-            if let Err(e) = state.record_stored_blobs(&stored) {
+            let hashes: Vec<BlobHash> = stored.iter().map(|(h, _)| *h).collect();
+            if let Err(e) = state.record_stored_blobs(&hashes) {
                 tracing::warn!(error = %e, "cannot record pre-uploaded parts; they will be sent again");
                 return 0;
             }
+        }
+        if let Some(c) = &self.counters {
+            let bytes: u64 = stored.iter().map(|(_, n)| n).sum();
+            c.preuploaded
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         }
         tracing::debug!(
             stored = stored.len(),
@@ -169,15 +185,18 @@ impl Drop for Preupload {
 }
 
 /// The `PutParts` call fed from `rx`; the hashes the leader confirmed (empty on any failure).
-async fn upload(client: Arc<PushClient>, rx: mpsc::Receiver<(u32, Vec<u8>)>) -> Vec<BlobHash> {
-    let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<BlobHash>();
+async fn upload(
+    client: Arc<PushClient>,
+    rx: mpsc::Receiver<(u32, Vec<u8>)>,
+) -> Vec<(BlobHash, u64)> {
+    let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<(BlobHash, u64)>();
     let stream = futures::stream::unfold((rx, hashes_tx), |(mut rx, hashes_tx)| async move {
         let (index, data) = rx.recv().await?;
         let size = data.len() as u64;
         let (hash, data) = tokio::task::spawn_blocking(move || (BlobHash::of(&data), data))
             .await
             .ok()?;
-        let _ = hashes_tx.send(hash);
+        let _ = hashes_tx.send((hash, size));
         let part = pb::PartData {
             index,
             hash: hash.to_hex(),
@@ -194,15 +213,15 @@ async fn upload(client: Arc<PushClient>, rx: mpsc::Receiver<(u32, Vec<u8>)>) -> 
             return Vec::new();
         }
     };
-    let mut sent = std::collections::HashSet::new();
-    while let Ok(h) = hashes_rx.try_recv() {
-        sent.insert(h);
+    let mut sent = std::collections::HashMap::new();
+    while let Ok((h, n)) = hashes_rx.try_recv() {
+        sent.insert(h, n);
     }
     // Only hashes both sent by us and confirmed by the leader.
     reply
         .stored
         .iter()
         .filter_map(|h| BlobHash::from_hex(h).ok())
-        .filter(|h| sent.contains(h))
+        .filter_map(|h| sent.remove(&h).map(|n| (h, n)))
         .collect()
 }

@@ -245,6 +245,8 @@ pub struct SendCounters {
     pub full: AtomicU64,
     /// Bytes of `delta` bodies.
     pub delta: AtomicU64,
+    /// Bytes of snapshot parts stored with `PutParts` while spooling (`crate::preupload`).
+    pub preuploaded: AtomicU64,
 }
 
 /// The gRPC client of the agent: one lazily connecting channel per coordinator address.

@@ -33,6 +33,10 @@ pub struct Status {
     pub payload_bytes_full: u64,
     /// Bytes of `delta` bodies sent since start.
     pub payload_bytes_delta: u64,
+    /// Bytes of snapshot parts stored while the snapshot was spooled (`PutParts`), since start:
+    /// those parts then travel as `reuse`, not in `payload_bytes_full`.
+    #[serde(default)]
+    pub bytes_preuploaded: u64,
     /// Changes acknowledged since start.
     pub changes_acked: u64,
     /// Batches acknowledged since start.
@@ -159,6 +163,7 @@ impl Progress {
             bytes_sent: full + delta,
             payload_bytes_full: full,
             payload_bytes_delta: delta,
+            bytes_preuploaded: self.sent.preuploaded.load(Ordering::Relaxed),
             changes_acked: self.changes_acked.load(Ordering::Relaxed),
             batches_acked: self.batches_acked.load(Ordering::Relaxed),
             scan_complete,

@@ -494,3 +494,88 @@ async fn bench_snapshot_vs_redis_cli() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A multi-part RDB travels while it is fetched: its parts are stored with `PutParts` during the
+/// SYNC (`bytes_preuploaded` covers the whole RDB), the push of the finished file sends none of
+/// them again (`payload_bytes_full` stays below the RDB's size), the leader accepts the file's
+/// blake3 merged from the parts' chaining values, and the restored RDB is byte-equal (its blake3
+/// matches the sidecar, taken on the SYNC stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_parts_travel_while_fetched() -> anyhow::Result<()> {
+    run("t13-preupload", |dir| async move {
+        let r = Redis::start_with(
+            &dir.join("redis"),
+            &["--enable-debug-command", "yes", "--rdbcompression", "no"],
+        )?;
+        let mut c = r.con().await?;
+        // About 15 MB of RDB: four parts of 4 MiB, the last one short.
+        let _: () = redis::cmd("DEBUG")
+            .arg("POPULATE")
+            .arg(150_000)
+            .arg("key")
+            .arg(80)
+            .query_async(&mut c)
+            .await?;
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src)?;
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[redis_sources]]\nname = \"big\"\naddr = \"{}\"\ninterval_s = 3600\n",
+            r.addr()
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[("data", &src)], &extra)?;
+        cluster.start_agent(&cfg)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let id = loop {
+            if let Some(id) = snapshot_ids(&cluster).into_iter().next() {
+                break id;
+            }
+            let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap_or_default();
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no redis snapshot after 120 s; agent log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let status = settle(&data).await?;
+        let file = dir.join("out.rdb");
+        let out = json(&lifeboat(
+            &cluster,
+            &[
+                "restore",
+                "redis",
+                "--snapshot",
+                &id,
+                "--file",
+                file.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+        ));
+        let bytes = std::fs::read(&file)?;
+        let rdb = bytes.len() as u64;
+        assert!(
+            rdb > 2 * lifeboat_common::PART_SIZE as u64,
+            "RDB of {rdb} bytes: not multi-part"
+        );
+        assert_eq!(&bytes[..5], b"REDIS");
+        assert_eq!(
+            out["blake3"].as_str(),
+            Some(blake3::hash(&bytes).to_hex().as_str()),
+            "{out}"
+        );
+        let pre = status["bytes_preuploaded"].as_u64().unwrap_or(0);
+        let full = status["payload_bytes_full"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            pre >= rdb,
+            "only {pre} of {rdb} RDB bytes stored while fetching: {status}"
+        );
+        assert!(
+            full < rdb,
+            "the push sent {full} bytes in full for an RDB of {rdb}: {status}"
+        );
+        Ok(())
+    })
+    .await
+}
