@@ -390,7 +390,8 @@ async fn demote(
         ));
     }
     tracing::warn!(dir = %d.name, active = %order.active_region, epoch = order.epoch, "this region is no longer active: keeping local changes as conflicts in the active region, then this directory becomes a replica");
-    let kept = push_conflicts(cfg, state, d, order, part_size).await?.len() as u64;
+    let kept_paths = push_conflicts(cfg, state, d, order, part_size).await?;
+    let kept = kept_paths.len() as u64;
     if kept > 0 {
         tracing::warn!(dir = %d.name, conflicts = kept, active = %order.active_region, epoch = order.epoch, "local changes kept as conflicts (see `lifeboat conflicts`)");
     }
@@ -398,7 +399,7 @@ async fn demote(
     // read next (the standby copies the active region).
     let own_seq = own_last_seq(cfg).await?;
     let rows = list_active(cfg, order, &d.name).await?;
-    let acked = reconcile(cfg, state, d, order, &rows).await?;
+    let acked = reconcile(cfg, state, d, order, &rows, &kept_paths).await?;
     let (st, name) = (state.clone(), d.name.clone());
     tokio::task::spawn_blocking(move || st.replica_commit(&name, own_seq, &[], &acked))
         .await
@@ -629,14 +630,19 @@ async fn list_active(cfg: &Config, order: &Order, name: &str) -> Result<Vec<File
 
 /// Makes `d` equal to `rows` (the active region's latest versions): differing entries written
 /// (verified, temp + fsync + rename, never through a symlink), entries the catalog lacks
-/// removed (excluded ones and the agent's data dir left alone). Returns the acknowledged state
-/// to record: every row, and a removal for every other path recorded under the root.
+/// removed (excluded ones and the agent's data dir left alone). A file or symlink the catalog
+/// lacks that is neither in `kept` (handed over as a conflict) nor equal to its acknowledged
+/// state was written after the conflicts were planned: it is left in place, and the replica's
+/// watchdog keeps it as a conflict on its next look (`keep_local_changes`), never deleted
+/// unkept. Returns the acknowledged state to record: every row, and a removal for every other
+/// path recorded under the root.
 async fn reconcile(
     cfg: &Config,
     state: &Arc<StateDb>,
     d: &Dir,
     order: &Order,
     rows: &[FileVersion],
+    kept: &[String],
 ) -> Result<Vec<AckedChange>, String> {
     std::fs::create_dir_all(&d.path).map_err(|e| format!("{}: {e}", d.path.display()))?;
     let root = d.path.canonicalize().map_err(|e| e.to_string())?;
@@ -702,6 +708,15 @@ async fn reconcile(
         if data_dir.starts_with(&p) || p.starts_with(&data_dir) {
             continue;
         }
+        let wire = format!("{prefix}{rel}");
+        let temp = rel
+            .rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        if !is_dir && !temp && !kept.contains(&wire) && unkept_change(state, &wire, &p) {
+            tracing::warn!(path = %p.display(), "changed after the hand-over was planned: left for the replica's next look, which keeps it as a conflict");
+            continue;
+        }
         let r = if is_dir {
             std::fs::remove_dir(&p)
         } else {
@@ -734,6 +749,24 @@ async fn reconcile(
 }
 
 /// Sets mode and mtime of the regular file `p` (already checked with `lstat`).
+/// Whether the entry at `p` (wire path `wire`) differs from its acknowledged state here (or has
+/// none): a local change. Unreadable state counts as a change (nothing is deleted on doubt).
+fn unkept_change(state: &StateDb, wire: &str, p: &Path) -> bool {
+    let acked = match state.reader().and_then(|r| r.get(wire)) {
+        Ok(Some(a)) => a,
+        _ => return true,
+    };
+    match scan::lstat(p) {
+        Ok(Found::Entry(m)) if m.kind == acked.kind => match m.kind {
+            EntryKind::File => lifeboat_common::blob::BlobHash::of_file(p).ok() != acked.blake3,
+            EntryKind::Symlink => m.symlink_target != acked.symlink_target,
+            EntryKind::Dir => false,
+        },
+        Ok(Found::Entry(_)) => true,
+        _ => false,
+    }
+}
+
 fn set_file_meta(p: &Path, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = std::fs::OpenOptions::new()
