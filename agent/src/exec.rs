@@ -243,6 +243,25 @@ pub async fn take_snapshot_with(
     Ok(meta)
 }
 
+/// Completes a spool: flushes the buffer, fsyncs the file, then waits for the pre-upload of its
+/// parts (see [`crate::preupload`]).
+///
+/// Errors: write or fsync failures, naming `spool`.
+pub async fn seal_spool(
+    mut file: tokio::io::BufWriter<tokio::fs::File>,
+    up: crate::preupload::Preupload,
+    spool: &Path,
+) -> Result<(), String> {
+    let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
+    file.flush().await.map_err(|e| io("cannot write", e))?;
+    file.get_ref()
+        .sync_all()
+        .await
+        .map_err(|e| io("cannot fsync", e))?;
+    up.finish().await;
+    Ok(())
+}
+
 /// Asks the kernel for a 1 MiB pipe buffer on a child's stdout (default 64 KiB), so a dump tool
 /// can run ahead while the spool writes; failures are ignored (the default still works).
 pub fn widen_pipe(out: &tokio::process::ChildStdout) {
@@ -321,11 +340,6 @@ async fn spool_command(
     if !status.success() {
         return Err(format!("command exited with {status}"));
     }
-    file.flush().await.map_err(|e| io("cannot write", e))?;
-    file.get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| io("cannot fsync", e))?;
-    up.finish().await;
+    seal_spool(file, up, spool).await?;
     Ok((n, hash))
 }

@@ -667,12 +667,7 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    file.flush().await.map_err(|e| io("cannot write", e))?;
-    file.get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| io("cannot fsync", e))?;
-    up.finish().await;
+    crate::exec::seal_spool(file, up, spool).await?;
     Ok((n, hasher.finalize()))
 }
 
