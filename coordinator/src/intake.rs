@@ -251,11 +251,15 @@ impl Readback {
     }
 }
 
-/// The hash and size of `part`, checked against [`lifeboat_common::PART_SIZE`].
+/// The hash and size of `part`, checked against [`lifeboat_common::PART_SIZE`] (an empty
+/// file has no parts, so a part of 0 bytes is refused too).
 ///
 /// Errors: INVALID_ARGUMENT.
 fn part_ref(part: &PartData) -> Result<PartRef, Status> {
     let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
+    if part.size == 0 {
+        return Err(bad("part of 0 bytes"));
+    }
     if part.size > lifeboat_common::PART_SIZE as u64 {
         return Err(bad(format!(
             "part of {} bytes exceeds {}",
