@@ -282,6 +282,9 @@ impl Known for KnownFor<'_> {
     fn is_acked(&self, hash: &BlobHash) -> bool {
         self.in_batch.contains(hash) || self.reader.is_acked_blob(hash).unwrap_or(false)
     }
+    fn spool_digest(&self, meta: &std::fs::Metadata) -> Option<crate::spool_digest::SpoolDigest> {
+        self.reader.take_spool_digest(meta)
+    }
 }
 
 /// Builds batches from a [`WorkQueue`] against one read view of the state.

@@ -86,6 +86,11 @@ pub trait Known {
     fn old_signature(&self, index: usize) -> Option<Vec<u8>>;
     /// Whether any acknowledged part had this hash (the coordinator stores that blob).
     fn is_acked(&self, hash: &BlobHash) -> bool;
+    /// The part hashes recorded while the file with metadata `meta` was spooled, if any
+    /// (single use; see [`crate::spool_digest`]).
+    fn spool_digest(&self, _meta: &std::fs::Metadata) -> Option<crate::spool_digest::SpoolDigest> {
+        None
+    }
 }
 
 /// Nothing known: every part is sent full.
@@ -182,6 +187,50 @@ impl FilePlan {
     }
 }
 
+/// The plan of a spooled file from the part hashes recorded while it was written, without
+/// reading it: parts already stored (acknowledged, or equal to an earlier part) are `reuse`,
+/// the others `full` (read from disk when sent, and checked against their hash then). `None`
+/// when the digest does not fit `meta` or `part_size`.
+fn plan_from_digest(
+    meta: &std::fs::Metadata,
+    d: crate::spool_digest::SpoolDigest,
+    part_size: usize,
+    known: &dyn Known,
+) -> Option<FilePlan> {
+    if d.part_size != part_size || d.size != meta.len() || !d.well_formed() {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let parts = d
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(i, (hash, size))| {
+            let body = if seen.contains(hash) || known.is_acked(hash) {
+                Body::Reuse
+            } else {
+                Body::Full
+            };
+            seen.insert(*hash);
+            PartPlan {
+                index: i as u32,
+                hash: *hash,
+                size: *size,
+                body,
+                retained: None,
+                signature: Vec::new(),
+            }
+        })
+        .collect();
+    Some(FilePlan {
+        size: d.size,
+        mtime_ns: crate::scan::mtime_ns(meta),
+        mode: meta.mode() & 0o7777,
+        blake3: d.blake3,
+        parts,
+    })
+}
+
 /// Reads into `buf` until it is full or the file ends; returns the bytes read.
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -230,6 +279,14 @@ pub fn plan_file(
                 std::io::ErrorKind::InvalidInput,
                 "no longer a regular file",
             ));
+        }
+        if !signatures && !force_full {
+            if let Some(plan) = known
+                .spool_digest(&before)
+                .and_then(|d| plan_from_digest(&before, d, part_size, known))
+            {
+                return Ok(plan);
+            }
         }
         let mut whole = blake3::Hasher::new();
         let mut parts: Vec<PartPlan> = Vec::new();
@@ -532,5 +589,87 @@ mod tests {
         // force_full ignores what is known.
         let plan = plan_file(&p, part, &prev, &mut budget, true, true, &mut Vec::new()).unwrap();
         assert!(plan.parts.iter().all(|p| p.body == Body::Full));
+    }
+
+    /// Knows one spooled file's digest (single use) and one stored blob.
+    struct Spooled {
+        digests: crate::spool_digest::SpoolDigests,
+        acked: BlobHash,
+    }
+    impl Known for Spooled {
+        fn old_part(&self, _: usize) -> Option<PartRef> {
+            None
+        }
+        fn old_signature(&self, _: usize) -> Option<Vec<u8>> {
+            None
+        }
+        fn is_acked(&self, h: &BlobHash) -> bool {
+            *h == self.acked
+        }
+        fn spool_digest(
+            &self,
+            meta: &std::fs::Metadata,
+        ) -> Option<crate::spool_digest::SpoolDigest> {
+            self.digests.take(meta)
+        }
+    }
+
+    #[test]
+    fn spooled_file_is_planned_from_its_digest_without_reading() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("snap");
+        let part = 4096;
+        let data = pseudo_random(part * 2 + 100, 9);
+        std::fs::write(&p, &data).unwrap();
+        let chunks: Vec<&[u8]> = data.chunks(part).collect();
+        let stored = BlobHash::of(chunks[0]);
+        // Hashes recorded while spooling; a made-up whole-file hash shows the file is not read.
+        let marker = BlobHash::of(b"recorded, not computed");
+        let k = Spooled {
+            digests: Default::default(),
+            acked: stored,
+        };
+        let record = || {
+            k.digests.record(
+                &std::fs::metadata(&p).unwrap(),
+                crate::spool_digest::SpoolDigest {
+                    size: 0,
+                    mtime: (0, 0),
+                    part_size: part,
+                    blake3: marker,
+                    parts: chunks
+                        .iter()
+                        .map(|c| (BlobHash::of(c), c.len() as u64))
+                        .collect(),
+                },
+            )
+        };
+        record();
+        let mut budget = u64::MAX;
+        let plan = plan_file(&p, part, &k, &mut budget, false, false, &mut Vec::new()).unwrap();
+        assert_eq!(plan.blake3, marker);
+        assert_eq!(plan.size, data.len() as u64);
+        let bodies: Vec<&Body> = plan.parts.iter().map(|p| &p.body).collect();
+        assert_eq!(bodies, vec![&Body::Reuse, &Body::Full, &Body::Full]);
+        assert!(plan.parts.iter().all(|p| p.retained.is_none()));
+        for (pp, c) in plan.parts.iter().zip(&chunks) {
+            assert_eq!(pp.hash, BlobHash::of(c));
+            // A part sent whole is read then and checked against the recorded hash.
+            assert_eq!(
+                read_part(&p, pp.index, part, pp.size, &pp.hash).unwrap(),
+                c.to_vec()
+            );
+        }
+        // Single use: the next plan reads the file.
+        let plan = plan_file(&p, part, &k, &mut budget, false, false, &mut Vec::new()).unwrap();
+        assert_eq!(plan.blake3, BlobHash::of(&data));
+
+        // Files with signatures (not snapshots) never use a digest.
+        record();
+        let plan = plan_file(&p, part, &k, &mut budget, false, true, &mut Vec::new()).unwrap();
+        assert_eq!(plan.blake3, BlobHash::of(&data));
+        // A digest cut with another part size is not used either.
+        let plan = plan_file(&p, part * 2, &k, &mut budget, false, false, &mut Vec::new()).unwrap();
+        assert_eq!(plan.blake3, BlobHash::of(&data));
     }
 }

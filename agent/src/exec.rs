@@ -243,23 +243,17 @@ pub async fn take_snapshot_with(
     Ok(meta)
 }
 
-/// Completes a spool: flushes the buffer, fsyncs the file, then waits for the pre-upload of its
-/// parts (see [`crate::preupload`]).
+/// Completes a spool: writes its last block and fsyncs it, then finishes the pre-upload of its
+/// parts (see [`crate::spool::SpoolFile::finish`]). Returns the bytes written and their blake3.
 ///
 /// Errors: write or fsync failures, naming `spool`.
 pub async fn seal_spool(
-    mut file: tokio::io::BufWriter<tokio::fs::File>,
-    up: crate::preupload::Preupload,
+    file: crate::spool::SpoolFile,
     spool: &Path,
-) -> Result<(), String> {
-    let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    file.flush().await.map_err(|e| io("cannot write", e))?;
-    file.get_ref()
-        .sync_all()
+) -> Result<(u64, blake3::Hash), String> {
+    file.finish()
         .await
-        .map_err(|e| io("cannot fsync", e))?;
-    up.finish().await;
-    Ok(())
+        .map_err(|e| format!("cannot write {}: {e}", spool.display()))
 }
 
 /// Asks the kernel for a 1 MiB pipe buffer on a child's stdout (default 64 KiB), so a dump tool
@@ -277,15 +271,12 @@ pub fn widen_pipe(out: &tokio::process::ChildStdout) {
 async fn spool_command(
     src: &ExecSourceConfig,
     spool: &Path,
-    mut up: crate::preupload::Preupload,
+    up: crate::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let file = tokio::fs::File::create(spool)
+    let mut file = crate::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .await
-        .map_err(|e| io("cannot chmod", e))?;
     let mut child = tokio::process::Command::new(&src.snapshot_command[0])
         .args(&src.snapshot_command[1..])
         .stdin(Stdio::null())
@@ -297,13 +288,9 @@ async fn spool_command(
         return Err("no stdout pipe".into());
     };
     widen_pipe(&out);
-    // Few large writes: every write of a tokio file is a round trip to the blocking pool.
-    let mut file = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file);
     let limit = Duration::from_secs(src.timeout_secs);
     let run = tokio::time::timeout(limit, async {
-        let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1024 * 1024];
-        let mut n = 0u64;
         loop {
             let k = out
                 .read(&mut buf)
@@ -312,21 +299,18 @@ async fn spool_command(
             if k == 0 {
                 break;
             }
-            hasher.update(&buf[..k]);
-            up.feed(&buf[..k]);
-            file.write_all(&buf[..k])
+            file.write(&buf[..k])
                 .await
                 .map_err(|e| io("cannot write", e))?;
-            n += k as u64;
         }
         let status = child
             .wait()
             .await
             .map_err(|e| format!("cannot wait for the command: {e}"))?;
-        Ok::<_, String>((n, hasher.finalize(), status))
+        Ok::<_, String>(status)
     })
     .await;
-    let (n, hash, status) = match run {
+    let status = match run {
         Ok(r) => r?,
         Err(_) => {
             let _ = child.start_kill();
@@ -340,6 +324,5 @@ async fn spool_command(
     if !status.success() {
         return Err(format!("command exited with {status}"));
     }
-    seal_spool(file, up, spool).await?;
-    Ok((n, hash))
+    seal_spool(file, spool).await
 }

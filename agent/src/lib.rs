@@ -41,6 +41,8 @@ pub mod replica;
 pub mod retention;
 pub mod roles;
 pub mod scan;
+pub mod spool;
+pub mod spool_digest;
 pub mod state;
 pub mod status;
 pub mod watch;

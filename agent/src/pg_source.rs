@@ -615,15 +615,12 @@ fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::Join
 async fn spool_basebackup(
     src: &PostgresSourceConfig,
     spool: &Path,
-    mut up: crate::preupload::Preupload,
+    up: crate::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let file = tokio::fs::File::create(spool)
+    let mut file = crate::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .await
-        .map_err(|e| io("cannot chmod", e))?;
     let mut cmd = src.tool("pg_basebackup", false, true)?;
     cmd.args(["-Ft", "-D", "-", "-X", "fetch", "-c", "fast"])
         .stdout(Stdio::piped())
@@ -639,11 +636,7 @@ async fn spool_basebackup(
         return Err("no stdout pipe".into());
     };
     crate::exec::widen_pipe(&out);
-    // Few large writes: every write of a tokio file is a round trip to the blocking pool.
-    let mut file = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file);
-    let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1024 * 1024];
-    let mut n: u64 = 0;
     loop {
         let k = out
             .read(&mut buf)
@@ -652,12 +645,9 @@ async fn spool_basebackup(
         if k == 0 {
             break;
         }
-        hasher.update(&buf[..k]);
-        up.feed(&buf[..k]);
-        file.write_all(&buf[..k])
+        file.write(&buf[..k])
             .await
             .map_err(|e| io("cannot write", e))?;
-        n += k as u64;
     }
     let status = child
         .wait()
@@ -667,8 +657,7 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    crate::exec::seal_spool(file, up, spool).await?;
-    Ok((n, hasher.finalize()))
+    crate::exec::seal_spool(file, spool).await
 }
 
 /// `backup_label` lines (`KEY: value (extra)` -> (value, Some(file)) for `(file X)`).

@@ -2,21 +2,23 @@
 //!
 //! A snapshot (Redis RDB, PostgreSQL base backup, exec dump) is spooled to a local file first and
 //! then sent through the regular file pipeline. Done one after the other, the upload doubles the
-//! time a snapshot takes. A [`Preupload`] overlaps them: every whole part the spool receives
-//! (aligned to the agent's part size from byte 0, exactly as `delta::plan_file` will cut the
-//! finished file) goes to the region's leader in one `PutParts` call, which stores each part as
-//! a blob durable on a majority of voters (or in S3). The hashes the leader confirms are recorded
-//! as stored in the agent's state, so the later `PushChanges` of the finished file sends those
-//! parts as `reuse` (the leader still reads each back and checks the whole-file blake3).
+//! time a snapshot takes. A [`Preupload`] overlaps them: the spool's writer thread
+//! ([`crate::spool::SpoolFile`]) hashes every part (aligned to the agent's part size from byte
+//! 0, exactly as `delta::plan_file` cuts the finished file) and offers it here; it goes to the
+//! region's leader in one `PutParts` call, compressed here in the stored blob form (`encoded`),
+//! and the leader stores each part as a blob durable on a majority of voters (or in S3). The
+//! hashes the leader confirms are recorded as stored in the agent's state, so the later
+//! `PushChanges` of the finished file sends those parts as `reuse` (the leader checks the
+//! whole-file blake3 from the parts' chaining values).
 //!
-//! Purely an optimisation, never on the correctness path: the spool is never slowed down (a part
-//! that finds the upload queue full is skipped; the regular push sends it), and on any failure
-//! (no leader, a standby region, a refused part) nothing is recorded and the regular push sends
-//! every part whole. Parts are held in memory only while queued (at most [`QUEUE_PARTS`] parts).
+//! Purely an optimisation, never on the correctness path: when the upload falls behind for
+//! [`OFFER_WAIT`] or fails (no leader, a standby region, a refused part), the spool goes on
+//! without it and the regular push sends the parts not confirmed. Parts are held in memory only
+//! while queued (at most [`QUEUE_PARTS`] parts).
 
 use std::sync::Arc;
 
-use lifeboat_common::blob::BlobHash;
+use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_proto as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -63,10 +65,7 @@ impl Uploader {
         let task = tokio::spawn(upload(client, rx));
         Preupload {
             tx: Some(tx),
-            buf: Vec::with_capacity(self.part_size),
             part_size: self.part_size,
-            index: 0,
-            skipped: 0,
             task: Some(task),
             state: Some(self.state.clone()),
             counters: Some(self.counters.clone()),
@@ -74,18 +73,59 @@ impl Uploader {
     }
 }
 
-/// One snapshot's upload in progress: [`Preupload::feed`] the spooled bytes in order, then
+/// One snapshot's upload in progress. The spool's writer thread ([`crate::spool::SpoolFile`])
+/// [`PartSender::offer`]s each part after hashing it, then the spool calls
 /// [`Preupload::finish`]. Dropping it without `finish` abandons the upload (nothing recorded).
 #[derive(Debug)]
 pub struct Preupload {
-    tx: Option<mpsc::Sender<(u32, Vec<u8>)>>,
-    buf: Vec<u8>,
+    tx: Option<mpsc::Sender<(u32, BlobHash, Vec<u8>)>>,
     part_size: usize,
-    index: u32,
-    skipped: u32,
-    task: Option<JoinHandle<Vec<(BlobHash, u64)>>>,
+    task: Option<JoinHandle<Vec<(u32, BlobHash, u64)>>>,
     state: Option<Arc<StateDb>>,
     counters: Option<Arc<SendCounters>>,
+}
+
+/// How long [`PartSender::offer`] waits for room in the upload queue before it gives up on the
+/// pre-upload of the rest of the snapshot (the regular push then sends those parts).
+pub const OFFER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The sending end of a [`Preupload`], used from the spool's writer thread (blocking).
+#[derive(Debug)]
+pub struct PartSender {
+    tx: Option<mpsc::Sender<(u32, BlobHash, Vec<u8>)>>,
+    handle: tokio::runtime::Handle,
+    /// Parts not offered (queue full past [`OFFER_WAIT`], or the upload ended).
+    pub skipped: u32,
+}
+
+impl PartSender {
+    /// Queues part `index` (content `data`, blake3 `hash`) for the upload, waiting up to
+    /// [`OFFER_WAIT`] for room: the upload is what the snapshot's acknowledgement waits for, so
+    /// the spool follows its pace rather than leave parts for later. When the wait runs out or
+    /// the upload ended (failed), nothing more is offered. Call from a blocking thread only.
+    pub fn offer(&mut self, index: u32, hash: BlobHash, data: &[u8]) {
+        let Some(tx) = &self.tx else {
+            self.skipped += 1;
+            return;
+        };
+        let item = (index, hash, data.to_vec());
+        let sent = match tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(item)) => self
+                .handle
+                .block_on(tokio::time::timeout(OFFER_WAIT, tx.send(item)))
+                .is_ok_and(|r| r.is_ok()),
+        };
+        if !sent {
+            tracing::debug!(
+                index,
+                "pre-upload stops: the upload ended or fell behind; the push sends the remaining parts"
+            );
+            self.tx = None;
+            self.skipped += 1;
+        }
+    }
 }
 
 impl Preupload {
@@ -93,53 +133,58 @@ impl Preupload {
     pub fn disabled() -> Preupload {
         Preupload {
             tx: None,
-            buf: Vec::new(),
             part_size: 0,
-            index: 0,
-            skipped: 0,
             task: None,
             state: None,
             counters: None,
         }
     }
 
-    /// Takes the next bytes of the snapshot. Never waits: a whole part that finds the queue full
-    /// is dropped (the regular push will send it).
-    pub fn feed(&mut self, mut data: &[u8]) {
-        if self.tx.is_none() {
-            return;
-        }
-        while !data.is_empty() {
-            let take = (self.part_size - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.buf.len() == self.part_size {
-                let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
-                self.send(part);
+    /// Part size in bytes the spool must cut parts with (`None` when disabled).
+    pub fn part_size(&self) -> Option<usize> {
+        (self.part_size > 0).then_some(self.part_size)
+    }
+
+    /// The sender for the spool's writer thread (`None` when disabled or already taken).
+    /// Call from within the runtime.
+    pub fn take_sender(&mut self) -> Option<PartSender> {
+        let tx = self.tx.take()?;
+        Some(PartSender {
+            tx: Some(tx),
+            handle: tokio::runtime::Handle::current(),
+            skipped: 0,
+        })
+    }
+
+    /// Waits for the leader's reply (the writer thread has ended, so the last part was sent)
+    /// and records the stored hashes as acknowledged blobs. With the spool's `parts` (every
+    /// part's blake3 and size, in order, cut at [`Preupload::part_size`]) and `whole` (the
+    /// blake3 of the file), also records its [`crate::spool_digest::SpoolDigest`] so planning
+    /// `spool` (complete and fsync'd) skips reading it back. Returns how many parts were
+    /// stored (0 when disabled or failed).
+    pub async fn finish(
+        mut self,
+        whole: blake3::Hash,
+        parts: Vec<(BlobHash, u64)>,
+        spool: &std::path::Path,
+    ) -> usize {
+        self.tx = None;
+        if let Some(state) = &self.state {
+            if !parts.is_empty() {
+                if let Ok(meta) = std::fs::metadata(spool) {
+                    state.spool_digests().record(
+                        &meta,
+                        crate::spool_digest::SpoolDigest {
+                            size: 0,
+                            mtime: (0, 0),
+                            part_size: self.part_size,
+                            blake3: BlobHash(*whole.as_bytes()),
+                            parts,
+                        },
+                    );
+                }
             }
         }
-    }
-
-    fn send(&mut self, part: Vec<u8>) {
-        let index = self.index;
-        self.index += 1;
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send((index, part)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.skipped += 1,
-            // The upload ended (failed): stop queueing.
-            Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
-        }
-    }
-
-    /// Sends the last (short) part, waits for the leader's reply and records the stored hashes
-    /// as acknowledged blobs. Returns how many parts were stored (0 when disabled or failed).
-    pub async fn finish(mut self) -> usize {
-        if !self.buf.is_empty() {
-            let part = std::mem::take(&mut self.buf);
-            self.send(part);
-        }
-        self.tx = None;
         let Some(task) = self.task.take() else {
             return 0;
         };
@@ -156,20 +201,19 @@ impl Preupload {
             return 0;
         }
         if let Some(state) = &self.state {
-            let hashes: Vec<BlobHash> = stored.iter().map(|(h, _)| *h).collect();
+            let hashes: Vec<BlobHash> = stored.iter().map(|(_, h, _)| *h).collect();
             if let Err(e) = state.record_stored_blobs(&hashes) {
                 tracing::warn!(error = %e, "cannot record pre-uploaded parts; they will be sent again");
                 return 0;
             }
         }
         if let Some(c) = &self.counters {
-            let bytes: u64 = stored.iter().map(|(_, n)| n).sum();
+            let bytes: u64 = stored.iter().map(|(_, _, n)| n).sum();
             c.preuploaded
                 .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         }
         tracing::debug!(
             stored = stored.len(),
-            skipped = self.skipped,
             "snapshot parts stored while spooling"
         );
         stored.len()
@@ -184,24 +228,26 @@ impl Drop for Preupload {
     }
 }
 
-/// The `PutParts` call fed from `rx`; the hashes the leader confirmed (empty on any failure).
+/// The `PutParts` call fed from `rx`; the (index, hash, size) of every part sent, in order, once
+/// the leader confirmed them all stored (empty on any failure).
 async fn upload(
     client: Arc<PushClient>,
-    rx: mpsc::Receiver<(u32, Vec<u8>)>,
-) -> Vec<(BlobHash, u64)> {
-    let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<(BlobHash, u64)>();
+    rx: mpsc::Receiver<(u32, BlobHash, Vec<u8>)>,
+) -> Vec<(u32, BlobHash, u64)> {
+    let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<(u32, BlobHash, u64)>();
     let stream = futures::stream::unfold((rx, hashes_tx), |(mut rx, hashes_tx)| async move {
-        let (index, data) = rx.recv().await?;
+        let (index, hash, data) = rx.recv().await?;
         let size = data.len() as u64;
-        let (hash, data) = tokio::task::spawn_blocking(move || (BlobHash::of(&data), data))
+        // Compressed here: the leader decodes and stores these bytes as they are.
+        let encoded = tokio::task::spawn_blocking(move || blob::encode(&data))
             .await
             .ok()?;
-        let _ = hashes_tx.send((hash, size));
+        let _ = hashes_tx.send((index, hash, size));
         let part = pb::PartData {
             index,
             hash: hash.to_hex(),
             size,
-            body: Some(pb::part_data::Body::Full(data)),
+            body: Some(pb::part_data::Body::Encoded(encoded)),
             base_hash: String::new(),
         };
         Some((part, (rx, hashes_tx)))
@@ -213,15 +259,24 @@ async fn upload(
             return Vec::new();
         }
     };
-    let mut sent = std::collections::HashMap::new();
-    while let Ok((h, n)) = hashes_rx.try_recv() {
-        sent.insert(h, n);
+    let mut sent = Vec::new();
+    while let Ok(p) = hashes_rx.try_recv() {
+        sent.push(p);
     }
-    // Only hashes both sent by us and confirmed by the leader.
-    reply
-        .stored
-        .iter()
-        .filter_map(|h| BlobHash::from_hex(h).ok())
-        .filter_map(|h| sent.remove(&h).map(|n| (h, n)))
-        .collect()
+    // The leader lists every part it stored, in the order sent: all of them or nothing.
+    let confirmed = reply.stored.len() == sent.len()
+        && reply
+            .stored
+            .iter()
+            .zip(&sent)
+            .all(|(h, (_, mine, _))| BlobHash::from_hex(h).is_ok_and(|h| h == *mine));
+    if !confirmed {
+        tracing::debug!(
+            sent = sent.len(),
+            stored = reply.stored.len(),
+            "the leader's reply does not list the parts sent; the push sends them"
+        );
+        return Vec::new();
+    }
+    sent
 }

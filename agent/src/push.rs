@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
-use lifeboat_common::blob::BlobHash;
+use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::tls::{TlsConfig, TlsError};
 use lifeboat_common::{LEADER_HEADER, MAX_MESSAGE_BYTES};
 use lifeboat_proto as pb;
@@ -463,10 +463,17 @@ async fn part_message(
             .map_err(std::io::Error::other)?
         }
     };
+    // Whole parts travel compressed in the stored blob form (the leader decodes, checks and
+    // stores the bytes as they are).
+    let encode = |data: Vec<u8>| async move {
+        tokio::task::spawn_blocking(move || PbBody::Encoded(blob::encode(&data)))
+            .await
+            .map_err(std::io::Error::other)
+    };
     let body = match (&p.body, opts.force_full) {
         // A retained payload of a `full` part is its content: good for forced-full resends too.
         (Body::Full, _) if p.retained.is_some() => {
-            PbBody::Full(p.retained.clone().unwrap_or_default())
+            encode(p.retained.clone().unwrap_or_default()).await?
         }
         (Body::Reuse, false) => PbBody::Reuse(true),
         (Body::Delta { base, base_sig, .. }, false) => {
@@ -484,7 +491,7 @@ async fn part_message(
                 }
             }
         }
-        _ => PbBody::Full(read(p.hash).await?),
+        _ => encode(read(p.hash).await?).await?,
     };
     out.body = Some(body);
     Ok(out)
@@ -522,10 +529,9 @@ fn batch_stream(
                     match part_message(c, i, st.opts, st.part_size).await {
                         Ok(p) => {
                             match &p.body {
-                                Some(PbBody::Full(b)) => {
-                                    st.counters
-                                        .full
-                                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                                Some(PbBody::Full(_) | PbBody::Encoded(_)) => {
+                                    // Content bytes (before compression).
+                                    st.counters.full.fetch_add(p.size, Ordering::Relaxed);
                                 }
                                 Some(PbBody::Delta(b)) => {
                                     st.counters

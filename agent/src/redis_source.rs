@@ -836,19 +836,13 @@ async fn fetch_rdb(
             "expected `$<len>` or `$EOF:<mark>`, got {header:?}"
         )));
     };
-    let file = tokio::fs::File::create(spool)
+    let file = crate::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot create {}: {e}", spool.display())))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .await
-        .map_err(|e| RedisSourceError::Io(format!("cannot chmod {}: {e}", spool.display())))?;
     let mut sink = RdbSink {
-        // Few large writes: every write of a tokio file is a round trip to the blocking pool.
-        file: tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file),
-        hasher: blake3::Hasher::new(),
+        file,
         bytes: 0,
         head: Vec::with_capacity(5),
-        up,
     };
     let mut buf = vec![0u8; 1024 * 1024];
     if let Some(mark) = spec.strip_prefix("EOF:") {
@@ -907,25 +901,15 @@ async fn fetch_rdb(
             String::from_utf8_lossy(&sink.head)
         )));
     }
-    sink.file
-        .flush()
+    crate::exec::seal_spool(sink.file, spool)
         .await
-        .map_err(|e| RedisSourceError::Io(format!("cannot write {}: {e}", spool.display())))?;
-    sink.file
-        .get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| RedisSourceError::Io(format!("cannot fsync {}: {e}", spool.display())))?;
-    sink.up.finish().await;
-    Ok((sink.bytes, sink.hasher.finalize()))
+        .map_err(RedisSourceError::Io)
 }
 
 struct RdbSink {
-    file: tokio::io::BufWriter<tokio::fs::File>,
-    hasher: blake3::Hasher,
+    file: crate::spool::SpoolFile,
     bytes: u64,
     head: Vec<u8>,
-    up: crate::preupload::Preupload,
 }
 
 impl RdbSink {
@@ -937,11 +921,9 @@ impl RdbSink {
             let take = (5 - self.head.len()).min(data.len());
             self.head.extend_from_slice(&data[..take]);
         }
-        self.hasher.update(data);
-        self.up.feed(data);
         self.bytes += data.len() as u64;
         self.file
-            .write_all(data)
+            .write(data)
             .await
             .map_err(|e| RedisSourceError::Io(format!("cannot write {}: {e}", spool.display())))
     }

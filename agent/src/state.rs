@@ -118,6 +118,8 @@ pub enum AckedChange {
 pub struct StateDb {
     db: Database,
     path: PathBuf,
+    /// Part hashes of snapshot spools (in memory; see [`crate::spool_digest`]).
+    digests: crate::spool_digest::SpoolDigests,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -131,6 +133,7 @@ pub struct StateReader {
     entries: ReadOnlyTable<&'static str, &'static [u8]>,
     sigs: ReadOnlyTable<(&'static str, u32), &'static [u8]>,
     blobs: ReadOnlyTable<&'static [u8], ()>,
+    digests: crate::spool_digest::SpoolDigests,
 }
 
 fn decode_entry(path: &str, bytes: &[u8]) -> Result<EntryState, StateError> {
@@ -202,7 +205,11 @@ impl StateDb {
         };
         std::fs::create_dir_all(data_dir).map_err(|e| err(e.into()))?;
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
-        let me = StateDb { db, path };
+        let me = StateDb {
+            db,
+            path,
+            digests: Default::default(),
+        };
         // Create every table so read transactions can open them.
         me.write(|txn| {
             txn.open_table(ENTRIES)?;
@@ -242,7 +249,13 @@ impl StateDb {
             entries: txn.open_table(ENTRIES).map_err(|e| self.err(e))?,
             sigs: txn.open_table(SIGNATURES).map_err(|e| self.err(e))?,
             blobs: txn.open_table(ACKED_BLOBS).map_err(|e| self.err(e))?,
+            digests: self.digests.clone(),
         })
+    }
+
+    /// Part hashes of snapshot spools written by this process (see [`crate::spool_digest`]).
+    pub fn spool_digests(&self) -> &crate::spool_digest::SpoolDigests {
+        &self.digests
     }
 
     fn meta(&self, key: &str) -> Result<u64, StateError> {
@@ -444,6 +457,15 @@ impl StateDb {
 }
 
 impl StateReader {
+    /// Removes and returns the recorded part hashes of the spooled file with metadata `meta`
+    /// (same inode, size and mtime), if any (see [`crate::spool_digest`]).
+    pub fn take_spool_digest(
+        &self,
+        meta: &std::fs::Metadata,
+    ) -> Option<crate::spool_digest::SpoolDigest> {
+        self.digests.take(meta)
+    }
+
     /// The acknowledged state of a wire path.
     ///
     /// Errors: [`StateError`] on I/O or a corrupted row.

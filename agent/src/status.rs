@@ -29,7 +29,8 @@ pub struct Status {
     pub pending_changes: u64,
     /// Payload bytes (full + delta bodies) sent since the process started.
     pub bytes_sent: u64,
-    /// Bytes of `full` bodies sent since start.
+    /// Content bytes of parts sent whole since start (counted before compression: whole parts
+    /// travel zstd-compressed as `encoded` bodies).
     pub payload_bytes_full: u64,
     /// Bytes of `delta` bodies sent since start.
     pub payload_bytes_delta: u64,

@@ -67,6 +67,38 @@ async fn push(
         .map(|r| r.into_inner())
 }
 
+/// Pushes a one-part file: the change header `fc` (given `hash` and `size` as its blake3 and
+/// size) and its only part with `body`.
+async fn push_one_part(
+    client: &mut AgentServiceClient<Channel>,
+    mut fc: FileChange,
+    hash: BlobHash,
+    size: u64,
+    body: Body,
+) -> Result<PushReply, tonic::Status> {
+    fc.mode = 0o644;
+    fc.size = size;
+    fc.blake3 = hash.to_hex();
+    fc.part_count = 1;
+    let part = PartData {
+        index: 0,
+        hash: hash.to_hex(),
+        size,
+        body: Some(body),
+        base_hash: String::new(),
+    };
+    push(
+        client,
+        vec![
+            msg_change(fc),
+            PushMessage {
+                msg: Some(Msg::Part(part)),
+            },
+        ],
+    )
+    .await
+}
+
 /// A raw agent client on the leader, once the leader accepts pushes: pushes the well-formed
 /// directory change `control` (retrying while no leader is settled) and returns the client and
 /// the reply.
@@ -154,26 +186,12 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
         // A part whose content does not hash to the declared part hash.
         let content = b"what the agent really sent\n".repeat(100);
         let declared = BlobHash::of(b"something else entirely");
-        let mut fc = change(50, "data/badhash.txt", EntryKind::File);
-        fc.mode = 0o644;
-        fc.size = content.len() as u64;
-        fc.blake3 = declared.to_hex();
-        fc.part_count = 1;
-        let part = PartData {
-            index: 0,
-            hash: declared.to_hex(),
-            size: content.len() as u64,
-            body: Some(Body::Full(content.clone())),
-            base_hash: String::new(),
-        };
-        let err = push(
+        let err = push_one_part(
             &mut client,
-            vec![
-                msg_change(fc),
-                PushMessage {
-                    msg: Some(Msg::Part(part)),
-                },
-            ],
+            change(50, "data/badhash.txt", EntryKind::File),
+            declared,
+            content.len() as u64,
+            Body::Full(content.clone()),
         )
         .await
         .expect_err("part with a wrong hash was accepted");
@@ -194,6 +212,57 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
             }
         }
 
+        // Parts compressed by the agent (`encoded`) are decoded and checked the same way: a
+        // wrong content hash, bytes that are not a blob, and a zstd frame that expands past
+        // the part size limit are all refused, and none is stored.
+        let bomb = vec![0u8; lifeboat_common::PART_SIZE + 1];
+        let cases: Vec<(&str, Vec<u8>, BlobHash, u64, &str)> = vec![
+            (
+                "data/enc-badhash.txt",
+                lifeboat_common::blob::encode(&content),
+                declared,
+                content.len() as u64,
+                "hashes to",
+            ),
+            (
+                "data/enc-garbage.txt",
+                b"not a blob at all".to_vec(),
+                BlobHash::of(&content),
+                content.len() as u64,
+                "bad magic",
+            ),
+            (
+                "data/enc-bomb.txt",
+                lifeboat_common::blob::encode(&bomb),
+                BlobHash::of(&bomb[..lifeboat_common::PART_SIZE]),
+                lifeboat_common::PART_SIZE as u64,
+                "zstd",
+            ),
+        ];
+        for (i, (path, encoded, hash, size, why)) in cases.into_iter().enumerate() {
+            let err = push_one_part(
+                &mut client,
+                change(60 + i as u64, path, EntryKind::File),
+                hash,
+                size,
+                Body::Encoded(encoded),
+            )
+            .await
+            .expect_err("bad encoded part was accepted");
+            assert_eq!(err.code(), Code::InvalidArgument, "{path}: {err:?}");
+            assert!(
+                err.message().contains("encoded part") && err.message().contains(why),
+                "{path}: {:?}",
+                err.message()
+            );
+            for c in 0..cluster.coords.len() {
+                assert!(
+                    !blob_file(&cluster, c, &hash).exists(),
+                    "{path}: refused encoded part was stored"
+                );
+            }
+        }
+
         // Nothing refused reached the catalog; the control did.
         let rows = raw_rows(&cluster).await?;
         let paths: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
@@ -206,6 +275,9 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
             "data/good-in-bad-batch",
             "../escape2",
             "data/badhash.txt",
+            "data/enc-badhash.txt",
+            "data/enc-garbage.txt",
+            "data/enc-bomb.txt",
         ]) {
             assert!(
                 !paths.contains(&p),

@@ -278,19 +278,30 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
 
+        // The native tool's time varies a lot on these VMs (page-cache writes of a fresh 1 GB
+        // cost 1.5 to 4.5 s): three runs, compared by their median.
         let local = pgd.join("plain-backup");
-        let t0 = Instant::now();
-        let mut c = as_postgres("pg_basebackup");
-        c.args(["-h", "127.0.0.1", "-U", "postgres", "-c", "fast", "-p"])
-            .arg(primary.port.to_string())
-            .arg("-D")
-            .arg(&local);
-        check(c, "pg_basebackup -D")?;
-        let plain = t0.elapsed();
-        eprintln!("pg_basebackup -D localdir -c fast: {:.2} s", plain.as_secs_f64());
-        std::fs::remove_dir_all(&local)?;
-        // SAFETY: as above.
-        unsafe { libc::sync() };
+        let mut plain_runs = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let mut c = as_postgres("pg_basebackup");
+            c.args(["-h", "127.0.0.1", "-U", "postgres", "-c", "fast", "-p"])
+                .arg(primary.port.to_string())
+                .arg("-D")
+                .arg(&local);
+            check(c, "pg_basebackup -D")?;
+            plain_runs.push(t0.elapsed().as_secs_f64());
+            std::fs::remove_dir_all(&local)?;
+            // SAFETY: as above.
+            unsafe { libc::sync() };
+        }
+        eprintln!(
+            "pg_basebackup -D localdir -c fast: {} s",
+            plain_runs.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(" / ")
+        );
+        let mut sorted = plain_runs.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let (plain, plain_best) = (sorted[1], sorted[0]);
 
         let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
         cluster.wait_leader(Duration::from_secs(30), None).await?;
@@ -301,11 +312,16 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
         let t0 = Instant::now();
         cluster.start_agent(&cfg)?;
-        wait_for("base backup acknowledged", 1800, || {
-            let p = catalog_paths(&cluster, "_snapshots/db/base");
-            Ok(p.iter().any(|p| p.ends_with(".tar.meta.json")))
-        })
-        .await?;
+        // Polled every 2 s (each poll is a `lifeboat ls` process, whose CPU would otherwise
+        // compete with the backup on 2 cores); the figure comes from the catalog's commit time.
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        while !catalog_paths(&cluster, "_snapshots/db/base")
+            .iter()
+            .any(|p| p.ends_with(".tar.meta.json"))
+        {
+            anyhow::ensure!(Instant::now() < deadline, "base backup not acknowledged in 1800 s");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let acked = t0.elapsed();
         // From the sidecar's start (pg_basebackup started) to the catalog's commit time of the
         // last row of the backup: the path the native tool is compared with.
@@ -321,12 +337,14 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(side.path())?)?;
         let (start, end) = (meta["start_ms"].as_i64().unwrap_or(0), meta["end_ms"].as_i64().unwrap_or(0));
         eprintln!(
-            "lifeboat base backup: {} bytes; tar spooled in {:.2} s; acknowledged {:.2} s after pg_basebackup started ({:.2}x plain pg_basebackup {:.2} s; agent start to acknowledged {:.2} s)",
+            "lifeboat base backup: {} bytes; tar spooled in {:.2} s; acknowledged {:.2} s after pg_basebackup started ({:.2}x the median plain pg_basebackup {:.2} s, {:.2}x the best {:.2} s; agent start to seen acknowledged, 2 s polls: {:.2} s)",
             meta["bytes"],
             (end - start) as f64 / 1000.0,
             (committed - start) as f64 / 1000.0,
-            (committed - start) as f64 / 1000.0 / plain.as_secs_f64(),
-            plain.as_secs_f64(),
+            (committed - start) as f64 / 1000.0 / plain,
+            plain,
+            (committed - start) as f64 / 1000.0 / plain_best,
+            plain_best,
             acked.as_secs_f64(),
         );
 

@@ -179,7 +179,7 @@ impl Blobs {
             return s;
         }
         for (id, addr) in peers {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BlobHash>();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
             let me = self.clone();
             s.senders.push(tx);
             s.tasks
@@ -206,19 +206,20 @@ impl Blobs {
     async fn push_stream(
         &self,
         addr: &str,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<BlobHash>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Queued>,
     ) -> Result<(), Status> {
         let mut client = self.client(addr)?;
         let (tx, out) = tokio::sync::mpsc::channel::<StoredBlob>(4);
         let store = self.store.clone();
         let producer = tokio::spawn(async move {
-            while let Some(h) = rx.recv().await {
+            while let Some((h, digest)) = rx.recv().await {
                 match store.get(&h).await {
                     Ok(stored) => {
                         if tx
                             .send(StoredBlob {
                                 hash: h.to_hex(),
                                 stored,
+                                stored_blake3: digest.map(|d| d.to_vec()).unwrap_or_default(),
                             })
                             .await
                             .is_err()
@@ -241,24 +242,30 @@ impl Blobs {
     }
 }
 
+/// A blob queued for the followers: its hash and, when the sender just verified its content,
+/// the blake3 of its stored bytes ([`blob::stored_digest`]).
+pub type Queued = (BlobHash, Option<[u8; 32]>);
+
 /// Blob copies to the followers for one batch (see [`Blobs::start_replication`]).
 pub struct ReplicationSession {
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<BlobHash>>,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Queued>>,
     tasks: JoinSet<(NodeId, Result<(), Status>)>,
     needed: usize,
     active: bool,
 }
 
 impl ReplicationSession {
-    /// Queues a blob (durable locally) for every follower.
+    /// Queues a blob (durable locally) for every follower; each follower decodes and checks it.
     pub fn send(&self, hash: BlobHash) {
         for s in &self.senders {
-            let _ = s.send(hash);
+            let _ = s.send((hash, None));
         }
     }
 
-    /// A handle that queues blobs, for tasks that finish local writes.
-    pub fn fanout(&self) -> Vec<tokio::sync::mpsc::UnboundedSender<BlobHash>> {
+    /// A handle that queues blobs, for tasks that finish local writes: send `(hash, digest)`,
+    /// `digest` from [`blob::stored_digest`] over the bytes written when this node verified the
+    /// content just before (followers then check the digest instead of decompressing).
+    pub fn fanout(&self) -> Vec<tokio::sync::mpsc::UnboundedSender<Queued>> {
         self.senders.clone()
     }
 
@@ -333,9 +340,10 @@ impl BlobService for BlobServer {
                 if store.contains(&hash).await.unwrap_or(false) {
                     return Ok(());
                 }
-                let stored = b.stored;
+                let (stored, digest) = (b.stored, b.stored_blake3);
                 let stored = tokio::task::spawn_blocking(move || {
-                    blob::decode(&hash, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
+                    blob::verify_stored(&hash, &stored, &digest, lifeboat_common::PART_SIZE)
+                        .map(|_| stored)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
@@ -385,6 +393,8 @@ impl BlobService for BlobServer {
                     Ok(stored) => Ok(StoredBlob {
                         hash: h.to_hex(),
                         stored,
+                        // Fetchers decode and check every blob themselves.
+                        stored_blake3: Vec::new(),
                     }),
                     Err(BlobsError::Store(BlobStoreError::NotFound(h))) => Err(Status::not_found(
                         format!("blob {h} not found on any coordinator"),

@@ -273,6 +273,13 @@ fn part_ref(part: &PartData) -> Result<PartRef, Status> {
     })
 }
 
+/// A verified part's blob, new to this store: its stored form and, when compressed, the blake3
+/// of those bytes for the followers ([`blob::stored_digest`]).
+struct NewBlob {
+    bytes: Vec<u8>,
+    digest: Option<[u8; 32]>,
+}
+
 struct Pending {
     change: FileChange,
     kind: EntryKind,
@@ -404,23 +411,36 @@ impl Intake {
         })
     }
 
-    /// Rebuilds one `full` or `delta` part, returns its ref, when the blob is new its encoded
-    /// bytes to store, and with `cv_offset` its chaining value at that offset.
+    /// Rebuilds one `full`, `encoded` or `delta` part, returns its ref, when the blob is new its
+    /// stored form to store, and with `cv_offset` its chaining value at that offset.
     async fn rebuild_part(
         &self,
         part: PartData,
         fresh: &HashSet<BlobHash>,
         cv_offset: Option<u64>,
-    ) -> Result<(PartRef, Option<Vec<u8>>, Option<ChainingValue>), Status> {
+    ) -> Result<(PartRef, Option<NewBlob>, Option<ChainingValue>), Status> {
         let pref = part_ref(&part)?;
         let hash = pref.hash;
         let size = part.size as usize;
+        let mut given: Option<Vec<u8>> = None;
         let raw = match part.body {
             None => return Err(bad("part without body")),
             Some(Body::Reuse(_)) => {
                 return Err(Status::internal("reused parts are checked by `Readback`"));
             }
             Some(Body::Full(data)) => data,
+            Some(Body::Encoded(enc)) => {
+                // Compressed by the agent: decoding checks the magic, codec, size bound and
+                // that the content hashes to `hash`; these bytes are then stored as they are.
+                let (raw, enc) = tokio::task::spawn_blocking(move || {
+                    blob::decode(&hash, &enc, lifeboat_common::PART_SIZE).map(|raw| (raw, enc))
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| bad(format!("encoded part: {e}")))?;
+                given = Some(enc);
+                raw
+            }
             Some(Body::Delta(delta)) => {
                 let base_hash =
                     BlobHash::from_hex(&part.base_hash).map_err(|e| bad(e.to_string()))?;
@@ -449,20 +469,27 @@ impl Intake {
         let stored =
             fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false);
         let (encoded, cv) = tokio::task::spawn_blocking(move || {
-            if BlobHash::of(&raw) != hash {
+            if given.is_none() && BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));
             }
             let cv = cv_offset.map(|o| treehash::part_cv(o, &raw));
-            Ok(((!stored).then(|| blob::encode(&raw)), cv))
+            let new = (!stored).then(|| {
+                let bytes = given.unwrap_or_else(|| blob::encode(&raw));
+                NewBlob {
+                    digest: blob::stored_digest(&bytes),
+                    bytes,
+                }
+            });
+            Ok((new, cv))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         Ok((pref, encoded, cv))
     }
 
-    /// Stores `enc` (the encoded blob `h`) in a task of `puts` (at most [`MAX_PUTS_IN_FLIGHT`]
-    /// at once; waits for one to finish first) and, once it is durable here, hands `h` to the
-    /// copies to the followers.
+    /// Stores `enc` (the new blob `h`) in a task of `puts` (at most [`MAX_PUTS_IN_FLIGHT`]
+    /// at once; waits for one to finish first) and, once it is durable here, hands `h` and the
+    /// digest of its stored bytes to the copies to the followers.
     ///
     /// Errors: an earlier put of `puts` failed (UNAVAILABLE).
     async fn spawn_put(
@@ -470,7 +497,7 @@ impl Intake {
         puts: &mut JoinSet<Result<(), Status>>,
         replication: &crate::blobs::ReplicationSession,
         h: BlobHash,
-        enc: Vec<u8>,
+        enc: NewBlob,
     ) -> Result<(), Status> {
         while puts.len() >= MAX_PUTS_IN_FLIGHT {
             if let Some(r) = puts.join_next().await {
@@ -481,24 +508,25 @@ impl Intake {
         let fanout = replication.fanout();
         puts.spawn(async move {
             store
-                .put(&h, enc)
+                .put(&h, enc.bytes)
                 .await
                 .map_err(|e| Status::unavailable(format!("blob store: {e}")))?;
             // Durable here: now copy it to the followers.
             for f in fanout {
-                let _ = f.send(h);
+                let _ = f.send((h, enc.digest));
             }
             Ok(())
         });
         Ok(())
     }
 
-    /// `PutParts`: stores every `full` part of the stream as a blob (verified, encoded, durable
-    /// here, then copied until a majority of voters holds it) and returns their hashes. At most
-    /// [`MAX_PUT_PARTS`] parts per call.
+    /// `PutParts`: stores every `full` or `encoded` part of the stream as a blob (verified,
+    /// durable here, then copied until a majority of voters holds it) and returns their hashes.
+    /// At most [`MAX_PUT_PARTS`] parts per call.
     ///
-    /// Errors: INVALID_ARGUMENT for a part that is not `full`, too large or does not hash to its
-    /// declared hash; UNAVAILABLE when the blob store or the majority copy fails.
+    /// Errors: INVALID_ARGUMENT for a part that is neither `full` nor `encoded`, too large, not
+    /// decodable or not hashing to its declared hash; UNAVAILABLE when the blob store or the
+    /// majority copy fails.
     async fn put_parts_stream(
         &self,
         mut stream: Streaming<PartData>,
@@ -510,8 +538,8 @@ impl Intake {
         let replication = self.blobs.start_replication();
         while let Some(part) = stream.next().await {
             let part = part?;
-            if !matches!(part.body, Some(Body::Full(_))) {
-                return Err(bad("PutParts takes full parts only"));
+            if !matches!(part.body, Some(Body::Full(_) | Body::Encoded(_))) {
+                return Err(bad("PutParts takes full or encoded parts only"));
             }
             if stored.len() >= MAX_PUT_PARTS {
                 return Err(bad(format!(

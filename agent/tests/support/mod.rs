@@ -239,6 +239,16 @@ impl AgentService for Fake {
                             full += b.len() as u64;
                             Some(b)
                         }
+                        Some(Body::Encoded(e)) => {
+                            let b = lifeboat_common::blob::decode(
+                                &hash,
+                                &e,
+                                lifeboat_common::PART_SIZE,
+                            )
+                            .map_err(|e| bad(e.to_string()))?;
+                            full += b.len() as u64;
+                            Some(b)
+                        }
                         Some(Body::Delta(d)) => {
                             delta += d.len() as u64;
                             let base_hash =
