@@ -1095,6 +1095,15 @@ async fn heartbeat_loop(
             _ = stopped(&mut stop) => break,
         }
         let sent = &progress.sent;
+        let checks = crate::checks::run_all(&cfg).await;
+        *progress.checks.lock().unwrap_or_else(|e| e.into_inner()) = checks
+            .iter()
+            .map(|c| crate::status::CheckStatus {
+                name: c.name.clone(),
+                ok: c.ok,
+                detail: c.detail.clone(),
+            })
+            .collect();
         let req = pb::HeartbeatRequest {
             agent_id: agent_id.clone(),
             epoch: progress.epoch.load(Ordering::Relaxed),
@@ -1102,7 +1111,7 @@ async fn heartbeat_loop(
             pending_changes: progress.pending_changes.load(Ordering::Relaxed),
             bytes_sent: sent.full.load(Ordering::Relaxed) + sent.delta.load(Ordering::Relaxed),
             changes_acked: progress.changes_acked.load(Ordering::Relaxed),
-            checks: crate::checks::run_all(&cfg).await,
+            checks,
             db_roles: db_roles.outcomes(),
         };
         let result = tokio::select! {

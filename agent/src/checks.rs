@@ -12,7 +12,9 @@
 //! `tcp`: `target` is `host:port`, ok when a connection opens. `http`: an `http://` URL, ok on a
 //! 2xx answer to GET. `exec`: `command` (argv, no shell), ok on exit 0. `redis` / `postgres`:
 //! `target` names a `[[redis_sources]]` / `[[postgres_sources]]` entry, ok when its health probe
-//! answers (role and replication lag go into the detail).
+//! answers (role and replication lag go into the detail); the probe connects like the source does
+//! (credentials, and TLS for a `tls = true` Redis source). The last outcomes are also written to
+//! `status.json` (`checks`).
 
 use std::time::Duration;
 

@@ -22,6 +22,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lifeboat_common::redis_conn::{self, RedisConnError, RedisTls};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
@@ -259,7 +260,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 ));
             }
             if let Some(n) = &s.tls_server_name {
-                tokio_rustls::rustls::pki_types::ServerName::try_from(n.as_str())
+                redis_conn::check_server_name(n)
                     .map_err(|e| bad(format!("tls_server_name {n:?}: {e}")))?;
             }
         } else if s.tls_ca_file.is_some()
@@ -290,23 +291,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `"host:port"` → (host, port).
-///
-/// Errors: missing host or a port that is not 1..=65535.
-pub fn split_addr(addr: &str) -> Result<(String, u16), String> {
-    let (h, p) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{addr:?} is not host:port"))?;
-    let port = p
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{addr:?}: bad port"))?;
-    if h.is_empty() || h.contains('/') {
-        return Err(format!("{addr:?}: bad host"));
-    }
-    Ok((h.trim_matches(['[', ']']).to_string(), port))
-}
+pub use lifeboat_common::redis_conn::{split_addr, RedisIo};
 
 fn password(src: &RedisSourceConfig) -> Result<Option<Secret>, RedisSourceError> {
     let err = |msg: String| RedisSourceError::Password {
@@ -333,63 +318,42 @@ fn redis_err(addr: &str) -> impl Fn(redis::RedisError) -> RedisSourceError + '_ 
     }
 }
 
-/// A byte stream to Redis: plain TCP or TLS.
-pub trait RedisIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RedisIo for T {}
-
-/// The rustls client configuration of `src` (aws-lc-rs provider): roots from `tls_ca_file`, the
-/// client certificate if configured.
-///
-/// Errors: unreadable or invalid PEM files ([`RedisSourceError::Tls`]).
-fn tls_config(
-    src: &RedisSourceConfig,
-    addr: &str,
-) -> Result<tokio_rustls::rustls::ClientConfig, RedisSourceError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let err = |msg: String| RedisSourceError::Tls {
-        addr: addr.to_string(),
-        msg,
-    };
-    let ca = src
-        .tls_ca_file
-        .as_ref()
-        .ok_or_else(|| err("tls_ca_file is not set".into()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-        .and_then(|i| i.collect())
-        .map_err(|e| err(format!("tls_ca_file {}: {e}", ca.display())))?;
-    if certs.is_empty() {
-        return Err(err(format!("tls_ca_file {}: no certificate", ca.display())));
-    }
-    for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| err(format!("tls_ca_file {}: {e}", ca.display())))?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_root_certificates(roots);
-    match (&src.tls_cert_file, &src.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|i| i.collect())
-                .map_err(|e| err(format!("tls_cert_file {}: {e}", cert.display())))?;
-            // The key's error never includes its content.
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| err(format!("tls_key_file {}: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| err(format!("client certificate: {e}")))
+impl From<RedisConnError> for RedisSourceError {
+    fn from(e: RedisConnError) -> Self {
+        match e {
+            RedisConnError::Connect { addr, msg } => RedisSourceError::Redis { addr, msg },
+            RedisConnError::Tls { addr, msg } => RedisSourceError::Tls { addr, msg },
         }
-        _ => Ok(builder.with_no_client_auth()),
     }
 }
 
-/// Opens a byte stream to `addr` (5 s to connect, and 5 s more for the TLS handshake when `tls`).
+impl RedisSourceConfig {
+    /// The TLS settings of this source (`None` without `tls = true`).
+    ///
+    /// Errors: [`RedisSourceError::Tls`] when `tls = true` lacks `tls_ca_file` (refused by
+    /// [`validate`] already; checked again for configs built without it).
+    pub fn tls_settings(&self) -> Result<Option<RedisTls>, RedisSourceError> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca_file = self
+            .tls_ca_file
+            .clone()
+            .ok_or_else(|| RedisSourceError::Tls {
+                addr: self.addr.clone(),
+                msg: "tls_ca_file is not set".into(),
+            })?;
+        Ok(Some(RedisTls {
+            ca_file,
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+        }))
+    }
+}
+
+/// Opens a byte stream to `addr` with the source's TLS settings (see
+/// [`lifeboat_common::redis_conn::open_stream`]: 5 s to connect, 5 s more for a TLS handshake).
 ///
 /// Errors: connection refused or timed out, a failed TLS handshake (the message says why, e.g.
 /// an unknown issuer when `tls_ca_file` did not sign the server's certificate).
@@ -397,72 +361,22 @@ async fn open_stream(
     src: &RedisSourceConfig,
     addr: &str,
 ) -> Result<Box<dyn RedisIo>, RedisSourceError> {
-    let (host, port) = split_addr(addr).map_err(|msg| RedisSourceError::Redis {
-        addr: addr.to_string(),
-        msg,
-    })?;
-    let sock = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| RedisSourceError::Redis {
-        addr: addr.to_string(),
-        msg: "connect timed out".into(),
-    })?
-    .map_err(|e| RedisSourceError::Redis {
-        addr: addr.to_string(),
-        msg: e.to_string(),
-    })?;
-    let _ = sock.set_nodelay(true);
-    if !src.tls {
-        return Ok(Box::new(sock));
-    }
-    let err = |msg: String| RedisSourceError::Tls {
-        addr: addr.to_string(),
-        msg,
-    };
-    let cfg = tls_config(src, addr)?;
-    let name = src.tls_server_name.clone().unwrap_or(host);
-    let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone())
-        .map_err(|e| err(format!("server name {name:?}: {e}")))?;
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, sock))
-        .await
-        .map_err(|_| err("handshake timed out".into()))?
-        .map_err(|e| {
-            err(format!(
-                "handshake failed: {e} (does tls_ca_file sign the server certificate, and does it name {name:?}?)"
-            ))
-        })?;
-    Ok(Box::new(tls))
+    Ok(redis_conn::open_stream(addr, src.tls_settings()?.as_ref()).await?)
 }
 
-/// Connects to `addr` with the source's credentials and TLS settings (5 s connect, 30 s response
-/// timeouts).
+/// Connects to `addr` with the source's credentials and TLS settings (5 s connect, 30 s setup
+/// and response timeouts).
 async fn connect(
     src: &RedisSourceConfig,
     addr: &str,
 ) -> Result<redis::aio::MultiplexedConnection, RedisSourceError> {
-    let stream = open_stream(src, addr).await?;
+    let tls = src.tls_settings()?;
     let info = redis::RedisConnectionInfo {
         username: src.username.clone(),
         password: password(src)?.map(|s| s.0),
         ..Default::default()
     };
-    let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(Duration::from_secs(30));
-    let (con, driver) = tokio::time::timeout(
-        Duration::from_secs(30),
-        redis::aio::MultiplexedConnection::new_with_config(&info, stream, cfg),
-    )
-    .await
-    .map_err(|_| RedisSourceError::Redis {
-        addr: addr.to_string(),
-        msg: "connection setup timed out".into(),
-    })?
-    .map_err(redis_err(addr))?;
-    tokio::spawn(driver);
-    Ok(con)
+    Ok(redis_conn::connect(addr, tls.as_ref(), &info, Duration::from_secs(30)).await?)
 }
 
 /// `INFO <section>` as a map of `field → value`.

@@ -74,8 +74,23 @@ pub struct Status {
     /// Local changes handed to the active region as conflicts since start.
     #[serde(default)]
     pub conflicts_kept: u64,
+    /// Outcome of every `[[checks]]` entry at the last heartbeat (as sent to the coordinators),
+    /// in config order; empty before the first heartbeat or without checks.
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
     /// When this file was written, ms since the Unix epoch.
     pub updated_ms: i64,
+}
+
+/// One health check's outcome in `status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// Check name.
+    pub name: String,
+    /// The check passed.
+    pub ok: bool,
+    /// What it saw (e.g. `primary: 127.0.0.1:6379 primary, ...` or the connection error).
+    pub detail: String,
 }
 
 /// Live progress of one warm-standby replica.
@@ -120,6 +135,8 @@ pub struct Progress {
     pub role_switches: AtomicU64,
     /// Local changes handed to the active region as conflicts since start.
     pub conflicts_kept: AtomicU64,
+    /// Outcomes of the `[[checks]]` at the last heartbeat.
+    pub checks: std::sync::Mutex<Vec<CheckStatus>>,
 }
 
 impl Progress {
@@ -178,6 +195,11 @@ impl Progress {
             roles: self.roles.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             role_switches: self.role_switches.load(Ordering::Relaxed),
             conflicts_kept: self.conflicts_kept.load(Ordering::Relaxed),
+            checks: self
+                .checks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             updated_ms: now,
         }
     }

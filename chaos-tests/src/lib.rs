@@ -176,17 +176,40 @@ pub fn lifeboat(cluster: &Cluster, args: &[&str]) -> std::process::Output {
 
 /// Runs `lifeboat ARGS <connection flags> TAIL` (TAIL: `--exec -- CMD...`, which must come last).
 pub fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::process::Output {
+    lifeboat_cmd(cluster, args, tail)
+        .output()
+        .expect("run lifeboat")
+}
+
+/// The command `lifeboat ARGS --coordinator <all of cluster> --tls-dir <cluster certs> TAIL`.
+fn lifeboat_cmd(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::process::Command {
     let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
     let coords: Vec<String> = cluster.coords.iter().map(|c| c.addr.clone()).collect();
-    std::process::Command::new(bin)
-        .args(args)
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args)
         .arg("--coordinator")
         .arg(coords.join(","))
         .arg("--tls-dir")
         .arg(&cluster.certs)
-        .args(tail)
-        .output()
-        .expect("run lifeboat")
+        .args(tail);
+    cmd
+}
+
+/// Like [`lifeboat`], but the run must end within `limit` (a command that must fail, not hang):
+/// killed and reported as an error otherwise.
+///
+/// Errors: spawn failure, or still running after `limit`.
+pub async fn lifeboat_within(
+    cluster: &Cluster,
+    args: &[&str],
+    limit: std::time::Duration,
+) -> anyhow::Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::from(lifeboat_cmd(cluster, args, &[]));
+    cmd.kill_on_drop(true);
+    match tokio::time::timeout(limit, cmd.output()).await {
+        Ok(out) => Ok(out?),
+        Err(_) => anyhow::bail!("lifeboat {args:?} still running after {limit:?} (hangs)"),
+    }
 }
 
 /// Runs the real `lifeboat` binary against every coordinator of every region and the witness of

@@ -386,10 +386,12 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         assert!(err.contains("corrupted"), "clear error: {err}");
         assert!(!bad.exists(), "nothing written for a corrupted snapshot");
         let t2 = Redis::start(&dir.join("redis-target2"))?;
+        // Up first: `restore --to` PINGs its target before the download.
+        let mut c2 = t2.con().await?;
         let out = lifeboat(&cluster, &["restore", "redis", "--snapshot", &id, "--to", &t2.addr()]);
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("corrupted"));
-        let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut t2.con().await?).await?;
+        let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut c2).await?;
         assert_eq!(dbsize, 0, "nothing loaded from a corrupted snapshot");
         let out = lifeboat(&cluster, &["verify", "snapshot", &id, "--output", "json"]);
         assert!(!out.status.success(), "verify of a corrupted snapshot succeeded");

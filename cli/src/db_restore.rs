@@ -11,7 +11,9 @@
 //! Redis: the RDB is loaded by a scratch `redis-server` (free port on 127.0.0.1, temp dir,
 //! `--save '' --appendonly no`), killed when done even on error. `restore redis --to` copies
 //! every key of every database from it to the target with `DUMP` + `RESTORE … REPLACE`, keeping
-//! the remaining TTL (`PTTL`).
+//! the remaining TTL (`PTTL`). The target is reached before the download (a `PING`), in
+//! plaintext or, with `--tls`, over TLS through the connection code the agent's Redis sources
+//! use ([`lifeboat_common::redis_conn`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,6 +26,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use lifeboat_common::apply;
 use lifeboat_common::catalog::{EntryKind, FileVersion};
+use lifeboat_common::redis_conn::{self, RedisTls};
 
 use crate::conn::ConnArgs;
 use crate::restore::list;
@@ -45,6 +48,27 @@ pub struct RedisRestoreArgs {
     /// Environment variable holding the target Redis password (with --to).
     #[arg(long, requires = "to")]
     pub password_env: Option<String>,
+    /// Connect to the --to Redis over TLS (rustls, TLS 1.2 or 1.3), as the agent's
+    /// `[[redis_sources]]` `tls = true` does. Needs --tls-ca-file. (The coordinators' TLS is
+    /// --tls-dir / --ca / --cert / --key.)
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: PEM file of the CA(s) that sign the target's server certificate (the system
+    /// roots are not used).
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// With --tls: PEM client certificate, for a target with `tls-auth-clients yes` (give
+    /// --tls-key-file too).
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// With --tls: PEM private key of --tls-cert-file (read only to build the TLS session; its
+    /// content is never logged or printed).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key_file: Option<PathBuf>,
+    /// With --tls: the name the target's certificate must carry (DNS name or IP). Default: the
+    /// host of --to.
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// The `redis-server` binary used to load the snapshot (with --to).
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
@@ -402,7 +426,7 @@ impl ScratchRedis {
                     s.log_tail()
                 );
             }
-            if let Ok(mut c) = redis_conn(&format!("127.0.0.1:{port}"), None, 0).await {
+            if let Ok(mut c) = redis_conn(&format!("127.0.0.1:{port}"), None, 0, None).await {
                 let r: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
                 if r.is_ok_and(|p| p == "PONG") {
                     return Ok(s);
@@ -428,7 +452,7 @@ impl ScratchRedis {
     ///
     /// Errors: connection or command failures.
     pub async fn keyspace(&self) -> anyhow::Result<BTreeMap<i64, u64>> {
-        let mut c = redis_conn(&format!("127.0.0.1:{}", self.port), None, 0).await?;
+        let mut c = redis_conn(&format!("127.0.0.1:{}", self.port), None, 0, None).await?;
         keyspace(&mut c).await
     }
 }
@@ -453,51 +477,114 @@ async fn keyspace(c: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<B
     Ok(out)
 }
 
-/// A multiplexed connection to `addr` (`host:port`) selecting database `db`.
+impl RedisRestoreArgs {
+    /// The TLS settings towards --to (`None` without --tls).
+    ///
+    /// Errors: --tls or a --tls-* option without --to, --tls without --tls-ca-file, a --tls-*
+    /// option without --tls, only one of --tls-cert-file / --tls-key-file, an invalid
+    /// --tls-server-name.
+    pub fn target_tls(&self) -> anyhow::Result<Option<RedisTls>> {
+        let any = self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self.tls_key_file.is_some()
+            || self.tls_server_name.is_some();
+        if (self.tls || any) && self.to.is_none() {
+            bail!("--tls and --tls-* apply to the Redis at --to (they are not the coordinators' TLS: see --tls-dir)");
+        }
+        if !self.tls {
+            if any {
+                bail!("--tls-ca-file, --tls-cert-file, --tls-key-file and --tls-server-name need --tls");
+            }
+            return Ok(None);
+        }
+        let Some(ca_file) = self.tls_ca_file.clone() else {
+            bail!("--tls needs --tls-ca-file PATH: the PEM of the CA that signs the certificate of the Redis at --to");
+        };
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            bail!("give both --tls-cert-file and --tls-key-file, or neither");
+        }
+        if let Some(n) = &self.tls_server_name {
+            redis_conn::check_server_name(n)
+                .map_err(|e| anyhow!("--tls-server-name {n:?}: {e}"))?;
+        }
+        Ok(Some(RedisTls {
+            ca_file,
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+        }))
+    }
+}
+
+/// The Redis `restore redis --to` loads into: `host:port`, password, TLS settings.
+#[derive(Clone)]
+pub struct RedisTarget {
+    /// `host:port`.
+    pub addr: String,
+    /// Password for `AUTH` (never printed: `Debug` only shows whether one is set).
+    pub password: Option<String>,
+    /// TLS settings (`None`: plaintext).
+    pub tls: Option<RedisTls>,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("addr", &self.addr)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl RedisTarget {
+    /// A connection to database `db` of the target (see [`redis_conn`]).
+    ///
+    /// Errors: connection, TLS or authentication failures; the message of a failed plaintext
+    /// attempt says how to ask for TLS.
+    pub async fn conn(&self, db: i64) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let c = redis_conn(&self.addr, self.password.clone(), db, self.tls.as_ref()).await;
+        if self.tls.is_none() {
+            c.context(format!(
+                "target {} (plaintext; if it only accepts TLS, give --tls --tls-ca-file PATH)",
+                self.addr
+            ))
+        } else {
+            c.with_context(|| format!("target {} (TLS)", self.addr))
+        }
+    }
+}
+
+/// A multiplexed connection to `addr` (`host:port`) selecting database `db`, over TLS when
+/// `tls` is given (the shared [`lifeboat_common::redis_conn::connect`]: 5 s to connect, 5 s for
+/// the TLS handshake, 30 s for the setup commands, 60 s per command).
 ///
-/// Errors: bad address, connection or authentication failures.
+/// Errors: bad address, connection, TLS handshake or authentication failures.
 pub async fn redis_conn(
     addr: &str,
     password: Option<String>,
     db: i64,
+    tls: Option<&RedisTls>,
 ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| anyhow!("{addr:?} is not host:port"))?;
-    let info = redis::ConnectionInfo {
-        addr: redis::ConnectionAddr::Tcp(host, port),
-        redis: redis::RedisConnectionInfo {
-            db,
-            password,
-            ..Default::default()
-        },
+    let info = redis::RedisConnectionInfo {
+        db,
+        password,
+        ..Default::default()
     };
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(Duration::from_secs(60));
-    redis::Client::open(info)?
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
-        .with_context(|| format!("connect to redis {addr}"))
+    Ok(redis_conn::connect(addr, tls, &info, Duration::from_secs(60)).await?)
 }
 
-/// Copies every key of every database of `from` to `to_addr` (DUMP + PTTL, RESTORE … REPLACE),
+/// Copies every key of every database of `from` to `to` (DUMP + PTTL, RESTORE … REPLACE),
 /// 1000 keys per round trip. Returns the keys copied (keys that expired meanwhile are skipped).
 ///
 /// Errors: connection or command failures on either side (e.g. a read-only replica target).
-pub async fn copy_keys(
-    from: &ScratchRedis,
-    to_addr: &str,
-    password: Option<String>,
-) -> anyhow::Result<u64> {
+pub async fn copy_keys(from: &ScratchRedis, to: &RedisTarget) -> anyhow::Result<u64> {
     let src_addr = format!("127.0.0.1:{}", from.port);
+    let to_addr = &to.addr;
     let mut copied = 0u64;
     for db in from.keyspace().await?.keys() {
-        let mut src = redis_conn(&src_addr, None, *db).await?;
-        let mut dst = redis_conn(to_addr, password.clone(), *db)
-            .await
-            .with_context(|| format!("target {to_addr}"))?;
+        let mut src = redis_conn(&src_addr, None, *db, None).await?;
+        let mut dst = to.conn(*db).await?;
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -560,6 +647,25 @@ pub async fn restore_redis(args: &RedisRestoreArgs) -> anyhow::Result<RedisResto
         }
         None => None,
     };
+    let tls = args.target_tls()?;
+    // Reach the target before downloading the snapshot: a wrong address, password or TLS
+    // setting fails in seconds, not after the transfer.
+    let target = match &args.to {
+        Some(addr) => {
+            let t = RedisTarget {
+                addr: addr.clone(),
+                password,
+                tls,
+            };
+            let mut c = t.conn(0).await?;
+            let _: String = redis::cmd("PING")
+                .query_async(&mut c)
+                .await
+                .with_context(|| format!("target {addr}: PING"))?;
+            Some(t)
+        }
+        None => None,
+    };
     let tmp = tempfile::Builder::new()
         .prefix("lifeboat-redis-")
         .tempdir()
@@ -573,16 +679,13 @@ pub async fn restore_redis(args: &RedisRestoreArgs) -> anyhow::Result<RedisResto
         place_file(&f.path, file)?;
         ("file", file.display().to_string(), 0)
     } else {
-        let to = args
-            .to
-            .clone()
-            .ok_or_else(|| anyhow!("give --file PATH or --to HOST:PORT"))?;
+        let to = target.ok_or_else(|| anyhow!("give --file PATH or --to HOST:PORT"))?;
         let scratch = ScratchRedis::start(&args.redis_server, tmp.path(), Duration::from_secs(600))
             .await
             .with_context(|| format!("snapshot {id}"))?;
-        let n = copy_keys(&scratch, &to, password).await?;
+        let n = copy_keys(&scratch, &to).await?;
         drop(scratch);
-        ("redis", to, n)
+        ("redis", to.addr, n)
     };
     Ok(RedisRestoreReport {
         snapshot: id.clone(),
@@ -840,7 +943,7 @@ async fn verify_redis(
         format!("a scratch redis-server on port {} loaded it", scratch.port),
     );
     let keys: u64 = scratch.keyspace().await?.values().sum();
-    let mut c = redis_conn(&format!("127.0.0.1:{}", scratch.port), None, 0).await?;
+    let mut c = redis_conn(&format!("127.0.0.1:{}", scratch.port), None, 0, None).await?;
     let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut c).await?;
     drop(scratch);
     r.keys = Some(keys);
@@ -925,6 +1028,86 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: RedisRestoreArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<RedisRestoreArgs, clap::Error> {
+        let mut argv = vec!["restore", "--snapshot", "c/20261124T012233Z"];
+        argv.extend_from_slice(extra);
+        Cmd::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn target_tls_options() {
+        let to = ["--to", "127.0.0.1:6380"];
+        let args = parse(&to).unwrap();
+        assert_eq!(args.target_tls().unwrap(), None);
+        let full = parse(
+            &[
+                &to[..],
+                &[
+                    "--tls",
+                    "--tls-ca-file",
+                    "/ca.pem",
+                    "--tls-cert-file",
+                    "/c.pem",
+                    "--tls-key-file",
+                    "/c.key",
+                    "--tls-server-name",
+                    "redis.example.org",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let tls = full.target_tls().unwrap().expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("/ca.pem"));
+        assert_eq!(tls.key_file, Some(PathBuf::from("/c.key")));
+        assert_eq!(tls.server_name.as_deref(), Some("redis.example.org"));
+        for (extra, why) in [
+            (&["--tls"][..], "--tls needs --tls-ca-file"),
+            (&["--tls-ca-file", "/ca.pem"][..], "need --tls"),
+            (
+                &["--tls", "--tls-ca-file", "/ca.pem", "--tls-key-file", "/k"][..],
+                "both --tls-cert-file and --tls-key-file",
+            ),
+            (
+                &[
+                    "--tls",
+                    "--tls-ca-file",
+                    "/ca.pem",
+                    "--tls-server-name",
+                    "a b",
+                ][..],
+                "--tls-server-name",
+            ),
+        ] {
+            let e = parse(&[&to[..], extra].concat())
+                .unwrap()
+                .target_tls()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{extra:?}: {e}");
+        }
+        // TLS options only make sense with --to.
+        let e = parse(&["--file", "/x.rdb", "--tls", "--tls-ca-file", "/ca.pem"])
+            .unwrap()
+            .target_tls()
+            .unwrap_err();
+        assert!(e.to_string().contains("apply to the Redis at --to"), "{e}");
+        // The target's password is never printed.
+        let t = RedisTarget {
+            addr: "h:1".into(),
+            password: Some("hunter2".into()),
+            tls: None,
+        };
+        assert!(!format!("{t:?}").contains("hunter2"));
+    }
 
     #[test]
     fn ids() {

@@ -267,7 +267,8 @@ enum Keep {
 #[derive(Subcommand, Debug)]
 enum RestoreDb {
     /// Restore a Redis snapshot (`[[redis_sources]]`): the RDB, verified by blake3 against the
-    /// catalog and its sidecar, written to --file or loaded into the Redis at --to.
+    /// catalog and its sidecar, written to --file or loaded into the Redis at --to (over TLS with
+    /// --tls --tls-ca-file).
     Redis(db_restore::RedisRestoreArgs),
     /// Point-in-time recovery of a `[[postgres_sources]]` source into a new data directory: the
     /// newest base backup ended before --at (blake3 verified against its sidecar), the archived

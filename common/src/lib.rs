@@ -1,5 +1,5 @@
 //! Shared domain types of Lifeboat: wire-checked relative paths, catalog entries, the stored blob
-//! encoding, the blob store trait with its backends, mutual-TLS helpers and stable error codes.
+//! encoding, the blob store trait with its backends, mutual-TLS helpers, Redis connections (plain or TLS) and stable error codes.
 //!
 //! Library code here returns typed errors (`thiserror`); binaries wrap them with `anyhow`.
 
@@ -10,6 +10,7 @@ pub mod blob;
 pub mod blobstore;
 pub mod catalog;
 pub mod path;
+pub mod redis_conn;
 pub mod tls;
 pub mod treehash;
 
