@@ -1113,6 +1113,7 @@ async fn heartbeat_loop(
             changes_acked: progress.changes_acked.load(Ordering::Relaxed),
             checks,
             db_roles: db_roles.outcomes(),
+            probe: false,
         };
         let result = tokio::select! {
             r = client.heartbeat(req) => r,

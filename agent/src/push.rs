@@ -356,6 +356,7 @@ impl PushClient {
         let probe = pb::HeartbeatRequest {
             agent_id: self.agent_id.clone(),
             epoch,
+            probe: true,
             ..Default::default()
         };
         match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(probe)).await {

@@ -14,7 +14,8 @@ use lifeboat_proto::agent_service_client::AgentServiceClient;
 use lifeboat_proto::part_data::Body;
 use lifeboat_proto::push_message::Msg;
 use lifeboat_proto::{
-    EntryKind, FileChange, ListVersionsRequest, PartData, PushMessage, PushReply, VersionRow,
+    EntryKind, FileChange, HeartbeatRequest, ListVersionsRequest, PartData, PushMessage, PushReply,
+    VersionRow,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -296,6 +297,47 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
 
 /// Whole-file blake3 declared by the agent that does not match the content of its (correctly
 /// hashed) parts. Accepting it commits a version no restore can ever verify.
+/// A leader probe (`probe = true`, which agents send before `PushChanges` / `PutParts`) is
+/// answered but does not replace the agent's last heartbeat, which region health and the
+/// promotion wait read; a real heartbeat does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_probe_keeps_the_last_heartbeat() -> anyhow::Result<()> {
+    run("t04-probe", |scratch| async move {
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        ready_client(&cluster, "data/control").await?;
+        let mut client = AgentServiceClient::new(cluster.conn().channel(&cluster.coords[0].addr)?);
+        let hb = |files_tracked: u64, probe: bool| HeartbeatRequest {
+            agent_id: "probed".into(),
+            files_tracked,
+            probe,
+            ..Default::default()
+        };
+        let tracked = |st: Option<lifeboat_proto::StatusReply>| {
+            st.and_then(|s| {
+                s.agents
+                    .iter()
+                    .find(|a| a.agent_id == "probed")
+                    .map(|a| a.files_tracked)
+            })
+        };
+        client.heartbeat(hb(42, false)).await?;
+        let reply = client.heartbeat(hb(0, true)).await?.into_inner();
+        assert!(
+            !reply.leader_addr.is_empty(),
+            "a probe learns the leader: {reply:?}"
+        );
+        assert_eq!(
+            tracked(cluster.status_of(0).await),
+            Some(42),
+            "the probe replaced the report"
+        );
+        client.heartbeat(hb(7, false)).await?;
+        assert_eq!(tracked(cluster.status_of(0).await), Some(7));
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_refuses_file_hash_not_matching_its_parts() -> anyhow::Result<()> {
     run("t04-file-hash", |scratch| async move {

@@ -765,9 +765,13 @@ impl AgentService for Intake {
         if hb.agent_id.is_empty() || hb.agent_id.len() > 256 {
             return Err(bad("agent_id must be 1..256 bytes"));
         }
-        self.agents
-            .lock()
-            .insert(hb.agent_id.clone(), (Instant::now(), hb));
+        // A leader probe carries no checks or database roles: it must not replace the agent's
+        // last report (region health and promotion waits read it).
+        if !hb.probe {
+            self.agents
+                .lock()
+                .insert(hb.agent_id.clone(), (Instant::now(), hb));
+        }
         let v = self.role.view();
         Ok(Response::new(HeartbeatReply {
             epoch: v.epoch,
