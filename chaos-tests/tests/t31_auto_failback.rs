@@ -5,7 +5,7 @@
 //! at epoch 3. A then holds every change acknowledged in either region, and the record stays at
 //! epoch 3 (no ping-pong).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
 use lifeboat_cli::regions::{Regions, RegionsOpts};
@@ -30,6 +30,31 @@ async fn recovered_preferred_region_is_failed_back_automatically() -> anyhow::Re
         regions.region_mut("a").start_agent(&cfg)?;
         let st = settle(&data).await?;
         assert_eq!(st["pending_changes"], 0, "{st}");
+        // Replication is asynchronous here and the policy consistency-first: B is promoted only
+        // if it holds every acknowledged change, so let it catch up before A is lost.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut acked = 0;
+            for i in 0..regions.region("a").coords.len() {
+                if let Some(s) = regions.region("a").status_of(i).await {
+                    acked = acked.max(s.versions);
+                }
+            }
+            let mut caught_up = false;
+            for i in 0..regions.region("b").coords.len() {
+                if let Some(s) = regions.region("b").status_of(i).await {
+                    caught_up |= acked > 0 && s.upstream_seq >= acked && s.lag_entries == 0;
+                }
+            }
+            if caught_up {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "region b did not catch up with a's {acked} versions in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         regions.kill_region("a");
         regions.wait_active("b", 2, Duration::from_secs(30)).await?;
