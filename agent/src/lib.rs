@@ -15,6 +15,7 @@
 //! - [`retention`]: retention classes (restic `forget` rules) and catalog expiry of snapshots.
 //! - [`roles`]: directory roles follow the active region (promotion, demotion with conflicts).
 //! - [`pg_source`]: `[[postgres_sources]]`: base backups and WAL archiving through the pipeline.
+//! - [`pg_wire`]: the agent's own `BASE_BACKUP` client (replication protocol, no pg_basebackup).
 //! - [`pg_role`] and [`db`]: PostgreSQL promotion/fencing ([`pg_role::apply_role`]) and health.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`agent`]: the loop tying them together ([`Agent::run`], [`Agent::run_once`]).
@@ -34,6 +35,7 @@ pub mod delta;
 pub mod exec;
 pub mod pg_role;
 pub mod pg_source;
+pub mod pg_wire;
 pub mod preupload;
 pub mod push;
 pub mod redis_source;

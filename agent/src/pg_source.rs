@@ -135,6 +135,22 @@ pub struct PostgresSourceConfig {
     /// Role for `primary_conninfo` of standbys. Default: `user`.
     #[serde(default)]
     pub replication_user: Option<String>,
+    /// How base backups are received: `"protocol"` (the default: the agent speaks `BASE_BACKUP`
+    /// itself, see [`crate::pg_wire`], and runs `pg_basebackup` only where that client cannot,
+    /// e.g. a server older than 15) or `"pg_basebackup"` (always the tool).
+    #[serde(default)]
+    pub base_backup_client: BaseBackupClient,
+}
+
+/// The client that receives base backups (`base_backup_client`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseBackupClient {
+    /// The agent's own replication-protocol client ([`crate::pg_wire`]).
+    #[default]
+    Protocol,
+    /// `pg_basebackup -Ft -D - -X fetch -c fast` from `bin_dir`.
+    PgBasebackup,
 }
 
 impl PostgresSourceConfig {
@@ -610,8 +626,9 @@ fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::Join
     })
 }
 
-/// Streams `pg_basebackup`'s stdout into `spool` (mode 0600, fsync'd), hashing it. Returns the
-/// byte count and the blake3.
+/// Receives a base backup tar into `spool` (mode 0600, fsync'd), hashing it: over the
+/// replication protocol ([`crate::pg_wire`]) or from `pg_basebackup`'s stdout, per
+/// `base_backup_client`. Returns the byte count and the blake3.
 async fn spool_basebackup(
     src: &PostgresSourceConfig,
     spool: &Path,
@@ -621,6 +638,24 @@ async fn spool_basebackup(
     let mut file = crate::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
+    if src.base_backup_client == BaseBackupClient::Protocol {
+        match crate::pg_wire::base_backup(src, &mut file).await {
+            Ok(summary) => {
+                tracing::debug!(
+                    tar_bytes = summary.tar_bytes,
+                    manifest_bytes = summary.manifest_bytes,
+                    server_version = %summary.server_version,
+                    "base backup received over the replication protocol"
+                );
+                return crate::exec::seal_spool(file, spool).await;
+            }
+            // Nothing was written yet: pg_basebackup writes the spool from its start.
+            Err(crate::pg_wire::WireError::Unsupported(reason)) => {
+                tracing::info!(%reason, "this base backup runs pg_basebackup");
+            }
+            Err(crate::pg_wire::WireError::Failed(e)) => return Err(e),
+        }
+    }
     let mut cmd = src.tool("pg_basebackup", false, true)?;
     cmd.args(["-Ft", "-D", "-", "-X", "fetch", "-c", "fast"])
         .stdout(Stdio::piped())

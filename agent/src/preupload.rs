@@ -29,6 +29,10 @@ use crate::state::StateDb;
 /// Parts waiting for the upload at most (with 4 MiB parts: 32 MiB of memory).
 pub const QUEUE_PARTS: usize = 8;
 
+/// Parts compressed at once, ahead of the stream (keeps the upload from waiting on one
+/// compression at a time).
+pub const ENCODE_AHEAD: usize = 2;
+
 /// How long [`Preupload::finish`] waits for the leader's reply after the last part.
 pub const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -234,23 +238,30 @@ async fn upload(
     client: Arc<PushClient>,
     rx: mpsc::Receiver<(u32, BlobHash, Vec<u8>)>,
 ) -> Vec<(u32, BlobHash, u64)> {
+    use futures::StreamExt;
     let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<(u32, BlobHash, u64)>();
-    let stream = futures::stream::unfold((rx, hashes_tx), |(mut rx, hashes_tx)| async move {
-        let (index, hash, data) = rx.recv().await?;
+    // Compressed here, [`ENCODE_AHEAD`] parts at a time (in order): the leader decodes and
+    // stores these bytes as they are.
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    })
+    .map(|(index, hash, data)| async move {
         let size = data.len() as u64;
-        // Compressed here: the leader decodes and stores these bytes as they are.
-        let encoded = tokio::task::spawn_blocking(move || blob::encode(&data))
-            .await
-            .ok()?;
+        let encoded = tokio::task::spawn_blocking(move || blob::encode(&data)).await;
+        (index, hash, size, encoded)
+    })
+    .buffered(ENCODE_AHEAD)
+    .take_while(|(_, _, _, encoded)| std::future::ready(encoded.is_ok()))
+    .map(move |(index, hash, size, encoded)| {
         let _ = hashes_tx.send((index, hash, size));
-        let part = pb::PartData {
+        pb::PartData {
             index,
             hash: hash.to_hex(),
             size,
-            body: Some(pb::part_data::Body::Encoded(encoded)),
+            body: encoded.ok().map(pb::part_data::Body::Encoded),
             base_hash: String::new(),
-        };
-        Some((part, (rx, hashes_tx)))
+        }
     });
     let reply = match client.put_parts(stream, 0).await {
         Ok(r) => r,

@@ -12,9 +12,9 @@
 //! - opens the file with `O_DIRECT` where the filesystem allows it (falls back to buffered
 //!   writes on `EINVAL`, for example on tmpfs; the last, partial block is always written
 //!   buffered);
-//! - computes the whole-file blake3 in the writer thread and, with a pre-upload
+//! - computes the whole-file blake3 in a hash thread and, with a pre-upload
 //!   ([`crate::preupload`]), each block's blake3 (a block is one part) and offers the part to
-//!   the upload;
+//!   the upload, then hands the block to a disk thread (device writes overlap hashing);
 //! - on [`SpoolFile::finish`], writes the tail and fsyncs (data and size durable), then finishes
 //!   the pre-upload (recording the parts' hashes for planning) before returning the byte count
 //!   and hash.
@@ -93,6 +93,7 @@ pub struct SpoolFile {
 struct Written {
     whole: blake3::Hash,
     parts: Vec<(BlobHash, u64)>,
+    times: StageTimes,
 }
 
 impl std::fmt::Debug for SpoolFile {
@@ -137,29 +138,93 @@ fn open(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     }
 }
 
-/// The writer thread: hashes each block in order (and, with `parts`, hashes it as a part and
-/// offers it to the pre-upload), writes it, returns it to `spare` for reuse, and at the end
-/// fsyncs. `O_DIRECT` is turned off for a partial block (only the last) or when a write is
-/// refused with `EINVAL`.
+/// Time the spool's stages spent, in ms, for the log line of [`SpoolFile::finish`] (where a
+/// slow snapshot waited).
+#[derive(Debug, Default, Clone, Copy)]
+struct StageTimes {
+    /// The hash stage waiting for the next block (the source was slower).
+    starved_ms: u64,
+    /// Hashing (whole file and parts).
+    hash_ms: u64,
+    /// Offering parts to the pre-upload (waiting when its queue was full).
+    offer_ms: u64,
+    /// Waiting for the disk stage to take a block (the disk was slower).
+    disk_wait_ms: u64,
+    /// The disk stage writing blocks (including device time with `O_DIRECT`).
+    write_ms: u64,
+}
+
+fn ms_since(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Full blocks waiting for the disk stage at most.
+const DISK_QUEUE: usize = 2;
+
+/// The hash stage (a blocking thread): hashes each block in order (and, with `parts`, hashes
+/// it as a part and offers it to the pre-upload), then hands it to the disk stage
+/// ([`write_disk`], its own thread), so hashing and device writes overlap. Returns when every
+/// block is written and the file fsync'd.
 fn write_blocks(
-    mut file: std::fs::File,
-    mut direct: bool,
+    file: std::fs::File,
+    direct: bool,
     mut rx: mpsc::Receiver<Block>,
     spare: std::sync::mpsc::SyncSender<Block>,
     mut parts: Option<crate::preupload::PartSender>,
 ) -> std::io::Result<Written> {
+    let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel::<Block>(DISK_QUEUE);
+    let disk = std::thread::Builder::new()
+        .name("lifeboat-spool-disk".into())
+        .spawn(move || write_disk(file, direct, disk_rx, spare))?;
     let mut hasher = blake3::Hasher::new();
     let mut hashes = Vec::new();
-    while let Some(mut b) = rx.blocking_recv() {
+    let mut times = StageTimes::default();
+    loop {
+        let t = std::time::Instant::now();
+        let Some(b) = rx.blocking_recv() else { break };
+        times.starved_ms += ms_since(t);
         let data = b.bytes();
+        let t = std::time::Instant::now();
         hasher.update(data);
-        if let Some(p) = parts.as_mut() {
-            if !data.is_empty() {
-                let h = BlobHash::of(data);
-                p.offer(hashes.len() as u32, h, data);
-                hashes.push((h, data.len() as u64));
-            }
+        let part = (parts.is_some() && !data.is_empty()).then(|| BlobHash::of(data));
+        times.hash_ms += ms_since(t);
+        if let (Some(p), Some(h)) = (parts.as_mut(), part) {
+            let t = std::time::Instant::now();
+            p.offer(hashes.len() as u32, h, data);
+            times.offer_ms += ms_since(t);
+            hashes.push((h, data.len() as u64));
         }
+        let t = std::time::Instant::now();
+        if disk_tx.send(b).is_err() {
+            // The disk stage failed: its error is returned below.
+            break;
+        }
+        times.disk_wait_ms += ms_since(t);
+    }
+    drop(disk_tx);
+    times.write_ms = disk
+        .join()
+        .map_err(|_| std::io::Error::other("the spool's disk thread panicked"))??;
+    Ok(Written {
+        whole: hasher.finalize(),
+        parts: hashes,
+        times,
+    })
+}
+
+/// The disk stage: writes each block, returns it to `spare` for reuse, and at the end fsyncs.
+/// `O_DIRECT` is turned off for a partial block (only the last) or when a write is refused
+/// with `EINVAL`. Returns the ms spent writing.
+fn write_disk(
+    mut file: std::fs::File,
+    mut direct: bool,
+    rx: std::sync::mpsc::Receiver<Block>,
+    spare: std::sync::mpsc::SyncSender<Block>,
+) -> std::io::Result<u64> {
+    let mut write_ms = 0;
+    for mut b in rx {
+        let t = std::time::Instant::now();
+        let data = b.bytes();
         if direct && data.len() % ALIGN != 0 {
             set_direct(&file, false)?;
             direct = false;
@@ -177,15 +242,14 @@ fn write_blocks(
                 Err(e) => return Err(e),
             }
         }
+        write_ms += ms_since(t);
         b.len = 0;
         let _ = spare.try_send(b);
     }
+    let t = std::time::Instant::now();
     file.flush()?;
     file.sync_all()?;
-    Ok(Written {
-        whole: hasher.finalize(),
-        parts: hashes,
-    })
+    Ok(write_ms + ms_since(t))
 }
 
 impl SpoolFile {
@@ -266,6 +330,17 @@ impl SpoolFile {
             return Err(self.broken());
         };
         let w = writer.await.map_err(std::io::Error::other)??;
+        let t = w.times;
+        tracing::info!(
+            path = %self.path.display(),
+            bytes = self.bytes,
+            starved_ms = t.starved_ms,
+            hash_ms = t.hash_ms,
+            offer_ms = t.offer_ms,
+            disk_wait_ms = t.disk_wait_ms,
+            write_ms = t.write_ms,
+            "spool written"
+        );
         self.up.finish(w.whole, w.parts, &self.path).await;
         Ok((self.bytes, w.whole))
     }

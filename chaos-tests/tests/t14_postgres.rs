@@ -347,6 +347,15 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
             plain_best,
             acked.as_secs_f64(),
         );
+        // Where the spool's stages waited (the agent's "spool written" log line).
+        for e in std::fs::read_dir(dir.join("cluster"))?.filter_map(|e| e.ok()) {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                for l in text.lines().filter(|l| l.contains("spool written")) {
+                    eprintln!("agent: {}", l.split("spool written").nth(1).unwrap_or(l).trim());
+                }
+            }
+        }
 
         primary.psql("CREATE TABLE marker (id int)")?;
         primary.psql("INSERT INTO marker VALUES (1)")?;

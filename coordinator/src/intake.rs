@@ -40,6 +40,8 @@ pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
 const MAX_PUTS_IN_FLIGHT: usize = 16;
 /// Reused blobs of one file read back at once.
 const MAX_READS_IN_FLIGHT: usize = 4;
+/// Parts of one `PutParts` call verified at once (decoded and hashed on blocking threads).
+const VERIFY_AHEAD: usize = 3;
 /// Parts one `PutParts` call may store (64 GiB of 4 MiB parts).
 const MAX_PUT_PARTS: usize = 16_384;
 
@@ -536,27 +538,48 @@ impl Intake {
         let mut cvs = Vec::new();
         let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
         let replication = self.blobs.start_replication();
-        while let Some(part) = stream.next().await {
-            let part = part?;
-            if !matches!(part.body, Some(Body::Full(_) | Body::Encoded(_))) {
-                return Err(bad("PutParts takes full or encoded parts only"));
+        // Parts are verified [`VERIFY_AHEAD`] at a time, in order; whether a blob is new is
+        // decided when its verification completes (`fresh`), not before.
+        let no_fresh = HashSet::new();
+        let mut verifying = futures::stream::FuturesOrdered::new();
+        let (mut received, mut input_open) = (0usize, true);
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = verifying.next(), if !verifying.is_empty() => {
+                    let ((pref, encoded, cv), offset): ((PartRef, Option<NewBlob>, Option<ChainingValue>), u64) = done?;
+                    if let Some(enc) = encoded {
+                        if fresh.insert(pref.hash) {
+                            self.spawn_put(&mut puts, &replication, pref.hash, enc)
+                                .await?;
+                        }
+                    }
+                    if let Some(cv) = cv {
+                        cvs.push(((pref.hash, offset), cv));
+                    }
+                    stored.push(pref.hash.to_hex());
+                }
+                part = stream.next(), if input_open && verifying.len() < VERIFY_AHEAD => {
+                    let Some(part) = part else {
+                        input_open = false;
+                        continue;
+                    };
+                    let part = part?;
+                    if !matches!(part.body, Some(Body::Full(_) | Body::Encoded(_))) {
+                        return Err(bad("PutParts takes full or encoded parts only"));
+                    }
+                    if received >= MAX_PUT_PARTS {
+                        return Err(bad(format!(
+                            "more than {MAX_PUT_PARTS} parts in one PutParts"
+                        )));
+                    }
+                    received += 1;
+                    let offset = u64::from(part.index) * lifeboat_common::PART_SIZE as u64;
+                    let verify = self.rebuild_part(part, &no_fresh, Some(offset));
+                    verifying.push_back(async move { verify.await.map(|r| (r, offset)) });
+                }
+                else => break,
             }
-            if stored.len() >= MAX_PUT_PARTS {
-                return Err(bad(format!(
-                    "more than {MAX_PUT_PARTS} parts in one PutParts"
-                )));
-            }
-            let offset = u64::from(part.index) * lifeboat_common::PART_SIZE as u64;
-            let (pref, encoded, cv) = self.rebuild_part(part, &fresh, Some(offset)).await?;
-            if let Some(enc) = encoded {
-                fresh.insert(pref.hash);
-                self.spawn_put(&mut puts, &replication, pref.hash, enc)
-                    .await?;
-            }
-            if let Some(cv) = cv {
-                cvs.push(((pref.hash, offset), cv));
-            }
-            stored.push(pref.hash.to_hex());
         }
         while let Some(r) = puts.join_next().await {
             r.map_err(|e| Status::internal(e.to_string()))??;
