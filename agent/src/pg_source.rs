@@ -2,9 +2,10 @@
 //! continuous WAL archiving, both sent through the agent's normal verified file pipeline under
 //! the reserved root [`SNAPSHOTS_ROOT`](crate::config::SNAPSHOTS_ROOT):
 //!
-//! - `_snapshots/<name>/base/<UTC ts>.tar`: the output of
-//!   `pg_basebackup -Ft -D - -X fetch -c fast` (one tar of the data directory with the WAL needed
-//!   to make it consistent), streamed into `data_dir/spool/` (never whole in memory) while its
+//! - `_snapshots/<name>/base/<UTC ts>.tar`: one tar of the data directory with the WAL needed
+//!   to make it consistent and the backup manifest, as `pg_basebackup -Ft -D - -X fetch -c fast`
+//!   writes it; received by the agent's own `BASE_BACKUP` client ([`crate::pg_wire`]) or, where
+//!   that client cannot serve the server, by that command; streamed into `data_dir/spool/` (never whole in memory) while its
 //!   blake3 is computed, then moved to `data_dir/snapshots/<name>/base/`;
 //! - `_snapshots/<name>/base/<UTC ts>.tar.meta.json`: its sidecar ([`BaseBackupMeta`]);
 //! - `_snapshots/<name>/wal/<segment>` and `<timeline>.history`: every completed WAL segment.
