@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::push::{PushClient, SendCounters};
+use crate::spool::SharedBlock;
 use crate::state::StateDb;
 
 /// Parts waiting for the upload at most (with 4 MiB parts: 32 MiB of memory).
@@ -82,7 +83,7 @@ impl Uploader {
 /// [`Preupload::finish`]. Dropping it without `finish` abandons the upload (nothing recorded).
 #[derive(Debug)]
 pub struct Preupload {
-    tx: Option<mpsc::Sender<(u32, BlobHash, Vec<u8>)>>,
+    tx: Option<mpsc::Sender<(u32, BlobHash, Arc<SharedBlock>)>>,
     part_size: usize,
     task: Option<JoinHandle<Vec<(u32, BlobHash, u64)>>>,
     state: Option<Arc<StateDb>>,
@@ -96,7 +97,7 @@ pub const OFFER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The sending end of a [`Preupload`], used from the spool's writer thread (blocking).
 #[derive(Debug)]
 pub struct PartSender {
-    tx: Option<mpsc::Sender<(u32, BlobHash, Vec<u8>)>>,
+    tx: Option<mpsc::Sender<(u32, BlobHash, Arc<SharedBlock>)>>,
     handle: tokio::runtime::Handle,
     /// Parts not offered (queue full past [`OFFER_WAIT`], or the upload ended).
     pub skipped: u32,
@@ -107,12 +108,12 @@ impl PartSender {
     /// [`OFFER_WAIT`] for room: the upload is what the snapshot's acknowledgement waits for, so
     /// the spool follows its pace rather than leave parts for later. When the wait runs out or
     /// the upload ended (failed), nothing more is offered. Call from a blocking thread only.
-    pub fn offer(&mut self, index: u32, hash: BlobHash, data: &[u8]) {
+    pub fn offer(&mut self, index: u32, hash: BlobHash, data: &Arc<SharedBlock>) {
         let Some(tx) = &self.tx else {
             self.skipped += 1;
             return;
         };
-        let item = (index, hash, data.to_vec());
+        let item = (index, hash, Arc::clone(data));
         let sent = match tx.try_send(item) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -236,7 +237,7 @@ impl Drop for Preupload {
 /// the leader confirmed them all stored (empty on any failure).
 async fn upload(
     client: Arc<PushClient>,
-    rx: mpsc::Receiver<(u32, BlobHash, Vec<u8>)>,
+    rx: mpsc::Receiver<(u32, BlobHash, Arc<SharedBlock>)>,
 ) -> Vec<(u32, BlobHash, u64)> {
     use futures::StreamExt;
     let (hashes_tx, mut hashes_rx) = mpsc::unbounded_channel::<(u32, BlobHash, u64)>();
@@ -247,8 +248,8 @@ async fn upload(
         Some((item, rx))
     })
     .map(|(index, hash, data)| async move {
-        let size = data.len() as u64;
-        let encoded = tokio::task::spawn_blocking(move || blob::encode(&data)).await;
+        let size = data.bytes().len() as u64;
+        let encoded = tokio::task::spawn_blocking(move || blob::encode(data.bytes())).await;
         (index, hash, size, encoded)
     })
     .buffered(ENCODE_AHEAD)

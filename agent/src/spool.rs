@@ -88,6 +88,29 @@ pub struct SpoolFile {
     bytes: u64,
 }
 
+/// A full block shared by the disk stage and the pre-upload without copying; it goes back to
+/// the spare pool when its last holder drops it.
+pub struct SharedBlock {
+    block: Option<Block>,
+    spare: std::sync::mpsc::SyncSender<Block>,
+}
+
+impl SharedBlock {
+    /// The block's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.block.as_ref().map_or(&[], Block::bytes)
+    }
+}
+
+impl Drop for SharedBlock {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.block.take() {
+            b.len = 0;
+            let _ = self.spare.try_send(b);
+        }
+    }
+}
+
 /// What the writer thread wrote: the whole-file blake3 and, with a pre-upload, every part's
 /// blake3 and size in order.
 struct Written {
@@ -172,10 +195,10 @@ fn write_blocks(
     spare: std::sync::mpsc::SyncSender<Block>,
     mut parts: Option<crate::preupload::PartSender>,
 ) -> std::io::Result<Written> {
-    let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel::<Block>(DISK_QUEUE);
+    let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<SharedBlock>>(DISK_QUEUE);
     let disk = std::thread::Builder::new()
         .name("lifeboat-spool-disk".into())
-        .spawn(move || write_disk(file, direct, disk_rx, spare))?;
+        .spawn(move || write_disk(file, direct, disk_rx))?;
     let mut hasher = blake3::Hasher::new();
     let mut hashes = Vec::new();
     let mut times = StageTimes::default();
@@ -183,6 +206,10 @@ fn write_blocks(
         let t = std::time::Instant::now();
         let Some(b) = rx.blocking_recv() else { break };
         times.starved_ms += ms_since(t);
+        let b = std::sync::Arc::new(SharedBlock {
+            block: Some(b),
+            spare: spare.clone(),
+        });
         let data = b.bytes();
         let t = std::time::Instant::now();
         hasher.update(data);
@@ -190,7 +217,7 @@ fn write_blocks(
         times.hash_ms += ms_since(t);
         if let (Some(p), Some(h)) = (parts.as_mut(), part) {
             let t = std::time::Instant::now();
-            p.offer(hashes.len() as u32, h, data);
+            p.offer(hashes.len() as u32, h, &b);
             times.offer_ms += ms_since(t);
             hashes.push((h, data.len() as u64));
         }
@@ -212,17 +239,17 @@ fn write_blocks(
     })
 }
 
-/// The disk stage: writes each block, returns it to `spare` for reuse, and at the end fsyncs.
-/// `O_DIRECT` is turned off for a partial block (only the last) or when a write is refused
-/// with `EINVAL`. Returns the ms spent writing.
+/// The disk stage: writes each block (dropping its share, which returns the block to the spare
+/// pool once the pre-upload is done with it too), and at the end fsyncs. `O_DIRECT` is turned
+/// off for a partial block (only the last) or when a write is refused with `EINVAL`. Returns
+/// the ms spent writing.
 fn write_disk(
     mut file: std::fs::File,
     mut direct: bool,
-    rx: std::sync::mpsc::Receiver<Block>,
-    spare: std::sync::mpsc::SyncSender<Block>,
+    rx: std::sync::mpsc::Receiver<std::sync::Arc<SharedBlock>>,
 ) -> std::io::Result<u64> {
     let mut write_ms = 0;
-    for mut b in rx {
+    for b in rx {
         let t = std::time::Instant::now();
         let data = b.bytes();
         if direct && data.len() % ALIGN != 0 {
@@ -243,8 +270,6 @@ fn write_disk(
             }
         }
         write_ms += ms_since(t);
-        b.len = 0;
-        let _ = spare.try_send(b);
     }
     let t = std::time::Instant::now();
     file.flush()?;
