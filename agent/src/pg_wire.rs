@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -168,8 +168,13 @@ impl Conn {
 
 /// A server `ErrorResponse` as `SEVERITY SQLSTATE: message`, and its SQLSTATE.
 fn server_error(body: &ErrorResponseBody) -> (String, String) {
+    describe(body.fields())
+}
+
+/// The fields of an `ErrorResponse` or `NoticeResponse` as `SEVERITY SQLSTATE: message`, and
+/// the SQLSTATE.
+fn describe(mut fields: ErrorFields<'_>) -> (String, String) {
     let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
-    let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
@@ -506,13 +511,15 @@ pub async fn base_backup(
                     "BASE_BACKUP ended without sending the backup".into(),
                 ))
             }
-            // The start and end WAL positions and the tablespace list (result sets), notices.
-            Message::RowDescription(_)
-            | Message::DataRow(_)
-            | Message::CommandComplete(_)
-            | Message::NoticeResponse(_)
-            | Message::ParameterStatus(_)
+            // The start and end WAL positions and the tablespace list (result sets).
+            Message::RowDescription(_) | Message::DataRow(_) | Message::CommandComplete(_)
                 if !in_copy => {}
+            // Asynchronous messages may arrive at any time, COPY included.
+            Message::NoticeResponse(body) => {
+                let (notice, _) = describe(body.fields());
+                tracing::warn!(%notice, "PostgreSQL notice during BASE_BACKUP");
+            }
+            Message::ParameterStatus(_) => {}
             _ => {
                 return Err(WireError::Failed(
                     "unexpected message in the BASE_BACKUP response".into(),

@@ -195,7 +195,8 @@ fn write_blocks(
     spare: std::sync::mpsc::SyncSender<Block>,
     mut parts: Option<crate::preupload::PartSender>,
 ) -> std::io::Result<Written> {
-    let (disk_tx, disk_rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<SharedBlock>>(DISK_QUEUE);
+    let (disk_tx, disk_rx) =
+        std::sync::mpsc::sync_channel::<std::sync::Arc<SharedBlock>>(DISK_QUEUE);
     let disk = std::thread::Builder::new()
         .name("lifeboat-spool-disk".into())
         .spawn(move || write_disk(file, direct, disk_rx))?;
