@@ -30,8 +30,9 @@ use tracing::Instrument;
 
 use crate::blobs::{Blobs, BlobsError};
 use crate::control::role::Role;
+use crate::gc::GcLock;
 use crate::leader::LeaderInfo;
-use crate::raft::{RegionRaft, Request as RaftRequest};
+use crate::raft::{Catalog, RegionRaft, Request as RaftRequest};
 
 /// Last heartbeat of each agent.
 pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
@@ -65,6 +66,10 @@ pub struct Intake {
     pub region_addrs: Arc<std::collections::BTreeMap<String, Vec<String>>>,
     /// Chaining values of parts verified by `PutParts` (see [`CvCache`]).
     pub part_cvs: Arc<Mutex<CvCache>>,
+    /// Catalog reads (blobs condemned by garbage collection).
+    pub catalog: Catalog,
+    /// Held shared by every batch from its first blob check to its commit (see [`crate::gc`]).
+    pub gc_lock: GcLock,
 }
 
 /// Chaining values (`lifeboat_common::treehash`) of parts this leader verified in `PutParts`,
@@ -306,6 +311,16 @@ fn base_missing(e: impl std::fmt::Display) -> Status {
 }
 
 impl Intake {
+    /// Whether garbage collection condemned `hash` (its copies are deleted or being deleted).
+    ///
+    /// Errors: INTERNAL on a catalog read failure.
+    fn condemned(&self, hash: &BlobHash) -> Result<bool, Status> {
+        self.catalog
+            .condemned_among(std::slice::from_ref(hash))
+            .map(|c| !c.is_empty())
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))
+    }
+
     fn check_change(&self, c: &FileChange, epoch: u64) -> Result<EntryKind, Status> {
         validate_rel_path(&c.path).map_err(|e| bad(e.to_string()))?;
         if !c.rename_from.is_empty() {
@@ -466,8 +481,10 @@ impl Intake {
             )));
         }
         // Still verify what was sent when the blob is stored already.
-        let stored =
-            fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false);
+        // A condemned blob is stored (and copied to a majority) again, even if a copy is left.
+        let stored = fresh.contains(&hash)
+            || (self.blobs.store.contains(&hash).await.unwrap_or(false)
+                && !self.condemned(&hash)?);
         let (encoded, cv) = tokio::task::spawn_blocking(move || {
             if given.is_none() && BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));
@@ -577,6 +594,10 @@ impl Intake {
         mut stream: Streaming<PushMessage>,
         epoch: u64,
     ) -> Result<PushReply, Status> {
+        // Garbage collection waits until this batch is committed (or failed), and no deletion
+        // an earlier leader decided is still to be applied (see `crate::gc`).
+        let _gc_shared = self.gc_lock.read().await;
+        crate::gc::wait_term_applied(&self.raft).await?;
         let mut versions = Vec::new();
         let mut change_ids = Vec::new();
         let mut current: Option<Pending> = None;
@@ -631,6 +652,12 @@ impl Intake {
                         // Check several reused parts at once; their chaining values join the
                         // whole-file hash in part order.
                         let pref = part_ref(&part)?;
+                        if !fresh.contains(&pref.hash) && self.condemned(&pref.hash)? {
+                            return Err(base_missing(format!(
+                                "reused blob {} was removed by garbage collection",
+                                pref.hash
+                            )));
+                        }
                         let cached =
                             cv_offset.and_then(|o| self.part_cvs.lock().get(&(pref.hash, o)));
                         readback.start(&self.blobs, cached, pref.clone(), cv_offset);
@@ -672,14 +699,33 @@ impl Intake {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let n = versions.len();
+        // Parts garbage collection had condemned were stored and copied again above (reused
+        // ones were refused): the commit says so.
+        let mut hashes: Vec<BlobHash> = versions
+            .iter()
+            .flat_map(|v| v.parts.iter().map(|p| p.hash))
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let restored = self
+            .catalog
+            .condemned_among(&hashes)
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))?;
         let resp = self
             .raft
             .client_write(RaftRequest::CommitVersions {
                 versions,
                 commit_time_ms: lifeboat_common::now_ms(),
+                restored,
             })
             .await
             .map_err(|e| self.leader.commit_error(e))?;
+        if let Some(h) = resp.data.rejected.first() {
+            return Err(base_missing(format!(
+                "blob {h} (and {} more) was removed by garbage collection",
+                resp.data.rejected.len() - 1
+            )));
+        }
         let seqs = resp.data.seqs;
         if seqs.len() != n {
             return Err(Status::internal(

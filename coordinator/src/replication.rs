@@ -640,6 +640,8 @@ pub struct Replicator {
     /// Name of the upstream region when known (global group): progress is read for it, and
     /// versions that originated in this region are not copied back.
     pub upstream_region: Option<String>,
+    /// Held shared per batch, from the blob checks to the commit (see [`crate::gc`]).
+    pub gc_lock: crate::gc::GcLock,
 }
 
 impl Replicator {
@@ -807,7 +809,12 @@ impl Replicator {
                 versions.retain(|v| v.v.region != self.region);
             }
             let started = Instant::now();
-            let copied = self.copy_blobs(&mut fetch, addr, &versions).await?;
+            // Garbage collection waits until these blobs are referenced (see `crate::gc`).
+            let _gc_shared = self.gc_lock.read().await;
+            crate::gc::wait_term_applied(&self.raft)
+                .await
+                .map_err(|e| ReplicationError::Commit(e.message().to_string()))?;
+            let (copied, restored) = self.copy_blobs(&mut fetch, addr, &versions).await?;
             let n = versions.len();
             self.raft
                 .client_write(RaftRequest::ApplyReplicated {
@@ -815,6 +822,7 @@ impl Replicator {
                     upstream_region: batch.region.clone(),
                     upstream_last_seq: batch.last_seq,
                     skip_through: last_seq,
+                    restored,
                 })
                 .await
                 .map_err(|e| ReplicationError::Commit(e.to_string()))?;
@@ -839,32 +847,40 @@ impl Replicator {
         }
     }
 
-    /// Fetches, verifies and stores the parts of `versions` the local store lacks, and waits
-    /// until a majority of local voters holds them. Returns how many blobs were copied.
+    /// Fetches, verifies and stores the parts of `versions` the local store lacks (or that
+    /// garbage collection condemned here), and waits until a majority of local voters holds
+    /// them. Returns how many blobs were copied, and the condemned ones among them.
     async fn copy_blobs(
         &self,
         client: &mut BlobServiceClient<Channel>,
         addr: &str,
         versions: &[FileVersion],
-    ) -> Result<usize, ReplicationError> {
+    ) -> Result<(usize, Vec<BlobHash>), ReplicationError> {
         let mut seen = HashSet::new();
         let mut missing = Vec::new();
-        for p in versions.iter().flat_map(|v| v.v.parts.iter()) {
-            if !seen.insert(p.hash) {
-                continue;
-            }
-            let have = self
-                .blobs
-                .store
-                .contains(&p.hash)
-                .await
-                .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
+        let all: Vec<BlobHash> = versions
+            .iter()
+            .flat_map(|v| v.v.parts.iter().map(|p| p.hash))
+            .filter(|h| seen.insert(*h))
+            .collect();
+        let condemned = self
+            .catalog
+            .condemned_among(&all)
+            .map_err(|e| ReplicationError::Storage(e.to_string()))?;
+        for h in all {
+            let have = !condemned.contains(&h)
+                && self
+                    .blobs
+                    .store
+                    .contains(&h)
+                    .await
+                    .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
             if !have {
-                missing.push(p.hash);
+                missing.push(h);
             }
         }
         if missing.is_empty() {
-            return Ok(0);
+            return Ok((0, condemned));
         }
         let session = self.blobs.start_replication();
         let fanout = session.fanout();
@@ -940,7 +956,7 @@ impl Replicator {
             .finish(true)
             .await
             .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
-        Ok(missing.len())
+        Ok((missing.len(), condemned))
     }
 }
 
