@@ -12,13 +12,18 @@
 //! - content equal to a deleted blob written again is stored again (the agent's reuse is
 //!   refused as `base_missing`, it sends the data) and restores; once restored, reusing it needs
 //!   no resend.
+//!
+//! The same scenario runs against a bucket of a real S3 server (SeaweedFS) shared by the three
+//! coordinators (`gc_on_s3_removes_expired_blobs_only`): there the leader's pass deletes.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
+use lifeboat_cli::s3server::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use lifeboat_common::blob::BlobHash;
+use lifeboat_common::blobstore::{BlobStore, S3BlobStore};
 use lifeboat_common::catalog::FileVersion;
 
 const PART: usize = lifeboat_common::PART_SIZE;
@@ -70,172 +75,280 @@ fn blake3_file(p: &Path) -> String {
         .to_string()
 }
 
+/// Where the coordinators keep blobs.
+enum Store {
+    /// Each coordinator's `<data_dir>/blobs`: a blob must be on a majority (2 of 3).
+    Local,
+    /// One shared bucket: a blob must be in it.
+    S3(S3BlobStore),
+}
+
+/// Copies of `h`: coordinators holding it (local) or 1 if the bucket has it.
+async fn copies(store: &Store, cluster: &Cluster, h: &BlobHash) -> usize {
+    match store {
+        Store::Local => cluster.local_blob_copies(h),
+        Store::S3(s) => usize::from(s.contains(h).await.expect("HeadObject")),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_expired_blobs_only() -> anyhow::Result<()> {
     run("t34", |dir| async move {
-        let opts = ClusterOpts {
-            extra_coordinator_toml: "[gc]\nkeep_history = \"0s\"\ngrace = \"0s\"\ninterval = \"0s\"\n".into(),
-            ..Default::default()
-        };
-        let cluster = Cluster::start(&dir.join("cluster"), &opts)?;
-        cluster.wait_leader(Duration::from_secs(30), None).await?;
-
-        // Directory versions, each acknowledged by an agent --once run.
-        let src = dir.join("src");
-        std::fs::create_dir_all(&src)?;
-        let mut big: Vec<u8> = (0..(2 * PART + PART / 4)).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(src.join("big.bin"), &big)?;
-        std::fs::write(src.join("keep.txt"), b"kept as it is\n")?;
-        std::fs::write(src.join("gone.txt"), b"deleted later\n")?;
-        std::fs::write(src.join("churn.txt"), b"churn version 1\n")?;
-        let (cfg, data) = cluster.write_agent_config("a1", &[("data", &src)], "")?;
-        agent_once(&cluster, &cfg, &data).await?;
-        let last = big.len() - 1;
-        big[last] ^= 0xff; // only the third part changes
-        std::fs::write(src.join("big.bin"), &big)?;
-        std::fs::write(src.join("churn.txt"), b"churn version 2\n")?;
-        std::fs::remove_file(src.join("gone.txt"))?;
-        agent_once(&cluster, &cfg, &data).await?;
-        std::fs::write(src.join("churn.txt"), b"churn version 3\n")?;
-        agent_once(&cluster, &cfg, &data).await?;
-
-        // Exec snapshots: the first 4 MiB (seq output) are the same in each, the rest differs.
-        let extra = "[[exec_sources]]\nname = \"ticks\"\nsnapshot_command = [\"sh\", \"-c\", \"seq 1 700000; date +%s%N\"]\nschedule = \"* * * * * *\"\nretention = { keep_last = 1 }\n";
-        let (cfg2, _data2) = cluster.write_agent_config("a2", &[], extra)?;
-        let mut agent2 = cluster.spawn_agent(&cfg2, false)?;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while !(taken(&cfg2) >= 3 && live_snaps(&cluster).len() == 1) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "three exec snapshots and retention not done in 180 s: taken {}, live {:?}",
-                taken(&cfg2),
-                live_snaps(&cluster)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let _ = agent2.kill();
-        agent2.wait()?;
-        // A snapshot acknowledged just before the kill may not be expired yet: the kept one is
-        // the newest live one.
-        let mut kept_snap = live_snaps(&cluster);
-        kept_snap.sort();
-        let kept_snap = kept_snap.pop().expect("a live snapshot");
-
-        let before = all_versions(&cluster).await?;
-        let snap_versions: Vec<&FileVersion> = before
-            .iter()
-            .filter(|v| v.v.path.starts_with("_snapshots/ticks/") && v.v.path.ends_with(".snap"))
-            .collect();
-        let shared_snap_part: HashSet<BlobHash> = snap_versions
-            .iter()
-            .filter(|v| !v.v.deleted)
-            .map(|v| v.v.parts[0].hash)
-            .collect();
-        assert_eq!(shared_snap_part.len(), 1, "every snapshot starts with the same part");
-        let shared_snap_part = *shared_snap_part.iter().next().unwrap();
-        let big_versions: Vec<&FileVersion> =
-            before.iter().filter(|v| v.v.path == "data/big.bin").collect();
-        assert_eq!(big_versions.len(), 2);
-        let (old_big, new_big) = (&big_versions[0].v.parts, &big_versions[1].v.parts);
-        assert_eq!(old_big[..2], new_big[..2], "two parts shared by both versions of big.bin");
-        assert_ne!(old_big[2], new_big[2]);
-        let churn1 = BlobHash::of(b"churn version 1\n");
-        let gone = BlobHash::of(b"deleted later\n");
-
-        let report = gc(&cluster);
-        let after = all_versions(&cluster).await?;
-        let referenced = parts(&after);
-        let expired: BTreeSet<BlobHash> = parts(&before).difference(&referenced).copied().collect();
-        // Old big.bin tail, churn 1 and 2, gone.txt, and the tails of at least two expired
-        // snapshots.
-        for h in [old_big[2].hash, churn1, BlobHash::of(b"churn version 2\n"), gone] {
-            assert!(expired.contains(&h), "{h} should have expired");
-        }
-        assert!(expired.len() >= 6, "{} expired blobs", expired.len());
-        assert!(report["versions_pruned"].as_u64().unwrap() >= 6, "{report}");
-        assert!(report["blobs_condemned"].as_u64().unwrap() >= expired.len() as u64, "{report}");
-        assert!(report["bytes_freed"].as_u64().unwrap() > 0, "{report}");
-        assert!(report["kept_referenced"].as_u64().unwrap() > 0, "{report}");
-        assert_eq!(report["dry_run"], false);
-        // Only the newest version of each path is left (keep_history 0), tombstones included.
-        let paths: HashSet<&str> = after.iter().map(|v| v.v.path.as_str()).collect();
-        assert_eq!(paths.len(), after.len(), "one version per path");
-        assert!(after.iter().any(|v| v.v.path == "data/gone.txt" && v.v.deleted));
-
-        // Followers delete when they apply the entry: wait for all of them.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left: Vec<_> =
-                expired.iter().filter(|h| cluster.local_blob_copies(h) > 0).collect();
-            if left.is_empty() {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "expired blobs still stored: {left:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for h in &referenced {
-            let n = cluster.local_blob_copies(h);
-            assert!(n >= 2, "referenced blob {h} on {n} of 3 coordinators");
-        }
-        for h in [old_big[0].hash, old_big[1].hash, shared_snap_part] {
-            assert!(referenced.contains(&h) && cluster.local_blob_copies(&h) >= 2, "shared {h}");
-        }
-
-        // The current directory and the kept snapshot restore byte-equal.
-        let out = dir.join("restored");
-        restore_latest(&cluster, "data", &out).await?;
-        let cmp = tree::compare(&src, &out.join("data"))?;
-        assert!(cmp.equal(), "{:?}", cmp.differences);
-        let snap_file = dir.join("snap.out");
-        let r = json(&lifeboat(
-            &cluster,
-            &["restore-snapshot", "--source", "ticks", "--to-file", snap_file.to_str().unwrap(), "--output", "json"],
-        ));
-        let kept_row = after.iter().find(|v| v.v.path == kept_snap).expect("kept row");
-        assert_eq!(
-            Some(blake3_file(&snap_file)),
-            kept_row.v.blake3.map(|h| h.to_hex()),
-            "{r}"
-        );
-        let text = std::fs::read_to_string(&snap_file)?;
-        assert!(text.starts_with("1\n2\n3\n") && text.contains("\n700000\n"), "snapshot content");
-
-        // A second pass finds nothing to do.
-        let again = gc(&cluster);
-        assert_eq!(again["versions_pruned"], 0, "{again}");
-        assert_eq!(again["blobs_condemned"], 0, "{again}");
-
-        // Content equal to a deleted blob comes back: the agent's cached reuse is refused, it
-        // sends the data, and the blob is stored (on a majority) again.
-        let resent_before = resends(&cfg);
-        std::fs::write(src.join("churn.txt"), b"churn version 1\n")?;
-        agent_once(&cluster, &cfg, &data).await?;
-        assert!(resends(&cfg) > resent_before, "the agent resent the condemned blob");
-        assert!(cluster.local_blob_copies(&churn1) >= 2, "restored blob on a majority");
-        let out2 = dir.join("restored2");
-        restore_latest(&cluster, "data", &out2).await?;
-        let cmp = tree::compare(&src, &out2.join("data"))?;
-        assert!(cmp.equal(), "{:?}", cmp.differences);
-        // Restored means no longer condemned: reusing it in another file needs no resend, and a
-        // pass (which prunes churn version 3) keeps it.
-        let resent = resends(&cfg);
-        std::fs::write(src.join("copy.txt"), b"churn version 1\n")?;
-        agent_once(&cluster, &cfg, &data).await?;
-        assert_eq!(resends(&cfg), resent, "reuse of a restored blob was refused");
-        let third = gc(&cluster);
-        assert!(third["versions_pruned"].as_u64().unwrap() >= 1, "{third}");
-        assert!(third["blobs_condemned"].as_u64().unwrap() >= 1, "{third}");
-        assert!(cluster.local_blob_copies(&churn1) >= 2);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while cluster.local_blob_copies(&BlobHash::of(b"churn version 3\n")) > 0 {
-            anyhow::ensure!(Instant::now() < deadline, "churn version 3 not deleted");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let out3 = dir.join("restored3");
-        restore_latest(&cluster, "data", &out3).await?;
-        let cmp = tree::compare(&src, &out3.join("data"))?;
-        assert!(cmp.equal(), "{:?}", cmp.differences);
-        Ok(())
+        scenario(&dir, "", Store::Local).await
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_on_s3_removes_expired_blobs_only() -> anyhow::Result<()> {
+    run("t34s3", |dir| async move {
+        let server = S3Server::start().await?;
+        let bucket = "lifeboat-gc";
+        let store = server.create_bucket(bucket).await?;
+        let extra = format!(
+            "\n[blobs]\nbackend = \"s3\"\n\n[blobs.s3]\nendpoint = \"{}\"\nbucket = \"{bucket}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\nsecret_access_key = \"{SECRET_ACCESS_KEY}\"\n",
+            server.endpoint()
+        );
+        scenario(&dir, &extra, Store::S3(store)).await
+    })
+    .await
+}
+
+async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<()> {
+    let needed = match store {
+        Store::Local => 2,
+        Store::S3(_) => 1,
+    };
+    let opts = ClusterOpts {
+        extra_coordinator_toml: format!(
+            "[gc]\nkeep_history = \"0s\"\ngrace = \"0s\"\ninterval = \"0s\"\n{extra_toml}"
+        ),
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&dir.join("cluster"), &opts)?;
+    cluster.wait_leader(Duration::from_secs(30), None).await?;
+
+    // Directory versions, each acknowledged by an agent --once run.
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src)?;
+    let mut big: Vec<u8> = (0..(2 * PART + PART / 4))
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    std::fs::write(src.join("big.bin"), &big)?;
+    std::fs::write(src.join("keep.txt"), b"kept as it is\n")?;
+    std::fs::write(src.join("gone.txt"), b"deleted later\n")?;
+    std::fs::write(src.join("churn.txt"), b"churn version 1\n")?;
+    let (cfg, data) = cluster.write_agent_config("a1", &[("data", &src)], "")?;
+    agent_once(&cluster, &cfg, &data).await?;
+    let last = big.len() - 1;
+    big[last] ^= 0xff; // only the third part changes
+    std::fs::write(src.join("big.bin"), &big)?;
+    std::fs::write(src.join("churn.txt"), b"churn version 2\n")?;
+    std::fs::remove_file(src.join("gone.txt"))?;
+    agent_once(&cluster, &cfg, &data).await?;
+    std::fs::write(src.join("churn.txt"), b"churn version 3\n")?;
+    agent_once(&cluster, &cfg, &data).await?;
+
+    // Exec snapshots: the first 4 MiB (seq output) are the same in each, the rest differs.
+    let extra = "[[exec_sources]]\nname = \"ticks\"\nsnapshot_command = [\"sh\", \"-c\", \"seq 1 700000; date +%s%N\"]\nschedule = \"* * * * * *\"\nretention = { keep_last = 1 }\n";
+    let (cfg2, _data2) = cluster.write_agent_config("a2", &[], extra)?;
+    let mut agent2 = cluster.spawn_agent(&cfg2, false)?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !(taken(&cfg2) >= 3 && live_snaps(&cluster).len() == 1) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "three exec snapshots and retention not done in 180 s: taken {}, live {:?}",
+            taken(&cfg2),
+            live_snaps(&cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = agent2.kill();
+    agent2.wait()?;
+    // A snapshot acknowledged just before the kill may not be expired yet: the kept one is
+    // the newest live one.
+    let mut kept_snap = live_snaps(&cluster);
+    kept_snap.sort();
+    let kept_snap = kept_snap.pop().expect("a live snapshot");
+
+    let before = all_versions(&cluster).await?;
+    let snap_versions: Vec<&FileVersion> = before
+        .iter()
+        .filter(|v| v.v.path.starts_with("_snapshots/ticks/") && v.v.path.ends_with(".snap"))
+        .collect();
+    let shared_snap_part: HashSet<BlobHash> = snap_versions
+        .iter()
+        .filter(|v| !v.v.deleted)
+        .map(|v| v.v.parts[0].hash)
+        .collect();
+    assert_eq!(
+        shared_snap_part.len(),
+        1,
+        "every snapshot starts with the same part"
+    );
+    let shared_snap_part = *shared_snap_part.iter().next().unwrap();
+    let big_versions: Vec<&FileVersion> = before
+        .iter()
+        .filter(|v| v.v.path == "data/big.bin")
+        .collect();
+    assert_eq!(big_versions.len(), 2);
+    let (old_big, new_big) = (&big_versions[0].v.parts, &big_versions[1].v.parts);
+    assert_eq!(
+        old_big[..2],
+        new_big[..2],
+        "two parts shared by both versions of big.bin"
+    );
+    assert_ne!(old_big[2], new_big[2]);
+    let churn1 = BlobHash::of(b"churn version 1\n");
+    let gone = BlobHash::of(b"deleted later\n");
+
+    // A dry run reports and changes nothing.
+    let dry = json(&lifeboat(&cluster, &["gc", "--dry-run", "--output", "json"]));
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(all_versions(&cluster).await?, before, "dry run pruned versions");
+    for h in &parts(&before) {
+        assert!(copies(&store, &cluster, h).await >= needed, "dry run deleted {h}");
+    }
+
+    let report = gc(&cluster);
+    assert_eq!(report["versions_pruned"], dry["versions_pruned"], "{report} vs {dry}");
+    assert_eq!(report["blobs_condemned"], dry["blobs_condemned"], "{report} vs {dry}");
+    let after = all_versions(&cluster).await?;
+    let referenced = parts(&after);
+    let expired: BTreeSet<BlobHash> = parts(&before).difference(&referenced).copied().collect();
+    // Old big.bin tail, churn 1 and 2, gone.txt, and the tails of at least two expired
+    // snapshots.
+    for h in [
+        old_big[2].hash,
+        churn1,
+        BlobHash::of(b"churn version 2\n"),
+        gone,
+    ] {
+        assert!(expired.contains(&h), "{h} should have expired");
+    }
+    assert!(expired.len() >= 6, "{} expired blobs", expired.len());
+    assert!(report["versions_pruned"].as_u64().unwrap() >= 6, "{report}");
+    assert!(
+        report["blobs_condemned"].as_u64().unwrap() >= expired.len() as u64,
+        "{report}"
+    );
+    assert!(report["bytes_freed"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["kept_referenced"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["dry_run"], false);
+    // Only the newest version of each path is left (keep_history 0), tombstones included.
+    let paths: HashSet<&str> = after.iter().map(|v| v.v.path.as_str()).collect();
+    assert_eq!(paths.len(), after.len(), "one version per path");
+    assert!(after
+        .iter()
+        .any(|v| v.v.path == "data/gone.txt" && v.v.deleted));
+
+    // Followers delete when they apply the entry: wait for all of them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut left = Vec::new();
+        for h in &expired {
+            if copies(&store, &cluster, h).await > 0 {
+                left.push(*h);
+            }
+        }
+        if left.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "expired blobs still stored: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for h in &referenced {
+        let n = copies(&store, &cluster, h).await;
+        assert!(n >= needed, "referenced blob {h}: {n} copies");
+    }
+    for h in [old_big[0].hash, old_big[1].hash, shared_snap_part] {
+        assert!(referenced.contains(&h), "shared {h} still referenced");
+        assert!(
+            copies(&store, &cluster, &h).await >= needed,
+            "shared {h} kept"
+        );
+    }
+
+    // The current directory and the kept snapshot restore byte-equal.
+    let out = dir.join("restored");
+    restore_latest(&cluster, "data", &out).await?;
+    let cmp = tree::compare(&src, &out.join("data"))?;
+    assert!(cmp.equal(), "{:?}", cmp.differences);
+    let snap_file = dir.join("snap.out");
+    let r = json(&lifeboat(
+        &cluster,
+        &[
+            "restore-snapshot",
+            "--source",
+            "ticks",
+            "--to-file",
+            snap_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    ));
+    let kept_row = after
+        .iter()
+        .find(|v| v.v.path == kept_snap)
+        .expect("kept row");
+    assert_eq!(
+        Some(blake3_file(&snap_file)),
+        kept_row.v.blake3.map(|h| h.to_hex()),
+        "{r}"
+    );
+    let text = std::fs::read_to_string(&snap_file)?;
+    assert!(
+        text.starts_with("1\n2\n3\n") && text.contains("\n700000\n"),
+        "snapshot content"
+    );
+
+    // A second pass finds nothing to do.
+    let again = gc(&cluster);
+    assert_eq!(again["versions_pruned"], 0, "{again}");
+    assert_eq!(again["blobs_condemned"], 0, "{again}");
+
+    // Content equal to a deleted blob comes back: the agent's cached reuse is refused, it
+    // sends the data, and the blob is stored (on a majority) again.
+    let resent_before = resends(&cfg);
+    std::fs::write(src.join("churn.txt"), b"churn version 1\n")?;
+    agent_once(&cluster, &cfg, &data).await?;
+    assert!(
+        resends(&cfg) > resent_before,
+        "the agent resent the condemned blob"
+    );
+    assert!(
+        copies(&store, &cluster, &churn1).await >= needed,
+        "restored blob stored durably"
+    );
+    let out2 = dir.join("restored2");
+    restore_latest(&cluster, "data", &out2).await?;
+    let cmp = tree::compare(&src, &out2.join("data"))?;
+    assert!(cmp.equal(), "{:?}", cmp.differences);
+    // Restored means no longer condemned: reusing it in another file needs no resend, and a
+    // pass (which prunes churn version 3) keeps it.
+    let resent = resends(&cfg);
+    std::fs::write(src.join("copy.txt"), b"churn version 1\n")?;
+    agent_once(&cluster, &cfg, &data).await?;
+    assert_eq!(
+        resends(&cfg),
+        resent,
+        "reuse of a restored blob was refused"
+    );
+    let third = gc(&cluster);
+    assert!(third["versions_pruned"].as_u64().unwrap() >= 1, "{third}");
+    assert!(third["blobs_condemned"].as_u64().unwrap() >= 1, "{third}");
+    assert!(copies(&store, &cluster, &churn1).await >= needed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while copies(&store, &cluster, &BlobHash::of(b"churn version 3\n")).await > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "churn version 3 not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out3 = dir.join("restored3");
+    restore_latest(&cluster, "data", &out3).await?;
+    let cmp = tree::compare(&src, &out3.join("data"))?;
+    assert!(cmp.equal(), "{:?}", cmp.differences);
+    Ok(())
 }

@@ -596,7 +596,7 @@ impl Intake {
     ) -> Result<PushReply, Status> {
         // Garbage collection waits until this batch is committed (or failed), and no deletion
         // an earlier leader decided is still to be applied (see `crate::gc`).
-        let _gc_shared = self.gc_lock.read().await;
+        let gc_shared = self.gc_lock.read().await;
         crate::gc::wait_term_applied(&self.raft).await?;
         let mut versions = Vec::new();
         let mut change_ids = Vec::new();
@@ -720,6 +720,8 @@ impl Intake {
             })
             .await
             .map_err(|e| self.leader.commit_error(e))?;
+        // Committed (or rejected): garbage collection may run again.
+        drop(gc_shared);
         if let Some(h) = resp.data.rejected.first() {
             return Err(base_missing(format!(
                 "blob {h} (and {} more) was removed by garbage collection",

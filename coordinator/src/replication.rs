@@ -810,7 +810,7 @@ impl Replicator {
             }
             let started = Instant::now();
             // Garbage collection waits until these blobs are referenced (see `crate::gc`).
-            let _gc_shared = self.gc_lock.read().await;
+            let gc_shared = self.gc_lock.read().await;
             crate::gc::wait_term_applied(&self.raft)
                 .await
                 .map_err(|e| ReplicationError::Commit(e.message().to_string()))?;
@@ -826,6 +826,7 @@ impl Replicator {
                 })
                 .await
                 .map_err(|e| ReplicationError::Commit(e.to_string()))?;
+            drop(gc_shared);
             applied = last_seq;
             // Tell the upstream (synchronous acknowledgement of its agents' changes).
             let confirm = sub.confirm_applied(lifeboat_proto::ConfirmAppliedRequest {
