@@ -203,16 +203,32 @@ async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<
     let gone = BlobHash::of(b"deleted later\n");
 
     // A dry run reports and changes nothing.
-    let dry = json(&lifeboat(&cluster, &["gc", "--dry-run", "--output", "json"]));
+    let dry = json(&lifeboat(
+        &cluster,
+        &["gc", "--dry-run", "--output", "json"],
+    ));
     assert_eq!(dry["dry_run"], true, "{dry}");
-    assert_eq!(all_versions(&cluster).await?, before, "dry run pruned versions");
+    assert_eq!(
+        all_versions(&cluster).await?,
+        before,
+        "dry run pruned versions"
+    );
     for h in &parts(&before) {
-        assert!(copies(&store, &cluster, h).await >= needed, "dry run deleted {h}");
+        assert!(
+            copies(&store, &cluster, h).await >= needed,
+            "dry run deleted {h}"
+        );
     }
 
     let report = gc(&cluster);
-    assert_eq!(report["versions_pruned"], dry["versions_pruned"], "{report} vs {dry}");
-    assert_eq!(report["blobs_condemned"], dry["blobs_condemned"], "{report} vs {dry}");
+    assert_eq!(
+        report["versions_pruned"], dry["versions_pruned"],
+        "{report} vs {dry}"
+    );
+    assert_eq!(
+        report["blobs_condemned"], dry["blobs_condemned"],
+        "{report} vs {dry}"
+    );
     let after = all_versions(&cluster).await?;
     let referenced = parts(&after);
     let expired: BTreeSet<BlobHash> = parts(&before).difference(&referenced).copied().collect();

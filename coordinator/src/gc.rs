@@ -36,6 +36,9 @@
 //! content again, could remove that new copy. Each batch of deletions re-checks leadership
 //! first (`ensure_linearizable`), which makes the window milliseconds.
 
+// Catalog reads return openraft's `StorageError` (224 bytes), fixed by its storage traits.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,6 +134,20 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// Runs a catalog read on the blocking pool.
+///
+/// Errors: INTERNAL naming the storage failure.
+async fn catalog_read<T: Send + 'static>(
+    catalog: &Catalog,
+    f: impl FnOnce(&Catalog) -> Result<T, crate::raft::types::StorageError> + Send + 'static,
+) -> Result<T, Status> {
+    let cat = catalog.clone();
+    tokio::task::spawn_blocking(move || f(&cat).map_err(|e| e.to_string()))
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::internal(format!("catalog read: {e}")))
+}
+
 impl Gc {
     /// One pass now (see the module doc). `dry_run` changes nothing and reports what would go
     /// (the blobs counted then are those unreferenced once the prunable versions are gone).
@@ -150,11 +167,7 @@ impl Gc {
         // References the prunable versions hold (dry run only: they are still stored).
         let mut pruned_refs: HashMap<BlobHash, u64> = HashMap::new();
         if dry_run {
-            let cat = self.catalog.clone();
-            let doomed = tokio::task::spawn_blocking(move || cat.prunable(cutoff_ms))
-                .await
-                .map_err(internal)?
-                .map_err(internal)?;
+            let doomed = catalog_read(&self.catalog, move |c| c.prunable(cutoff_ms)).await?;
             report.versions_pruned = doomed.len() as u64;
             for p in doomed.iter().flat_map(|v| v.v.parts.iter()) {
                 *pruned_refs.entry(p.hash).or_default() += 1;
@@ -177,11 +190,7 @@ impl Gc {
             .into_iter()
             .partition(|b| b.modified_ms <= young_after);
         let hashes: Vec<BlobHash> = old.iter().map(|b| b.hash).collect();
-        let cat = self.catalog.clone();
-        let counts = tokio::task::spawn_blocking(move || cat.refcounts(&hashes))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let counts = catalog_read(&self.catalog, move |c| c.refcounts(&hashes)).await?;
         let mut candidates = Vec::new();
         let mut sizes: HashMap<BlobHash, u64> = HashMap::new();
         for (b, n) in old.iter().zip(counts) {
@@ -195,11 +204,7 @@ impl Gc {
         }
         // Young blobs: referenced or not, they stay; count the unreferenced ones.
         let young_hashes: Vec<BlobHash> = young.iter().map(|b| b.hash).collect();
-        let cat = self.catalog.clone();
-        let young_counts = tokio::task::spawn_blocking(move || cat.refcounts(&young_hashes))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let young_counts = catalog_read(&self.catalog, move |c| c.refcounts(&young_hashes)).await?;
         for n in young_counts {
             if n > 0 {
                 report.kept_referenced += 1;
