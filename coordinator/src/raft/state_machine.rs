@@ -1045,6 +1045,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let data: SnapshotData = unjson(&bytes)?;
+        let applied_before = Catalog::read_applied_index(&self.db)?;
         let tx = self.db.begin_write().map_err(|e| sto_err(true, e))?;
         tx.delete_table(VERSIONS).map_err(|e| sto_err(true, e))?;
         tx.delete_table(LATEST).map_err(|e| sto_err(true, e))?;
@@ -1083,9 +1084,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map_err(|e| sto_err(true, e))?;
         }
         tx.commit().map_err(|e| sto_err(true, e))?;
-        // Condemnations this node skipped by installing the snapshot: delete them too (a
-        // no-op for blobs already gone).
-        let condemned: Vec<BlobHash> = data.condemned.iter().map(|(h, _)| *h).collect();
+        // Condemnations this node skips by installing the snapshot: delete those blobs too.
+        // Only those condemned after what it had applied: it deleted the older ones when it
+        // applied them, and a copy it holds of one of those may be a restored blob whose
+        // restoring commit comes after the snapshot.
+        let condemned: Vec<BlobHash> = data
+            .condemned
+            .iter()
+            .filter(|(_, index)| *index > applied_before)
+            .map(|(h, _)| *h)
+            .collect();
         self.delete_blobs(&condemned).await;
         self.publish_last_seq(stats.next_seq);
         if let Some(la) = meta.last_log_id {
