@@ -29,19 +29,11 @@ use lifeboat_common::catalog::FileVersion;
 const PART: usize = lifeboat_common::PART_SIZE;
 
 fn taken(cfg: &Path) -> usize {
-    std::fs::read_to_string(cfg.with_extension("log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("exec snapshot taken"))
-        .count()
+    agent_log_lines(cfg, "exec snapshot taken")
 }
 
 fn resends(cfg: &Path) -> usize {
-    std::fs::read_to_string(cfg.with_extension("log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("coordinator is missing a base blob"))
-        .count()
+    agent_log_lines(cfg, "coordinator is missing a base blob")
 }
 
 fn live_snaps(cluster: &Cluster) -> Vec<String> {
@@ -289,10 +281,7 @@ async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<
     }
 
     // The current directory and the kept snapshot restore byte-equal.
-    let out = dir.join("restored");
-    restore_latest(&cluster, "data", &out).await?;
-    let cmp = tree::compare(&src, &out.join("data"))?;
-    assert!(cmp.equal(), "{:?}", cmp.differences);
+    assert_restores_equal(&cluster, "data", &src, &dir.join("restored")).await?;
     let snap_file = dir.join("snap.out");
     let r = json(&lifeboat(
         &cluster,
@@ -339,10 +328,7 @@ async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<
         copies(&store, &cluster, &churn1).await >= needed,
         "restored blob stored durably"
     );
-    let out2 = dir.join("restored2");
-    restore_latest(&cluster, "data", &out2).await?;
-    let cmp = tree::compare(&src, &out2.join("data"))?;
-    assert!(cmp.equal(), "{:?}", cmp.differences);
+    assert_restores_equal(&cluster, "data", &src, &dir.join("restored2")).await?;
     // Restored means no longer condemned: reusing it in another file needs no resend, and a
     // pass (which prunes churn version 3) keeps it.
     let resent = resends(&cfg);
@@ -362,9 +348,6 @@ async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<
         anyhow::ensure!(Instant::now() < deadline, "churn version 3 not deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let out3 = dir.join("restored3");
-    restore_latest(&cluster, "data", &out3).await?;
-    let cmp = tree::compare(&src, &out3.join("data"))?;
-    assert!(cmp.equal(), "{:?}", cmp.differences);
+    assert_restores_equal(&cluster, "data", &src, &dir.join("restored3")).await?;
     Ok(())
 }

@@ -1168,6 +1168,26 @@ mod tests {
         }
     }
 
+    /// Builds a snapshot of `sm` and installs it into a new store (in a new temp dir).
+    async fn snapshot_into_fresh_store(
+        sm: &mut StateMachineStore,
+    ) -> (tempfile::TempDir, StateMachineStore) {
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("t.redb")).unwrap());
+        let mut fresh = StateMachineStore::open(db).unwrap();
+        fresh
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        (dir, fresh)
+    }
+
     fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -1229,18 +1249,7 @@ mod tests {
         assert_eq!(out[0].seqs, vec![6]);
 
         // Snapshot into a fresh store: the replication progress comes along.
-        let snap = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let dir2 = tempfile::tempdir().unwrap();
-        let db2 = Arc::new(Database::create(dir2.path().join("t.redb")).unwrap());
-        let mut sm2 = StateMachineStore::open(db2).unwrap();
-        sm2.install_snapshot(&snap.meta, snap.snapshot)
-            .await
-            .unwrap();
+        let (_dir2, mut sm2) = snapshot_into_fresh_store(&mut sm).await;
         let cat2 = sm2.catalog();
         assert_eq!(cat2.replication().unwrap(), r);
         assert_eq!(cat2.last_seq().unwrap(), 6);
@@ -1395,18 +1404,7 @@ mod tests {
         assert_eq!(cat.refcount(&h2).unwrap(), 1);
 
         // Snapshot into a fresh store: condemned set and references come along.
-        let snap = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let dir2 = tempfile::tempdir().unwrap();
-        let db2 = Arc::new(Database::create(dir2.path().join("t.redb")).unwrap());
-        let mut sm2 = StateMachineStore::open(db2).unwrap();
-        sm2.install_snapshot(&snap.meta, snap.snapshot)
-            .await
-            .unwrap();
+        let (_dir2, mut sm2) = snapshot_into_fresh_store(&mut sm).await;
         let cat2 = sm2.catalog();
         assert_eq!(cat2.condemned_among(&[h1, h2, h3, h4]).unwrap(), vec![h4]);
         assert_eq!(cat2.refcounts(&[h1, h2, h3, h4]).unwrap(), vec![1, 1, 1, 0]);
