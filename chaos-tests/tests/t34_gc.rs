@@ -351,3 +351,127 @@ async fn scenario(dir: &Path, extra_toml: &str, store: Store) -> anyhow::Result<
     assert_restores_equal(&cluster, "data", &src, &dir.join("restored3")).await?;
     Ok(())
 }
+
+/// `lifeboat gc`, retried while the region has no leader (up to 60 s).
+async fn gc_retrying(cluster: &Cluster) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = lifeboat(cluster, &["gc", "--output", "json"]);
+        if out.status.success() {
+            return Ok(serde_json::from_slice(&out.stdout)?);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "lifeboat gc kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Garbage collection every second (the `[gc]` timer; grace and history 0) and after every
+/// round of writes, while an agent keeps writing (a mutated tree, plus a small and a two-part
+/// file flipping between two contents, so blobs condemned one round come back the next through
+/// the agent's acknowledged-blob cache), and the leader is SIGKILLed and restarted in between:
+/// the condemned contents are resent, the directory restores byte-equal, and every blob the
+/// catalog references is on a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_during_writes_and_leader_kill() -> anyhow::Result<()> {
+    run("t34w", |dir| async move {
+        let opts = ClusterOpts {
+            extra_coordinator_toml:
+                "[gc]\nkeep_history = \"0s\"\ngrace = \"0s\"\ninterval = \"1s\"\n".into(),
+            ..Default::default()
+        };
+        let mut cluster = Cluster::start(&dir.join("cluster"), &opts)?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let src = dir.join("src");
+        tree::generate(&src, 120, 6_000_000, 3)?;
+        let head: Vec<u8> = (0..PART).map(|i| (i % 13) as u8).collect();
+        let flips = |k: usize| {
+            let small = format!("flip {k}\n").into_bytes();
+            let mut big = head.clone();
+            big.extend(std::iter::repeat_n(k as u8, PART / 3));
+            (small, big)
+        };
+        let write_flip = |k: usize| -> anyhow::Result<()> {
+            let (small, big) = flips(k);
+            std::fs::write(src.join("flip.txt"), small)?;
+            std::fs::write(src.join("flip.bin"), big)?;
+            Ok(())
+        };
+        write_flip(0)?;
+        let (cfg, data) = cluster.write_agent_config("a1", &[("data", &src)], "")?;
+        cluster.start_agent(&cfg)?;
+        settle(&data).await?;
+        let mut killed: Option<usize> = None;
+        let mut killed_id: Option<u64> = None;
+        for round in 0..8u64 {
+            tree::mutate(&src, 25, 100 + round)?;
+            write_flip((round as usize + 1) % 2)?;
+            settle(&data).await?;
+            gc_retrying(&cluster).await?;
+            if round == 3 {
+                let l = settled_leader(&cluster).await?;
+                killed_id = Some(cluster.coords[l].id);
+                cluster.kill_coordinator(l);
+                killed = Some(l);
+                cluster
+                    .wait_leader(Duration::from_secs(30), Some(cluster.coords[l].id))
+                    .await?;
+            }
+            if round == 5 {
+                if let Some(k) = killed.take() {
+                    cluster.start_coordinator(k)?;
+                }
+            }
+        }
+        settle(&data).await?;
+        let last = gc_retrying(&cluster).await?;
+        assert_eq!(last["dry_run"], false);
+        assert!(
+            resends(&cfg) >= 3,
+            "condemned contents came back through the agent's reuse: {} resends",
+            resends(&cfg)
+        );
+        assert_restores_equal(&cluster, "data", &src, &dir.join("restored")).await?;
+        let referenced = parts(&all_versions(&cluster).await?);
+        let (small0, big0) = flips(0);
+        let (_, big1) = flips(1);
+        assert!(
+            referenced.contains(&BlobHash::of(&small0)),
+            "flip 0 is current"
+        );
+        assert!(referenced.contains(&BlobHash::of(&big0[PART..])));
+        assert!(
+            !referenced.contains(&BlobHash::of(&big1[PART..])),
+            "flip 1 was pruned"
+        );
+        let versions = all_versions(&cluster).await?;
+        for h in &referenced {
+            let n = cluster.local_blob_copies(h);
+            if n < 2 {
+                let holders: Vec<u64> = cluster
+                    .coords
+                    .iter()
+                    .filter(|c| c.data_dir.join("blobs").join(h.key()).exists())
+                    .map(|c| c.id)
+                    .collect();
+                let users: Vec<String> = versions
+                    .iter()
+                    .filter(|v| v.v.parts.iter().any(|p| p.hash == *h))
+                    .map(|v| format!("{}@{} t{}", v.v.path, v.seq, v.commit_time_ms))
+                    .collect();
+                panic!("referenced blob {h} on {n} of 3 coordinators {holders:?}; used by {users:?}; killed {killed_id:?}");
+            }
+        }
+        // Blobs of the last pass are deleted everywhere once the followers applied it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cluster.local_blob_copies(&BlobHash::of(&big1[PART..])) > 0 {
+            anyhow::ensure!(Instant::now() < deadline, "flip 1 tail still stored");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    })
+    .await
+}

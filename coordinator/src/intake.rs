@@ -311,6 +311,19 @@ fn base_missing(e: impl std::fmt::Display) -> Status {
 }
 
 impl Intake {
+    /// Whether a committed version references `hash`: then its blob was durable on a majority
+    /// when that version was committed, and garbage collection keeps it. A blob that is only
+    /// present here (left by a batch that failed before its copies finished, or condemned) is
+    /// not known to be on a majority.
+    ///
+    /// Errors: INTERNAL on a catalog read failure.
+    fn referenced(&self, hash: &BlobHash) -> Result<bool, Status> {
+        self.catalog
+            .refcount(hash)
+            .map(|n| n > 0)
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))
+    }
+
     /// Whether garbage collection condemned `hash` (its copies are deleted or being deleted).
     ///
     /// Errors: INTERNAL on a catalog read failure.
@@ -481,10 +494,11 @@ impl Intake {
             )));
         }
         // Still verify what was sent when the blob is stored already.
-        // A condemned blob is stored (and copied to a majority) again, even if a copy is left.
+        // Present here is not enough: a blob no committed version references may be here only
+        // (left by a batch that failed before its copies finished) or condemned. Such a blob is
+        // stored again (a no-op here) and copied to the followers, which skip what they hold.
         let stored = fresh.contains(&hash)
-            || (self.blobs.store.contains(&hash).await.unwrap_or(false)
-                && !self.condemned(&hash)?);
+            || (self.referenced(&hash)? && self.blobs.store.contains(&hash).await.unwrap_or(false));
         let (encoded, cv) = tokio::task::spawn_blocking(move || {
             if given.is_none() && BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));

@@ -868,22 +868,35 @@ impl Replicator {
             .catalog
             .condemned_among(&all)
             .map_err(|e| ReplicationError::Storage(e.to_string()))?;
-        for h in all {
-            let have = !condemned.contains(&h)
+        // Held here is enough only when a committed version references the blob (then it is
+        // on a majority). A copy no version references (left by a batch that failed before its
+        // copies finished) is sent to the local followers again from here.
+        let refs = self
+            .catalog
+            .refcounts(&all)
+            .map_err(|e| ReplicationError::Storage(e.to_string()))?;
+        let mut local_only = Vec::new();
+        for (h, n) in all.into_iter().zip(refs) {
+            let here = !condemned.contains(&h)
                 && self
                     .blobs
                     .store
                     .contains(&h)
                     .await
                     .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
-            if !have {
-                missing.push(h);
+            match (here, n > 0) {
+                (false, _) => missing.push(h),
+                (true, false) => local_only.push(h),
+                (true, true) => {}
             }
         }
-        if missing.is_empty() {
+        if missing.is_empty() && local_only.is_empty() {
             return Ok((0, condemned));
         }
         let session = self.blobs.start_replication();
+        for h in &local_only {
+            session.send(*h);
+        }
         let fanout = session.fanout();
         let mut puts: JoinSet<Result<(), ReplicationError>> = JoinSet::new();
         for chunk in missing.chunks(FETCH_CHUNK) {

@@ -922,6 +922,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         });
                         continue;
                     }
+                    if !restored.is_empty() {
+                        tracing::info!(
+                            index = entry.log_id.index,
+                            blobs = restored.len(),
+                            first = %restored[0],
+                            "commit restores blobs garbage collection had condemned"
+                        );
+                    }
                     uncondemn(&tx, &restored)?;
                     let mut seqs = Vec::with_capacity(versions.len());
                     for v in versions {
@@ -1002,6 +1010,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     let mut g: GcMeta = meta_get(&tx, "gc")?.unwrap_or_default();
                     g.forget_index = entry.log_id.index;
                     meta_put(&tx, "gc", &g)?;
+                    tracing::info!(
+                        index = entry.log_id.index,
+                        proposed = hashes.len(),
+                        condemned = condemned.len(),
+                        "blobs condemned by garbage collection"
+                    );
                     to_delete.extend_from_slice(&condemned);
                     out.push(Response {
                         condemned,
@@ -1018,6 +1032,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         if let Some(la) = last_applied {
             meta_put(&tx, "last_applied", &Some(la))?;
+        }
+        // A blob condemned and restored by later entries of the same call stays.
+        if !to_delete.is_empty() {
+            let still: std::collections::HashSet<BlobHash> = {
+                let c = tx.open_table(CONDEMNED).map_err(|e| sto_err(false, e))?;
+                let mut still = std::collections::HashSet::new();
+                for h in &to_delete {
+                    if c.get(h.0.as_slice())
+                        .map_err(|e| sto_err(false, e))?
+                        .is_some()
+                    {
+                        still.insert(*h);
+                    }
+                }
+                still
+            };
+            to_delete.retain(|h| still.contains(h));
         }
         tx.commit().map_err(|e| sto_err(true, e))?;
         // Only once the condemnation is durable: delete (a crash in between leaves the blobs
