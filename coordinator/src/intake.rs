@@ -2,7 +2,9 @@
 //!
 //! 1. every part is rebuilt (full content, or an rsync-style delta applied with
 //!    `fast_rsync::apply_limited` against a stored blob) and its blake3 checked against the hash
-//!    the agent declared; new blobs are encoded and stored durably while the stream continues;
+//!    the agent declared; new blobs are encoded and stored durably while the stream continues
+//!    (a blob already here counts as stored only if a committed version references it, so one
+//!    left by a failed batch, or condemned by garbage collection, is copied again);
 //! 2. at the end of the stream the new blobs are copied to a majority of voters (local backend);
 //! 3. the batch's versions are committed through the regional Raft log;
 //! 4. only then the reply acknowledges every change with its catalog sequence number.

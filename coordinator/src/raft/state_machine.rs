@@ -1433,15 +1433,33 @@ mod tests {
         assert_eq!(out[0].seqs.len(), 1);
         assert_eq!(cat.condemned_among(&[h2, h4]).unwrap(), vec![h4]);
         assert_eq!(cat.refcount(&h2).unwrap(), 1);
+        // Condemned and restored within one apply call (a follower catching up): the blob the
+        // restoring commit needs is not deleted afterwards.
+        let h5 = BlobHash::of(b"5");
+        store.put(&h5, vec![0]).await.unwrap();
+        let out = sm
+            .apply([
+                entry(11, Request::ForgetBlobs { hashes: vec![h5] }),
+                entry(12, commit(vec![file("g", &[h5])], 2002, vec![h5])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(out[0].condemned, vec![h5]);
+        assert_eq!(out[1].seqs.len(), 1);
+        assert!(store.contains(&h5).await.unwrap(), "restored blob deleted");
+        assert!(cat.condemned_among(&[h5]).unwrap().is_empty());
 
         // Snapshot into a fresh store: condemned set and references come along.
         let (_dir2, mut sm2) = snapshot_into_fresh_store(&mut sm).await;
         let cat2 = sm2.catalog();
         assert_eq!(cat2.condemned_among(&[h1, h2, h3, h4]).unwrap(), vec![h4]);
-        assert_eq!(cat2.refcounts(&[h1, h2, h3, h4]).unwrap(), vec![1, 1, 1, 0]);
-        assert_eq!(cat2.gc_meta().unwrap().forget_index, 8);
+        assert_eq!(
+            cat2.refcounts(&[h1, h2, h3, h4, h5]).unwrap(),
+            vec![1, 1, 1, 0, 1]
+        );
+        assert_eq!(cat2.gc_meta().unwrap().forget_index, 11);
         let out = sm2
-            .apply([entry(11, commit(vec![file("f", &[h4])], 3000, vec![]))])
+            .apply([entry(13, commit(vec![file("f", &[h4])], 3000, vec![]))])
             .await
             .unwrap();
         assert_eq!(out[0].rejected, vec![h4]);
