@@ -27,10 +27,12 @@
 //! and sends tombstones for the dump and the sidecar of each expired one through the normal
 //! pipeline, so `lifeboat ls`, `restore` and `verify` no longer see them. For PostgreSQL, WAL
 //! segments older than the start segment of the oldest kept base backup are expired too (PITR
-//! stays possible from every kept base backup). **What it does not do**: the blobs of expired
-//! snapshots stay in the blob stores (no garbage collection of unreferenced blobs yet), and older
-//! catalog versions of a path remain reachable with `--at` a time before the tombstone. A source
-//! without `retention` keeps every snapshot.
+//! stays possible from every kept base backup). **What it does not do** itself: free space. The
+//! expired snapshot stays reachable with `--at` a time before its tombstone until the
+//! coordinators' garbage collection (`[gc]`, `lifeboat gc`, `coordinator::gc`) prunes versions
+//! superseded longer ago than `keep_history` and then deletes the blobs no version references
+//! any more (older than `grace`; a part shared with a kept snapshot stays). A source without
+//! `retention` keeps every snapshot.
 
 use std::collections::BTreeMap;
 

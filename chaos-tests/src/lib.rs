@@ -230,6 +230,32 @@ pub fn lifeboat_regions(
         .expect("run lifeboat")
 }
 
+/// Lines of the log of the agent configured by `cfg` (`<cfg>.log`) that contain `needle`
+/// (0 when there is no log yet).
+pub fn agent_log_lines(cfg: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(cfg.with_extension("log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Restores the latest version of `root` through `cluster` into `to` and asserts it equals
+/// `src` (paths, kinds, blake3 of contents, modes).
+///
+/// Errors: restore or comparison failures; panics when the trees differ.
+pub async fn assert_restores_equal(
+    cluster: &Cluster,
+    root: &str,
+    src: &Path,
+    to: &Path,
+) -> anyhow::Result<()> {
+    restore_latest(cluster, root, to).await?;
+    let cmp = tree::compare(src, &to.join(root))?;
+    assert!(cmp.equal(), "{:?}", cmp.differences);
+    Ok(())
+}
+
 /// Parses a successful `lifeboat --output json` run; panics with its stderr otherwise.
 pub fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(

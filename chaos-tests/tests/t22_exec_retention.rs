@@ -22,11 +22,7 @@ fn live(cluster: &Cluster, suffix: &str) -> Vec<String> {
 }
 
 fn taken(cfg: &Path) -> usize {
-    std::fs::read_to_string(cfg.with_extension("log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("exec snapshot taken"))
-        .count()
+    agent_log_lines(cfg, "exec snapshot taken")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,6 +107,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VerifyCmd,
     },
+    /// Garbage collection now, on the region's leader: remove catalog versions superseded longer
+    /// ago than the coordinators' `[gc] keep_history` (the newest version of every path stays;
+    /// `restore --at` before that cutoff may miss removed versions), then delete the blobs no
+    /// version references that are older than `[gc] grace`, from every coordinator's store.
+    /// Reports versions pruned, blobs condemned, bytes freed, blobs kept (referenced / too young).
+    Gc {
+        /// Report what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Change the regional Raft membership (run against any coordinator; the leader applies it).
     Member {
         #[command(subcommand)]
@@ -708,6 +720,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "restored snapshot {} ({} bytes, blake3 {}, taken {})",
                     r.snapshot, r.bytes, r.blake3, r.taken_at
                 );
+            }
+        }
+        Cmd::Gc { dry_run, conn } => {
+            let (mut admin, addr) = conn.admin().await?;
+            let r = admin
+                .collect_garbage(lifeboat_proto::GcRequest { dry_run })
+                .await
+                .map_err(|e| anyhow!("garbage collection via {addr}: {}", e.message()))?
+                .into_inner();
+            if output == Output::Json {
+                let v = serde_json::json!({
+                    "region": r.region, "leader": addr, "dry_run": r.dry_run,
+                    "cutoff_ms": r.cutoff_ms, "versions_pruned": r.versions_pruned,
+                    "blobs_listed": r.blobs_listed, "blobs_condemned": r.blobs_condemned,
+                    "bytes_freed": r.bytes_freed, "kept_referenced": r.kept_referenced,
+                    "kept_young": r.kept_young, "delete_failed": r.delete_failed,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let verb = if r.dry_run { "would be" } else { "were" };
+                println!(
+                    "garbage collection in region {} (leader {addr}){}:",
+                    r.region,
+                    if r.dry_run { ", dry run" } else { "" }
+                );
+                println!(
+                    "  versions pruned:  {} {verb} superseded before {}",
+                    r.versions_pruned,
+                    jiff::Timestamp::from_millisecond(r.cutoff_ms)
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|_| r.cutoff_ms.to_string())
+                );
+                println!(
+                    "  blobs condemned:  {} of {} listed ({} stored bytes freed per copy)",
+                    r.blobs_condemned, r.blobs_listed, r.bytes_freed
+                );
+                println!(
+                    "  blobs kept:       {} referenced, {} unreferenced but younger than the grace period",
+                    r.kept_referenced, r.kept_young
+                );
+                if r.delete_failed > 0 {
+                    println!(
+                        "  delete failed:    {} (left in the shared store; the next pass retries)",
+                        r.delete_failed
+                    );
+                }
             }
         }
         Cmd::Member { cmd } => {

@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 
 use lifeboat_proto::admin_service_server::AdminService;
 use lifeboat_proto::{
-    AddMemberRequest, AgentInfo, ListVersionsRequest, Member, MembershipReply, RemoveMemberRequest,
-    StatusReply, StatusRequest, TriggerSnapshotReply, TriggerSnapshotRequest, VersionRow,
+    AddMemberRequest, AgentInfo, GcReply, GcRequest, ListVersionsRequest, Member, MembershipReply,
+    RemoveMemberRequest, StatusReply, StatusRequest, TriggerSnapshotReply, TriggerSnapshotRequest,
+    VersionRow,
 };
 use openraft::{BasicNode, ChangeMembers};
 use tonic::{Request, Response, Status};
@@ -38,6 +39,8 @@ pub struct Admin {
     pub replication: ReplicationStatus,
     /// Control runtime of the global group (None without `[global]`).
     pub control: Option<Arc<ControlRuntime>>,
+    /// Garbage collection (`CollectGarbage`).
+    pub gc: crate::gc::Gc,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -186,6 +189,25 @@ impl AdminService for Admin {
             .map_err(|e| Status::failed_precondition(format!("remove node {id}: {e}")))?;
         Ok(Response::new(MembershipReply {
             members: self.members(),
+        }))
+    }
+
+    async fn collect_garbage(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let dry_run = req.into_inner().dry_run;
+        let span = tracing::info_span!("collect_garbage", region = %self.region, node = self.leader.node_id, dry_run);
+        let r = tracing::Instrument::instrument(self.gc.run_pass(dry_run), span.clone()).await?;
+        tracing::info!(parent: &span, versions_pruned = r.versions_pruned, blobs_condemned = r.blobs_condemned, bytes_freed = r.bytes_freed, kept_referenced = r.kept_referenced, kept_young = r.kept_young, "garbage collection pass (admin)");
+        Ok(Response::new(GcReply {
+            dry_run: r.dry_run,
+            cutoff_ms: r.cutoff_ms,
+            versions_pruned: r.versions_pruned,
+            blobs_listed: r.blobs_listed,
+            blobs_condemned: r.blobs_condemned,
+            bytes_freed: r.bytes_freed,
+            kept_referenced: r.kept_referenced,
+            kept_young: r.kept_young,
+            delete_failed: r.delete_failed,
+            region: self.region.clone(),
         }))
     }
 

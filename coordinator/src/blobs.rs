@@ -15,7 +15,11 @@ use lifeboat_proto::{FetchBlobsRequest, PutBlobsReply, StoredBlob};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::raft::{NodeId, RegionRaft};
+use crate::gc::GC_INDEX_HEADER;
+use crate::raft::{Catalog, NodeId, RegionRaft};
+
+/// How long a follower waits to apply the leader's last `ForgetBlobs` before refusing a copy.
+const GC_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Blobs a follower verifies and writes concurrently within one `PutBlobs` call.
 const PUTS_IN_FLIGHT: usize = 16;
@@ -35,6 +39,7 @@ pub struct Blobs {
     tls: TlsConfig,
     node_id: NodeId,
     raft: Option<RegionRaft>,
+    catalog: Option<Catalog>,
 }
 
 /// Errors of blob access.
@@ -68,7 +73,23 @@ impl Blobs {
             tls,
             node_id,
             raft: None,
+            catalog: None,
         }
+    }
+
+    /// Attaches the catalog: copies to followers then carry the last `ForgetBlobs` index
+    /// ([`GC_INDEX_HEADER`]) and copies received wait until it is applied here.
+    pub fn set_catalog(&mut self, catalog: Catalog) {
+        self.catalog = Some(catalog);
+    }
+
+    /// Log index of the newest `ForgetBlobs` applied here (0 without a catalog).
+    fn gc_index(&self) -> u64 {
+        self.catalog
+            .as_ref()
+            .and_then(|c| c.gc_meta().ok())
+            .map(|g| g.forget_index)
+            .unwrap_or(0)
     }
 
     /// Attaches the Raft handle (membership tells where peers are).
@@ -209,6 +230,7 @@ impl Blobs {
         mut rx: tokio::sync::mpsc::UnboundedReceiver<Queued>,
     ) -> Result<(), Status> {
         let mut client = self.client(addr)?;
+        let gc_index = self.gc_index();
         let (tx, out) = tokio::sync::mpsc::channel::<StoredBlob>(4);
         let store = self.store.clone();
         let producer = tokio::spawn(async move {
@@ -234,9 +256,14 @@ impl Blobs {
                 }
             }
         });
-        let res = client
-            .put_blobs(tokio_stream::wrappers::ReceiverStream::new(out))
-            .await;
+        let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(out));
+        if gc_index > 0 {
+            req.metadata_mut().insert(
+                GC_INDEX_HEADER,
+                gc_index.to_string().parse().expect("digits are ascii"),
+            );
+        }
+        let res = client.put_blobs(req).await;
         producer.abort();
         res.map(|_| ())
     }
@@ -321,6 +348,25 @@ impl BlobService for BlobServer {
         &self,
         req: Request<Streaming<StoredBlob>>,
     ) -> Result<Response<PutBlobsReply>, Status> {
+        // Deletions decided before the copy (a `ForgetBlobs` the leader applied) must run
+        // here first, or one could remove the copy.
+        let gc_index: u64 = req
+            .metadata()
+            .get(GC_INDEX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if gc_index > 0 {
+            let applied = match &self.blobs.catalog {
+                Some(c) => c.wait_applied(gc_index, GC_APPLY_WAIT).await,
+                None => true,
+            };
+            if !applied {
+                return Err(Status::unavailable(format!(
+                    "this node has not applied log index {gc_index} (garbage collection) yet"
+                )));
+            }
+        }
         let mut s = req.into_inner();
         let mut n = 0;
         // Verify and store up to PUTS_IN_FLIGHT blobs at once (each put waits for its fsyncs);

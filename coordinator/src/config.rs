@@ -268,6 +268,77 @@ fn default_epoch() -> u64 {
     1
 }
 
+/// A duration in a config file: a string such as `"7d"`, `"1h 30m"`, `"90s"`, `"0s"` or ISO 8601
+/// `"PT1H"` (parsed by `jiff`; a day is 24 hours). Written back in the same friendly form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConfigDuration(pub std::time::Duration);
+
+impl ConfigDuration {
+    /// Parses `text` as above.
+    ///
+    /// Errors: a message naming the text (negative, calendar units such as months, bad syntax).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let span: jiff::Span = text
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad duration {text:?} (e.g. \"7d\", \"1h\", \"0s\"): {e}"))?;
+        let sd = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|e| format!("bad duration {text:?}: {e}"))?;
+        let d: std::time::Duration = sd
+            .try_into()
+            .map_err(|_| format!("duration {text:?} must not be negative"))?;
+        Ok(ConfigDuration(d))
+    }
+
+    /// Milliseconds (saturating).
+    pub fn as_millis_i64(&self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+impl Serialize for ConfigDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sd = jiff::SignedDuration::try_from(self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&format!("{sd:#}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ConfigDuration::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[gc]`: garbage collection of old catalog versions and unreferenced blobs (run by the
+/// region's leader; `lifeboat gc` runs one pass at once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Versions superseded (a newer version of the same path committed) longer ago than this are
+    /// removed from the catalog; the newest version of every path is always kept. Restores
+    /// `--at` a time before `now - keep_history` may miss such versions. Default `"7d"`.
+    pub keep_history: ConfigDuration,
+    /// Blobs written less than this long ago are never removed (parts uploaded ahead of their
+    /// commit, batches in flight). Default `"1h"`.
+    pub grace: ConfigDuration,
+    /// How often the leader runs a pass; `"0s"` disables the timer (`lifeboat gc` still works).
+    /// Default `"1h"`.
+    pub interval: ConfigDuration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        let h = std::time::Duration::from_secs(3600);
+        GcConfig {
+            keep_history: ConfigDuration(7 * 24 * h),
+            grace: ConfigDuration(h),
+            interval: ConfigDuration(h),
+        }
+    }
+}
+
 /// The whole coordinator config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -309,6 +380,9 @@ pub struct CoordinatorConfig {
     /// agents, no blobs). Requires `[global]`.
     #[serde(default)]
     pub witness: bool,
+    /// Garbage collection.
+    #[serde(default)]
+    pub gc: GcConfig,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -478,6 +552,12 @@ mod tests {
         assert_eq!(c.advertise_addr(), "10.0.0.11:7101");
         assert_eq!(c.replication, ReplicationConfig::default());
         assert!(!c.replication.is_standby());
+        assert_eq!(
+            c.gc.keep_history.0,
+            std::time::Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(c.gc.grace.0, std::time::Duration::from_secs(3600));
+        assert_eq!(c.gc.interval.0, std::time::Duration::from_secs(6 * 3600));
         // The commented [replication] section of the example, uncommented, parses too.
         let uncommented: String = text
             .lines()
@@ -517,6 +597,28 @@ mod tests {
         no_witness.members.retain(|m| !m.witness);
         let e = no_witness.topology().check().unwrap_err().to_string();
         assert!(e.contains("witness"), "{e}");
+    }
+
+    #[test]
+    fn gc_durations_parse_and_default() {
+        let base = "node_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n";
+        let c: CoordinatorConfig = toml::from_str(base).unwrap();
+        assert_eq!(c.gc, GcConfig::default());
+        assert_eq!(c.gc.keep_history.0.as_secs(), 7 * 86_400);
+        let c: CoordinatorConfig = toml::from_str(&format!(
+            "{base}[gc]\nkeep_history = \"0s\"\ngrace = \"PT90S\"\ninterval = \"1h 30m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.gc.keep_history.0.as_secs(), 0);
+        assert_eq!(c.gc.grace.0.as_secs(), 90);
+        assert_eq!(c.gc.interval.0.as_secs(), 5400);
+        // Written back and read again: the same values.
+        let again: CoordinatorConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.gc, c.gc);
+        for bad in ["\"-1h\"", "\"2 months\"", "\"soon\"", "3600"] {
+            let r = toml::from_str::<CoordinatorConfig>(&format!("{base}[gc]\ngrace = {bad}\n"));
+            assert!(r.is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

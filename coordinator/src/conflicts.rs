@@ -150,9 +150,17 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
         .client_write(RaftRequest::CommitVersions {
             versions,
             commit_time_ms: lifeboat_common::now_ms(),
+            // The parts are the conflict row's, which stays referenced (newest of its path).
+            restored: Vec::new(),
         })
         .await
         .map_err(|e| admin.leader.commit_error(e))?;
+    if !resp.data.rejected.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "the conflict's blobs were removed by garbage collection ({} of them)",
+            resp.data.rejected.len()
+        )));
+    }
     let committed: Vec<(String, u64)> = paths.into_iter().zip(resp.data.seqs).collect();
     tracing::warn!(region = %admin.region, epoch, conflict = %conflict.v.path, keep = %req.keep, "conflict resolved");
     if let Some(c) = &admin.control {

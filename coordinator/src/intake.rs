@@ -2,7 +2,9 @@
 //!
 //! 1. every part is rebuilt (full content, or an rsync-style delta applied with
 //!    `fast_rsync::apply_limited` against a stored blob) and its blake3 checked against the hash
-//!    the agent declared; new blobs are encoded and stored durably while the stream continues;
+//!    the agent declared; new blobs are encoded and stored durably while the stream continues
+//!    (a blob already here counts as stored only if a committed version references it, so one
+//!    left by a failed batch, or condemned by garbage collection, is copied again);
 //! 2. at the end of the stream the new blobs are copied to a majority of voters (local backend);
 //! 3. the batch's versions are committed through the regional Raft log;
 //! 4. only then the reply acknowledges every change with its catalog sequence number.
@@ -30,8 +32,9 @@ use tracing::Instrument;
 
 use crate::blobs::{Blobs, BlobsError};
 use crate::control::role::Role;
+use crate::gc::GcLock;
 use crate::leader::LeaderInfo;
-use crate::raft::{RegionRaft, Request as RaftRequest};
+use crate::raft::{Catalog, RegionRaft, Request as RaftRequest};
 
 /// Last heartbeat of each agent.
 pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
@@ -67,6 +70,10 @@ pub struct Intake {
     pub region_addrs: Arc<std::collections::BTreeMap<String, Vec<String>>>,
     /// Chaining values of parts verified by `PutParts` (see [`CvCache`]).
     pub part_cvs: Arc<Mutex<CvCache>>,
+    /// Catalog reads (blobs condemned by garbage collection).
+    pub catalog: Catalog,
+    /// Held shared by every batch from its first blob check to its commit (see [`crate::gc`]).
+    pub gc_lock: GcLock,
 }
 
 /// Chaining values (`lifeboat_common::treehash`) of parts this leader verified in `PutParts`,
@@ -308,6 +315,29 @@ fn base_missing(e: impl std::fmt::Display) -> Status {
 }
 
 impl Intake {
+    /// Whether a committed version references `hash`: then its blob was durable on a majority
+    /// when that version was committed, and garbage collection keeps it. A blob that is only
+    /// present here (left by a batch that failed before its copies finished, or condemned) is
+    /// not known to be on a majority.
+    ///
+    /// Errors: INTERNAL on a catalog read failure.
+    fn referenced(&self, hash: &BlobHash) -> Result<bool, Status> {
+        self.catalog
+            .refcount(hash)
+            .map(|n| n > 0)
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))
+    }
+
+    /// Whether garbage collection condemned `hash` (its copies are deleted or being deleted).
+    ///
+    /// Errors: INTERNAL on a catalog read failure.
+    fn condemned(&self, hash: &BlobHash) -> Result<bool, Status> {
+        self.catalog
+            .condemned_among(std::slice::from_ref(hash))
+            .map(|c| !c.is_empty())
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))
+    }
+
     fn check_change(&self, c: &FileChange, epoch: u64) -> Result<EntryKind, Status> {
         validate_rel_path(&c.path).map_err(|e| bad(e.to_string()))?;
         if !c.rename_from.is_empty() {
@@ -468,8 +498,11 @@ impl Intake {
             )));
         }
         // Still verify what was sent when the blob is stored already.
-        let stored =
-            fresh.contains(&hash) || self.blobs.store.contains(&hash).await.unwrap_or(false);
+        // Present here is not enough: a blob no committed version references may be here only
+        // (left by a batch that failed before its copies finished) or condemned. Such a blob is
+        // stored again (a no-op here) and copied to the followers, which skip what they hold.
+        let stored = fresh.contains(&hash)
+            || (self.referenced(&hash)? && self.blobs.store.contains(&hash).await.unwrap_or(false));
         let (encoded, cv) = tokio::task::spawn_blocking(move || {
             if given.is_none() && BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));
@@ -600,6 +633,10 @@ impl Intake {
         mut stream: Streaming<PushMessage>,
         epoch: u64,
     ) -> Result<PushReply, Status> {
+        // Garbage collection waits until this batch is committed (or failed), and no deletion
+        // an earlier leader decided is still to be applied (see `crate::gc`).
+        let gc_shared = self.gc_lock.read().await;
+        crate::gc::wait_term_applied(&self.raft).await?;
         let mut versions = Vec::new();
         let mut change_ids = Vec::new();
         let mut current: Option<Pending> = None;
@@ -654,6 +691,12 @@ impl Intake {
                         // Check several reused parts at once; their chaining values join the
                         // whole-file hash in part order.
                         let pref = part_ref(&part)?;
+                        if !fresh.contains(&pref.hash) && self.condemned(&pref.hash)? {
+                            return Err(base_missing(format!(
+                                "reused blob {} was removed by garbage collection",
+                                pref.hash
+                            )));
+                        }
                         let cached =
                             cv_offset.and_then(|o| self.part_cvs.lock().get(&(pref.hash, o)));
                         readback.start(&self.blobs, cached, pref.clone(), cv_offset);
@@ -695,14 +738,35 @@ impl Intake {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let n = versions.len();
+        // Parts garbage collection had condemned were stored and copied again above (reused
+        // ones were refused): the commit says so.
+        let mut hashes: Vec<BlobHash> = versions
+            .iter()
+            .flat_map(|v| v.parts.iter().map(|p| p.hash))
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let restored = self
+            .catalog
+            .condemned_among(&hashes)
+            .map_err(|e| Status::internal(format!("catalog read: {e}")))?;
         let resp = self
             .raft
             .client_write(RaftRequest::CommitVersions {
                 versions,
                 commit_time_ms: lifeboat_common::now_ms(),
+                restored,
             })
             .await
             .map_err(|e| self.leader.commit_error(e))?;
+        // Committed (or rejected): garbage collection may run again.
+        drop(gc_shared);
+        if let Some(h) = resp.data.rejected.first() {
+            return Err(base_missing(format!(
+                "blob {h} (and {} more) was removed by garbage collection",
+                resp.data.rejected.len() - 1
+            )));
+        }
         let seqs = resp.data.seqs;
         if seqs.len() != n {
             return Err(Status::internal(

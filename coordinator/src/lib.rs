@@ -11,6 +11,7 @@ pub mod config;
 pub mod conflicts;
 pub mod control;
 pub mod failover;
+pub mod gc;
 pub mod intake;
 pub mod leader;
 pub mod lease;

@@ -96,9 +96,11 @@ pub async fn run(
             db_path.display()
         )
     })?);
+    let store = open_blob_store(&cfg).await?;
     let log = LogStore::open(db.clone(), "region")?;
-    let sm = StateMachineStore::open(db.clone())?;
+    let sm = StateMachineStore::open(db.clone())?.with_blob_store(store.clone());
     let catalog = sm.catalog();
+    let gc_lock: crate::gc::GcLock = Default::default();
 
     let region_config = raft_config(&cfg, format!("lifeboat-{}", cfg.region))?;
     let network = Network {
@@ -114,10 +116,10 @@ pub async fn run(
         initialize(&raft, cfg.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
     }
 
-    let store = open_blob_store(&cfg).await?;
     tracing::info!(node = cfg.node_id, region = %cfg.region, store = %store.describe(), "coordinator starting");
     let mut blobs = Blobs::new(store, cfg.tls.clone(), cfg.node_id);
     blobs.set_raft(raft.clone());
+    blobs.set_catalog(catalog.clone());
     let leader = LeaderInfo {
         raft: raft.clone(),
         node_id: cfg.node_id,
@@ -162,6 +164,8 @@ pub async fn run(
                 .unwrap_or_default(),
         ),
         part_cvs: Default::default(),
+        catalog: catalog.clone(),
+        gc_lock: gc_lock.clone(),
     };
     let replication = ReplicationStatus::new(cfg.replication.clone());
     let replicator_template = Replicator {
@@ -174,6 +178,7 @@ pub async fn run(
         cfg: cfg.replication.clone(),
         status: replication.clone(),
         upstream_region: None,
+        gc_lock: gc_lock.clone(),
     };
     let replicator = (cfg.global.is_none() && cfg.replication.is_standby()).then(|| {
         tracing::info!(upstream = ?cfg.replication.upstream, "standby region: agent pushes are refused; the leader copies the upstream region");
@@ -236,6 +241,16 @@ pub async fn run(
         confirmed,
         tls: cfg.tls.clone(),
     };
+    let gc = crate::gc::Gc {
+        raft: raft.clone(),
+        catalog: catalog.clone(),
+        blobs: blobs.clone(),
+        lock: gc_lock,
+        cfg: cfg.gc.clone(),
+        leader: leader.clone(),
+        region: cfg.region.clone(),
+    };
+    let gc_timer = (!cfg.witness).then(|| gc.clone().spawn_timer()).flatten();
     let admin = Admin {
         raft: raft.clone(),
         catalog,
@@ -245,6 +260,7 @@ pub async fn run(
         agents,
         replication,
         control,
+        gc,
     };
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
@@ -301,6 +317,9 @@ pub async fn run(
         .context("gRPC server")?;
     if let Some(r) = replicator {
         r.abort();
+    }
+    if let Some(t) = gc_timer {
+        t.abort();
     }
     for t in control_tasks {
         t.abort();

@@ -640,6 +640,8 @@ pub struct Replicator {
     /// Name of the upstream region when known (global group): progress is read for it, and
     /// versions that originated in this region are not copied back.
     pub upstream_region: Option<String>,
+    /// Held shared per batch, from the blob checks to the commit (see [`crate::gc`]).
+    pub gc_lock: crate::gc::GcLock,
 }
 
 impl Replicator {
@@ -807,7 +809,12 @@ impl Replicator {
                 versions.retain(|v| v.v.region != self.region);
             }
             let started = Instant::now();
-            let copied = self.copy_blobs(&mut fetch, addr, &versions).await?;
+            // Garbage collection waits until these blobs are referenced (see `crate::gc`).
+            let gc_shared = self.gc_lock.read().await;
+            crate::gc::wait_term_applied(&self.raft)
+                .await
+                .map_err(|e| ReplicationError::Commit(e.message().to_string()))?;
+            let (copied, restored) = self.copy_blobs(&mut fetch, addr, &versions).await?;
             let n = versions.len();
             self.raft
                 .client_write(RaftRequest::ApplyReplicated {
@@ -815,9 +822,11 @@ impl Replicator {
                     upstream_region: batch.region.clone(),
                     upstream_last_seq: batch.last_seq,
                     skip_through: last_seq,
+                    restored,
                 })
                 .await
                 .map_err(|e| ReplicationError::Commit(e.to_string()))?;
+            drop(gc_shared);
             applied = last_seq;
             // Tell the upstream (synchronous acknowledgement of its agents' changes).
             let confirm = sub.confirm_applied(lifeboat_proto::ConfirmAppliedRequest {
@@ -839,34 +848,55 @@ impl Replicator {
         }
     }
 
-    /// Fetches, verifies and stores the parts of `versions` the local store lacks, and waits
-    /// until a majority of local voters holds them. Returns how many blobs were copied.
+    /// Fetches, verifies and stores the parts of `versions` the local store lacks (or that
+    /// garbage collection condemned here), and waits until a majority of local voters holds
+    /// them. Returns how many blobs were copied, and the condemned ones among them.
     async fn copy_blobs(
         &self,
         client: &mut BlobServiceClient<Channel>,
         addr: &str,
         versions: &[FileVersion],
-    ) -> Result<usize, ReplicationError> {
+    ) -> Result<(usize, Vec<BlobHash>), ReplicationError> {
         let mut seen = HashSet::new();
         let mut missing = Vec::new();
-        for p in versions.iter().flat_map(|v| v.v.parts.iter()) {
-            if !seen.insert(p.hash) {
-                continue;
-            }
-            let have = self
-                .blobs
-                .store
-                .contains(&p.hash)
-                .await
-                .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
-            if !have {
-                missing.push(p.hash);
+        let all: Vec<BlobHash> = versions
+            .iter()
+            .flat_map(|v| v.v.parts.iter().map(|p| p.hash))
+            .filter(|h| seen.insert(*h))
+            .collect();
+        let condemned = self
+            .catalog
+            .condemned_among(&all)
+            .map_err(|e| ReplicationError::Storage(e.to_string()))?;
+        // Held here is enough only when a committed version references the blob (then it is
+        // on a majority). A copy no version references (left by a batch that failed before its
+        // copies finished) is sent to the local followers again from here.
+        let refs = self
+            .catalog
+            .refcounts(&all)
+            .map_err(|e| ReplicationError::Storage(e.to_string()))?;
+        let mut local_only = Vec::new();
+        for (h, n) in all.into_iter().zip(refs) {
+            let here = !condemned.contains(&h)
+                && self
+                    .blobs
+                    .store
+                    .contains(&h)
+                    .await
+                    .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
+            match (here, n > 0) {
+                (false, _) => missing.push(h),
+                (true, false) => local_only.push(h),
+                (true, true) => {}
             }
         }
-        if missing.is_empty() {
-            return Ok(0);
+        if missing.is_empty() && local_only.is_empty() {
+            return Ok((0, condemned));
         }
         let session = self.blobs.start_replication();
+        for h in &local_only {
+            session.send(*h);
+        }
         let fanout = session.fanout();
         let mut puts: JoinSet<Result<(), ReplicationError>> = JoinSet::new();
         for chunk in missing.chunks(FETCH_CHUNK) {
@@ -940,7 +970,7 @@ impl Replicator {
             .finish(true)
             .await
             .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
-        Ok(missing.len())
+        Ok((missing.len(), condemned))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{BlobStore, BlobStoreError};
+use super::{BlobStore, BlobStoreError, ListedBlob};
 use crate::blob::BlobHash;
 
 /// Blob store in a local directory (the default backend).
@@ -49,12 +49,70 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Every `<2 hex>/<64 hex>` file under `root` (the `blobs` directory) with its mtime and size.
+fn list_dir(root: &Path) -> Result<Vec<ListedBlob>, BlobStoreError> {
+    let mut out = Vec::new();
+    let top = match std::fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(root, e)),
+    };
+    for sub in top {
+        let sub = sub.map_err(|e| io(root, e))?;
+        let name = sub.file_name();
+        let Some(prefix) = name.to_str().filter(|n| n.len() == 2) else {
+            continue;
+        };
+        let dir = sub.path();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
+            Err(e) => return Err(io(&dir, e)),
+        };
+        for ent in entries {
+            let ent = ent.map_err(|e| io(&dir, e))?;
+            let fname = ent.file_name();
+            let Some(hash) = fname
+                .to_str()
+                .filter(|n| n.starts_with(prefix))
+                .and_then(|n| BlobHash::from_hex(n).ok())
+            else {
+                continue;
+            };
+            let md = match ent.metadata() {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                // Deleted meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&ent.path(), e)),
+            };
+            let modified_ms = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            out.push(ListedBlob {
+                hash,
+                modified_ms,
+                stored_bytes: md.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[async_trait::async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
         let path = self.path_of(hash);
         tokio::task::spawn_blocking(move || {
             if path.exists() {
+                // Stored already: mark it as just written, so a garbage collection pass counts
+                // it as young (its grace period protects parts uploaded ahead of their commit).
+                if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
                 return Ok(());
             }
             let dir = path.parent().expect("blob path has a parent");
@@ -100,11 +158,58 @@ impl BlobStore for LocalBlobStore {
             .unwrap_or(false))
     }
 
+    async fn list(&self) -> Result<Vec<ListedBlob>, BlobStoreError> {
+        let root = self.root.join("blobs");
+        tokio::task::spawn_blocking(move || list_dir(&root))
+            .await
+            .map_err(|e| BlobStoreError::Config(format!("blob listing task failed: {e}")))?
+    }
+
+    async fn delete(&self, hash: &BlobHash) -> Result<(), BlobStoreError> {
+        let path = self.path_of(hash);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
     fn is_shared(&self) -> bool {
         false
     }
 
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `list` finds exactly the stored blobs (temporary files and stray names skipped) with
+    /// their sizes; `delete` removes one and is idempotent.
+    #[tokio::test]
+    async fn list_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path()).unwrap();
+        let a = BlobHash::of(b"a");
+        let b = BlobHash::of(b"b");
+        store.put(&a, vec![1, 2, 3]).await.unwrap();
+        store.put(&b, vec![4; 10]).await.unwrap();
+        let pa = store.path_of(&a);
+        std::fs::write(pa.parent().unwrap().join(".tmpXYZ"), b"x").unwrap();
+        std::fs::write(dir.path().join("blobs").join("stray"), b"x").unwrap();
+        let mut l = store.list().await.unwrap();
+        l.sort_by_key(|x| x.stored_bytes);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!((l[0].hash, l[0].stored_bytes), (a, 3));
+        assert_eq!((l[1].hash, l[1].stored_bytes), (b, 10));
+        let now = crate::now_ms();
+        assert!((now - l[0].modified_ms).abs() < 60_000);
+        store.delete(&a).await.unwrap();
+        store.delete(&a).await.unwrap();
+        assert!(!store.contains(&a).await.unwrap());
+        assert_eq!(store.list().await.unwrap().len(), 1);
     }
 }

@@ -39,6 +39,17 @@ pub enum BlobStoreError {
     Config(String),
 }
 
+/// One blob found by [`BlobStore::list`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedBlob {
+    /// Its hash (from the file or object name).
+    pub hash: BlobHash,
+    /// Last modification: file mtime (local) or `LastModified` (S3), ms since the Unix epoch.
+    pub modified_ms: i64,
+    /// Stored bytes (the encoded form, what deleting it frees).
+    pub stored_bytes: u64,
+}
+
 /// A content-addressed store of encoded blobs.
 ///
 /// `put` returns only when the blob is durable: fsync'd (file and directory) for the local
@@ -58,6 +69,15 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError>;
     /// Whether the blob is present.
     async fn contains(&self, hash: &BlobHash) -> Result<bool, BlobStoreError>;
+    /// Every blob in the store (names that are not blob keys, such as temporary files, are
+    /// skipped), in no particular order. S3 lists page by page (ListObjectsV2, 1000 keys a page).
+    ///
+    /// Errors: I/O or S3 failures.
+    async fn list(&self) -> Result<Vec<ListedBlob>, BlobStoreError>;
+    /// Removes the blob. Idempotent: a missing blob is not an error.
+    ///
+    /// Errors: I/O or S3 failures.
+    async fn delete(&self, hash: &BlobHash) -> Result<(), BlobStoreError>;
     /// True when every coordinator of the region sees the same store (S3): the leader then does
     /// not copy blobs to followers itself.
     fn is_shared(&self) -> bool;

@@ -16,7 +16,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use aws_sdk_s3::Client;
 
-use super::{BlobStore, BlobStoreError};
+use super::{BlobStore, BlobStoreError, ListedBlob};
 use crate::blob::BlobHash;
 
 /// Attempts per S3 request (the first try plus retries of transient errors).
@@ -448,6 +448,63 @@ impl BlobStore for S3BlobStore {
                 Ok(false)
             }
             Err(e) => Err(self.s3_err("HeadObject", key, &e)),
+        }
+    }
+
+    /// ListObjectsV2 under `<prefix>blobs/`, page by page (continuation tokens); keys that are
+    /// not `<2 hex>/<64 hex>` are skipped.
+    async fn list(&self) -> Result<Vec<ListedBlob>, BlobStoreError> {
+        let prefix = format!("{}blobs/", self.cfg.prefix);
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(&prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.s3_err("ListObjectsV2", prefix.clone(), &e))?;
+            for obj in page.contents() {
+                let Some(rest) = obj.key().and_then(|k| k.strip_prefix(&prefix)) else {
+                    continue;
+                };
+                let Some((dir, name)) = rest.split_once('/') else {
+                    continue;
+                };
+                let Ok(hash) = BlobHash::from_hex(name) else {
+                    continue;
+                };
+                if dir.len() != 2 || !name.starts_with(dir) {
+                    continue;
+                }
+                out.push(ListedBlob {
+                    hash,
+                    modified_ms: obj
+                        .last_modified()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or(0),
+                    stored_bytes: obj.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// DeleteObject (S3 answers success for a missing key too).
+    async fn delete(&self, hash: &BlobHash) -> Result<(), BlobStoreError> {
+        let key = self.key_of(hash);
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if http_status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.s3_err("DeleteObject", key, &e)),
         }
     }
 

@@ -150,8 +150,8 @@ impl RaftStateMachine<TypeConfig> for ControlStore {
                 EntryPayload::Normal(Request::Control(cmd)) => {
                     let accepted = state.apply(cmd);
                     out.push(Response {
-                        seqs: Vec::new(),
                         accepted,
+                        ..Default::default()
                     });
                 }
                 // Catalog commands never reach the global group; ignore them if they do.

@@ -2,6 +2,7 @@
 
 use std::io::Cursor;
 
+use lifeboat_common::blob::BlobHash;
 use lifeboat_common::catalog::{FileVersion, NewVersion};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,12 @@ pub enum Request {
         versions: Vec<NewVersion>,
         /// Commit time in ms since the Unix epoch.
         commit_time_ms: i64,
+        /// Parts whose blob garbage collection had condemned (`catalog.condemned`) and that the
+        /// leader stored again, durably on a majority, after it applied that condemnation.
+        /// Applying the entry removes them from `catalog.condemned`. A part that is condemned
+        /// and not listed here makes the whole entry rejected ([`Response::rejected`]).
+        #[serde(default)]
+        restored: Vec<BlobHash>,
     },
     /// Versions copied from the upstream (active) region by a standby region's leader, whose
     /// blobs are already durable here. Each version gets a new local sequence number but keeps
@@ -41,6 +48,26 @@ pub enum Request {
         /// `upstream_seq` advances to at least this value.
         #[serde(default)]
         skip_through: u64,
+        /// Parts that were condemned here and that the standby leader copied again: applying
+        /// the entry removes them from `catalog.condemned`.
+        #[serde(default)]
+        restored: Vec<BlobHash>,
+    },
+    /// History pruning by garbage collection: removes every version that is not the newest of
+    /// its path and whose next newer version of the same path was committed at or before
+    /// `cutoff_ms` (ms since the Unix epoch). The newest version of a path, a tombstone
+    /// included, is always kept. Deterministic (no clock read at apply).
+    PruneHistory {
+        /// Versions superseded at or before this commit time are removed.
+        cutoff_ms: i64,
+    },
+    /// Garbage collection of blobs: each hash no version references any more is recorded in
+    /// `catalog.condemned`, and after the transaction every node deletes it from its own blob
+    /// store (a shared store: the leader's garbage collection pass does). Hashes still
+    /// referenced are skipped.
+    ForgetBlobs {
+        /// Candidate blobs (unreferenced and older than the grace period when proposed).
+        hashes: Vec<BlobHash>,
     },
     /// A command of the global group's control record (only ever proposed to the global group;
     /// the regional state machine ignores it).
@@ -57,6 +84,16 @@ pub struct Response {
     /// epoch may refuse a stale decision).
     #[serde(default)]
     pub accepted: bool,
+    /// For [`Request::CommitVersions`]: condemned parts that `restored` did not list; non-empty
+    /// means nothing of the entry was applied (`seqs` is empty).
+    #[serde(default)]
+    pub rejected: Vec<BlobHash>,
+    /// For [`Request::PruneHistory`]: versions removed.
+    #[serde(default)]
+    pub pruned: u64,
+    /// For [`Request::ForgetBlobs`]: hashes condemned (the others were referenced).
+    #[serde(default)]
+    pub condemned: Vec<BlobHash>,
 }
 
 openraft::declare_raft_types!(
