@@ -200,13 +200,25 @@ impl S3Server {
     }
 
     /// Opens a blob store with `cfg`, retrying for up to [`START_TIMEOUT`] while the server
-    /// finishes starting (S3 may answer before the filer behind it is ready).
+    /// finishes starting: S3 may answer, and even create the bucket, before the filer and volume
+    /// behind it take writes (PutObject then fails with HTTP 500), so the store counts as open
+    /// once a probe blob was written and deleted again.
     ///
-    /// Errors: the last open error, with the end of the server log.
+    /// Errors: the last open or probe error, with the end of the server log.
     pub async fn open(&self, cfg: S3Config) -> anyhow::Result<S3BlobStore> {
+        use lifeboat_common::blob::{self, BlobHash};
+        use lifeboat_common::blobstore::BlobStore;
         let deadline = Instant::now() + START_TIMEOUT;
+        let probe = b"lifeboat test harness: S3 readiness probe";
+        let probe_hash = BlobHash::of(probe);
         loop {
-            match S3BlobStore::open(cfg.clone()).await {
+            let opened = async {
+                let s = S3BlobStore::open(cfg.clone()).await?;
+                s.put(&probe_hash, blob::encode(probe)).await?;
+                s.delete(&probe_hash).await?;
+                Ok::<_, lifeboat_common::blobstore::BlobStoreError>(s)
+            };
+            match opened.await {
                 Ok(s) => return Ok(s),
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("S3 store not ready yet: {e}");
