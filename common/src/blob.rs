@@ -16,8 +16,57 @@ use std::fmt;
 pub const MAGIC: &[u8; 4] = b"LBB1";
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
-/// zstd level used for blobs: fast, still worthwhile on text.
-pub const ZSTD_LEVEL: i32 = 1;
+/// zstd level used for blobs: `-1` (zstd's `--fast=1`), the fastest level that still
+/// compresses literals well. On a PostgreSQL base backup tar (4 MiB parts) it compresses about
+/// 15% faster than level 1 and decompresses about 15% faster, for a ratio of 20.2 instead of
+/// 22.0; the leader decompresses every part it receives to check its hash, so both speeds count.
+pub const ZSTD_LEVEL: i32 = -1;
+
+thread_local! {
+    /// Per-thread zstd compression context (level [`ZSTD_LEVEL`]) and its output buffer,
+    /// kept between calls: a fresh context per part costs its allocation and table set-up.
+    static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Per-thread zstd decompression context.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The stored form of `raw` as codec zstd, compressed with this thread's context; `None` when
+/// zstd fails or the result is not smaller than `raw`.
+fn encode_zstd(raw: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?, Vec::new()));
+        }
+        let (cctx, buf) = slot.as_mut()?;
+        buf.clear();
+        buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = cctx.compress_to_buffer(raw, buf).ok()?;
+        (n < raw.len()).then(|| {
+            let mut out = Vec::with_capacity(5 + n);
+            out.extend_from_slice(MAGIC);
+            out.push(CODEC_ZSTD);
+            out.extend_from_slice(&buf[..n]);
+            out
+        })
+    })
+}
+
+/// zstd-decompresses `z` (at most `max_size` bytes of output) with this thread's context.
+fn decompress(z: &[u8], max_size: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(dctx) => dctx.decompress(z, max_size),
+            None => zstd::bulk::decompress(z, max_size),
+        }
+    })
+}
 
 /// A blake3 content hash (32 bytes), shown as 64 lowercase hex characters.
 #[derive(
@@ -98,19 +147,13 @@ pub enum BlobError {
 
 /// Encodes raw content into the stored form (zstd level [`ZSTD_LEVEL`]; raw if that is not smaller).
 pub fn encode(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
-    out.extend_from_slice(MAGIC);
-    match zstd::bulk::compress(raw, ZSTD_LEVEL) {
-        Ok(z) if z.len() < raw.len() => {
-            out.push(CODEC_ZSTD);
-            out.extend_from_slice(&z);
-        }
-        _ => {
-            out.push(CODEC_RAW);
-            out.extend_from_slice(raw);
-        }
-    }
-    out
+    encode_zstd(raw).unwrap_or_else(|| {
+        let mut out = Vec::with_capacity(5 + raw.len());
+        out.extend_from_slice(MAGIC);
+        out.push(CODEC_RAW);
+        out.extend_from_slice(raw);
+        out
+    })
 }
 
 /// Decodes a stored blob and checks that its content hashes to `hash`.
@@ -127,8 +170,9 @@ pub fn decode(hash: &BlobHash, stored: &[u8], max_size: usize) -> Result<Vec<u8>
     }
     let raw = match stored[4] {
         CODEC_RAW => stored[5..].to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(&stored[5..], max_size)
-            .map_err(|e| corrupted(format!("zstd: {e}")))?,
+        CODEC_ZSTD => {
+            decompress(&stored[5..], max_size).map_err(|e| corrupted(format!("zstd: {e}")))?
+        }
         c => return Err(corrupted(format!("unknown codec {c}"))),
     };
     if raw.len() > max_size {
