@@ -13,8 +13,9 @@
 //!   writes on `EINVAL`, for example on tmpfs; the last, partial block is always written
 //!   buffered);
 //! - computes the whole-file blake3 in a hash thread and, with a pre-upload
-//!   ([`crate::preupload`]), each block's blake3 (a block is one part) and offers the part to
-//!   the upload, then hands the block to a disk thread (device writes overlap hashing);
+//!   ([`crate::preupload`]), offers each block (a block is one part) to the upload, whose
+//!   leader computes the part's blake3 (a part the upload does not take is hashed here), then
+//!   hands the block to a disk thread (device writes overlap hashing);
 //! - on [`SpoolFile::finish`], writes the tail and fsyncs (data and size durable), then finishes
 //!   the pre-upload (recording the parts' hashes for planning) before returning the byte count
 //!   and hash.
@@ -112,10 +113,11 @@ impl Drop for SharedBlock {
 }
 
 /// What the writer thread wrote: the whole-file blake3 and, with a pre-upload, every part's
-/// blake3 and size in order.
+/// size in order with its blake3 when computed here (`None` for a part the pre-upload took: the
+/// leader hashes it).
 struct Written {
     whole: blake3::Hash,
-    parts: Vec<(BlobHash, u64)>,
+    parts: Vec<(Option<BlobHash>, u64)>,
     times: StageTimes,
 }
 
@@ -167,7 +169,7 @@ fn open(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
 struct StageTimes {
     /// The hash stage waiting for the next block (the source was slower).
     starved_ms: u64,
-    /// Hashing (whole file and parts).
+    /// Hashing (the whole file, and parts not offered to the pre-upload).
     hash_ms: u64,
     /// Offering parts to the pre-upload (waiting when its queue was full).
     offer_ms: u64,
@@ -214,13 +216,17 @@ fn write_blocks(
         let data = b.bytes();
         let t = std::time::Instant::now();
         hasher.update(data);
-        let part = (parts.is_some() && !data.is_empty()).then(|| BlobHash::of(data));
         times.hash_ms += ms_since(t);
-        if let (Some(p), Some(h)) = (parts.as_mut(), part) {
+        if let (Some(p), false) = (parts.as_mut(), data.is_empty()) {
+            // An offered part is hashed by the leader (its reply names it); one the upload
+            // did not take is hashed here, for planning the push.
             let t = std::time::Instant::now();
-            p.offer(hashes.len() as u32, h, &b);
+            let offered = p.offer(hashes.len() as u32, &b);
             times.offer_ms += ms_since(t);
-            hashes.push((h, data.len() as u64));
+            let t = std::time::Instant::now();
+            let hash = (!offered).then(|| BlobHash::of(data));
+            times.hash_ms += ms_since(t);
+            hashes.push((hash, data.len() as u64));
         }
         let t = std::time::Instant::now();
         if disk_tx.send(b).is_err() {

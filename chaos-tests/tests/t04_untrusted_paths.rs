@@ -367,8 +367,6 @@ async fn coordinator_refuses_file_hash_not_matching_its_parts() -> anyhow::Resul
             ],
         )
         .await;
-        // PRODUCT BUG (see report): coordinator/src/intake.rs `finish` takes the file's blake3
-        // from the wire without checking it against the rebuilt parts.
         let err =
             r.expect_err("a file whose declared blake3 does not match its parts was committed");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -377,6 +375,127 @@ async fn coordinator_refuses_file_hash_not_matching_its_parts() -> anyhow::Resul
             rows.iter().all(|r| r.path != "data/lying.txt"),
             "committed anyway"
         );
+        anyhow::Ok(())
+    })
+    .await
+}
+
+/// `PutParts` with parts sent without a hash (as the agent's snapshot pre-upload sends them):
+/// the leader computes each part's blake3 from the content, names it in the reply and stores the
+/// blob on a majority; garbage and non-whole parts are refused unstored. A file pushed later
+/// that reuses the named parts commits only if its declared whole-file blake3 matches them, so a
+/// wrongly named part cannot slip into the catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_parts_names_unhashed_parts_and_the_file_hash_binds_them() -> anyhow::Result<()> {
+    run("t04-unhashed-parts", |scratch| async move {
+        let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+        let (mut client, _) = ready_client(&cluster, "data/control").await?;
+        let part_size = lifeboat_common::PART_SIZE;
+        let mut first = vec![0u8; part_size];
+        for (i, chunk) in first.chunks_mut(64).enumerate() {
+            chunk[..8].copy_from_slice(&(i as u64 / 7).to_le_bytes());
+        }
+        let second = b"the short last part\n".repeat(40);
+        let unhashed = |index: u32, content: &[u8], body: Body| PartData {
+            index,
+            hash: String::new(),
+            size: content.len() as u64,
+            body: Some(body),
+            base_hash: String::new(),
+        };
+        let parts = vec![
+            unhashed(
+                0,
+                &first,
+                Body::Encoded(lifeboat_common::blob::encode(&first)),
+            ),
+            unhashed(1, &second, Body::Full(second.clone())),
+        ];
+        let reply = client
+            .put_parts(futures::stream::iter(parts))
+            .await?
+            .into_inner();
+        let (h0, h1) = (BlobHash::of(&first), BlobHash::of(&second));
+        assert_eq!(reply.stored, vec![h0.to_hex(), h1.to_hex()]);
+        for h in [h0, h1] {
+            let copies = (0..cluster.coords.len())
+                .filter(|&i| blob_file(&cluster, i, &h).exists())
+                .count();
+            assert!(copies >= 2, "blob {h} on {copies} of 3 coordinators");
+        }
+
+        // The named parts make up a file only with the file's true blake3.
+        let whole: Vec<u8> = [first.as_slice(), second.as_slice()].concat();
+        let reuse = |index: u32, h: BlobHash, size: usize| PushMessage {
+            msg: Some(Msg::Part(PartData {
+                index,
+                hash: h.to_hex(),
+                size: size as u64,
+                body: Some(Body::Reuse(true)),
+                base_hash: String::new(),
+            })),
+        };
+        let file = |id: u64, path: &str, blake3: BlobHash| {
+            let mut fc = change(id, path, EntryKind::File);
+            fc.mode = 0o644;
+            fc.size = whole.len() as u64;
+            fc.blake3 = blake3.to_hex();
+            fc.part_count = 2;
+            msg_change(fc)
+        };
+        let mut other = whole.clone();
+        other[part_size + 3] ^= 1;
+        let err = push(
+            &mut client,
+            vec![
+                file(2, "data/misnamed.bin", BlobHash::of(&other)),
+                reuse(0, h0, part_size),
+                reuse(1, h1, second.len()),
+            ],
+        )
+        .await
+        .expect_err("a file whose parts do not hash to its blake3 was committed");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("content hashes to"), "{err:?}");
+        push(
+            &mut client,
+            vec![
+                file(3, "data/two-parts.bin", BlobHash::of(&whole)),
+                reuse(0, h0, part_size),
+                reuse(1, h1, second.len()),
+            ],
+        )
+        .await
+        .context("the file of the named parts")?;
+        let rows = raw_rows(&cluster).await?;
+        let paths: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+        assert!(paths.contains(&"data/two-parts.bin"), "{paths:?}");
+        assert!(!paths.contains(&"data/misnamed.bin"), "{paths:?}");
+
+        // Unhashed garbage is refused, and a delta needs a hash and a base: refused too.
+        let junk = b"not a blob at all".to_vec();
+        let err = client
+            .put_parts(futures::stream::iter(vec![unhashed(
+                0,
+                &second,
+                Body::Encoded(junk.clone()),
+            )]))
+            .await
+            .expect_err("an unhashed garbage part was stored");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("encoded part") && err.message().contains("bad magic"),
+            "{err:?}"
+        );
+        let err = client
+            .put_parts(futures::stream::iter(vec![unhashed(
+                0,
+                &second,
+                Body::Delta(b"delta".to_vec()),
+            )]))
+            .await
+            .expect_err("an unhashed delta part was stored");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         anyhow::Ok(())
     })
     .await

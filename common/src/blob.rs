@@ -161,8 +161,33 @@ pub fn encode(raw: &[u8]) -> Vec<u8> {
 /// Errors: [`BlobError::Corrupted`] when the magic, codec, size (more than `max_size` bytes) or
 /// content hash is wrong.
 pub fn decode(hash: &BlobHash, stored: &[u8], max_size: usize) -> Result<Vec<u8>, BlobError> {
+    let raw = decode_content(&hash.to_hex(), stored, max_size)?;
+    let got = BlobHash::of(&raw);
+    if &got != hash {
+        return Err(BlobError::Corrupted {
+            hash: hash.to_hex(),
+            reason: format!("content hashes to {got}, expected {hash}"),
+        });
+    }
+    Ok(raw)
+}
+
+/// Decodes a stored blob whose hash is not known yet and returns its content and the content's
+/// blake3 (the receiver of an unhashed part computes the address itself).
+///
+/// Errors: [`BlobError::Corrupted`] (named `unhashed`) when the magic, codec or size (more
+/// than `max_size` bytes) is wrong.
+pub fn decode_unhashed(stored: &[u8], max_size: usize) -> Result<(Vec<u8>, BlobHash), BlobError> {
+    let raw = decode_content("unhashed", stored, max_size)?;
+    let hash = BlobHash::of(&raw);
+    Ok((raw, hash))
+}
+
+/// The content of a stored blob (`name` labels errors): magic, codec and size checked, the
+/// hash not.
+fn decode_content(name: &str, stored: &[u8], max_size: usize) -> Result<Vec<u8>, BlobError> {
     let corrupted = |reason: String| BlobError::Corrupted {
-        hash: hash.to_hex(),
+        hash: name.to_string(),
         reason,
     };
     if stored.len() < 5 || &stored[..4] != MAGIC {
@@ -179,12 +204,6 @@ pub fn decode(hash: &BlobHash, stored: &[u8], max_size: usize) -> Result<Vec<u8>
         return Err(corrupted(format!(
             "content of {} bytes exceeds {max_size}",
             raw.len()
-        )));
-    }
-    let got = BlobHash::of(&raw);
-    if &got != hash {
-        return Err(corrupted(format!(
-            "content hashes to {got}, expected {hash}"
         )));
     }
     Ok(raw)

@@ -266,6 +266,17 @@ impl Readback {
 /// Errors: INVALID_ARGUMENT.
 fn part_ref(part: &PartData) -> Result<PartRef, Status> {
     let hash = BlobHash::from_hex(&part.hash).map_err(|e| bad(e.to_string()))?;
+    check_part_size(part)?;
+    Ok(PartRef {
+        hash,
+        size: part.size,
+    })
+}
+
+/// Checks `part.size` against [`lifeboat_common::PART_SIZE`] (not 0, not larger).
+///
+/// Errors: INVALID_ARGUMENT.
+fn check_part_size(part: &PartData) -> Result<(), Status> {
     if part.size == 0 {
         return Err(bad("part of 0 bytes"));
     }
@@ -276,10 +287,7 @@ fn part_ref(part: &PartData) -> Result<PartRef, Status> {
             lifeboat_common::PART_SIZE
         )));
     }
-    Ok(PartRef {
-        hash,
-        size: part.size,
-    })
+    Ok(())
 }
 
 /// A verified part's blob, new to this store: its stored form and, when compressed, the blake3
@@ -444,36 +452,61 @@ impl Intake {
     }
 
     /// Rebuilds one `full`, `encoded` or `delta` part, returns its ref, when the blob is new its
-    /// stored form to store, and with `cv_offset` its chaining value at that offset.
+    /// stored form to store, and with `cv_offset` its chaining value at that offset. With
+    /// `unhashed_ok` (`PutParts`), a `full` or `encoded` part may come without a hash: its
+    /// content's blake3 is computed here and is its address.
     async fn rebuild_part(
         &self,
         part: PartData,
         fresh: &HashSet<BlobHash>,
         cv_offset: Option<u64>,
+        unhashed_ok: bool,
     ) -> Result<(PartRef, Option<NewBlob>, Option<ChainingValue>), Status> {
-        let pref = part_ref(&part)?;
-        let hash = pref.hash;
+        let unhashed = unhashed_ok
+            && part.hash.is_empty()
+            && matches!(part.body, Some(Body::Full(_) | Body::Encoded(_)));
+        let declared = if unhashed {
+            check_part_size(&part)?;
+            None
+        } else {
+            Some(part_ref(&part)?.hash)
+        };
         let size = part.size as usize;
         let mut given: Option<Vec<u8>> = None;
-        let raw = match part.body {
-            None => return Err(bad("part without body")),
-            Some(Body::Reuse(_)) => {
+        let (raw, hash) = match (part.body, declared) {
+            (None, _) => return Err(bad("part without body")),
+            (Some(Body::Reuse(_)), _) => {
                 return Err(Status::internal("reused parts are checked by `Readback`"));
             }
-            Some(Body::Full(data)) => data,
-            Some(Body::Encoded(enc)) => {
+            // Checked against `hash` below, with the chaining value.
+            (Some(Body::Full(data)), Some(hash)) => (data, hash),
+            (Some(Body::Full(data)), None) => tokio::task::spawn_blocking(move || {
+                let hash = BlobHash::of(&data);
+                (data, hash)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?,
+            (Some(Body::Encoded(enc)), declared) => {
                 // Compressed by the agent: decoding checks the magic, codec, size bound and
-                // that the content hashes to `hash`; these bytes are then stored as they are.
-                let (raw, enc) = tokio::task::spawn_blocking(move || {
-                    blob::decode(&hash, &enc, lifeboat_common::PART_SIZE).map(|raw| (raw, enc))
+                // that the content hashes to `hash` (or computes it); these bytes are then
+                // stored as they are.
+                let (raw, hash, enc) = tokio::task::spawn_blocking(move || {
+                    let max = lifeboat_common::PART_SIZE;
+                    match declared {
+                        Some(h) => blob::decode(&h, &enc, max).map(|raw| (raw, h, enc)),
+                        None => blob::decode_unhashed(&enc, max).map(|(raw, h)| (raw, h, enc)),
+                    }
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| bad(format!("encoded part: {e}")))?;
                 given = Some(enc);
-                raw
+                (raw, hash)
             }
-            Some(Body::Delta(delta)) => {
+            (Some(Body::Delta(_)), None) => {
+                return Err(Status::internal("an unhashed part is full or encoded"));
+            }
+            (Some(Body::Delta(delta)), Some(hash)) => {
                 let base_hash =
                     BlobHash::from_hex(&part.base_hash).map_err(|e| bad(e.to_string()))?;
                 let base = match self.blobs.get_raw(&base_hash).await {
@@ -481,14 +514,15 @@ impl Intake {
                     Err(e @ BlobsError::Store(_)) => return Err(base_missing(e)),
                     Err(e) => return Err(base_missing(e)),
                 };
-                tokio::task::spawn_blocking(move || {
+                let raw = tokio::task::spawn_blocking(move || {
                     let mut out = Vec::with_capacity(size);
                     fast_rsync::apply_limited(&base, &delta, &mut out, size)
                         .map(|_| out)
                         .map_err(|e| bad(format!("bad delta: {e}")))
                 })
                 .await
-                .map_err(|e| Status::internal(e.to_string()))??
+                .map_err(|e| Status::internal(e.to_string()))??;
+                (raw, hash)
             }
         };
         if raw.len() != size {
@@ -503,8 +537,11 @@ impl Intake {
         // stored again (a no-op here) and copied to the followers, which skip what they hold.
         let stored = fresh.contains(&hash)
             || (self.referenced(&hash)? && self.blobs.store.contains(&hash).await.unwrap_or(false));
+        // Decoding checked (or computed) the hash of an encoded part; an unhashed full part's
+        // hash was computed from this content.
+        let check = given.is_none() && !unhashed;
         let (encoded, cv) = tokio::task::spawn_blocking(move || {
-            if given.is_none() && BlobHash::of(&raw) != hash {
+            if check && BlobHash::of(&raw) != hash {
                 return Err(bad(format!("part content does not hash to {hash}")));
             }
             let cv = cv_offset.map(|o| treehash::part_cv(o, &raw));
@@ -519,7 +556,14 @@ impl Intake {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
-        Ok((pref, encoded, cv))
+        Ok((
+            PartRef {
+                hash,
+                size: part.size,
+            },
+            encoded,
+            cv,
+        ))
     }
 
     /// Stores `enc` (the new blob `h`) in a task of `puts` (at most [`MAX_PUTS_IN_FLIGHT`]
@@ -556,7 +600,9 @@ impl Intake {
     }
 
     /// `PutParts`: stores every `full` or `encoded` part of the stream as a blob (verified,
-    /// durable here, then copied until a majority of voters holds it) and returns their hashes.
+    /// durable here, then copied until a majority of voters holds it) and returns their hashes
+    /// (computed here for a part sent without one: the agent's snapshot pre-upload leaves the
+    /// hashing to the leader, which hashes the content to verify it anyway).
     /// At most [`MAX_PUT_PARTS`] parts per call.
     ///
     /// Errors: INVALID_ARGUMENT for a part that is neither `full` nor `encoded`, too large, not
@@ -608,7 +654,7 @@ impl Intake {
                     }
                     received += 1;
                     let offset = u64::from(part.index) * lifeboat_common::PART_SIZE as u64;
-                    let verify = self.rebuild_part(part, &no_fresh, Some(offset));
+                    let verify = self.rebuild_part(part, &no_fresh, Some(offset), true);
                     verifying.push_back(async move { verify.await.map(|r| (r, offset)) });
                 }
                 else => break,
@@ -705,7 +751,8 @@ impl Intake {
                         continue;
                     }
                     readback.drain(&mut p.cvs, 0).await?;
-                    let (pref, encoded, cv) = self.rebuild_part(part, &fresh, cv_offset).await?;
+                    let (pref, encoded, cv) =
+                        self.rebuild_part(part, &fresh, cv_offset, false).await?;
                     if let Some(cv) = cv {
                         p.cvs.push(cv);
                     }
