@@ -254,10 +254,67 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
     .await
 }
 
+/// One measured Lifeboat base backup of the server on `port`: a fresh 3-coordinator cluster in
+/// `dir/cluster-ROUND`, an agent with source `db`; returns the seconds from the backup's start
+/// (the sidecar's `start_ms`) to the catalog commit of its last row, the cluster and the agent's
+/// data directory. Prints the bytes, the spool time and the spool's stage times.
+async fn lifeboat_base_backup(
+    dir: &Path,
+    round: usize,
+    port: u16,
+) -> anyhow::Result<(f64, Cluster, std::path::PathBuf)> {
+    let cdir = dir.join(format!("cluster-{round}"));
+    let mut cluster = Cluster::start(&cdir, &ClusterOpts::default())?;
+    cluster.wait_leader(Duration::from_secs(30), None).await?;
+    let extra = format!(
+        "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\nbase_backup_interval_s = 36000\n"
+    );
+    let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+    cluster.start_agent(&cfg)?;
+    // Polled every 2 s (each poll is a `lifeboat ls` process, whose CPU would otherwise
+    // compete with the backup on 2 cores); the figure comes from the catalog's commit time.
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !catalog_paths(&cluster, "_snapshots/db/base")
+        .iter()
+        .any(|p| p.ends_with(".tar.meta.json"))
+    {
+        anyhow::ensure!(Instant::now() < deadline, "base backup not acknowledged in 1800 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(
+        &lifeboat(&cluster, &["ls", "_snapshots/db/base", "--output", "json"]).stdout,
+    )?;
+    let committed = rows.iter().filter_map(|r| r["commit_time_ms"].as_i64()).max().unwrap_or(0);
+    let meta_dir = lifeboat_agent::pg_source::meta_dir(&data, "db");
+    let side = std::fs::read_dir(&meta_dir)?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .ok_or_else(|| anyhow::anyhow!("no sidecar in {}", meta_dir.display()))?;
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(side.path())?)?;
+    let (start, end) = (meta["start_ms"].as_i64().unwrap_or(0), meta["end_ms"].as_i64().unwrap_or(0));
+    eprintln!(
+        "lifeboat base backup: {} bytes; tar spooled in {:.2} s; acknowledged {:.2} s after it started",
+        meta["bytes"],
+        (end - start) as f64 / 1000.0,
+        (committed - start) as f64 / 1000.0,
+    );
+    // Where the spool's stages waited (the agent's "spool written" log line).
+    for e in std::fs::read_dir(&cdir)?.filter_map(|e| e.ok()) {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for l in text.lines().filter(|l| l.contains("spool written")) {
+                eprintln!("agent: {}", l.split("spool written").nth(1).unwrap_or(l).trim());
+            }
+        }
+    }
+    Ok(((committed - start) as f64 / 1000.0, cluster, data))
+}
+
 /// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test t14_postgres
 /// -- --ignored --nocapture measure`): a pgbench database (`LIFEBOAT_PGBENCH_SCALE`, default 70,
-/// about 1 GB); plain `pg_basebackup -D dir -c fast` versus Lifeboat's base backup until
-/// acknowledged; then a PITR restore until queries work.
+/// about 1 GB); `LIFEBOAT_BENCH_ROUNDS` (default 3) rounds of plain `pg_basebackup -D dir -c
+/// fast` then Lifeboat's base backup until acknowledged (a fresh cluster each); then a PITR
+/// restore until queries work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, minutes and several GB of disk"]
 async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
@@ -279,10 +336,18 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         unsafe { libc::sync() };
 
         // The native tool's time varies a lot on these VMs (page-cache writes of a fresh 1 GB
-        // cost 1.5 to 4.5 s): three runs, compared by their median.
+        // cost 1.5 to 4.5 s), and a run of one tool can slow the next: rounds of one native run
+        // then one Lifeboat run (a fresh cluster each, so no part is stored already), compared
+        // round by round and by their medians.
+        let rounds: usize = std::env::var("LIFEBOAT_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+            .max(1);
         let local = pgd.join("plain-backup");
-        let mut plain_runs = Vec::new();
-        for _ in 0..3 {
+        let (mut plain_runs, mut lb_runs) = (Vec::new(), Vec::new());
+        let mut last = None;
+        for round in 0..rounds {
             let t0 = Instant::now();
             let mut c = as_postgres("pg_basebackup");
             c.args(["-h", "127.0.0.1", "-U", "postgres", "-c", "fast", "-p"])
@@ -290,72 +355,47 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
                 .arg("-D")
                 .arg(&local);
             check(c, "pg_basebackup -D")?;
-            plain_runs.push(t0.elapsed().as_secs_f64());
+            let plain = t0.elapsed().as_secs_f64();
             std::fs::remove_dir_all(&local)?;
+            // Both tools start with nothing left to write back.
+            // SAFETY: sync(2) takes no arguments and cannot fail.
+            unsafe { libc::sync() };
+            // The previous round's cluster and agent stop first, with the agent's
+            // pg_receivewal (a killed agent leaves it running, holding the slot).
+            drop(last.take());
+            if round > 0 {
+                let prev = dir.join(format!("cluster-{}", round - 1));
+                let _ = Command::new("pkill")
+                    .arg("-f")
+                    .arg(format!("pg_receivewal.*{}", prev.display()))
+                    .status();
+            }
+            let (secs, cluster, data) = lifeboat_base_backup(&dir, round, primary.port).await?;
+            last = Some((cluster, data));
+            eprintln!(
+                "round {}: pg_basebackup -D localdir -c fast {plain:.2} s; lifeboat {secs:.2} s ({:.2}x)",
+                round + 1,
+                secs / plain
+            );
+            plain_runs.push(plain);
+            lb_runs.push(secs);
             // SAFETY: as above.
             unsafe { libc::sync() };
         }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (plain, lb) = (median(&plain_runs), median(&lb_runs));
+        let mut ratios: Vec<f64> = lb_runs.iter().zip(&plain_runs).map(|(l, p)| l / p).collect();
+        ratios.sort_by(|a, b| a.total_cmp(b));
         eprintln!(
-            "pg_basebackup -D localdir -c fast: {} s",
-            plain_runs.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(" / ")
+            "base backup over {rounds} rounds: lifeboat median {lb:.2} s, pg_basebackup median {plain:.2} s: {:.2}x (round ratios {})",
+            lb / plain,
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / ")
         );
-        let mut sorted = plain_runs.clone();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        let (plain, plain_best) = (sorted[1], sorted[0]);
-
-        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
-        cluster.wait_leader(Duration::from_secs(30), None).await?;
-        let extra = format!(
-            "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbase_backup_interval_s = 36000\n",
-            primary.port
-        );
-        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
-        let t0 = Instant::now();
-        cluster.start_agent(&cfg)?;
-        // Polled every 2 s (each poll is a `lifeboat ls` process, whose CPU would otherwise
-        // compete with the backup on 2 cores); the figure comes from the catalog's commit time.
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        while !catalog_paths(&cluster, "_snapshots/db/base")
-            .iter()
-            .any(|p| p.ends_with(".tar.meta.json"))
-        {
-            anyhow::ensure!(Instant::now() < deadline, "base backup not acknowledged in 1800 s");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        let acked = t0.elapsed();
-        // From the sidecar's start (pg_basebackup started) to the catalog's commit time of the
-        // last row of the backup: the path the native tool is compared with.
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(
-            &lifeboat(&cluster, &["ls", "_snapshots/db/base", "--output", "json"]).stdout,
-        )?;
-        let committed = rows.iter().filter_map(|r| r["commit_time_ms"].as_i64()).max().unwrap_or(0);
-        let meta_dir = lifeboat_agent::pg_source::meta_dir(&data, "db");
-        let side = std::fs::read_dir(&meta_dir)?
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .ok_or_else(|| anyhow::anyhow!("no sidecar in {}", meta_dir.display()))?;
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(side.path())?)?;
-        let (start, end) = (meta["start_ms"].as_i64().unwrap_or(0), meta["end_ms"].as_i64().unwrap_or(0));
-        eprintln!(
-            "lifeboat base backup: {} bytes; tar spooled in {:.2} s; acknowledged {:.2} s after pg_basebackup started ({:.2}x the median plain pg_basebackup {:.2} s, {:.2}x the best {:.2} s; agent start to seen acknowledged, 2 s polls: {:.2} s)",
-            meta["bytes"],
-            (end - start) as f64 / 1000.0,
-            (committed - start) as f64 / 1000.0,
-            (committed - start) as f64 / 1000.0 / plain,
-            plain,
-            (committed - start) as f64 / 1000.0 / plain_best,
-            plain_best,
-            acked.as_secs_f64(),
-        );
-        // Where the spool's stages waited (the agent's "spool written" log line).
-        for e in std::fs::read_dir(dir.join("cluster"))?.filter_map(|e| e.ok()) {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                for l in text.lines().filter(|l| l.contains("spool written")) {
-                    eprintln!("agent: {}", l.split("spool written").nth(1).unwrap_or(l).trim());
-                }
-            }
-        }
+        let (cluster, data) = last.ok_or_else(|| anyhow::anyhow!("no round ran"))?;
 
         primary.psql("CREATE TABLE marker (id int)")?;
         primary.psql("INSERT INTO marker VALUES (1)")?;
