@@ -278,22 +278,42 @@ async fn lifeboat_base_backup(
         .iter()
         .any(|p| p.ends_with(".tar.meta.json"))
     {
-        anyhow::ensure!(Instant::now() < deadline, "base backup not acknowledged in 1800 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "base backup not acknowledged in 1800 s"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let rows: Vec<serde_json::Value> = serde_json::from_slice(
         &lifeboat(&cluster, &["ls", "_snapshots/db/base", "--output", "json"]).stdout,
     )?;
-    let committed = rows.iter().filter_map(|r| r["commit_time_ms"].as_i64()).max().unwrap_or(0);
+    let committed = rows
+        .iter()
+        .filter_map(|r| r["commit_time_ms"].as_i64())
+        .max()
+        .unwrap_or(0);
     let meta_dir = lifeboat_agent::pg_source::meta_dir(&data, "db");
     let side = std::fs::read_dir(&meta_dir)?
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().ends_with(".json"))
         .ok_or_else(|| anyhow::anyhow!("no sidecar in {}", meta_dir.display()))?;
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(side.path())?)?;
-    let (start, end) = (meta["start_ms"].as_i64().unwrap_or(0), meta["end_ms"].as_i64().unwrap_or(0));
+    let (start, end) = (
+        meta["start_ms"].as_i64().unwrap_or(0),
+        meta["end_ms"].as_i64().unwrap_or(0),
+    );
+    // The store keeps blob `h` at `<data>/blobs/` + `h.key()` (`blobs/<2 hex>/<64 hex>`).
+    let (mut blobs, mut stored) = (0u64, 0u64);
+    for d in std::fs::read_dir(cluster.coords[0].data_dir.join("blobs").join("blobs"))?
+        .filter_map(|e| e.ok())
+    {
+        for f in std::fs::read_dir(d.path())?.filter_map(|e| e.ok()) {
+            blobs += 1;
+            stored += f.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
     eprintln!(
-        "lifeboat base backup: {} bytes; tar spooled in {:.2} s; acknowledged {:.2} s after it started",
+        "lifeboat base backup: {} bytes ({blobs} blobs of {stored} bytes on coordinator 0); tar spooled in {:.2} s; acknowledged {:.2} s after it started",
         meta["bytes"],
         (end - start) as f64 / 1000.0,
         (committed - start) as f64 / 1000.0,
@@ -303,7 +323,10 @@ async fn lifeboat_base_backup(
         if e.path().extension().is_some_and(|x| x == "log") {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             for l in text.lines().filter(|l| l.contains("spool written")) {
-                eprintln!("agent: {}", l.split("spool written").nth(1).unwrap_or(l).trim());
+                eprintln!(
+                    "agent: {}",
+                    l.split("spool written").nth(1).unwrap_or(l).trim()
+                );
             }
         }
     }
