@@ -392,6 +392,17 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
                     .arg("-f")
                     .arg(format!("pg_receivewal.*{}", prev.display()))
                     .status();
+                // Every round starts as the first: no slot, so no WAL backlog for the new
+                // agent to ship during its base backup.
+                let slot = lifeboat_agent::pg_source::slot_name("db");
+                let sql = format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                );
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while primary.psql(&sql).is_err() {
+                    anyhow::ensure!(Instant::now() < deadline, "slot {slot} still active after 30 s");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             let (secs, cluster, data) = lifeboat_base_backup(&dir, round, primary.port).await?;
             last = Some((cluster, data));
