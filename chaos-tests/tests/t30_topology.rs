@@ -67,6 +67,40 @@ async fn witness_added_by_rpc_enables_automatic_failover() -> anyhow::Result<()>
         assert!(s["automatic"].get("Ok").is_some(), "{s}");
         assert_eq!(s["state"]["policy"]["automatic"], true, "{s}");
 
+        // The groups settle after the membership change before A is lost: A holds a current
+        // lease and B is in sync, for 3 s in a row. Under the default consistency-first policy
+        // (RPO budget 0 ms) a standby that has not heard from A for over 2 s is no candidate,
+        // and during the change the global leader may move, so A's lease renewals and B's
+        // keepalives from A can pause.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut settled_since: Option<std::time::Instant> = None;
+        loop {
+            let s = regions.control_status().await.unwrap_or_default();
+            let b_in_sync = s["regions"].as_array().is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r["region"] == "b" && r["healthy"] == true && r["lag_ms"].as_i64() == Some(0)
+                })
+            });
+            let a_leased = s["state"]["record"]["lease_holder"] == "a"
+                && s["lease_expiry_ms"].as_i64() > s["now_ms"].as_i64()
+                && s["regions"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|r| r["region"] == "a" && r["leased"] == true));
+            if b_in_sync && a_leased {
+                let since = *settled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
+                    break;
+                }
+            } else {
+                settled_since = None;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "a leased and b in sync not seen for 3 s within 60 s: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
         // Region A lost: only B's 3 voters and the witness remain, 4 of 7.
         regions.kill_region("a");
         regions.wait_active("b", 2, Duration::from_secs(60)).await?;
