@@ -17,6 +17,11 @@ async fn witness_added_by_rpc_enables_automatic_failover() -> anyhow::Result<()>
             &dir.join("regions"),
             &RegionsOpts {
                 witness: false,
+                // This test is about the topology, not the RPO budget: right after the
+                // membership change the global leader may move, and B's last word from A can be
+                // a few seconds old when A is lost (see the wait below). With the default budget
+                // of 0 ms such a standby is no candidate.
+                policy_toml: "rpo_budget_ms = 10000\n".into(),
                 ..Default::default()
             },
         )?;
@@ -63,7 +68,19 @@ async fn witness_added_by_rpc_enables_automatic_failover() -> anyhow::Result<()>
             "the witness votes: {t}"
         );
         assert_eq!(t["members"].as_array().unwrap().len(), 7, "{t}");
-        let s = regions.control_status().await.expect("status");
+        // The global leader may be moving right after the membership change: status is
+        // retried until one answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            if let Some(s) = regions.control_status().await {
+                break s;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no control status within 30 s of the membership change"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert!(s["automatic"].get("Ok").is_some(), "{s}");
         assert_eq!(s["state"]["policy"]["automatic"], true, "{s}");
 
