@@ -37,10 +37,10 @@ thread_local! {
 fn encode_zstd(raw: &[u8]) -> Option<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?, Vec::new()));
-        }
-        let (cctx, buf) = slot.as_mut()?;
+        let (cctx, buf) = match slot.as_mut() {
+            Some(s) => s,
+            None => slot.insert((zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?, Vec::new())),
+        };
         buf.clear();
         buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
         let n = cctx.compress_to_buffer(raw, buf).ok()?;
@@ -58,13 +58,11 @@ fn encode_zstd(raw: &[u8]) -> Option<Vec<u8>> {
 fn decompress(z: &[u8], max_size: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match slot.as_mut() {
-            Some(dctx) => dctx.decompress(z, max_size),
-            None => zstd::bulk::decompress(z, max_size),
-        }
+        let dctx = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        dctx.decompress(z, max_size)
     })
 }
 
