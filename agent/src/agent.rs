@@ -902,6 +902,7 @@ impl Agent {
                         spooled.push(c.fs_path.clone());
                         // A sidecar completes a snapshot: apply the source's retention.
                         if c.path.ends_with(".meta.json") {
+                            tracing::info!(sidecar = %c.path, seq, "snapshot acknowledged (in the catalog on a majority)");
                             if let Some(src) = c.path.split('/').nth(1) {
                                 completed.insert(src.to_string());
                             }
@@ -922,12 +923,8 @@ impl Agent {
         self.progress
             .files_tracked
             .store(tracked, Ordering::Relaxed);
-        // Exec snapshots live in the catalog now; the local copy is no longer needed.
-        for p in spooled {
-            if let Err(e) = std::fs::remove_file(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove an acknowledged snapshot file");
-            }
-        }
+        // Snapshots live in the catalog now; the local copy is no longer needed.
+        crate::exec::discard_acknowledged(&self.cfg.data_dir, spooled);
         for src in completed {
             self.expire_snapshots(&src).await?;
         }

@@ -477,7 +477,9 @@ pub async fn take_base_backup(
     let spool = spool_dir.join(format!("pg-{}.base.tmp", src.name));
     let start_ms = lifeboat_common::now_ms();
     let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
-    let (bytes, hash) = match spool_basebackup(src, &spool, up).await {
+    // The server's version is asked for while the backup runs (one round trip less after it).
+    let (spooled, version) = tokio::join!(spool_basebackup(src, &spool, up), server_version(src));
+    let (bytes, hash) = match spooled {
         Ok(r) => r,
         Err(e) => {
             let _ = tokio::fs::remove_file(&spool).await;
@@ -498,7 +500,7 @@ pub async fn take_base_backup(
             return Err(format!("the base backup tar is unreadable: {e}"));
         }
     };
-    let server_version = match server_version(src).await {
+    let server_version = match version {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "cannot query server_version; using PG_VERSION");
@@ -533,8 +535,16 @@ pub async fn take_base_backup(
         let tmp = spool_dir.join(format!("pg-{}.meta.tmp", src.name));
         let kept = meta_dir(data_dir, &src.name);
         tokio::fs::create_dir_all(&kept).await?;
-        write_atomic(&tmp, &kept.join(format!("{ts}.tar.meta.json")), &json).await?;
-        write_atomic(&tmp, &snaps.join(&meta_rel), &json).await
+        let tmp2 = spool_dir.join(format!("pg-{}.meta2.tmp", src.name));
+        let (kept_meta, snap_meta) = (
+            kept.join(format!("{ts}.tar.meta.json")),
+            snaps.join(&meta_rel),
+        );
+        tokio::try_join!(
+            write_atomic(&tmp, &kept_meta, &json),
+            write_atomic(&tmp2, &snap_meta, &json)
+        )
+        .map(|_| ())
     }
     .await;
     if let Err(e) = done {

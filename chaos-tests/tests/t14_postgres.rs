@@ -313,12 +313,19 @@ async fn lifeboat_base_backup(
         }
     }
     eprintln!(
-        "lifeboat base backup: {} bytes ({blobs} blobs of {stored} bytes on coordinator 0); tar spooled in {:.2} s; acknowledged {:.2} s after it started",
+        "lifeboat base backup: {} bytes ({blobs} blobs of {stored} bytes on coordinator 0); tar spooled in {:.2} s",
         meta["bytes"],
         (end - start) as f64 / 1000.0,
-        (committed - start) as f64 / 1000.0,
     );
-    // Where the spool's stages waited (the agent's "spool written" log line).
+    // Where the spool's stages waited (the agent's "spool written" log line), and when the
+    // agent received the acknowledgement (its "snapshot acknowledged" line, logged when the
+    // reply arrives: after the commit, so the later and stricter end point).
+    let mut acked_ms = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked_ms.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        acked_ms = agent_acked_ms(&cdir)?;
+    }
     for e in std::fs::read_dir(&cdir)?.filter_map(|e| e.ok()) {
         if e.path().extension().is_some_and(|x| x == "log") {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -330,7 +337,46 @@ async fn lifeboat_base_backup(
             }
         }
     }
-    Ok(((committed - start) as f64 / 1000.0, cluster, data))
+    let acked = acked_ms
+        .ok_or_else(|| anyhow::anyhow!("no \"snapshot acknowledged\" line in the agent's log"))?;
+    eprintln!(
+        "lifeboat base backup: catalog commit proposed {:.2} s, acknowledged to the agent {:.2} s after it started",
+        (committed - start) as f64 / 1000.0,
+        (acked - start) as f64 / 1000.0,
+    );
+    Ok(((acked - start) as f64 / 1000.0, cluster, data))
+}
+
+/// When (ms since the epoch) the agent logged a base backup's acknowledgement ("snapshot
+/// acknowledged" for a `/base/` sidecar) in a log under `cdir`, if it did.
+fn agent_acked_ms(cdir: &Path) -> anyhow::Result<Option<i64>> {
+    for e in std::fs::read_dir(cdir)?.filter_map(|e| e.ok()) {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for l in text
+                .lines()
+                .filter(|l| l.contains("snapshot acknowledged") && l.contains("/base/"))
+            {
+                // The line starts with its RFC 3339 time, maybe inside ANSI colour codes
+                // (`ESC [ ... m`).
+                let first = l.split_whitespace().next().unwrap_or_default();
+                let mut ts = String::new();
+                let mut in_code = false;
+                for c in first.chars() {
+                    match c {
+                        '\u{1b}' => in_code = true,
+                        'm' if in_code => in_code = false,
+                        _ if !in_code => ts.push(c),
+                        _ => {}
+                    }
+                }
+                if let Ok(t) = ts.parse::<jiff::Timestamp>() {
+                    return Ok(Some(t.as_millisecond()));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test t14_postgres

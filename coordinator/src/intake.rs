@@ -797,6 +797,7 @@ impl Intake {
             .catalog
             .condemned_among(&hashes)
             .map_err(|e| Status::internal(format!("catalog read: {e}")))?;
+        let checked = Instant::now();
         let resp = self
             .raft
             .client_write(RaftRequest::CommitVersions {
@@ -820,9 +821,15 @@ impl Intake {
                 "state machine returned a wrong number of sequence numbers",
             ));
         }
+        let committed = Instant::now();
         if let (Some(sync), Some(&max)) = (&self.sync, seqs.iter().max()) {
             sync.wait(max).await?;
         }
+        tracing::debug!(
+            commit_ms = committed.duration_since(checked).as_millis() as u64,
+            sync_ms = committed.elapsed().as_millis() as u64,
+            "batch stages"
+        );
         // Acknowledge only under a still valid lease of the same epoch: a region fenced while
         // the batch was in flight must not acknowledge it (rule 1 and 2).
         let now_epoch = self.role.write_gate()?;
