@@ -217,7 +217,31 @@ impl PostgresSourceConfig {
         }
         // A directory every user can read (runuser keeps the working directory).
         c.current_dir("/").stdin(Stdio::null()).kill_on_drop(true);
+        die_with_parent(&mut c);
         Ok(c)
+    }
+}
+
+/// Makes the child receive SIGTERM when the agent dies (`PR_SET_PDEATHSIG`, Linux), so that a
+/// killed or crashed agent leaves no `pg_receivewal` streaming into its spool and holding the
+/// replication slot (`kill_on_drop` covers only orderly drops). The signal follows the thread
+/// that spawned the child: these children are spawned from async tasks, on runtime worker
+/// threads, which live as long as the agent. A child whose parent already died before the
+/// call exits at once.
+pub(crate) fn die_with_parent(c: &mut tokio::process::Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl, getppid
+    // and _exit, which are async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 
@@ -799,6 +823,7 @@ async fn wal_loop(
             backoff = (backoff * 2).min(Duration::from_secs(30));
             continue;
         }
+        release_slot(&src, &slot).await;
         let gap = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cmd = src.tool("pg_receivewal", false, true).map(|mut c| {
             c.arg("-D")
@@ -891,6 +916,46 @@ pub fn slot_name(name: &str) -> String {
     let mut out = format!("lifeboat_{s}");
     out.truncate(63);
     out
+}
+
+/// Frees `slot` when another connection streams from it: a `pg_receivewal` left by an agent
+/// killed before it could stop it (see [`die_with_parent`]) would otherwise hold the slot,
+/// and every new `pg_receivewal` would fail with "replication slot is active". Its walsender
+/// is ended with `pg_terminate_backend` (the slot belongs to this source, named after it).
+/// Failures are logged; starting `pg_receivewal` then reports the real state.
+async fn release_slot(src: &PostgresSourceConfig, slot: &str) {
+    let client = match connect(src).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check whether the replication slot is free");
+            return;
+        }
+    };
+    let sql = "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots \
+               WHERE slot_name = $1 AND active AND active_pid IS NOT NULL";
+    match client.query(sql, &[&slot]).await {
+        Ok(rows) if rows.is_empty() => return,
+        Ok(rows) => {
+            for r in rows {
+                let pid: Option<i32> = r.get(0);
+                let ended: Option<bool> = r.get(1);
+                tracing::warn!(slot, walsender_pid = ?pid, ended = ?ended, "the replication slot was held by another connection (a pg_receivewal left by an earlier agent?); ended it");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(slot, error = %e, "cannot free the replication slot");
+            return;
+        }
+    }
+    // The slot is released once that backend has exited (up to 5 s).
+    let check = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active";
+    for _ in 0..50 {
+        match client.query_one(check, &[&slot]).await {
+            Ok(r) if r.get::<_, i64>(0) == 0 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => return,
+        }
+    }
 }
 
 /// `pg_receivewal --create-slot --if-not-exists --slot=SLOT` (returns at once).

@@ -429,15 +429,10 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
             // Both tools start with nothing left to write back.
             // SAFETY: sync(2) takes no arguments and cannot fail.
             unsafe { libc::sync() };
-            // The previous round's cluster and agent stop first, with the agent's
-            // pg_receivewal (a killed agent leaves it running, holding the slot).
+            // The previous round's cluster and agent stop first (the agent's pg_receivewal
+            // dies with it).
             drop(last.take());
             if round > 0 {
-                let prev = dir.join(format!("cluster-{}", round - 1));
-                let _ = Command::new("pkill")
-                    .arg("-f")
-                    .arg(format!("pg_receivewal.*{}", prev.display()))
-                    .status();
                 // Every round starts as the first: no slot, so no WAL backlog for the new
                 // agent to ship during its base backup.
                 let slot = lifeboat_agent::pg_source::slot_name("db");
@@ -511,4 +506,70 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
         Ok(())
     })
     .await
+}
+
+/// (d) An agent killed with SIGKILL leaves no `pg_receivewal` behind (it dies with the agent),
+/// and a replication slot held by a stray `pg_receivewal` (as one left by an older agent) is
+/// freed by the next agent, whose WAL archiving then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_leaves_no_wal_receiver_and_a_held_slot_is_freed() -> anyhow::Result<()> {
+    run("t14-orphan", |dir| async move {
+        let pgd = pg_dir(&dir)?;
+        let primary = Pg::init(&pgd.join("primary"))?;
+        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        cluster.wait_leader(Duration::from_secs(30), None).await?;
+        let extra = format!(
+            "[[postgres_sources]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbase_backup_interval_s = 3600\n",
+            primary.port
+        );
+        let (cfg, data) = cluster.write_agent_config("a1", &[], &extra)?;
+        let receivers = || -> anyhow::Result<String> {
+            primary.psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_receivewal'")
+        };
+        let mut agent = cluster.spawn_agent(&cfg, false)?;
+        wait_for("the agent's pg_receivewal streams", 60, || Ok(receivers()? == "1")).await?;
+        switch_wal_and_wait(&primary, &cluster, "db", &data, 60).await?;
+
+        // SIGKILL: no orderly shutdown, yet its pg_receivewal goes too.
+        agent.kill()?;
+        agent.wait()?;
+        wait_for("pg_receivewal ends with the killed agent", 20, || Ok(receivers()? == "0")).await?;
+
+        // A stray receiver holds the agent's slot.
+        let slot = lifeboat_agent::pg_source::slot_name("db");
+        let stray_dir = pgd.join("stray-wal");
+        std::fs::create_dir_all(&stray_dir)?;
+        chown_postgres(&stray_dir)?;
+        let mut stray = as_postgres("pg_receivewal");
+        stray
+            .args(["-h", "127.0.0.1", "-U", "postgres", "--no-loop", "-p"])
+            .arg(primary.port.to_string())
+            .arg(format!("--slot={slot}"))
+            .arg("-D")
+            .arg(&stray_dir);
+        let mut stray = stray.spawn()?;
+        wait_for("the stray receiver holds the slot", 30, || {
+            Ok(primary.psql(&format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
+            ))? == "1")
+        })
+        .await?;
+
+        // The next agent frees the slot and archives WAL again.
+        cluster.start_agent(&cfg)?;
+        let seg = switch_wal_and_wait(&primary, &cluster, "db", &data, 90).await?;
+        assert!(is_segment_name(&seg), "{seg}");
+        wait_for("the stray receiver exits", 20, || Ok(stray.try_wait()?.is_some())).await?;
+        let log = std::fs::read_to_string(cfg.with_extension("log"))?;
+        assert!(
+            log.contains("the replication slot was held by another connection"),
+            "the agent says it freed the slot"
+        );
+        Ok(())
+    })
+    .await
+}
+
+fn is_segment_name(s: &str) -> bool {
+    lifeboat_agent::pg_source::is_segment(s)
 }
