@@ -306,6 +306,24 @@ pub struct ReplicationReport {
     pub state: String,
     /// Last replication error seen by the leader.
     pub error: String,
+    /// How long the upstream has been silent, ms, once more than [`STALE_AFTER`] (0 while it
+    /// answers). `lag_ms` counts this silence; region health does not (see
+    /// [`ReplicationReport::failed_in_contact`]).
+    pub upstream_silent_ms: u64,
+    /// The state from the lag measured against what the upstream last announced, without the
+    /// silence: `"failed"` here means this standby could not keep up while in contact.
+    pub state_in_contact: String,
+}
+
+impl ReplicationReport {
+    /// True when replication failed while the upstream answered (this standby fell more than
+    /// `lag_failed_ms` behind, or it could not apply what it fetched): the region is then
+    /// unfit to take over. A standby whose lag grew only because the upstream went silent
+    /// (the active region is lost, the case failover exists for) stays fit: the failover's RPO
+    /// rules weigh that lag (`failover::standby_rpo_ms`).
+    pub fn failed_in_contact(&self) -> bool {
+        self.state_in_contact == "failed"
+    }
 }
 
 /// Live replication progress of this node (meaningful while it leads a standby region), shared
@@ -463,6 +481,8 @@ impl ReplicationStatus {
                 lag_ms: 0,
                 state: "unknown".into(),
                 error: String::new(),
+                upstream_silent_ms: 0,
+                state_in_contact: "unknown".into(),
             });
         }
         let last = if l.last_contact.is_some() {
@@ -485,7 +505,13 @@ impl ReplicationStatus {
             .or(l.started)
             .map(|t| t.elapsed())
             .unwrap_or_default();
+        // The lag when the upstream last answered: entries it announced cannot be fetched
+        // while it is silent, so their age since then says nothing about this standby.
+        let mut in_contact = state_of(lag_ms, &self.cfg);
+        let mut upstream_silent_ms = 0;
         if silent > STALE_AFTER {
+            upstream_silent_ms = silent.as_millis() as u64;
+            in_contact = state_of(lag_ms.saturating_sub(silent.as_millis() as i64), &self.cfg);
             lag_ms = lag_ms.max(silent.as_millis() as i64);
         }
         let lag_ms = lag_ms.max(0);
@@ -499,6 +525,8 @@ impl ReplicationStatus {
             lag_ms,
             state: state_of(lag_ms, &self.cfg).into(),
             error: l.last_error.clone(),
+            upstream_silent_ms,
+            state_in_contact: in_contact.into(),
         })
     }
 }

@@ -963,9 +963,18 @@ impl ControlRuntime {
             (false, "not the regional leader".to_string())
         } else if standby {
             match &repl {
-                Some(r) if r.state == "failed" => {
+                Some(r) if r.failed_in_contact() => {
                     (false, format!("replication failed: {}", r.error))
                 }
+                // Lost contact with the active region: still fit to take over (its lag is
+                // weighed by the RPO rules, not by health).
+                Some(r) if r.state == "failed" => (
+                    true,
+                    format!(
+                        "upstream silent for {} ms: {}",
+                        r.upstream_silent_ms, r.error
+                    ),
+                ),
                 _ => (true, String::new()),
             }
         } else {
