@@ -228,7 +228,7 @@ impl PostgresSourceConfig {
 /// that spawned the child: these children are spawned from async tasks, on runtime worker
 /// threads, which live as long as the agent. A child whose parent already died before the
 /// call exits at once.
-pub(crate) fn die_with_parent(c: &mut tokio::process::Command) {
+fn die_with_parent(c: &mut tokio::process::Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and calls only prctl, getppid
     // and _exit, which are async-signal-safe; it touches no memory of the parent.

@@ -316,9 +316,9 @@ pub struct ReplicationReport {
 }
 
 impl ReplicationReport {
-    /// True when replication failed while the upstream answered (this standby fell more than
-    /// `lag_failed_ms` behind, or it could not apply what it fetched): the region is then
-    /// unfit to take over. A standby whose lag grew only because the upstream went silent
+    /// True when the lag as of the upstream's last answer is at or above `lag_failed_ms`
+    /// (this standby could not keep up while in contact): the region is then unfit to take
+    /// over. A standby whose lag grew only because the upstream went silent
     /// (the active region is lost, the case failover exists for) stays fit: the failover's RPO
     /// rules weigh that lag (`failover::standby_rpo_ms`).
     pub fn failed_in_contact(&self) -> bool {
