@@ -38,6 +38,9 @@ pub const STATUS_INTERVAL_MS: u64 = 200;
 /// `status.json` is rewritten at least this often even without changes (ms), so `updated_ms`
 /// shows the agent is alive.
 pub const STATUS_REFRESH_MS: i64 = 1000;
+/// Interval between two looks at the protected roots' health and at acceptances of held
+/// deletions (see [`crate::guard`]).
+pub const ROOT_CHECK: Duration = Duration::from_secs(1);
 /// Full rescan interval when some directory could not be watched.
 pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
 /// Payload bytes per batch kept in memory from planning (small files are not read twice).
@@ -64,6 +67,10 @@ pub enum AgentError {
     /// A background task panicked.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// `[tls]` names a file that is missing or unreadable (or no file at all): retrying cannot
+    /// help, so the agent exits with it at start.
+    #[error(transparent)]
+    Tls(#[from] lifeboat_common::tls::TlsError),
 }
 
 /// Runtime knobs that are not part of the config file.
@@ -136,6 +143,16 @@ pub struct Agent {
     /// again later (pg_receivewal's spool after a restart) is dropped, not resurrected.
     expired_wal: std::collections::HashSet<String>,
     degraded: bool,
+    /// Deletions planned for `[[paths]]` roots, by root and wire path, pushed only once the
+    /// queue drained and the mass-deletion guard let them through (see [`crate::guard`]).
+    pending_deletions:
+        std::collections::BTreeMap<usize, std::collections::BTreeMap<String, PlannedChange>>,
+    /// Per `[[paths]]` root: its problem (`None`: healthy).
+    root_problems: Vec<Option<crate::guard::RootProblem>>,
+    /// Per root: the set the guard holds.
+    held: std::collections::BTreeMap<usize, crate::guard::HeldDeletions>,
+    /// A root became healthy again: the watcher is restarted to cover it.
+    rewatch: bool,
     span: Span,
 }
 
@@ -187,6 +204,10 @@ impl Agent {
                 opts.part_size
             )));
         }
+        // Every TLS file is read once here, before anything is opened: a missing or unreadable
+        // one is a configuration error that no retry fixes, so the agent exits naming it (as the
+        // coordinator does).
+        cfg.tls.client()?;
         let state = Arc::new(StateDb::open(&cfg.data_dir)?);
         Agent::build(cfg, opts, state)
     }
@@ -255,6 +276,10 @@ impl Agent {
             unacked: HashMap::new(),
             expired_wal: Default::default(),
             degraded: false,
+            pending_deletions: Default::default(),
+            root_problems: vec![None; watched_roots],
+            held: Default::default(),
+            rewatch: false,
             span,
         })
     }
@@ -434,15 +459,11 @@ impl Agent {
             let activity = Arc::new(Activity::new(self.roots.data_dir.clone()));
             let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
             let mut _watcher = None;
+            let rewatch_tx = ev_tx.clone();
+            self.check_roots()?;
             if watching {
-                let dirs: Vec<_> = self
-                    .roots
-                    .roots
-                    .iter()
-                    .map(|r| r.path.clone())
-                    .filter(|p| p.is_dir())
-                    .collect();
-                if dirs.len() < self.watched_roots {
+                let dirs = self.existing_root_dirs();
+                if dirs.len() < self.watched_roots || self.root_problems.iter().any(Option::is_some) {
                     tracing::error!("some protected roots are missing; they are looked at again every {} s", DEGRADED_RESCAN.as_secs());
                     self.degraded = true;
                 }
@@ -556,8 +577,31 @@ impl Agent {
             self.progress.busy.store(true, Ordering::Relaxed);
             let mut last_rescan = Instant::now();
             let mut events_open = true;
+            let mut root_tick = tokio::time::interval(ROOT_CHECK);
+            root_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let result = async {
                 loop {
+                    if std::mem::take(&mut self.rewatch) && watching {
+                        let dirs = self.existing_root_dirs();
+                        drop(_watcher.take());
+                        match watch::start(
+                            &dirs,
+                            Duration::from_millis(self.cfg.debounce_ms),
+                            activity.clone(),
+                            rewatch_tx.clone(),
+                        ) {
+                            Ok(w) => {
+                                self.degraded = w.incomplete;
+                                _watcher = Some(w);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot watch files again; falling back to a full rescan every {} s", DEGRADED_RESCAN.as_secs());
+                                self.degraded = true;
+                            }
+                        }
+                        // Events of the interval without a watcher are covered by the rescan of
+                        // the root that came back, queued by `check_roots`.
+                    }
                     while let Ok(ev) = ev_rx.try_recv() {
                         self.on_event(ev, &activity);
                     }
@@ -578,6 +622,12 @@ impl Agent {
                             "initial scan complete; everything acknowledged"
                         );
                     }
+                    if self.pending_deletions.values().any(|d| !d.is_empty()) {
+                        self.flush_deletions(&mut stop_rx).await?;
+                        if !self.queue.is_empty() {
+                            continue;
+                        }
+                    }
                     self.progress.pending_changes.store(0, Ordering::Relaxed);
                     self.progress.busy.store(false, Ordering::Relaxed);
                     if !watching {
@@ -592,6 +642,13 @@ impl Agent {
                         },
                         Some(rel) = snap_rx.recv() => self.on_snapshot(rel),
                         _ = stopped(&mut stop_rx) => break,
+                        _ = root_tick.tick() => {
+                            // Roots that vanish or come back, and acceptances of held sets.
+                            self.check_roots()?;
+                            if !self.held.is_empty() {
+                                self.flush_deletions(&mut stop_rx).await?;
+                            }
+                        }
                         _ = tokio::time::sleep_until(rescan_at), if self.degraded => {
                             tracing::info!("periodic rescan (some directories are not watched)");
                             last_rescan = Instant::now();
@@ -750,6 +807,7 @@ impl Agent {
 
     /// Plans one batch and pushes it until it is acknowledged (or shutdown's grace runs out).
     async fn step(&mut self, stop: &mut StopRx) -> Result<(), AgentError> {
+        self.check_roots()?;
         let mut queue = std::mem::take(&mut self.queue);
         let (roots, state, limits, mut next) = (
             self.roots.clone(),
@@ -764,7 +822,21 @@ impl Agent {
         .await?;
         self.queue = queue;
         self.next_change_id = next;
-        let batch = planned?;
+        let mut batch = planned?;
+        // Deletions under `[[paths]]` roots wait for the guard (`flush_deletions`).
+        let watched = self.watched_roots;
+        let mut i = 0;
+        while i < batch.len() {
+            if batch[i].deleted && batch[i].root < watched {
+                let c = batch.remove(i);
+                self.pending_deletions
+                    .entry(c.root)
+                    .or_default()
+                    .insert(c.path.clone(), c);
+            } else {
+                i += 1;
+            }
+        }
         self.progress
             .pending_changes
             .store((self.queue.len() + batch.len()) as u64, Ordering::Relaxed);
@@ -772,6 +844,211 @@ impl Agent {
             return Ok(());
         }
         self.send(batch, stop).await
+    }
+
+    /// The roots' directories that exist now (the ones a watcher can cover).
+    fn existing_root_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.roots
+            .roots
+            .iter()
+            .map(|r| r.path.clone())
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
+    /// Looks at every `[[paths]]` root (see [`crate::guard`]): records the identity of a root
+    /// seen for the first time; blocks the planning of a missing or replaced root (dropping its
+    /// pending deletions) and reports it; adopts a replaced root on an operator's acceptance;
+    /// unblocks and rescans a root that is healthy again.
+    ///
+    /// Errors: state database failures.
+    fn check_roots(&mut self) -> Result<(), AgentError> {
+        use crate::guard::{self, RootProblem};
+        for i in 0..self.watched_roots {
+            let (name, path) = (
+                self.roots.roots[i].name.clone(),
+                self.roots.roots[i].path.clone(),
+            );
+            let recorded = self.state.root_id(&name)?;
+            let mut res = guard::check_dir(&path, recorded);
+            if let Err(RootProblem::Replaced { found, .. }) = &res {
+                let found = *found;
+                if self.state.count_under(&format!("{name}/"))? == 0 {
+                    // Nothing acknowledged under it: nothing to protect, adopt it.
+                    res = Ok(found);
+                } else {
+                    match guard::read_acceptance(&self.cfg.data_dir, &name) {
+                        Ok(Some(a)) if a.adopt == Some(found) => {
+                            tracing::warn!(audit = "accept-deletions", root = %name, by = %a.by, dev = found.0, ino = found.1, "operator adopted the replaced root as the protected directory; deletions it implies are held and need their own acceptance");
+                            guard::remove_acceptance(&self.cfg.data_dir, &name);
+                            self.progress
+                                .accepted_deletions
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(guard::AcceptedDeletions {
+                                    root: name.clone(),
+                                    hold: String::new(),
+                                    deletions: 0,
+                                    adopted: format!("{}/{}", found.0, found.1),
+                                    by: a.by,
+                                    at_ms: lifeboat_common::now_ms(),
+                                });
+                            self.state.set_root_id(&name, found)?;
+                            res = Ok(found);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(root = %name, error = %e, "ignoring an unreadable acceptance file");
+                            guard::remove_acceptance(&self.cfg.data_dir, &name);
+                        }
+                    }
+                }
+            }
+            match res {
+                Ok(id) => {
+                    if recorded != Some(id) {
+                        self.state.set_root_id(&name, id)?;
+                    }
+                    if self.root_problems[i].take().is_some() {
+                        tracing::info!(root = %path.display(), "protected root is healthy again; rescanning it");
+                        self.queue.blocked.remove(&i);
+                        self.queue.push_back(Work::scan_root(i));
+                        self.rewatch = true;
+                    }
+                }
+                Err(p) => {
+                    if self.root_problems[i].as_ref() != Some(&p) {
+                        tracing::error!(root = %name, problem = p.kind(), "protected root is unhealthy: {p}");
+                    }
+                    self.root_problems[i] = Some(p);
+                    self.queue.blocked.insert(i);
+                    self.pending_deletions.remove(&i);
+                    self.held.remove(&i);
+                }
+            }
+        }
+        self.publish_roots();
+        Ok(())
+    }
+
+    /// Writes the roots' health and held sets into the progress (status.json, heartbeats).
+    fn publish_roots(&self) {
+        let roots = (0..self.watched_roots)
+            .map(|i| {
+                let r = &self.roots.roots[i];
+                let p = self.root_problems[i].as_ref();
+                crate::guard::RootStatus {
+                    name: r.name.clone(),
+                    path: r.path.display().to_string(),
+                    kind: "source".into(),
+                    healthy: p.is_none(),
+                    problem_kind: p.map(|p| p.kind().to_string()).unwrap_or_default(),
+                    problem: p.map(|p| p.to_string()).unwrap_or_default(),
+                    held: self.held.get(&i).cloned(),
+                }
+            })
+            .collect();
+        *self
+            .progress
+            .roots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = roots;
+    }
+
+    /// Pushes the pending deletions of every root the mass-deletion guard lets through (see
+    /// [`crate::guard`]); holds the others, unless an operator accepted exactly the held set.
+    /// Deletions whose path exists again (and is included) are dropped first.
+    ///
+    /// Errors: state database failures.
+    async fn flush_deletions(&mut self, stop: &mut StopRx) -> Result<(), AgentError> {
+        use crate::guard;
+        let roots: Vec<usize> = self.pending_deletions.keys().copied().collect();
+        for r in roots {
+            let Some(mut dels) = self.pending_deletions.remove(&r) else {
+                continue;
+            };
+            if self.root_problems[r].is_some() {
+                continue;
+            }
+            let root = &self.roots.roots[r];
+            dels.retain(|_, c| match crate::scan::lstat(&c.fs_path) {
+                Ok(crate::scan::Found::Entry(_)) => !root.filter.includes(&c.rel),
+                Ok(_) => true,
+                Err(_) => false,
+            });
+            let name = root.name.clone();
+            if dels.is_empty() {
+                if self.held.remove(&r).is_some() {
+                    tracing::info!(root = %name, "held deletions are gone (the paths exist again)");
+                }
+                continue;
+            }
+            let tracked = self.state.count_under(&format!("{name}/"))?;
+            let limits =
+                guard::Limits::for_root(&self.cfg, self.cfg.paths.iter().find(|p| p.name == name));
+            let n = dels.len() as u64;
+            if limits.exceeded(n, tracked) {
+                let hold = guard::hold_id(&name, dels.keys());
+                let accepted = match guard::read_acceptance(&self.cfg.data_dir, &name) {
+                    Ok(Some(a)) if a.hold.as_deref() == Some(hold.as_str()) => Some(a),
+                    Ok(Some(a)) if a.hold.is_some() => {
+                        tracing::warn!(root = %name, accepted = a.hold.as_deref().unwrap_or(""), held = %hold, "the acceptance names another set of deletions than the one held now (it changed); ignored: run accept-deletions again");
+                        guard::remove_acceptance(&self.cfg.data_dir, &name);
+                        None
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(root = %name, error = %e, "ignoring an unreadable acceptance file");
+                        guard::remove_acceptance(&self.cfg.data_dir, &name);
+                        None
+                    }
+                };
+                match accepted {
+                    Some(a) => {
+                        tracing::warn!(audit = "accept-deletions", root = %name, hold = %hold, deletions = n, tracked, by = %a.by, "operator accepted the held mass deletion; pushing it");
+                        guard::remove_acceptance(&self.cfg.data_dir, &name);
+                        self.progress
+                            .accepted_deletions
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(guard::AcceptedDeletions {
+                                root: name.clone(),
+                                hold,
+                                deletions: n,
+                                adopted: String::new(),
+                                by: a.by,
+                                at_ms: lifeboat_common::now_ms(),
+                            });
+                    }
+                    None => {
+                        if self.held.get(&r).map(|h| &h.hold) != Some(&hold) {
+                            tracing::error!(root = %name, hold = %hold, deletions = n, tracked, max_delete_share = limits.share, max_delete_files = limits.files, "mass deletion held, not pushed: if it is intended, run `lifeboat-agent accept-deletions --config <file> --root {name}`");
+                            self.held.insert(
+                                r,
+                                guard::HeldDeletions {
+                                    hold,
+                                    deletions: n,
+                                    tracked,
+                                    sample: dels.keys().take(guard::HELD_SAMPLE).cloned().collect(),
+                                },
+                            );
+                            self.publish_roots();
+                        }
+                        self.pending_deletions.insert(r, dels);
+                        continue;
+                    }
+                }
+            }
+            if self.held.remove(&r).is_some() {
+                self.publish_roots();
+            }
+            let list: Vec<PlannedChange> = dels.into_values().collect();
+            for chunk in list.chunks(self.cfg.batch_max_changes.max(1)) {
+                self.send(chunk.to_vec(), stop).await?;
+            }
+        }
+        self.publish_roots();
+        Ok(())
     }
 
     fn requeue(&mut self, changes: &[PlannedChange]) {
@@ -1092,7 +1369,8 @@ async fn heartbeat_loop(
             _ = stopped(&mut stop) => break,
         }
         let sent = &progress.sent;
-        let checks = crate::checks::run_all(&cfg).await;
+        let mut checks = crate::checks::run_all(&cfg).await;
+        checks.extend(progress.root_checks());
         *progress.checks.lock().unwrap_or_else(|e| e.into_inner()) = checks
             .iter()
             .map(|c| crate::status::CheckStatus {

@@ -74,6 +74,13 @@ impl Work {
         }
     }
 
+    /// The root index the item belongs to.
+    pub fn root(&self) -> usize {
+        match self {
+            Work::Path { root, .. } | Work::Walk { root, .. } | Work::Sweep { root, .. } => *root,
+        }
+    }
+
     fn key(&self) -> Option<String> {
         match self {
             Work::Path {
@@ -105,6 +112,9 @@ pub struct WorkQueue {
     keys: HashSet<String>,
     /// A change planned but left for the next batch (it did not fit).
     pub carried: Option<PlannedChange>,
+    /// Roots that are unhealthy (missing, replaced, see [`crate::guard`]): their items are
+    /// dropped unplanned (the root is rescanned once it is healthy again).
+    pub blocked: HashSet<usize>,
 }
 
 impl WorkQueue {
@@ -329,10 +339,15 @@ pub fn build_batch(
         part_hashes: HashSet::new(),
     };
     if let Some(c) = queue.carried.take() {
-        p.add(c);
+        if !queue.blocked.contains(&c.root) {
+            p.add(c);
+        }
     }
     while !p.full() {
         let Some(w) = queue.pop_front() else { break };
+        if queue.blocked.contains(&w.root()) {
+            continue;
+        }
         if !p.step(queue, w)? {
             break;
         }
@@ -707,6 +722,8 @@ mod tests {
                 include: vec!["**".into()],
                 exclude: exclude.iter().map(|s| s.to_string()).collect(),
                 follow_active: true,
+                max_delete_share: None,
+                max_delete_files: None,
             }],
             &d.path().join("state"),
         )
@@ -1020,6 +1037,8 @@ mod tests {
                 include: vec!["**".into()],
                 exclude: vec![],
                 follow_active: true,
+                max_delete_share: None,
+                max_delete_files: None,
             }],
             &state_dir,
         )

@@ -65,6 +65,12 @@ pub mod defaults {
     pub(super) fn heartbeat_ms() -> u64 {
         HEARTBEAT_MS
     }
+    pub(super) fn max_delete_share() -> f64 {
+        0.5
+    }
+    pub(super) fn max_delete_files() -> u64 {
+        1000
+    }
     /// Seconds between exec snapshots.
     pub const EXEC_INTERVAL_SECS: u64 = 3600;
     /// Seconds an exec snapshot command may run.
@@ -109,6 +115,16 @@ pub struct Config {
     /// Interval between heartbeats to the leader, in ms. Default 500.
     #[serde(default = "defaults::heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// Mass-deletion guard (see `crate::guard`), default of every `[[paths]]` root: deletions
+    /// planned for a root that remove more than this share (0 < share <= 1) of its acknowledged
+    /// entries are held and reported instead of pushed, until `lifeboat-agent accept-deletions`.
+    /// Applies only from [`crate::guard::SHARE_RULE_MIN`] deletions on. Default 0.5.
+    #[serde(default = "defaults::max_delete_share")]
+    pub max_delete_share: f64,
+    /// Mass-deletion guard: more than this many deletions planned for one root are held
+    /// (whatever the share). Default 1000.
+    #[serde(default = "defaults::max_delete_files")]
+    pub max_delete_files: u64,
     /// The directories to protect. May be empty (or omitted) when `replicas` is not.
     #[serde(default)]
     pub paths: Vec<PathConfig>,
@@ -167,6 +183,12 @@ pub struct PathConfig {
     /// `false` pins it as a source. Default true.
     #[serde(default = "defaults::follow_active")]
     pub follow_active: bool,
+    /// This root's [`Config::max_delete_share`] (default: the global one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete_share: Option<f64>,
+    /// This root's [`Config::max_delete_files`] (default: the global one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete_files: Option<u64>,
 }
 
 /// Catalog root name reserved for exec snapshots (`_snapshots/<source>/<timestamp>.snap`).
@@ -220,7 +242,9 @@ pub struct ReplicaConfig {
     /// Catalog root name to replicate (the `name` of the protecting agent's `[[paths]]` entry).
     /// Must be a single valid path component, unique among replicas.
     pub name: String,
-    /// Absolute directory where the replica is kept (created if missing). Must not overlap
+    /// Absolute directory where the replica is kept (created if missing before anything was
+    /// applied; once the replica was populated, a missing or replaced directory is reported
+    /// unhealthy and never recreated, see `crate::guard`). Must not overlap
     /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
     /// Entries under it that are not in the catalog are left alone.
     pub path: PathBuf,
@@ -235,6 +259,9 @@ pub struct ReplicaConfig {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `max_delete_share` / `max_delete_files` out of range.
+    #[error("mass-deletion guard: {0}")]
+    BadDeleteGuard(String),
     /// The file could not be read.
     #[error("config {path}: cannot read: {error}")]
     Read {
@@ -395,6 +422,8 @@ impl Config {
             batch_max_bytes: defaults::batch_max_bytes(),
             batch_max_changes: defaults::batch_max_changes(),
             heartbeat_ms: defaults::heartbeat_ms(),
+            max_delete_share: defaults::max_delete_share(),
+            max_delete_files: defaults::max_delete_files(),
             paths: Vec::new(),
             replicas: Vec::new(),
             exec_sources: Vec::new(),
@@ -454,6 +483,21 @@ impl Config {
             && self.postgres_sources.is_empty()
         {
             return Err(ConfigError::NoPaths);
+        }
+        let shares = std::iter::once(("(global)", self.max_delete_share, self.max_delete_files))
+            .chain(self.paths.iter().map(|p| {
+                (
+                    p.name.as_str(),
+                    p.max_delete_share.unwrap_or(0.5),
+                    p.max_delete_files.unwrap_or(1),
+                )
+            }));
+        for (name, share, files) in shares {
+            if !(share > 0.0 && share <= 1.0) || files == 0 {
+                return Err(ConfigError::BadDeleteGuard(format!(
+                    "root {name}: max_delete_share must be in (0, 1] (got {share}) and max_delete_files at least 1 (got {files})"
+                )));
+            }
         }
         self.validate_replicas()?;
         self.validate_exec_sources()?;

@@ -33,6 +33,7 @@ pub mod db;
 pub mod db_roles;
 pub mod delta;
 pub mod exec;
+pub mod guard;
 pub mod pg_role;
 pub mod pg_source;
 pub mod pg_wire;

@@ -17,12 +17,94 @@ use lifeboat_agent::{Agent, Config};
 #[derive(Debug, Parser)]
 #[command(name = "lifeboat-agent", version)]
 struct Args {
-    /// TOML config file.
-    #[arg(long, env = "LIFEBOAT_AGENT_CONFIG")]
-    config: PathBuf,
+    /// TOML config file (required; accepted before or after a subcommand).
+    #[arg(long, env = "LIFEBOAT_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
     /// Scan once, push everything until acknowledged, write status.json and exit.
     #[arg(long)]
     once: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Accept the mass deletion the agent holds for one root (or adopt a replaced root).
+    ///
+    /// The agent holds (does not push) a set of deletions that removes more than
+    /// `max_delete_files` entries or more than `max_delete_share` of a root's acknowledged
+    /// entries, and reports it in status.json (`roots[].held.hold`). This command reads that
+    /// hold id from status.json and writes an acceptance into `<data_dir>/accept-deletions/`;
+    /// the running agent (or the next start) pushes exactly that set, logs it with
+    /// `audit="accept-deletions"` and lists it in status.json (`accepted_deletions`). If the set
+    /// changed meanwhile, the acceptance is ignored: look again and repeat. For a root that is
+    /// another directory than the one recorded (`problem_kind = "replaced"`, e.g. a new volume),
+    /// it adopts the directory now at the path; the deletions that follow are held again and need
+    /// their own acceptance.
+    AcceptDeletions {
+        /// Root name (`[[paths]] name`).
+        #[arg(long)]
+        root: String,
+        /// Hold id to accept (default: the one status.json shows for the root).
+        #[arg(long)]
+        hold: Option<String>,
+    },
+}
+
+/// Writes the acceptance for `root` (see [`Cmd::AcceptDeletions`]).
+fn accept_deletions(cfg: &Config, root: &str, hold: Option<String>) -> anyhow::Result<()> {
+    use lifeboat_agent::guard;
+    let p = cfg
+        .paths
+        .iter()
+        .find(|p| p.name == root)
+        .ok_or_else(|| anyhow::anyhow!("no [[paths]] root named {root:?} in the config"))?;
+    let status = lifeboat_agent::status::read(&cfg.data_dir).ok();
+    let entry = status.as_ref().and_then(|s| {
+        s.roots
+            .iter()
+            .find(|r| r.name == root && r.kind == "source")
+    });
+    let mut a = guard::Acceptance {
+        root: root.to_string(),
+        hold: None,
+        adopt: None,
+        by: std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+        at_ms: lifeboat_common::now_ms(),
+    };
+    if entry.is_some_and(|r| r.problem_kind == "replaced") {
+        let id = guard::check_dir(&p.path, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        a.adopt = Some(id);
+        println!(
+            "adopting {} (device/inode {}/{}) as root {root}",
+            p.path.display(),
+            id.0,
+            id.1
+        );
+    } else {
+        let shown = entry.and_then(|r| r.held.as_ref());
+        a.hold = match (hold, shown) {
+            (Some(h), _) => Some(h),
+            (None, Some(h)) => Some(h.hold.clone()),
+            (None, None) => anyhow::bail!(
+                "the agent's status ({}) shows no held deletions for root {root}: nothing to accept",
+                lifeboat_agent::status::path(&cfg.data_dir).display()
+            ),
+        };
+        if let Some(h) = shown {
+            println!(
+                "accepting {} deletions of {} entries under root {root} (hold {}), e.g. {:?}",
+                h.deletions, h.tracked, h.hold, h.sample
+            );
+        }
+    }
+    guard::write_acceptance(&cfg.data_dir, &a)?;
+    println!(
+        "written {}; the agent acts on it within {} s (audited in its log and status.json)",
+        guard::acceptance_path(&cfg.data_dir, root).display(),
+        lifeboat_agent::agent::ROOT_CHECK.as_secs()
+    );
+    Ok(())
 }
 
 fn init_tracing() {
@@ -58,7 +140,15 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     let args = Args::parse();
-    let cfg = Config::load(&args.config)?;
+    // Not `required` in clap: a required global argument is checked before the subcommand's
+    // own arguments are read, so `accept-deletions --config FILE` would be refused.
+    let Some(config) = args.config else {
+        anyhow::bail!("--config FILE (or LIFEBOAT_AGENT_CONFIG) is required");
+    };
+    let cfg = Config::load(&config)?;
+    if let Some(Cmd::AcceptDeletions { root, hold }) = args.cmd {
+        return accept_deletions(&cfg, &root, hold);
+    }
     let agent = Agent::new(cfg).context("cannot start the agent")?;
     let status = if args.once {
         agent.run_once().await?

@@ -328,9 +328,7 @@ impl Replica {
 
     async fn load(&mut self) -> Result<(), SessionError> {
         let path = self.cfg.path.clone();
-        std::fs::create_dir_all(&path).map_err(|e| {
-            SessionError::Other(format!("create replica dir {}: {e}", path.display()))
-        })?;
+        self.check_dir().await?;
         self.root = path
             .canonicalize()
             .map_err(|e| SessionError::Other(format!("{}: {e}", path.display())))?;
@@ -347,6 +345,56 @@ impl Replica {
         self.pending_rmdirs = pending.into_iter().collect();
         self.progress.applied_seq.store(applied, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The directory's health before applying (see [`crate::guard::replica_dir_ready`]): a
+    /// replica directory is created only while nothing was applied to it, a source directory
+    /// (`Resolved`) never; a populated one that is missing or replaced is reported unhealthy
+    /// (`status.json` `roots`, check `replica:<name>`) and nothing is applied.
+    async fn check_dir(&mut self) -> Result<(), SessionError> {
+        let (state, key, path) = (
+            self.state.clone(),
+            format!("/dir{}", self.state_key()),
+            self.cfg.path.clone(),
+        );
+        let (name, mode) = (self.state_key(), self.mode);
+        let res = tokio::task::spawn_blocking(move || {
+            let populated = mode == Mode::Replica && state.replica_seq(&name)? > 0;
+            Ok::<_, crate::state::StateError>(crate::guard::replica_dir_ready(
+                &state,
+                &key,
+                &path,
+                populated,
+                mode == Mode::Replica,
+            ))
+        })
+        .await
+        .map_err(|e| SessionError::Other(e.to_string()))??;
+        if self.mode == Mode::Replica {
+            let mut d = self.progress.dir.lock().unwrap_or_else(|e| e.into_inner());
+            let was_healthy = d.healthy || d.name.is_empty();
+            *d = crate::guard::RootStatus {
+                name: self.cfg.name.clone(),
+                path: self.cfg.path.display().to_string(),
+                kind: "replica".into(),
+                healthy: res.is_ok(),
+                problem_kind: res
+                    .as_ref()
+                    .err()
+                    .map(|p| p.kind().to_string())
+                    .unwrap_or_default(),
+                problem: res
+                    .as_ref()
+                    .err()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                held: None,
+            };
+            if let (Err(p), true) = (&res, was_healthy) {
+                tracing::error!(replica = %self.cfg.name, problem = p.kind(), "replica directory is unhealthy; nothing is applied to it: {p}");
+            }
+        }
+        res.map_err(|p| SessionError::Other(p.to_string()))
     }
 
     async fn session(&mut self, follow: bool) -> Result<(), SessionError> {

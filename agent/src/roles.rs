@@ -109,6 +109,8 @@ fn as_path(d: &Dir) -> PathConfig {
             .collect(),
         exclude: Vec::new(),
         follow_active: d.follow,
+        max_delete_share: None,
+        max_delete_files: None,
     })
 }
 
@@ -845,6 +847,8 @@ mod tests {
             include: vec!["**".into()],
             exclude: vec!["*.tmp".into()],
             follow_active: true,
+            max_delete_share: None,
+            max_delete_files: None,
         });
         c.paths.push(PathConfig {
             name: "pinned".into(),
@@ -852,6 +856,8 @@ mod tests {
             include: vec!["**".into()],
             exclude: vec![],
             follow_active: false,
+            max_delete_share: None,
+            max_delete_files: None,
         });
         c.replicas.push(ReplicaConfig {
             name: "other".into(),

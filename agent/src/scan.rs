@@ -304,6 +304,8 @@ mod tests {
             include: include.iter().map(|s| s.to_string()).collect(),
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
             follow_active: true,
+            max_delete_share: None,
+            max_delete_files: None,
         })
         .unwrap()
     }
@@ -350,6 +352,8 @@ mod tests {
                 include: vec!["**".into()],
                 exclude: vec![],
                 follow_active: true,
+                max_delete_share: None,
+                max_delete_files: None,
             }],
             &data,
         )

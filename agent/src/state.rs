@@ -36,6 +36,12 @@ const REPLICA_RMDIR: TableDefinition<(&str, &str), ()> = TableDefinition::new("r
 /// under which epoch (see `crate::roles`).
 const ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("roles");
 
+/// Directory key (a protected root's name, or `"/replica/<name>"` for a replica) → the
+/// identity `(st_dev, st_ino)` of the directory it was first seen as (see `crate::guard`): a
+/// directory at the same path with another identity (an empty mount point, a directory moved
+/// in) is not the one whose entries the state holds.
+const ROOT_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("root_ids");
+
 const META_EPOCH: &str = "epoch";
 const META_NEXT_CHANGE_ID: &str = "next_change_id";
 
@@ -219,6 +225,7 @@ impl StateDb {
             txn.open_table(REPLICA_SEQ)?;
             txn.open_table(REPLICA_RMDIR)?;
             txn.open_table(ROLES)?;
+            txn.open_table(ROOT_IDS)?;
             Ok(())
         })?;
         Ok(me)
@@ -331,6 +338,44 @@ impl StateDb {
             }
             Ok(())
         })
+    }
+
+    /// The recorded identity `(st_dev, st_ino)` of directory `key` (see [`StateDb::set_root_id`]).
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn root_id(&self, key: &str) -> Result<Option<(u64, u64)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(ROOT_IDS).map_err(|e| self.err(e))?;
+        Ok(t.get(key).map_err(|e| self.err(e))?.map(|v| v.value()))
+    }
+
+    /// Records `id = (st_dev, st_ino)` as the identity of directory `key` (a protected root's
+    /// name, or `"/replica/<name>"`).
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn set_root_id(&self, key: &str, id: (u64, u64)) -> Result<(), StateError> {
+        self.write(|txn| {
+            txn.open_table(ROOT_IDS)?.insert(key, id)?;
+            Ok(())
+        })
+    }
+
+    /// Number of acknowledged entries whose wire path starts with `prefix` (ending in `/`).
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn count_under(&self, prefix: &str) -> Result<u64, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(ENTRIES).map_err(|e| self.err(e))?;
+        let end = prefix_end(prefix);
+        let mut n = 0;
+        for r in t
+            .range::<&str>(prefix..end.as_str())
+            .map_err(|e| self.err(e))?
+        {
+            r.map_err(|e| self.err(e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Last catalog sequence number applied to replica `name` (0: none).

@@ -78,6 +78,13 @@ pub struct Status {
     /// in config order; empty before the first heartbeat or without checks.
     #[serde(default)]
     pub checks: Vec<CheckStatus>,
+    /// Every protected root and replica directory: health, problem, held deletions (see
+    /// [`crate::guard`]).
+    #[serde(default)]
+    pub roots: Vec<crate::guard::RootStatus>,
+    /// Mass deletions and root adoptions accepted by an operator since start (audit).
+    #[serde(default)]
+    pub accepted_deletions: Vec<crate::guard::AcceptedDeletions>,
     /// When this file was written, ms since the Unix epoch.
     pub updated_ms: i64,
 }
@@ -102,6 +109,9 @@ pub struct ReplicaProgress {
     pub known_seq: AtomicU64,
     /// Rows refused (unsafe path) since start.
     pub refused: AtomicU64,
+    /// Name, directory and current problem of the replica directory (see
+    /// [`crate::guard::replica_dir_ready`]); `problem` is `None` while healthy.
+    pub dir: std::sync::Mutex<crate::guard::RootStatus>,
 }
 
 /// Live progress of the agent, shared by its tasks.
@@ -137,6 +147,10 @@ pub struct Progress {
     pub conflicts_kept: AtomicU64,
     /// Outcomes of the `[[checks]]` at the last heartbeat.
     pub checks: std::sync::Mutex<Vec<CheckStatus>>,
+    /// Health of the `[[paths]]` roots (replicas report through [`ReplicaProgress::dir`]).
+    pub roots: std::sync::Mutex<Vec<crate::guard::RootStatus>>,
+    /// Accepted mass deletions (audit).
+    pub accepted_deletions: std::sync::Mutex<Vec<crate::guard::AcceptedDeletions>>,
 }
 
 impl Progress {
@@ -173,6 +187,7 @@ impl Progress {
         if replica_applied_seq == u64::MAX {
             replica_applied_seq = 0;
         }
+        let roots = self.root_statuses();
         Status {
             agent_id: agent_id.to_string(),
             epoch: self.epoch.load(Ordering::Relaxed),
@@ -200,8 +215,58 @@ impl Progress {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            roots,
+            accepted_deletions: self
+                .accepted_deletions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             updated_ms: now,
         }
+    }
+
+    /// Every root's and replica directory's status, sources first.
+    pub fn root_statuses(&self) -> Vec<crate::guard::RootStatus> {
+        let mut out = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for r in self
+            .replicas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let d = r.dir.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if !d.name.is_empty() {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// The roots' health as heartbeat checks: `root:<name>` (a `[[paths]]` root) or
+    /// `replica:<name>`, failing while the directory is missing or replaced; held deletions are
+    /// reported in an ok check's detail (nothing is lost while they are held).
+    pub fn root_checks(&self) -> Vec<lifeboat_proto::CheckResult> {
+        self.root_statuses()
+            .into_iter()
+            .map(|r| {
+                let detail = if !r.healthy {
+                    r.problem.clone()
+                } else if let Some(h) = &r.held {
+                    format!(
+                        "{} deletions held (hold {}): run `lifeboat-agent accept-deletions --root {}` to push them",
+                        h.deletions, h.hold, r.name
+                    )
+                } else {
+                    String::new()
+                };
+                let kind = if r.kind == "replica" { "replica" } else { "root" };
+                lifeboat_proto::CheckResult {
+                    name: format!("{kind}:{}", r.name),
+                    ok: r.healthy,
+                    detail,
+                }
+            })
+            .collect()
     }
 }
 

@@ -2,6 +2,7 @@
 //! active region lacked, kept after a failover at `_conflicts/<from region>/e<epoch>/<path>` in
 //! the active region's catalog (see `lifeboat_coordinator::conflicts`).
 
+use crate::outln;
 use anyhow::{anyhow, bail};
 use lifeboat_common::catalog::{parse_conflict_path, FileVersion, CONFLICTS_ROOT};
 use lifeboat_proto::StatusRequest;
@@ -131,12 +132,16 @@ pub async fn list(conn: &ConnArgs) -> anyhow::Result<Vec<Conflict>> {
 /// Prints conflicts as a table.
 pub fn print(list: &[Conflict]) {
     if list.is_empty() {
-        println!("no unresolved conflicts");
+        outln!("no unresolved conflicts");
         return;
     }
-    println!(
+    outln!(
         "{:<40} {:<8} {:>5} {:>10}  {:<16} current in the active region",
-        "path", "from", "epoch", "size", "blake3"
+        "path",
+        "from",
+        "epoch",
+        "size",
+        "blake3"
     );
     for c in list {
         let cur = match &c.current {
@@ -148,7 +153,7 @@ pub fn print(list: &[Conflict]) {
             ),
             None => "none".into(),
         };
-        println!(
+        outln!(
             "{:<40} {:<8} {:>5} {:>10}  {:<16} {cur}",
             c.path,
             c.from_region,

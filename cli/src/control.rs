@@ -3,6 +3,7 @@
 //! forwards to the global leader); documents are JSON (see
 //! `lifeboat_coordinator::control::api`).
 
+use crate::outln;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
@@ -61,18 +62,19 @@ pub fn print_status(s: &Value) {
         .as_str()
         .or(rec["phase"]["to"].as_str())
         .unwrap_or("?");
-    println!(
+    outln!(
         "global: active region {active}  epoch {}  phase {phase}  (global leader node {})",
-        rec["epoch"], s["global_leader"]
+        rec["epoch"],
+        s["global_leader"]
     );
-    println!(
+    outln!(
         "  lease: holder {}  expires {}",
         rec["lease_holder"].as_str().unwrap_or("none"),
         ms_ago(now, s["lease_expiry_ms"].as_u64().unwrap_or(0))
     );
     match s["automatic"].get("Err") {
-        Some(e) => println!("  automatic failover: OFF: {}", e.as_str().unwrap_or("")),
-        None => println!(
+        Some(e) => outln!("  automatic failover: OFF: {}", e.as_str().unwrap_or("")),
+        None => outln!(
             "  automatic failover: {}",
             if s["state"]["policy"]["automatic"].as_bool() == Some(true) {
                 "on"
@@ -82,13 +84,13 @@ pub fn print_status(s: &Value) {
         ),
     }
     if let Some(b) = s["blocked"].as_str() {
-        println!("  failover blocked: {b}");
+        outln!("  failover blocked: {b}");
     }
     if let Some(t) = s["switchover_to"].as_str() {
-        println!("  switchover to {t} in progress");
+        outln!("  switchover to {t} in progress");
     }
     let last_change = rec["last_change_ms"].as_u64().unwrap_or(0);
-    println!(
+    outln!(
         "  last failover: {}  measured RTO {}",
         ms_ago(now, last_change),
         s["state"]["last_rto_ms"]
@@ -96,9 +98,9 @@ pub fn print_status(s: &Value) {
             .map(|v| format!("{v} ms"))
             .unwrap_or_else(|| "n/a".into())
     );
-    println!("  regions:");
+    outln!("  regions:");
     for r in s["regions"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "    {:<10} {:<8} {:<9} leader node {:<3} lag {} ms / {} entries / {} bytes  promoted epoch {}  agents {}{}",
             r["region"].as_str().unwrap_or("?"),
             r["role"].as_str().unwrap_or("?"),
@@ -112,7 +114,7 @@ pub fn print_status(s: &Value) {
             r["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!("  ({d})")).unwrap_or_default()
         );
         if r["sync_degraded"] == true {
-            println!("               synchronous replication DEGRADED: no standby confirmed in time; acknowledging after the local majority commit");
+            outln!("               synchronous replication DEGRADED: no standby confirmed in time; acknowledging after the local majority commit");
         }
     }
 }
@@ -194,16 +196,16 @@ pub async fn switchover_at(
 
 /// Prints a drill plan.
 pub fn print_plan(p: &Value) {
-    println!(
+    outln!(
         "drill (simulated, nothing done): failover {} -> {} at epoch {}",
         p["from"].as_str().unwrap_or("?"),
         p["to"].as_str().unwrap_or("?"),
         p["new_epoch"]
     );
     for (i, s) in p["steps"].as_array().into_iter().flatten().enumerate() {
-        println!("  {}. {}", i + 1, s.as_str().unwrap_or(""));
+        outln!("  {}. {}", i + 1, s.as_str().unwrap_or(""));
     }
-    println!(
+    outln!(
         "expected RPO: {} ms, {} entries{}",
         p["expected_rpo_ms"],
         p["expected_rpo_entries"],
@@ -213,10 +215,10 @@ pub fn print_plan(p: &Value) {
             ""
         }
     );
-    println!("expected RTO: about {} ms", p["expected_rto_ms"]);
+    outln!("expected RTO: about {} ms", p["expected_rto_ms"]);
     match p["refused"].as_str() {
-        Some(r) => println!("the policy would REFUSE this failover now: {r}"),
-        None => println!("the policy would allow this failover now"),
+        Some(r) => outln!("the policy would REFUSE this failover now: {r}"),
+        None => outln!("the policy would allow this failover now"),
     }
 }
 
@@ -230,7 +232,7 @@ pub fn operator() -> String {
 
 /// Prints a `topology` reply.
 pub fn print_topology(v: &Value) {
-    println!(
+    outln!(
         "regions (failover preference): {}",
         v["regions"]
             .as_array()
@@ -241,8 +243,8 @@ pub fn print_topology(v: &Value) {
             .join(", ")
     );
     match v["automatic"].get("Err").and_then(|e| e.as_str()) {
-        Some(e) => println!("automatic failover: REFUSED ({e})"),
-        None => println!("automatic failover: allowed by this topology"),
+        Some(e) => outln!("automatic failover: REFUSED ({e})"),
+        None => outln!("automatic failover: allowed by this topology"),
     }
     let voters: Vec<u64> = v["voters"]
         .as_array()
@@ -252,7 +254,7 @@ pub fn print_topology(v: &Value) {
         .collect();
     for m in v["members"].as_array().into_iter().flatten() {
         let id = m["id"].as_u64().unwrap_or(0);
-        println!(
+        outln!(
             "  {:>4} {:<22} {:<12} {}{}",
             id,
             m["addr"].as_str().unwrap_or(""),
@@ -273,7 +275,7 @@ pub fn print_audit(v: &Value) {
         let at = jiff::Timestamp::from_millisecond(e["at_ms"].as_i64().unwrap_or(0))
             .map(|t| t.to_string())
             .unwrap_or_default();
-        println!(
+        outln!(
             "{:>5} {} epoch {:<3} {:<13} {:<8} {} — {}",
             e["seq"],
             at,

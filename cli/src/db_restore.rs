@@ -15,6 +15,7 @@
 //! plaintext or, with `--tls`, over TLS through the connection code the agent's Redis sources
 //! use ([`lifeboat_common::redis_conn`]).
 
+use crate::outln;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -968,14 +969,18 @@ async fn verify_redis(
 /// Prints a restore report (text or JSON).
 pub fn print_restore(r: &RedisRestoreReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        outln!("{}", serde_json::to_string_pretty(r)?);
     } else if r.target == "file" {
-        println!(
+        outln!(
             "wrote snapshot {} to {} ({} bytes, blake3 {} verified) in {} ms",
-            r.snapshot, r.to, r.bytes, r.blake3, r.duration_ms
+            r.snapshot,
+            r.to,
+            r.bytes,
+            r.blake3,
+            r.duration_ms
         );
     } else {
-        println!(
+        outln!(
             "restored snapshot {} into redis {}: {} keys copied ({} bytes RDB, blake3 verified) in {} ms",
             r.snapshot, r.to, r.keys_copied, r.bytes, r.duration_ms
         );
@@ -986,7 +991,7 @@ pub fn print_restore(r: &RedisRestoreReport, json: bool) -> anyhow::Result<()> {
 /// Prints a verify report (text or JSON).
 pub fn print_verify(r: &VerifyReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        outln!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
     let ms = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());

@@ -1,6 +1,7 @@
 //! `lifeboat demo` and `lifeboat bench`: the main job on an embedded default, and the figures we
 //! are measured on. Both run real processes through [`crate::harness`].
 
+use crate::outln;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,10 @@ pub struct DemoArgs {
     /// modified. Default: a generated tree of about 2,000 files including one of 200 MB.
     #[arg(long)]
     pub source: Option<PathBuf>,
-    /// Where the cluster, working copy and restore go (default: a new directory in /tmp).
+    /// Where the cluster, working copy and restore go (default: a new directory in /tmp,
+    /// removed afterwards unless --keep). A directory that already exists is never removed nor
+    /// emptied: the demo works in a new `lifeboat-demo-*` directory inside it and removes only
+    /// that. Must not lie inside --source.
     #[arg(long)]
     pub workdir: Option<PathBuf>,
     /// Files in the generated tree.
@@ -44,7 +48,9 @@ pub struct DemoArgs {
 /// Options of `lifeboat bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Where to work (default: a new directory in /tmp, removed afterwards).
+    /// Where to work (default: a new directory in /tmp, removed afterwards). A directory that
+    /// already exists is never removed nor emptied: the run works in a new `lifeboat-bench-*`
+    /// directory inside it (kept, with --workdir).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
     /// Files in the generated tree.
@@ -85,20 +91,115 @@ pub struct DemoSummary {
     pub restored_equal: bool,
     /// Differences, if any.
     pub differences: Vec<String>,
-    /// The workdir.
+    /// The run directory (see [`RunDir`]).
     pub workdir: PathBuf,
 }
 
-pub(crate) fn workdir(w: &Option<PathBuf>, what: &str) -> anyhow::Result<PathBuf> {
-    let d = match w {
-        Some(d) => d.clone(),
-        None => tempfile::Builder::new()
-            .prefix(&format!("lifeboat-{what}-"))
-            .tempdir()?
-            .keep(),
+/// The directory a demo or benchmark run works in, and the only thing it may remove afterwards.
+///
+/// Never a directory that held anything before the run: without `--workdir` a new directory in
+/// the temp dir; with `--workdir DIR` that does not exist, DIR (created); with an existing DIR
+/// (empty or not), a new `DIR/lifeboat-<what>-XXXXXX`. So removing [`RunDir::path`] removes
+/// only what the run created, and files already in DIR (a `--source` among them) are untouched.
+#[derive(Debug)]
+pub struct RunDir {
+    /// Where the run writes everything (cluster, working copy, restores, logs).
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Picks and creates the run directory for `--workdir` (`what` names the command, e.g.
+    /// `demo`), first refusing a run directory that would lie inside `source` (the demo's
+    /// `--source`, which is never modified).
+    ///
+    /// Errors: `--workdir` inside `--source` (or equal to it), `--source` missing, I/O.
+    pub fn create(
+        workdir: &Option<PathBuf>,
+        what: &str,
+        source: Option<&Path>,
+    ) -> anyhow::Result<RunDir> {
+        let parent_of_new = match workdir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir(),
+        };
+        if let Some(src) = source {
+            let s = src
+                .canonicalize()
+                .with_context(|| format!("--source {}", src.display()))?;
+            if !s.is_dir() {
+                bail!("--source {} is not a directory", src.display());
+            }
+            let w = canonical_prefix(&parent_of_new)?;
+            if w.starts_with(&s) {
+                bail!(
+                    "--workdir {} is inside --source {}: the {what} would write its cluster and working copy into the source, which it never modifies; choose a --workdir outside the source",
+                    parent_of_new.display(),
+                    src.display()
+                );
+            }
+        }
+        let path = match workdir {
+            Some(d) if d.exists() => {
+                if !d.is_dir() {
+                    bail!("--workdir {} exists and is not a directory", d.display());
+                }
+                let p = tempfile::Builder::new()
+                    .prefix(&format!("lifeboat-{what}-"))
+                    .tempdir_in(d)
+                    .with_context(|| format!("create a run directory in {}", d.display()))?
+                    .keep();
+                eprintln!(
+                    "{what}: --workdir {} already exists: working in {} (only that is removed afterwards)",
+                    d.display(),
+                    p.display()
+                );
+                p
+            }
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("create --workdir {}", d.display()))?;
+                d.clone()
+            }
+            None => tempfile::Builder::new()
+                .prefix(&format!("lifeboat-{what}-"))
+                .tempdir()?
+                .keep(),
+        };
+        Ok(RunDir { path })
+    }
+
+    /// Removes the run directory (everything in it was created by the run).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `p` canonicalized, for a `p` that may not exist yet: its nearest existing ancestor
+/// canonicalized, with the missing components appended.
+fn canonical_prefix(p: &Path) -> anyhow::Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
     };
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return Ok(out);
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
 }
 
 pub(crate) fn dir_size(root: &Path) -> (u64, u64) {
@@ -136,7 +237,8 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     if !args.single_region {
         return crate::demo_regions::run(args, json).await;
     }
-    let wd = workdir(&args.workdir, "demo")?;
+    let run = RunDir::create(&args.workdir, "demo", args.source.as_deref())?;
+    let wd = run.path.clone();
     let res = tokio::select! {
         r = demo_body(&args, &wd, json) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; children stopped, workdir kept at {}", wd.display())),
@@ -144,9 +246,9 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     match res {
         Ok(s) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!(
+                outln!(
                     "demo: files={} bytes={} sync={:.1}s mb_per_s={:.1} leader_change_ms={} restarted_node_caught_up={} restore_mb_per_s={:.1} restored_equal={}",
                     s.files, s.bytes, s.sync_secs, s.mb_per_s, s.leader_change_ms, s.restarted_node_caught_up, s.restore_mb_per_s, s.restored_equal
                 );
@@ -161,7 +263,7 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                 );
             }
             if !args.keep {
-                let _ = std::fs::remove_dir_all(&wd);
+                run.remove();
             }
             Ok(())
         }
@@ -443,7 +545,8 @@ fn one_percent_change(root: &Path) -> anyhow::Result<()> {
 ///
 /// Errors: any step failing.
 pub async fn run_bench(args: BenchArgs, json: bool) -> anyhow::Result<()> {
-    let wd = workdir(&args.workdir, "bench")?;
+    let run = RunDir::create(&args.workdir, "bench", None)?;
+    let wd = run.path.clone();
     let src = wd.join("src");
     if src.exists() {
         std::fs::remove_dir_all(&src)?;
@@ -501,32 +604,32 @@ pub async fn run_bench(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         "targets": {"initial_sync_mb_per_s": ">= 150", "change_vs_rsync": "<= 1.5", "restore_mb_per_s": ">= 150", "agent_peak_rss_mib": "<= 150", "idle_agent_cpu_percent": "< 1"},
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("tree: {} files, {:.1} MB", st.files, st.bytes as f64 / 1e6);
-        println!("initial sync: {sync_secs:.2} s, {initial_mb_s:.1} MB/s (target >= 150)");
-        println!(
+        outln!("tree: {} files, {:.1} MB", st.files, st.bytes as f64 / 1e6);
+        outln!("initial sync: {sync_secs:.2} s, {initial_mb_s:.1} MB/s (target >= 150)");
+        outln!(
             "~1% change: {delta_secs:.2} s, {delta_bytes} bytes sent; rsync --no-whole-file sent {} ({} ; target <= 1.5x)",
             rsync_bytes.map(|b| b.to_string()).unwrap_or_else(|| "n/a (rsync not installed)".into()),
             rsync_bytes.map(|r| format!("{:.2}x", delta_bytes as f64 / r.max(1) as f64)).unwrap_or_default()
         );
-        println!(
+        outln!(
             "restore: {:.1} MB/s (target >= 150), equal={}",
             report.mb_per_s,
             cmp.equal()
         );
-        println!(
+        outln!(
             "agent peak RSS: {:.1} MiB (target <= 150)",
             rss_kib as f64 / 1024.0
         );
-        println!(
+        outln!(
             "idle agent CPU: {idle_cpu_pct:.2}% over {} s (target < 1%)",
             args.idle_secs
         );
     }
     drop(cluster);
     if args.workdir.is_none() {
-        let _ = std::fs::remove_dir_all(&wd);
+        run.remove();
     }
     if !cmp.equal() {
         bail!("restore differs: {:?}", cmp.differences);

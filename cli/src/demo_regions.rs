@@ -5,6 +5,7 @@
 //! (acknowledged changes missing in B), then restarts A and shows it rejoin as a standby that
 //! catches up.
 
+use crate::outln;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 
-use crate::demo::{dir_size, prepare_work, say, workdir, DemoArgs};
+use crate::demo::{dir_size, prepare_work, say, DemoArgs, RunDir};
 use crate::demo_dbs::DemoDbs;
 use crate::harness::wait_agent_idle;
 use crate::regions::{Regions, RegionsOpts};
@@ -72,7 +73,8 @@ fn hook_toml(region: &str, marker: &Path) -> String {
 ///
 /// Errors: any step failing, RPO above 0, or B's data differing from the source.
 pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
-    let wd = workdir(&args.workdir, "demo")?;
+    let run = RunDir::create(&args.workdir, "demo", args.source.as_deref())?;
+    let wd = run.path.clone();
     let res = tokio::select! {
         r = body(&args, &wd, json) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; children stopped")),
@@ -80,14 +82,14 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     match res {
         Ok(s) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!(
+                outln!(
                     "demo: regions=2 witness=1 files={} bytes={} sync={:.1}s acked={} rto_ms={} rto_global_ms={} rpo_changes={} epoch={} hook_ran={} replica_complete={} old_region_rejoined={} restored_equal={}",
                     s.files, s.bytes, s.sync_secs, s.acked_changes, s.rto_ms, s.rto_global_ms, s.rpo_changes, s.epoch, s.hook_ran, s.replica_complete, s.old_region_rejoined, s.restored_equal
                 );
                 if let Some(d) = &s.databases {
-                    println!(
+                    outln!(
                         "databases: rpo_changes={} db_rpo_redis={} db_rpo_postgres={} redis_acked={} postgres_acked={} b_redis_primary={} b_postgres_primary={} writes_after_failover={} promote_db_audited={} decision_to_dbs_primary_ms={} kill_to_redis_primary_ms={} kill_to_postgres_primary_ms={}",
                         s.rpo_changes, d.db_rpo_redis, d.db_rpo_postgres, d.redis_acked, d.postgres_acked, d.redis_primary, d.postgres_primary, d.writes_after_failover, d.promote_db_audited,
                         d.decision_to_dbs_primary_ms.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
@@ -95,7 +97,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                     );
                 }
                 if let Some(why) = &s.databases_skipped {
-                    println!("databases: skipped ({why})");
+                    outln!("databases: skipped ({why})");
                 }
             }
             if let Some(d) = &s.databases {
@@ -116,7 +118,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
                 );
             }
             if !args.keep {
-                let _ = std::fs::remove_dir_all(&wd);
+                run.remove();
             }
             Ok(())
         }
@@ -332,7 +334,8 @@ pub struct FailoverBenchArgs {
     /// Region kills to measure.
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
-    /// Where to work (default: a new directory in /tmp, removed afterwards).
+    /// Where to work (default: a new directory in /tmp). Only what the run created is removed
+    /// afterwards: an existing directory gets a new `lifeboat-*` directory inside it.
     #[arg(long)]
     pub workdir: Option<std::path::PathBuf>,
     /// Then also measure failovers with a Redis and a PostgreSQL per region (b's replicas of
@@ -433,7 +436,8 @@ fn median_worst(v: &[u64]) -> (u64, u64) {
 ///
 /// Errors: a failover not happening within 60 s.
 pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
-    let wd = workdir(&args.workdir, "bench-failover")?;
+    let run = RunDir::create(&args.workdir, "bench-failover", None)?;
+    let wd = run.path.clone();
     let marker = wd.join("traffic");
     let mut regions = Regions::start(
         &wd.join("regions"),
@@ -520,18 +524,18 @@ pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
                 "decision_to_dbs_primary_worst_ms": promo_worst,
             });
         }
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("bench-failover: kills={} rto_median_ms={median} rto_worst_ms={worst} (targets: median <= 3000, worst <= 5000)", rtos.len());
+        outln!("bench-failover: kills={} rto_median_ms={median} rto_worst_ms={worst} (targets: median <= 3000, worst <= 5000)", rtos.len());
         if args.with_databases {
-            println!(
+            outln!(
                 "bench-failover --with-databases: kills={} rto_median_ms={db_median} rto_worst_ms={db_worst} extra_rto_median_ms={} decision_to_dbs_primary_median_ms={promo_median} decision_to_dbs_primary_worst_ms={promo_worst} (target: databases add < 1000 ms)",
                 rounds.len(),
                 db_median as i64 - median as i64
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&wd);
+    run.remove();
     Ok(())
 }
 
@@ -544,7 +548,8 @@ pub struct LagBenchArgs {
     /// How long the source changes, seconds.
     #[arg(long, default_value_t = 20)]
     pub secs: u64,
-    /// Where to work (default: a new directory in /tmp, removed afterwards).
+    /// Where to work (default: a new directory in /tmp). Only what the run created is removed
+    /// afterwards: an existing directory gets a new `lifeboat-*` directory inside it.
     #[arg(long)]
     pub workdir: Option<std::path::PathBuf>,
 }
@@ -582,7 +587,8 @@ pub struct LagBenchSummary {
 /// Errors: set-up failures, or the agent not draining within 5 minutes.
 pub async fn bench_lag(args: LagBenchArgs, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
-    let wd = workdir(&args.workdir, "bench-lag")?;
+    let run = RunDir::create(&args.workdir, "bench-lag", None)?;
+    let wd = run.path.clone();
     let mut regions = Regions::start(&wd.join("regions"), &RegionsOpts::default())?;
     regions.wait_active("a", 1, Duration::from_secs(60)).await?;
     let src = wd.join("src");
@@ -664,9 +670,9 @@ pub async fn bench_lag(args: LagBenchArgs, json: bool) -> anyhow::Result<()> {
         drain_ms,
     };
     if json {
-        println!("{}", serde_json::to_string(&sum)?);
+        outln!("{}", serde_json::to_string(&sum)?);
     } else {
-        println!(
+        outln!(
             "bench-lag: target_mb_per_s={:.1} written_mb_per_s={:.1} samples={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={} lag_max_bytes={} drain_ms={} (target: p99 <= 1000 ms)",
             sum.target_mb_per_s,
             sum.written_mb_per_s,
@@ -679,6 +685,6 @@ pub async fn bench_lag(args: LagBenchArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     drop(regions);
-    let _ = std::fs::remove_dir_all(&wd);
+    run.remove();
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod demo_dbs;
 pub mod demo_regions;
 pub mod harness;
 pub mod netns;
+pub mod out;
 pub mod pg_restore;
 pub mod pg_verify;
 pub mod regions;

@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use lifeboat_cli::outln;
 use lifeboat_cli::{conflicts, conn, control, db_restore, demo, pg_restore, restore};
 
 use std::path::PathBuf;
@@ -82,6 +83,15 @@ enum Cmd {
         /// Target directory (created if missing).
         #[arg(long, required = true)]
         to: Option<PathBuf>,
+        /// Local files and symlinks already in DIR: `never` refuses the whole restore up front,
+        /// listing them, and writes nothing; `older` replaces only those whose mtime is older
+        /// than the restored version's; `always` replaces them. Entries already equal to the
+        /// version (content, mode, mtime) are left alone under every policy.
+        #[arg(long, value_enum, default_value_t = restore::Overwrite::Never)]
+        overwrite: restore::Overwrite,
+        /// Print what would be written, overwritten and kept; write nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -105,6 +115,13 @@ enum Cmd {
         /// The restore command and its arguments (after `--`, with --exec).
         #[arg(last = true)]
         command: Vec<String>,
+        /// An existing --to-file: `never` refuses (unless it already equals the snapshot),
+        /// `older` replaces it only if its mtime is older than the snapshot's, `always` replaces.
+        #[arg(long, value_enum, default_value_t = restore::Overwrite::Never)]
+        overwrite: restore::Overwrite,
+        /// Print what would be done; write nothing and run no command.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -393,9 +410,9 @@ async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
             };
             let r = pg_restore::restore_postgres(&conn, &opts).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "restored postgres {} from {} ({} bytes) and {} WAL files into {} in {} ms; start PostgreSQL on it to recover to {}",
                     r.source, r.base_backup, r.base_bytes, r.wal_files, r.data_dir, r.elapsed_ms,
                     r.recovery_target_time.as_deref().unwrap_or("the end of the archived WAL")
@@ -404,6 +421,101 @@ async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints a `restore --dry-run` plan: one line per path with its action, then the totals.
+fn print_plan(p: &restore::RestorePlan, to: &std::path::Path, policy: restore::Overwrite) {
+    let over = if policy == restore::Overwrite::Never {
+        "would refuse (overwrite)"
+    } else {
+        "overwrite"
+    };
+    for (what, paths) in [
+        ("write", &p.write),
+        (over, &p.overwrite),
+        ("keep (local newer)", &p.skip_newer),
+        ("keep (equal)", &p.unchanged),
+        ("blocked", &p.blocked),
+    ] {
+        for path in paths.iter() {
+            outln!("{what:<24} {path}");
+        }
+    }
+    outln!(
+        "dry run into {}, nothing written: {} to write, {} to overwrite, {} kept newer, {} equal, {} blocked",
+        to.display(),
+        p.write.len(),
+        p.overwrite.len(),
+        p.skip_newer.len(),
+        p.unchanged.len(),
+        p.blocked.len()
+    );
+    if let Err(e) = restore::check_plan(p, to, policy) {
+        outln!("a real run would fail: {e:#}");
+    }
+}
+
+/// Prints the member table of a status reply: role, reachability, last contact, match index and
+/// lag, blob completeness; then the blob durability summary.
+fn print_members(s: &lifeboat_proto::StatusReply) {
+    outln!(
+        "members (seen from node {}):\n  {:>4} {:<22} {:<7} {:<11} {:>9} {:>7} {:>6}  blobs",
+        s.node_id,
+        "id",
+        "address",
+        "role",
+        "reachable",
+        "contact",
+        "match",
+        "lag"
+    );
+    for m in &s.members {
+        let contact = if m.last_contact_ms < 0 {
+            "never".to_string()
+        } else {
+            format!("{} ms", m.last_contact_ms)
+        };
+        let blobs = if s.blob_store_shared {
+            "shared store".to_string()
+        } else if !m.blobs_known {
+            "unknown".to_string()
+        } else if m.blobs_missing == 0 {
+            format!("complete ({})", m.blobs_referenced)
+        } else {
+            format!(
+                "{} of {} missing{} (backfilling, {} repaired)",
+                m.blobs_missing,
+                m.blobs_referenced,
+                if m.blobs_missing_truncated { "+" } else { "" },
+                m.blobs_repaired
+            )
+        };
+        outln!(
+            "  {:>4} {:<22} {:<7} {:<11} {:>9} {:>7} {:>6}  {}",
+            m.id,
+            m.addr,
+            if m.voter { "voter" } else { "learner" },
+            if m.reachable { "yes" } else { "UNREACHABLE" },
+            contact,
+            m.match_index,
+            m.lag_entries,
+            blobs
+        );
+    }
+    if s.blob_store_shared {
+        outln!("blobs: shared store (S3): every coordinator sees every blob, nothing to backfill");
+    } else {
+        outln!(
+            "blobs: {} under-replicated (not confirmed on every voter), {} below majority{}",
+            s.blobs_under_replicated,
+            s.blobs_below_majority,
+            if s.blob_health_complete {
+                ""
+            } else {
+                " (not exact: a voter is unreachable or still scanning, and confirms none)"
+            }
+        );
+    }
 }
 
 fn parse_at(at: &str) -> anyhow::Result<Option<i64>> {
@@ -426,7 +538,7 @@ fn fmt_ms(ms: i64) -> String {
 
 fn print_versions(rows: &[FileVersion], output: Output) -> anyhow::Result<()> {
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        outln!("{}", serde_json::to_string_pretty(rows)?);
         return Ok(());
     }
     for v in rows {
@@ -440,7 +552,7 @@ fn print_versions(rows: &[FileVersion], output: Output) -> anyhow::Result<()> {
         } else {
             format!("{:o}", v.v.mode)
         };
-        println!(
+        outln!(
             "{:>8}  {:<4} {:>7} {:>12}  {}  {}{}",
             v.seq,
             kind,
@@ -488,7 +600,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let p = control::call(&conn, "drill", serde_json::json!({ "to": to })).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&p)?);
+                outln!("{}", serde_json::to_string_pretty(&p)?);
             } else {
                 control::print_plan(&p);
             }
@@ -496,7 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Conflicts { conn } => {
             let list = conflicts::list(&conn).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 conflicts::print(&list);
             }
@@ -509,9 +621,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let v = conflicts::resolve(&conn, &path, keep).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "resolved {} (conflict {} from region {}): kept {keep}; committed at epoch {}: {}",
                     v["path"].as_str().unwrap_or("?"),
                     v["conflict"].as_str().unwrap_or("?"),
@@ -542,7 +654,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let v = control::call(&conn, "topology", body).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 control::print_topology(&v);
             }
@@ -550,7 +662,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Audit { limit, conn } => {
             let v = control::call(&conn, "audit", serde_json::json!({ "limit": limit })).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 control::print_audit(&v);
             }
@@ -572,47 +684,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
                     "last_applied": s.last_applied, "last_log_index": s.last_log_index,
                     "snapshot_index": s.snapshot_index, "epoch": s.epoch,
-                    "members": s.members.iter().map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect::<Vec<_>>(),
-                    "agents": s.agents.iter().map(|a| serde_json::json!({"agent_id": a.agent_id, "last_seen_ms_ago": a.last_seen_ms_ago, "files_tracked": a.files_tracked, "pending_changes": a.pending_changes, "bytes_sent": a.bytes_sent, "changes_acked": a.changes_acked})).collect::<Vec<_>>(),
+                    "has_leader": s.has_leader,
+                    "members": s.members.iter().map(|m| serde_json::json!({
+                        "id": m.id, "addr": m.addr, "voter": m.voter,
+                        "reachable": m.reachable,
+                        "last_contact_ms": (m.last_contact_ms >= 0).then_some(m.last_contact_ms),
+                        "match_index": m.match_index, "match_from_leader": m.match_from_leader,
+                        "lag_entries": m.lag_entries,
+                        "blobs": if s.blob_store_shared { serde_json::json!("shared") } else if m.blobs_known { serde_json::json!({
+                            "referenced": m.blobs_referenced, "missing": m.blobs_missing,
+                            "missing_truncated": m.blobs_missing_truncated, "repaired": m.blobs_repaired,
+                            "complete": m.blobs_missing == 0,
+                        }) } else { serde_json::Value::Null },
+                    })).collect::<Vec<_>>(),
+                    "blob_store_shared": s.blob_store_shared,
+                    "blobs_under_replicated": s.blobs_under_replicated,
+                    "blobs_below_majority": s.blobs_below_majority,
+                    "blob_health_complete": s.blob_health_complete,
+                    "agents": s.agents.iter().map(|a| serde_json::json!({"agent_id": a.agent_id, "last_seen_ms_ago": a.last_seen_ms_ago, "files_tracked": a.files_tracked, "pending_changes": a.pending_changes, "bytes_sent": a.bytes_sent, "changes_acked": a.changes_acked, "failing_checks": a.failing_checks.iter().map(|c| serde_json::json!({"name": c.name, "detail": c.detail})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
                     "entries": s.entries, "bytes": s.bytes, "versions": s.versions,
                     "role": s.role, "upstream_seq": s.upstream_seq,
                     "upstream_last_seq": s.upstream_last_seq, "lag_entries": s.lag_entries,
                     "lag_bytes": s.lag_bytes, "lag_ms": s.lag_ms, "replication_state": s.replication_state,
                     "replication_error": s.replication_error,
+                    "config_warnings": s.config_warnings,
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                for w in &s.config_warnings {
+                    outln!("WARNING (node {}): {w}", s.node_id);
+                }
                 if let Some(g) = &global {
                     control::print_status(g);
                 }
-                println!(
+                outln!(
                     "region {}  epoch {}  (answered by node {} at {addr}, {})",
-                    s.region, s.epoch, s.node_id, s.state
+                    s.region,
+                    s.epoch,
+                    s.node_id,
+                    s.state
                 );
-                println!(
-                    "leader {} at {}  term {}  last applied {}  last log {}  snapshot {}",
-                    s.leader_id,
-                    s.leader_addr,
+                let leader = if s.has_leader {
+                    format!("leader {} at {}", s.leader_id, s.leader_addr)
+                } else if s.state == "Leader" {
+                    format!(
+                        "no leader (node {} was leader but has lost its quorum)",
+                        s.node_id
+                    )
+                } else {
+                    "no leader".to_string()
+                };
+                outln!(
+                    "{leader}  term {}  last applied {}  last log {}  snapshot {}",
                     s.term,
                     s.last_applied,
                     s.last_log_index,
                     s.snapshot_index
                 );
-                println!("members:");
-                for m in &s.members {
-                    println!(
-                        "  {:>4} {:<22} {}",
-                        m.id,
-                        m.addr,
-                        if m.voter { "voter" } else { "learner" }
-                    );
-                }
-                println!(
+                print_members(&s);
+                outln!(
                     "catalog: {} entries, {} bytes, {} versions",
-                    s.entries, s.bytes, s.versions
+                    s.entries,
+                    s.bytes,
+                    s.versions
                 );
                 if s.role == "standby" {
-                    println!(
+                    outln!(
                         "replication: standby, {}  upstream seq {} of {}  lag {} entries, {} bytes, {} ms",
                         s.replication_state,
                         s.upstream_seq,
@@ -622,14 +759,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         s.lag_ms
                     );
                     if !s.replication_error.is_empty() {
-                        println!("  last error: {}", s.replication_error);
+                        outln!("  last error: {}", s.replication_error);
                     }
                 } else if !s.role.is_empty() {
-                    println!("replication: {} (takes writes)", s.role);
+                    outln!("replication: {} (takes writes)", s.role);
                 }
-                println!("agents ({}):", s.agents.len());
+                outln!("agents ({}):", s.agents.len());
                 for a in &s.agents {
-                    println!(
+                    outln!(
                         "  {:<16} seen {} ms ago, {} files, {} pending, {} bytes sent, {} acked",
                         a.agent_id,
                         a.last_seen_ms_ago,
@@ -638,6 +775,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         a.bytes_sent,
                         a.changes_acked
                     );
+                    for c in &a.failing_checks {
+                        outln!("    FAILING {}: {}", c.name, c.detail);
+                    }
                 }
             }
         }
@@ -684,6 +824,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             at,
             to,
+            overwrite,
+            dry_run,
             conn,
         } => {
             let to = to.ok_or_else(|| anyhow!("--to DIR is required"))?;
@@ -693,14 +835,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("nothing to restore: no live paths under {path:?} as of {at} (see `lifeboat ls --deleted`)");
             }
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let report =
-                restore::restore(&conn, &addr, rows, &to, output == Output::Text && tty).await?;
+            let opts = restore::RestoreOpts { overwrite, dry_run };
+            let report = restore::restore_with(
+                &conn,
+                &addr,
+                rows,
+                &to,
+                output == Output::Text && tty && !dry_run,
+                opts,
+            )
+            .await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
+            } else if let Some(p) = &report.plan {
+                print_plan(p, &to, overwrite);
             } else {
-                println!(
-                    "restored {} files, {} dirs, {} symlinks, {} bytes into {} in {} ms ({:.1} MB/s)",
-                    report.files, report.dirs, report.symlinks, report.bytes, to.display(), report.elapsed_ms, report.mb_per_s
+                outln!(
+                    "restored {} files, {} dirs, {} symlinks, {} bytes into {} in {} ms ({:.1} MB/s); {} local entries overwritten, {} kept (newer), {} already equal",
+                    report.files, report.dirs, report.symlinks, report.bytes, to.display(), report.elapsed_ms, report.mb_per_s,
+                    report.overwritten, report.skipped_newer, report.unchanged
                 );
             }
         }
@@ -710,6 +863,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to_file,
             exec,
             command,
+            overwrite,
+            dry_run,
             conn,
         } => {
             let target = match (to_file, exec) {
@@ -718,13 +873,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => bail!("give exactly one of --to-file PATH or --exec -- CMD [ARGS...]"),
             };
             let at_ms = parse_at(&at)?;
-            let r = restore::restore_snapshot(&conn, &source, at_ms, &at, target).await?;
+            let opts = restore::RestoreOpts { overwrite, dry_run };
+            let r = restore::restore_snapshot(&conn, &source, at_ms, &at, target, opts).await?;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "restored snapshot {} ({} bytes, blake3 {}, taken {})",
-                    r.snapshot, r.bytes, r.blake3, r.taken_at
+                outln!(
+                    "{}snapshot {} ({} bytes, blake3 {}, taken {}): {}",
+                    if dry_run {
+                        "dry run, nothing written: "
+                    } else {
+                        "restored "
+                    },
+                    r.snapshot,
+                    r.bytes,
+                    r.blake3,
+                    r.taken_at,
+                    r.action
                 );
             }
         }
@@ -743,31 +908,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "bytes_freed": r.bytes_freed, "kept_referenced": r.kept_referenced,
                     "kept_young": r.kept_young, "delete_failed": r.delete_failed,
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let verb = if r.dry_run { "would be" } else { "were" };
-                println!(
+                outln!(
                     "garbage collection in region {} (leader {addr}){}:",
                     r.region,
                     if r.dry_run { ", dry run" } else { "" }
                 );
-                println!(
+                outln!(
                     "  versions pruned:  {} {verb} superseded before {}",
                     r.versions_pruned,
                     jiff::Timestamp::from_millisecond(r.cutoff_ms)
                         .map(|t| t.to_string())
                         .unwrap_or_else(|_| r.cutoff_ms.to_string())
                 );
-                println!(
+                outln!(
                     "  blobs condemned:  {} of {} listed ({} stored bytes freed per copy)",
-                    r.blobs_condemned, r.blobs_listed, r.bytes_freed
+                    r.blobs_condemned,
+                    r.blobs_listed,
+                    r.bytes_freed
                 );
-                println!(
+                outln!(
                     "  blobs kept:       {} referenced, {} unreferenced but younger than the grace period",
                     r.kept_referenced, r.kept_young
                 );
                 if r.delete_failed > 0 {
-                    println!(
+                    outln!(
                         "  delete failed:    {} (left in the shared store; the next pass retries)",
                         r.delete_failed
                     );
@@ -808,11 +975,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("membership (via {addr}):");
+                outln!("membership (via {addr}):");
                 for m in &reply.members {
-                    println!(
+                    outln!(
                         "  {:>4} {:<22} {}",
                         m.id,
                         m.addr,
@@ -838,12 +1005,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("issue {n}"))?;
             }
             if output == Output::Json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"dir": dir, "ca": dir.join("ca.pem"), "names": names})
                 );
             } else {
-                println!(
+                outln!(
                     "CA {} and certificates for {} written to {}",
                     dir.join("ca.pem").display(),
                     names.join(", "),
@@ -880,9 +1047,9 @@ async fn main() {
 
 fn print_done(output: Output, r: &serde_json::Value) -> anyhow::Result<()> {
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        outln!("{}", serde_json::to_string_pretty(r)?);
     } else {
-        println!(
+        outln!(
             "{} is active at epoch {} (writes paused {} ms; no acknowledged change lost)",
             r["to"].as_str().unwrap_or("?"),
             r["epoch"],

@@ -1,13 +1,14 @@
 //! The operator API (`AdminService`): status, catalog listing, membership changes, snapshots.
 //! Reads are served by any node from its local catalog; membership changes need the leader.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use lifeboat_proto::admin_service_server::AdminService;
 use lifeboat_proto::{
-    AddMemberRequest, AgentInfo, GcReply, GcRequest, ListVersionsRequest, Member, MembershipReply,
-    RemoveMemberRequest, StatusReply, StatusRequest, TriggerSnapshotReply, TriggerSnapshotRequest,
-    VersionRow,
+    AddMemberRequest, AgentInfo, BlobHealthReply, GcReply, GcRequest, ListVersionsRequest, Member,
+    MembershipReply, RemoveMemberRequest, StatusReply, StatusRequest, TriggerSnapshotReply,
+    TriggerSnapshotRequest, VersionRow,
 };
 use openraft::{BasicNode, ChangeMembers};
 use tonic::{Request, Response, Status};
@@ -18,7 +19,7 @@ use crate::control::role::Role;
 use crate::control::runtime::ControlRuntime;
 use crate::intake::AgentTable;
 use crate::leader::LeaderInfo;
-use crate::raft::{Catalog, RegionRaft};
+use crate::raft::{Catalog, NodeId, RegionRaft};
 use crate::replication::ReplicationStatus;
 
 /// The `AdminService` implementation.
@@ -41,6 +42,63 @@ pub struct Admin {
     pub control: Option<Arc<ControlRuntime>>,
     /// Garbage collection (`CollectGarbage`).
     pub gc: crate::gc::Gc,
+    /// Config problems found at start (membership drift), shown by `Status`.
+    pub config_warnings: Arc<Vec<String>>,
+    /// Blob repair and member probes (per-member health, backfill checks).
+    pub repair: crate::repair::Repair,
+}
+
+/// How long `AddMember` waits for a new member's blob backfill before it leaves it a learner.
+const BACKFILL_WAIT: Duration = Duration::from_secs(600);
+/// How long `RemoveMember` waits for the remaining voters to hold every committed blob on a
+/// majority before it refuses.
+const DURABLE_WAIT: Duration = Duration::from_secs(15);
+/// Interval between two checks while waiting.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Whether a fresh health answer covers everything committed up to `target` and lacks nothing.
+fn backfilled(r: &Option<BlobHealthReply>, target: u64) -> bool {
+    r.as_ref().is_some_and(|r| {
+        r.shared_store || (r.scanned && r.scan_applied >= target && r.missing == 0)
+    })
+}
+
+/// Why a set of voters does not hold every committed blob on a majority (None: it does).
+fn durability_problem(
+    health: &BTreeMap<NodeId, Option<BlobHealthReply>>,
+    target: u64,
+) -> Option<String> {
+    let mut why = Vec::new();
+    for (id, r) in health {
+        match r {
+            None => why.push(format!("node {id} does not answer")),
+            Some(r) if r.shared_store => {}
+            Some(r) if !r.scanned || r.scan_applied < target => {
+                why.push(format!("node {id} has not finished a blob scan"))
+            }
+            Some(r) if r.missing > 0 => why.push(format!(
+                "node {id} lacks {} of {} committed blobs",
+                r.missing, r.referenced
+            )),
+            Some(_) => {}
+        }
+    }
+    let answers: Vec<Option<&BlobHealthReply>> = health
+        .values()
+        .map(|r| {
+            r.as_ref()
+                .filter(|r| r.shared_store || (r.scanned && r.scan_applied >= target))
+        })
+        .collect();
+    let d = crate::repair::durability(&answers);
+    (d.below_majority > 0).then(|| {
+        format!(
+            "{} committed blobs would be on fewer than a majority ({}) of the remaining voters ({})",
+            d.below_majority,
+            health.len() / 2 + 1,
+            why.join("; ")
+        )
+    })
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -57,8 +115,130 @@ impl Admin {
                 id: *id,
                 addr: n.addr.clone(),
                 voter: voters.contains(id),
+                ..Default::default()
             })
             .collect()
+    }
+
+    /// Members with their health as this node sees it, and the blob durability over the voters.
+    fn members_with_health(&self) -> (Vec<Member>, crate::repair::Durability) {
+        let m = self.raft.metrics().borrow().clone();
+        let me = self.leader.node_id;
+        let leading = m.current_leader == Some(me);
+        let matched = m.replication.clone().unwrap_or_default();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let peers = self.repair.peers();
+        let own = self.repair.health(false);
+        let mut members = self.members();
+        let mut voter_health: Vec<Option<BlobHealthReply>> = Vec::new();
+        for mem in &mut members {
+            let (reachable, contact, health) = if mem.id == me {
+                (true, 0, Some(own.clone()))
+            } else {
+                let seen = peers.get(&mem.id);
+                let last_ok = seen.and_then(|s| s.last_ok);
+                let reachable =
+                    last_ok.is_some_and(|t| t.elapsed() <= crate::repair::REACHABLE_WITHIN);
+                let contact = last_ok
+                    .map(|t| t.elapsed().as_millis() as i64)
+                    .unwrap_or(-1);
+                (
+                    reachable,
+                    contact,
+                    seen.and_then(|s| s.reply.clone()).filter(|_| reachable),
+                )
+            };
+            mem.reachable = reachable;
+            mem.last_contact_ms = contact;
+            if leading {
+                mem.match_from_leader = true;
+                mem.match_index = if mem.id == me {
+                    last_log
+                } else {
+                    matched
+                        .get(&mem.id)
+                        .copied()
+                        .flatten()
+                        .map(|l| l.index)
+                        .unwrap_or(0)
+                };
+            } else if let Some(h) = &health {
+                mem.match_index = h.last_applied;
+            }
+            mem.lag_entries = last_log.saturating_sub(mem.match_index);
+            if let Some(h) = &health {
+                mem.blobs_known = h.scanned;
+                mem.blobs_referenced = h.referenced;
+                mem.blobs_missing = h.missing;
+                mem.blobs_missing_truncated = h.missing_truncated;
+                mem.blobs_repaired = h.repaired;
+            }
+            if mem.voter {
+                voter_health.push(health);
+            }
+        }
+        let d =
+            crate::repair::durability(&voter_health.iter().map(|h| h.as_ref()).collect::<Vec<_>>());
+        (members, d)
+    }
+
+    /// Waits until `ids` answer fresh blob scans covering `target` that satisfy `ok`, or `wait`
+    /// passes; returns the last answers.
+    /// Waits up to [`DURABLE_WAIT`] until every committed blob is on a majority of `remaining`
+    /// (the voters left once `id` is removed).
+    ///
+    /// Errors: FAILED_PRECONDITION saying why, followed by `hint`.
+    async fn durable_without(
+        &self,
+        id: NodeId,
+        remaining: &[NodeId],
+        hint: &str,
+    ) -> Result<(), Status> {
+        let target = self.catalog.applied_index();
+        let h = self
+            .wait_health(remaining, DURABLE_WAIT, |h| {
+                durability_problem(h, target).is_none()
+            })
+            .await;
+        match durability_problem(&h, target) {
+            Some(why) => Err(Status::failed_precondition(format!(
+                "refusing to remove voter {id}: {why}. {hint}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_health(
+        &self,
+        ids: &[NodeId],
+        wait: Duration,
+        ok: impl Fn(&BTreeMap<NodeId, Option<BlobHealthReply>>) -> bool,
+    ) -> BTreeMap<NodeId, Option<BlobHealthReply>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let h = self.repair.fresh_health(ids).await;
+            if ok(&h) || Instant::now() >= deadline {
+                return h;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// Whether `m` names a leader that can still commit: some leader is known and, when this node
+/// is that leader, a quorum acknowledged it within two maximal election timeouts
+/// (`election_timeout_max_ms`). openraft keeps an isolated leader in the Leader state, so
+/// without this a node cut off from its quorum would report itself as a working leader.
+pub fn leader_known(
+    m: &openraft::RaftMetrics<u64, BasicNode>,
+    election_timeout_max_ms: u64,
+) -> bool {
+    match m.current_leader {
+        None => false,
+        Some(l) if l == m.id => m
+            .millis_since_quorum_ack
+            .is_some_and(|ms| ms <= 2 * election_timeout_max_ms),
+        Some(_) => true,
     }
 }
 
@@ -66,6 +246,7 @@ impl Admin {
 impl AdminService for Admin {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let m = self.raft.metrics().borrow().clone();
+        let (members, durability) = self.members_with_health();
         let stats = self.catalog.stats().map_err(internal)?;
         let repl = self.replication.report(&self.catalog).map_err(internal)?;
         let agents = self
@@ -79,6 +260,7 @@ impl AdminService for Admin {
                 pending_changes: hb.pending_changes,
                 bytes_sent: hb.bytes_sent,
                 changes_acked: hb.changes_acked,
+                failing_checks: hb.checks.iter().filter(|c| !c.ok).cloned().collect(),
             })
             .collect();
         Ok(Response::new(StatusReply {
@@ -89,7 +271,7 @@ impl AdminService for Admin {
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
-            members: self.members(),
+            members,
             agents,
             entries: stats.live_entries,
             bytes: stats.live_bytes,
@@ -113,6 +295,12 @@ impl AdminService for Admin {
             lag_ms: repl.lag_ms,
             replication_state: repl.state,
             replication_error: repl.error,
+            config_warnings: self.config_warnings.as_ref().clone(),
+            has_leader: leader_known(&m, self.raft.config().election_timeout_max),
+            blob_store_shared: self.repair.shared(),
+            blobs_under_replicated: durability.under_replicated,
+            blobs_below_majority: durability.below_majority,
+            blob_health_complete: durability.complete,
         }))
     }
 
@@ -157,13 +345,58 @@ impl AdminService for Admin {
             .add_learner(r.id, BasicNode { addr: r.addr }, true)
             .await
             .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
-        if r.voter {
+        let is_voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == r.id);
+        if r.voter && !is_voter {
+            // A new voter counts toward blob durability: backfill it first (its repair pulls
+            // every committed blob), then check again with intake held off and promote.
+            let id = r.id;
+            let target = self.catalog.applied_index();
+            let h = self
+                .wait_health(&[id], BACKFILL_WAIT, |h| backfilled(&h[&id], target))
+                .await;
+            let not_yet = |h: &BTreeMap<NodeId, Option<BlobHealthReply>>| match &h[&id] {
+                None => format!("learner {id} does not answer blob health probes"),
+                Some(x) => format!(
+                    "learner {id} holds {} of {} committed blobs",
+                    x.referenced.saturating_sub(x.missing),
+                    x.referenced
+                ),
+            };
+            if !backfilled(&h[&id], target) {
+                return Err(Status::deadline_exceeded(format!(
+                    "{} after {} s of backfill; it stays a learner and keeps copying; run `lifeboat member add` again to promote it once `lifeboat status` shows 0 blobs missing",
+                    not_yet(&h),
+                    BACKFILL_WAIT.as_secs()
+                )));
+            }
+            let _exclusive = self.gc.lock.write().await;
+            let target = self.catalog.applied_index();
+            let h = self
+                .wait_health(&[id], DURABLE_WAIT, |h| backfilled(&h[&id], target))
+                .await;
+            if !backfilled(&h[&id], target) {
+                return Err(Status::unavailable(format!(
+                    "{} (blobs committed meanwhile); it stays a learner; retry `lifeboat member add`",
+                    not_yet(&h)
+                )));
+            }
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([r.id].into()), false)
                 .await
                 .map_err(|e| {
                     Status::failed_precondition(format!("promote {} to voter: {e}", r.id))
                 })?;
+            tracing::info!(
+                node = id,
+                "new member backfilled with every committed blob; promoted to voter"
+            );
         }
         Ok(Response::new(MembershipReply {
             members: self.members(),
@@ -177,6 +410,28 @@ impl AdminService for Admin {
         self.leader.ensure_leader()?;
         let id = req.into_inner().id;
         let m = self.raft.metrics().borrow().membership_config.clone();
+        let remaining: Vec<NodeId> = m.membership().voter_ids().filter(|v| *v != id).collect();
+        let _exclusive = if m.membership().voter_ids().any(|v| v == id) {
+            if remaining.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is the only voter; add another member first"
+                )));
+            }
+            // Every committed blob must stay on a majority of the remaining voters. Wait a
+            // little for repair, then check again with intake (new blobs) held off.
+            self.durable_without(
+                id,
+                &remaining,
+                "Bring the missing nodes back or wait until `lifeboat status` shows 0 blobs below majority, then retry",
+            )
+            .await?;
+            let exclusive = self.gc.lock.write().await;
+            self.durable_without(id, &remaining, "Retry once repair has copied them")
+                .await?;
+            Some(exclusive)
+        } else {
+            None
+        };
         if m.membership().voter_ids().any(|v| v == id) {
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters([id].into()), false)

@@ -11,7 +11,9 @@ use lifeboat_common::blobstore::{BlobStore, BlobStoreError};
 use lifeboat_common::tls::TlsConfig;
 use lifeboat_proto::blob_service_client::BlobServiceClient;
 use lifeboat_proto::blob_service_server::BlobService;
-use lifeboat_proto::{FetchBlobsRequest, PutBlobsReply, StoredBlob};
+use lifeboat_proto::{
+    BlobHealthReply, BlobHealthRequest, FetchBlobsRequest, PutBlobsReply, StoredBlob,
+};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -115,7 +117,11 @@ impl Blobs {
         (n, peers)
     }
 
-    fn client(&self, addr: &str) -> Result<BlobServiceClient<tonic::transport::Channel>, Status> {
+    /// Blob service client of the peer at `addr`.
+    pub(crate) fn client(
+        &self,
+        addr: &str,
+    ) -> Result<BlobServiceClient<tonic::transport::Channel>, Status> {
         let ch = self
             .tls
             .channel(addr)
@@ -340,6 +346,8 @@ impl ReplicationSession {
 pub struct BlobServer {
     /// Blob access.
     pub blobs: Blobs,
+    /// Repair state (answers `BlobHealth`).
+    pub repair: crate::repair::Repair,
 }
 
 #[tonic::async_trait]
@@ -405,6 +413,13 @@ impl BlobService for BlobServer {
             r.map_err(|e| Status::internal(e.to_string()))??;
         }
         Ok(Response::new(PutBlobsReply { stored: n }))
+    }
+
+    async fn blob_health(
+        &self,
+        req: Request<BlobHealthRequest>,
+    ) -> Result<Response<BlobHealthReply>, Status> {
+        Ok(Response::new(self.repair.health(req.into_inner().rescan)))
     }
 
     type FetchBlobsStream =

@@ -29,7 +29,7 @@ pub enum BlobBackend {
 }
 
 /// `[blobs]` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlobsConfig {
     /// `local` (default) or `s3`.
@@ -39,6 +39,34 @@ pub struct BlobsConfig {
     pub path: Option<PathBuf>,
     /// Settings of the S3 backend (required when backend = "s3").
     pub s3: Option<S3Config>,
+    /// Local backend: ms between two repair scans of the committed blobs against this node's
+    /// store (missing ones are fetched from peers; `crate::repair`). Default 5000.
+    #[serde(default = "default_repair_interval_ms")]
+    pub repair_interval_ms: u64,
+    /// Local backend: upper bound of the repair fetch rate, MiB/s of stored (compressed) blob
+    /// data; 0 = unbounded. Default 64.
+    #[serde(default = "default_repair_max_mib_per_s")]
+    pub repair_max_mib_per_s: u64,
+}
+
+fn default_repair_interval_ms() -> u64 {
+    5000
+}
+
+fn default_repair_max_mib_per_s() -> u64 {
+    64
+}
+
+impl Default for BlobsConfig {
+    fn default() -> Self {
+        BlobsConfig {
+            backend: BlobBackend::default(),
+            path: None,
+            s3: None,
+            repair_interval_ms: default_repair_interval_ms(),
+            repair_max_mib_per_s: default_repair_max_mib_per_s(),
+        }
+    }
 }
 
 /// `[raft]` tuning. Times in ms.

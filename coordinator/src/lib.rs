@@ -17,4 +17,5 @@ pub mod leader;
 pub mod lease;
 pub mod node;
 pub mod raft;
+pub mod repair;
 pub mod replication;

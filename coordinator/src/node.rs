@@ -65,19 +65,74 @@ fn raft_config(cfg: &CoordinatorConfig, cluster_name: String) -> anyhow::Result<
 
 /// Initializes a new group with its founding voters (id, address). Every founding member calls
 /// this with the same membership; openraft accepts that, and an initialized group skips it.
+///
+/// An initialized group keeps the membership stored in its log: the configured members are read
+/// only by a first start. When they differ from the stored voters (ids or addresses), returns
+/// the warning (also logged at error level) saying what to do; `group` names the group and
+/// `config_key` its config key in the message, `change_cmd` the command that changes it, and
+/// `db_path` the file to delete to found the group again.
 async fn initialize(
     raft: &RegionRaft,
     members: impl Iterator<Item = (u64, String)>,
-) -> anyhow::Result<()> {
-    if raft.is_initialized().await? {
-        return Ok(());
-    }
+    group: &str,
+    config_key: &str,
+    change_cmd: &str,
+    db_path: &std::path::Path,
+) -> anyhow::Result<Option<String>> {
     let members: BTreeMap<u64, BasicNode> =
         members.map(|(id, addr)| (id, BasicNode { addr })).collect();
-    if let Err(e) = raft.initialize(members).await {
-        tracing::info!(error = %e, "initialize skipped");
+    if !raft.is_initialized().await? {
+        if let Err(e) = raft.initialize(members).await {
+            tracing::info!(error = %e, "initialize skipped");
+        }
+        return Ok(None);
     }
-    Ok(())
+    let stored = raft.metrics().borrow().membership_config.clone();
+    let stored = stored.membership();
+    let voters: BTreeMap<u64, String> = stored
+        .voter_ids()
+        .map(|id| {
+            let addr = stored
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default();
+            (id, addr)
+        })
+        .collect();
+    let configured: BTreeMap<u64, String> =
+        members.into_iter().map(|(id, n)| (id, n.addr)).collect();
+    let warning = membership_drift(&voters, &configured).map(|diff| {
+        format!(
+            "{config_key} in the config differ from the {group} group's membership stored in {db} ({diff}); the stored membership is used: {config_key} is read only by a first start. To change the running group use `{change_cmd}`; if the group never held data (a failed first start), stop all its coordinators, delete {db} on each and start them again; otherwise set {config_key} to the stored voters",
+            db = db_path.display()
+        )
+    });
+    if let Some(w) = &warning {
+        tracing::error!(group, "{w}");
+    }
+    Ok(warning)
+}
+
+/// Describes how configured voters (id → address) differ from the stored ones, or None when
+/// they are the same.
+fn membership_drift(
+    stored: &BTreeMap<u64, String>,
+    configured: &BTreeMap<u64, String>,
+) -> Option<String> {
+    if stored == configured {
+        return None;
+    }
+    let show = |m: &BTreeMap<u64, String>| {
+        m.iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(format!(
+        "stored voters: {}; configured: {}",
+        show(stored),
+        show(configured)
+    ))
 }
 
 /// Runs a coordinator until `shutdown` resolves.
@@ -87,6 +142,14 @@ pub async fn run(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Everything that can be checked without state is checked before anything is written, so a
+    // failed first start (a TLS typo) leaves no stored membership behind.
+    let server_tls = cfg.tls.server()?;
+    cfg.tls.client()?;
+    let addr: std::net::SocketAddr = cfg
+        .listen
+        .parse()
+        .with_context(|| format!("listen address {:?}", cfg.listen))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
     let db_path = cfg.data_dir.join("coordinator.redb");
@@ -112,14 +175,36 @@ pub async fn run(
             .await
             .context("start raft")?;
 
+    let mut config_warnings = Vec::new();
     if !cfg.members.is_empty() {
-        initialize(&raft, cfg.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
+        config_warnings.extend(
+            initialize(
+                &raft,
+                cfg.members.iter().map(|m| (m.id, m.addr.clone())),
+                "regional",
+                "[[members]]",
+                "lifeboat member add/remove",
+                &db_path,
+            )
+            .await?,
+        );
     }
 
     tracing::info!(node = cfg.node_id, region = %cfg.region, store = %store.describe(), "coordinator starting");
     let mut blobs = Blobs::new(store, cfg.tls.clone(), cfg.node_id);
     blobs.set_raft(raft.clone());
     blobs.set_catalog(catalog.clone());
+    let repair = crate::repair::Repair::new(
+        blobs.clone(),
+        catalog.clone(),
+        raft.clone(),
+        cfg.node_id,
+        crate::repair::RepairSettings {
+            interval_ms: cfg.blobs.repair_interval_ms,
+            max_bytes_per_s: cfg.blobs.repair_max_mib_per_s.saturating_mul(1 << 20),
+        },
+    );
+    let repair_tasks = repair.spawn();
     let leader = LeaderInfo {
         raft: raft.clone(),
         node_id: cfg.node_id,
@@ -204,7 +289,17 @@ pub async fn run(
         if g.join {
             tracing::info!("joining an existing global group: waiting for `lifeboat topology add`");
         } else {
-            initialize(&graft, g.members.iter().map(|m| (m.id, m.addr.clone()))).await?;
+            config_warnings.extend(
+                initialize(
+                    &graft,
+                    g.members.iter().map(|m| (m.id, m.addr.clone())),
+                    "global",
+                    "[[global.members]]",
+                    "lifeboat topology add/remove",
+                    &db_path,
+                )
+                .await?,
+            );
         }
         if let Err(e) = g.topology().check() {
             if g.policy.automatic {
@@ -261,20 +356,18 @@ pub async fn run(
         replication,
         control,
         gc,
+        config_warnings: Arc::new(config_warnings),
+        repair: repair.clone(),
     };
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
-    if let Some(tls) = cfg.tls.server()? {
+    if let Some(tls) = server_tls {
         builder = builder.tls_config(tls).context("server TLS config")?;
     } else {
         tracing::warn!("TLS disabled (insecure = true): gRPC is plaintext");
     }
-    let addr: std::net::SocketAddr = cfg
-        .listen
-        .parse()
-        .with_context(|| format!("listen address {:?}", cfg.listen))?;
     let router = builder
         .add_service(
             RaftServiceServer::new(RaftServer {
@@ -295,7 +388,7 @@ pub async fn run(
                 .max_encoding_message_size(max),
         )
         .add_service(
-            BlobServiceServer::new(BlobServer { blobs })
+            BlobServiceServer::new(BlobServer { blobs, repair })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
@@ -321,7 +414,7 @@ pub async fn run(
     if let Some(t) = gc_timer {
         t.abort();
     }
-    for t in control_tasks {
+    for t in repair_tasks.into_iter().chain(control_tasks) {
         t.abort();
     }
     if let Some(g) = global_raft {
@@ -329,4 +422,23 @@ pub async fn run(
     }
     raft.shutdown().await.ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod drift_tests {
+    use super::membership_drift;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn drift_names_both_sides_and_equal_is_none() {
+        let a: BTreeMap<u64, String> = [(1, "h:1".to_string()), (2, "h:2".to_string())].into();
+        assert_eq!(membership_drift(&a, &a.clone()), None);
+        let mut b = a.clone();
+        b.insert(2, "h:9".into());
+        let d = membership_drift(&a, &b).unwrap();
+        assert!(d.contains("2=h:2") && d.contains("2=h:9"), "{d}");
+        let mut c = a.clone();
+        c.remove(&2);
+        assert!(membership_drift(&a, &c).is_some());
+    }
 }

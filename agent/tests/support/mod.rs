@@ -406,6 +406,8 @@ impl Layout {
             include: vec!["**".into()],
             exclude: vec!["*.tmp".into()],
             follow_active: true,
+            max_delete_share: None,
+            max_delete_files: None,
         }];
         c
     }

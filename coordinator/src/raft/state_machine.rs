@@ -215,6 +215,46 @@ impl Catalog {
             .collect()
     }
 
+    /// Log index this node has applied (its catalog's `last_applied`).
+    pub fn applied_index(&self) -> u64 {
+        *self.applied_index.borrow()
+    }
+
+    /// Up to `limit` referenced blob hashes (`catalog.refs`, count > 0) in key order, starting
+    /// after `after` (`None`: from the first). An empty page means the end. Pages let a scan
+    /// walk every committed blob with bounded memory and resume where it stopped.
+    ///
+    /// Errors: storage failures.
+    pub fn referenced_page(
+        &self,
+        after: Option<&BlobHash>,
+        limit: usize,
+    ) -> Result<Vec<BlobHash>, StorageError> {
+        let tx = self.db.begin_read().map_err(|e| sto_err(false, e))?;
+        let t = tx.open_table(REFS).map_err(|e| sto_err(false, e))?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let iter = match after {
+            Some(h) => t.range::<&[u8]>(h.0.as_slice()..),
+            None => t.range::<&[u8]>(..),
+        }
+        .map_err(|e| sto_err(false, e))?;
+        for item in iter {
+            let (k, v) = item.map_err(|e| sto_err(false, e))?;
+            let key = k.value();
+            if after.is_some_and(|a| a.0.as_slice() == key) || v.value() == 0 {
+                continue;
+            }
+            let h: [u8; 32] = key
+                .try_into()
+                .map_err(|_| sto_err(false, std::io::Error::other("bad key in catalog.refs")))?;
+            out.push(BlobHash(h));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// The hashes of `hashes` that garbage collection condemned (and no commit restored since).
     ///
     /// Errors: storage failures.
