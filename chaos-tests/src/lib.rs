@@ -10,7 +10,9 @@ pub mod redis_server;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use lifeboat_cli::harness::{agent_status, wait_agent_idle, Cluster, ClusterOpts};
+pub use lifeboat_cli::harness::{
+    agent_status, issue, wait_agent_idle, Cluster, ClusterOpts, Role, ANY_REGION,
+};
 pub use lifeboat_cli::{restore, tree};
 
 /// A test's scratch space: a temp dir kept on failure (set `LIFEBOAT_KEEP=1` to keep always).
@@ -359,4 +361,18 @@ pub async fn wait_until(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Connection settings presenting agent `name`'s certificate (issued in `cluster`'s certificate
+/// directory when missing), for tests that speak the agent protocol themselves.
+///
+/// Errors: certificate generation.
+pub fn agent_conn(cluster: &Cluster, name: &str) -> anyhow::Result<lifeboat_cli::conn::ConnArgs> {
+    if !cluster.certs.join(format!("{name}.pem")).exists() {
+        issue(&cluster.certs, Role::Agent, &cluster.region, name)?;
+    }
+    let mut c = cluster.conn();
+    c.cert = Some(cluster.certs.join(format!("{name}.pem")));
+    c.key = Some(cluster.certs.join(format!("{name}.key")));
+    Ok(c)
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_chaos_tests::{
-    agent_once, restore, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
+    agent_conn, agent_once, restore, restore_latest, run, settled_leader, tree, Cluster,
+    ClusterOpts,
 };
 use lifeboat_common::blob::BlobHash;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
@@ -110,7 +111,9 @@ async fn ready_client(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let li = settled_leader(cluster).await?;
-        let mut client = AgentServiceClient::new(cluster.conn().channel(&cluster.coords[li].addr)?);
+        let mut client = AgentServiceClient::new(
+            agent_conn(cluster, "forger")?.channel(&cluster.coords[li].addr)?,
+        );
         match push(
             &mut client,
             vec![msg_change(change(1, control, EntryKind::Dir))],
@@ -305,7 +308,9 @@ async fn leader_probe_keeps_the_last_heartbeat() -> anyhow::Result<()> {
     run("t04-probe", |scratch| async move {
         let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
         ready_client(&cluster, "data/control").await?;
-        let mut client = AgentServiceClient::new(cluster.conn().channel(&cluster.coords[0].addr)?);
+        let mut client = AgentServiceClient::new(
+            agent_conn(&cluster, "probed")?.channel(&cluster.coords[0].addr)?,
+        );
         let hb = |files_tracked: u64, probe: bool| HeartbeatRequest {
             agent_id: "probed".into(),
             files_tracked,

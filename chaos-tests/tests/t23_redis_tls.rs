@@ -44,8 +44,8 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
     run("t23", |dir| async move {
         let certs = dir.join("certs");
         lifeboat_common::tls::init_dev_ca(&certs)?;
-        lifeboat_common::tls::issue_cert(&certs, "redis", &[])?;
-        lifeboat_common::tls::issue_cert(&certs, "agent", &[])?;
+        lifeboat_cli::harness::issue(&certs, Role::Agent, ANY_REGION, "redis")?;
+        lifeboat_cli::harness::issue(&certs, Role::Agent, ANY_REGION, "agent")?;
         let other = dir.join("other-ca");
         lifeboat_common::tls::init_dev_ca(&other)?;
         let ca = certs.join("ca.pem");

@@ -26,6 +26,35 @@ use lifeboat_proto::push_message::Msg;
 use lifeboat_proto::{FileChange, PushMessage, PushReply};
 use serde_json::{json, Value};
 
+/// Calls `Control` op `op` with `conn`'s certificate on each of `addrs` until one answers;
+/// returns that reply, or the last refusal (its gRPC status, code intact).
+async fn control_as(
+    conn: &lifeboat_cli::conn::ConnArgs,
+    addrs: &[String],
+    op: &str,
+    body: &Value,
+) -> Result<Value, tonic::Status> {
+    let mut last = tonic::Status::unavailable("no address");
+    for a in addrs {
+        let ch = conn
+            .channel(a)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let req = lifeboat_proto::ControlRequest {
+            op: op.into(),
+            body: serde_json::to_vec(body).expect("json"),
+        };
+        match lifeboat_cli::conn::admin_client(ch).control(req).await {
+            Ok(r) => {
+                return serde_json::from_slice(&r.into_inner().body)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))
+            }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(s),
+            Err(s) => last = s,
+        }
+    }
+    Err(last)
+}
+
 fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
     let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
     let conn = regions.conn();
@@ -195,15 +224,21 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         // 2. A lease renewal under epoch 1 is refused by the global leader (for the active
         //    region b, and for the old region a).
         let rb = regions.report("b").await.expect("b's leader");
+        // Renewals are the coordinators' own business: an admin certificate is refused outright.
+        let body = json!({"region": "b", "epoch": 1, "node_id": rb["node_id"].clone()});
+        let e = control_as(&regions.conn(), &regions.all_addrs(), "renew", &body)
+            .await
+            .expect_err("an admin certificate renewed a lease");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // A coordinator's certificate may ask, and is refused under the stale epoch.
+        let b_certs = &regions.region("b").certs;
+        let coord = format!("coord{}", regions.region("b").coords[0].id);
+        let mut as_coord = regions.conn();
+        as_coord.cert = Some(b_certs.join(format!("{coord}.pem")));
+        as_coord.key = Some(b_certs.join(format!("{coord}.key")));
         for (region, node) in [("b", rb["node_id"].clone()), ("a", json!(1))] {
-            let r = regions
-                .control_on(
-                    &regions.all_addrs(),
-                    "renew",
-                    json!({"region": region, "epoch": 1, "node_id": node}),
-                    Duration::from_secs(5),
-                )
-                .await?;
+            let body = json!({"region": region, "epoch": 1, "node_id": node});
+            let r = control_as(&as_coord, &regions.all_addrs(), "renew", &body).await?;
             assert_eq!(
                 r["granted"], false,
                 "renewal of {region} under epoch 1: {r}"
@@ -213,7 +248,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
 
         // 3. Agent pushes: stamped with epoch 1 refused (stale_epoch), with epoch 2 acknowledged.
         let certs = &regions.region("b").certs;
-        lifeboat_common::tls::issue_cert(certs, "agent-orders", &[])?;
+        lifeboat_cli::harness::issue(certs, Role::Agent, "b", "agent-orders")?;
         let tls = TlsConfig::from_dir(certs, "agent-orders");
         let leader_b = regions
             .region("b")

@@ -101,6 +101,18 @@ pub struct Cluster {
     bin_dir: PathBuf,
 }
 
+pub use lifeboat_common::authz::{Role, ANY_REGION};
+
+/// Issues `<certs>/<name>.pem|key` for `role` in `region` (see [`lifeboat_common::authz`]),
+/// signed by the CA in `certs`.
+///
+/// Errors: a bad name or region, certificate generation or I/O failures.
+pub fn issue(certs: &Path, role: Role, region: &str, name: &str) -> anyhow::Result<()> {
+    let id = lifeboat_common::authz::PeerIdentity::new(role, region, name)?;
+    lifeboat_common::tls::issue_cert(certs, &id, &[])?;
+    Ok(())
+}
+
 /// Directory holding `lifeboat-coordinator` and `lifeboat-agent`.
 ///
 /// Errors: when the binaries cannot be found (build them with `cargo build --release`).
@@ -169,7 +181,7 @@ impl Cluster {
             }
         }
         lifeboat_common::tls::init_dev_ca(&certs)?;
-        lifeboat_common::tls::issue_cert(&certs, "admin", &[])?;
+        issue(&certs, Role::Admin, ANY_REGION, "admin")?;
         let n = opts.coordinators;
         let ports: Vec<u16> = match &opts.ports {
             Some(p) if p.len() == n => p.clone(),
@@ -191,7 +203,12 @@ impl Cluster {
         for (i, port) in ports.iter().enumerate() {
             let id = first + i as u64;
             let name = format!("coord{id}");
-            lifeboat_common::tls::issue_cert(&certs, &name, &[])?;
+            let role = if opts.witness {
+                Role::Witness
+            } else {
+                Role::Coordinator
+            };
+            issue(&certs, role, &opts.region, &name)?;
             let data_dir = dir.join(&name);
             let config = dir.join(format!("{name}.toml"));
             let toml = format!(
@@ -239,7 +256,7 @@ impl Cluster {
     pub fn add_coordinator(&mut self) -> anyhow::Result<usize> {
         let id = self.coords.iter().map(|c| c.id).max().unwrap_or(0) + 1;
         let name = format!("coord{id}");
-        lifeboat_common::tls::issue_cert(&self.certs, &name, &[])?;
+        issue(&self.certs, Role::Coordinator, &self.region, &name)?;
         let port = free_port();
         let data_dir = self.dir.join(&name);
         let config = self.dir.join(format!("{name}.toml"));
@@ -423,7 +440,7 @@ impl Cluster {
         roots: &[(&str, &Path)],
         extra: &str,
     ) -> anyhow::Result<(PathBuf, PathBuf)> {
-        lifeboat_common::tls::issue_cert(&self.certs, agent_id, &[])?;
+        issue(&self.certs, Role::Agent, &self.region, agent_id)?;
         let data = self.dir.join(agent_id);
         let coordinators: Vec<String> = self
             .coords

@@ -372,15 +372,39 @@ enum MemberCmd {
 
 #[derive(Subcommand, Debug)]
 enum CertsCmd {
-    /// Create a CA (`ca.pem`, `ca.key`) in DIR if none exists, and a certificate + key for each
-    /// NAME (`NAME.pem`, `NAME.key`; default names: coordinator, agent, admin).
+    /// Create a CA (`ca.pem`, `ca.key`) in DIR if none exists, and a certificate + key per name
+    /// given for each role (`NAME.pem`, `NAME.key`). Every certificate carries its identity
+    /// `lifeboat://<region>/<role>/<name>`, which decides what it may call: coordinator and
+    /// witness (the cluster's own processes), agent (its own agent id only: NAME must equal
+    /// the agent's `agent_id`), viewer (status, versions, audit), operator (also restore,
+    /// verify, drill, resolve, switchover), admin (also membership, topology, GC). Leaf
+    /// certificates are valid 90 days. Without any role option: `coordinator` (coordinator),
+    /// `agent` (agent) and `admin` (admin).
     Init {
         /// Output directory.
         #[arg(long)]
         dir: PathBuf,
-        /// Certificate names (also added as DNS SANs).
-        #[arg(long = "name", value_delimiter = ',')]
-        names: Vec<String>,
+        /// Region the certificates are bound to (`any`: not bound).
+        #[arg(long, default_value = lifeboat_common::authz::ANY_REGION)]
+        region: String,
+        /// Coordinator names, e.g. `coord1,coord2,coord3`.
+        #[arg(long, value_delimiter = ',')]
+        coordinator: Vec<String>,
+        /// Witness names.
+        #[arg(long, value_delimiter = ',')]
+        witness: Vec<String>,
+        /// Agent names: each must equal that agent's `agent_id`.
+        #[arg(long, value_delimiter = ',')]
+        agent: Vec<String>,
+        /// Viewer names (read only).
+        #[arg(long, value_delimiter = ',')]
+        viewer: Vec<String>,
+        /// Operator names.
+        #[arg(long, value_delimiter = ',')]
+        operator: Vec<String>,
+        /// Admin names.
+        #[arg(long, value_delimiter = ',')]
+        admin: Vec<String>,
     },
 }
 
@@ -989,33 +1013,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Certs {
-            cmd: CertsCmd::Init { dir, names },
+            cmd:
+                CertsCmd::Init {
+                    dir,
+                    region,
+                    coordinator,
+                    witness,
+                    agent,
+                    viewer,
+                    operator,
+                    admin,
+                },
         } => {
-            let names = if names.is_empty() {
-                vec!["coordinator".into(), "agent".into(), "admin".into()]
-            } else {
-                names
-            };
-            lifeboat_common::tls::init_dev_ca(&dir).context("create CA")?;
-            for n in &names {
-                if n.is_empty() || n.contains('/') || n == "ca" {
-                    bail!("bad certificate name {n:?}");
-                }
-                lifeboat_common::tls::issue_cert(&dir, n, &[])
-                    .with_context(|| format!("issue {n}"))?;
+            use lifeboat_common::authz::{PeerIdentity, Role};
+            let mut wanted: Vec<(Role, String)> = [
+                (Role::Coordinator, coordinator),
+                (Role::Witness, witness),
+                (Role::Agent, agent),
+                (Role::Viewer, viewer),
+                (Role::Operator, operator),
+                (Role::Admin, admin),
+            ]
+            .into_iter()
+            .flat_map(|(r, names)| names.into_iter().map(move |n| (r, n)))
+            .collect();
+            if wanted.is_empty() {
+                wanted = vec![
+                    (Role::Coordinator, "coordinator".into()),
+                    (Role::Agent, "agent".into()),
+                    (Role::Admin, "admin".into()),
+                ];
             }
+            let ids = wanted
+                .iter()
+                .map(|(r, n)| {
+                    if n == "ca" {
+                        bail!("bad certificate name {n:?}: ca.pem is the CA");
+                    }
+                    Ok(PeerIdentity::new(*r, &region, n)?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(d) = ids.iter().find(|i| !seen.insert(i.name.clone())) {
+                bail!("name {:?} given twice (one file per name)", d.name);
+            }
+            lifeboat_common::tls::init_dev_ca(&dir).context("create CA")?;
+            for id in &ids {
+                lifeboat_common::tls::issue_cert(&dir, id, &[])
+                    .with_context(|| format!("issue {}", id.name))?;
+            }
+            let uris: Vec<String> = ids.iter().map(|i| i.uri()).collect();
             if output == Output::Json {
                 outln!(
                     "{}",
-                    serde_json::json!({"dir": dir, "ca": dir.join("ca.pem"), "names": names})
+                    serde_json::json!({"dir": dir, "ca": dir.join("ca.pem"), "identities": uris})
                 );
             } else {
                 outln!(
-                    "CA {} and certificates for {} written to {}",
+                    "CA {} and certificates written to {}:",
                     dir.join("ca.pem").display(),
-                    names.join(", "),
                     dir.display()
                 );
+                for (id, u) in ids.iter().zip(&uris) {
+                    outln!("  {}.pem  {u}", id.name);
+                }
             }
         }
         Cmd::Demo(args) => demo::run_demo(args, output == Output::Json).await?,

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod authz;
 pub mod blob;
 pub mod blobstore;
 pub mod catalog;

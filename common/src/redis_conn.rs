@@ -229,7 +229,12 @@ mod tests {
     fn client_config_reports_files_not_contents() {
         let dir = tempfile::tempdir().unwrap();
         crate::tls::init_dev_ca(dir.path()).unwrap();
-        crate::tls::issue_cert(dir.path(), "c", &[]).unwrap();
+        crate::tls::issue_cert(
+            dir.path(),
+            &crate::authz::PeerIdentity::new(crate::authz::Role::Agent, "any", "c").unwrap(),
+            &[],
+        )
+        .unwrap();
         let mut t = RedisTls {
             ca_file: dir.path().join("ca.pem"),
             cert_file: Some(dir.path().join("c.pem")),

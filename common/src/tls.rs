@@ -187,11 +187,21 @@ pub fn init_dev_ca(dir: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// Issues `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600), signed by the CA in `dir`, valid
-/// for server and client auth, with SANs `lifeboat`, `localhost`, `127.0.0.1`, `name` and `extra`.
+/// Lifetime of certificates issued by [`issue_cert`] (days).
+pub const LEAF_DAYS: i64 = 90;
+
+/// Issues `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600) for identity `id`, signed by the
+/// CA in `dir`, valid for server and client auth from one day ago (day granularity) for [`LEAF_DAYS`] days, with
+/// SANs `lifeboat`, `localhost`, `127.0.0.1`, the name, `extra`, and the identity URI
+/// `lifeboat://<region>/<role>/<name>` (see [`crate::authz`]).
 ///
 /// Errors: [`TlsError`] if the CA is missing or generation fails.
-pub fn issue_cert(dir: &Path, name: &str, extra: &[String]) -> Result<(), TlsError> {
+pub fn issue_cert(
+    dir: &Path,
+    id: &crate::authz::PeerIdentity,
+    extra: &[String],
+) -> Result<(), TlsError> {
+    let name = id.name.as_str();
     let ca_key_pem =
         std::fs::read_to_string(dir.join("ca.key")).map_err(|source| TlsError::Read {
             path: dir.join("ca.key"),
@@ -209,11 +219,21 @@ pub fn issue_cert(dir: &Path, name: &str, extra: &[String]) -> Result<(), TlsErr
     }
     sans.extend(extra.iter().cloned());
     let mut p = rcgen::CertificateParams::new(sans).map_err(gen_err)?;
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(id.uri()).map_err(gen_err)?,
+    ));
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    let ymd = |t: jiff::Timestamp| {
+        let d = t.to_zoned(jiff::tz::TimeZone::UTC).date();
+        rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8)
+    };
+    let now = jiff::Timestamp::now();
+    p.not_before = ymd(now - jiff::SignedDuration::from_hours(24));
+    p.not_after = ymd(now + jiff::SignedDuration::from_hours(24 * LEAF_DAYS));
     let key = rcgen::KeyPair::generate().map_err(gen_err)?;
     let cert = p.signed_by(&key, &issuer).map_err(gen_err)?;
     write_secret(&dir.join(format!("{name}.key")), &key.serialize_pem())?;

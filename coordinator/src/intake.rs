@@ -902,6 +902,7 @@ impl AgentService for Intake {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        crate::authz::ensure_agent(&req, &req.get_ref().agent_id)?;
         let hb = req.into_inner();
         if hb.agent_id.is_empty() || hb.agent_id.len() > 256 {
             return Err(bad("agent_id must be 1..256 bytes"));

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod authz;
 pub mod blobs;
 pub mod config;
 pub mod conflicts;

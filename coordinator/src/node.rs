@@ -363,12 +363,16 @@ pub async fn run(
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
+    let tls_on = server_tls.is_some();
     if let Some(tls) = server_tls {
         builder = builder.tls_config(tls).context("server TLS config")?;
     } else {
-        tracing::warn!("TLS disabled (insecure = true): gRPC is plaintext");
+        tracing::warn!(
+            "TLS disabled (insecure = true): gRPC is plaintext and no caller's role is checked"
+        );
     }
     let router = builder
+        .layer(crate::authz::AuthzLayer::new(tls_on))
         .add_service(
             RaftServiceServer::new(RaftServer {
                 raft: raft.clone(),
