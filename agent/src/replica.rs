@@ -5,10 +5,11 @@
 //! the agent's own region's coordinators from the last sequence number it applied (persisted in
 //! the agent's redb state), following the leader redirect ([`crate::push::classify`],
 //! [`Coordinators`]) and rotating through the configured addresses with a backoff of 100 ms
-//! doubling to 5 s on other failures. Every path sees its rows in sequence order: consecutive
-//! file rows whose paths are distinct (none inside another) are written together,
-//! [`APPLY_CONCURRENCY`] at once; any other row waits until they are written, and is applied
-//! alone:
+//! doubling to 5 s on other failures. Every path sees its rows in sequence order: file rows
+//! whose paths are distinct (none inside another) are written together, [`APPLY_CONCURRENCY`]
+//! at once; a row whose path is, contains or lies inside one of theirs (a directory being
+//! created excepted: creating parents is idempotent) waits until they are written; other rows
+//! (directories, symlinks, tombstones) are applied at once, one by one:
 //!
 //! - a file: its blobs fetched with `BlobService.FetchBlobs` from the same coordinator, each
 //!   verified, the whole file verified, written to a temp file in the destination directory,
@@ -219,10 +220,13 @@ struct FileGroup {
 }
 
 impl FileGroup {
-    /// Whether `rel` is, contains or lies inside a path of the group.
-    fn conflicts(&self, rel: &str) -> bool {
+    /// Whether a row at `rel` must wait for the group: `rel` is, contains or lies inside a
+    /// path of the group. A directory being created (`mkdir`) may contain paths of the group:
+    /// creating it is idempotent, like the creation of the parents of every file, and its mode
+    /// and mtime are set again once the batch is written.
+    fn conflicts(&self, rel: &str, mkdir: bool) -> bool {
         self.paths.contains(rel)
-            || self.ancestors.contains(rel)
+            || (!mkdir && self.ancestors.contains(rel))
             || ancestors(rel).any(|a| self.paths.contains(a))
     }
 
@@ -558,16 +562,23 @@ impl Replica {
                         continue;
                     }
                 };
-                // Files of distinct paths are written together; anything else (and a path
-                // related to one in the group) waits until the group is written, so every path
-                // sees its rows in catalog order.
-                let file_rel = match self.rel_of(&v.v.path) {
+                // Files of distinct paths are written together; a row whose path is related to
+                // one in the group waits until the group is written, so every path sees its
+                // rows in catalog order. Other rows are applied at once.
+                let rel = self.rel_of(&v.v.path);
+                let related = match rel.as_ref() {
+                    Some(Some(rel)) => {
+                        group.conflicts(rel, v.v.kind == EntryKind::Dir && !v.v.deleted)
+                    }
+                    _ => false,
+                };
+                if related {
+                    self.flush(&blobs, &mut group, &mut out).await?;
+                }
+                let file_rel = match rel {
                     Some(Some(rel)) if v.v.kind == EntryKind::File && !v.v.deleted => Some(rel),
                     _ => None,
                 };
-                if file_rel.as_deref().is_none_or(|r| group.conflicts(r)) {
-                    self.flush(&blobs, &mut group, &mut out).await?;
-                }
                 if self.mode == Mode::Resolved && !self.resolution_applies(&v).await? {
                     continue;
                 }
@@ -589,7 +600,9 @@ impl Replica {
             self.retry_rmdirs(&mut out.touched);
             let (rows, bytes) = (out.rows, out.bytes);
             self.persist(last, out).await?;
-            self.progress.rows_applied.fetch_add(rows, Ordering::Relaxed);
+            self.progress
+                .rows_applied
+                .fetch_add(rows, Ordering::Relaxed);
             self.progress
                 .bytes_written
                 .fetch_add(bytes, Ordering::Relaxed);
@@ -792,7 +805,8 @@ impl Replica {
             // The root itself: its mode and mtime only (never removed).
             if v.v.kind == EntryKind::Dir && !v.v.deleted {
                 reset_dir_meta(&root, "", v.v.mode, v.v.mtime_ns)?;
-                out.dirs.insert(String::new(), Some((v.v.mode, v.v.mtime_ns)));
+                out.dirs
+                    .insert(String::new(), Some((v.v.mode, v.v.mtime_ns)));
                 out.touched.insert(root);
             }
             return Ok(true);
@@ -813,8 +827,7 @@ impl Replica {
             EntryKind::Dir => {
                 let p = apply::mkdirs(&root, &rel)?;
                 apply::set_dir_meta(&root, &rel, v.v.mode, v.v.mtime_ns)?;
-                out.dirs
-                    .insert(rel.clone(), Some((v.v.mode, v.v.mtime_ns)));
+                out.dirs.insert(rel.clone(), Some((v.v.mode, v.v.mtime_ns)));
                 out.touched.insert(p);
             }
             EntryKind::Symlink => {

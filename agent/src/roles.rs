@@ -681,7 +681,7 @@ async fn reconcile(
                 let same = matches!(&found, Found::Entry(m) if m.symlink_target.as_deref() == Some(target.as_str()));
                 if !same {
                     apply::write_symlink(&root, rel, &target, v.v.mtime_ns, true)
-                    .map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?;
                 }
             }
             EntryKind::File => {

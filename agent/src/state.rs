@@ -763,11 +763,20 @@ mod tests {
                 42,
                 &["d/e".into(), "d".into()],
                 &[],
-                &[("d".into(), Some((0o755, 5))), ("".into(), Some((0o700, -1)))],
+                &[
+                    ("d".into(), Some((0o755, 5))),
+                    ("".into(), Some((0o700, -1))),
+                ],
             )
-                .unwrap();
-            db.replica_commit("other", 7, &["x".into()], &[], &[("d".into(), Some((0o700, 9)))])
-                .unwrap();
+            .unwrap();
+            db.replica_commit(
+                "other",
+                7,
+                &["x".into()],
+                &[],
+                &[("d".into(), Some((0o700, 9)))],
+            )
+            .unwrap();
         }
         let db = StateDb::open(dir.path()).unwrap();
         assert_eq!(db.replica_seq("data").unwrap(), 42);

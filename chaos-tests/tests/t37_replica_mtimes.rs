@@ -25,7 +25,12 @@ fn build_tree(src: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     std::fs::create_dir_all(src)?;
     for i in 0..FILES {
-        let dir = src.join(format!("a{:02}/b{:01}/c{:01}", i % 25, (i / 25) % 4, (i / 100) % 2));
+        let dir = src.join(format!(
+            "a{:02}/b{:01}/c{:01}",
+            i % 25,
+            (i / 25) % 4,
+            (i / 100) % 2
+        ));
         std::fs::create_dir_all(&dir)?;
         let p = dir.join(format!("f{i:05}.txt"));
         let len = 64 + (i * 7919) % 8192;
@@ -55,7 +60,10 @@ fn build_tree(src: &Path) -> anyhow::Result<usize> {
     walk(src, &mut entries)?;
     entries.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (k, (p, md)) in entries.iter().enumerate() {
-        let t = FileTime::from_unix_time(1_600_000_000 + k as i64 * 37, (k as u32 * 7_919_113) % 1_000_000_000);
+        let t = FileTime::from_unix_time(
+            1_600_000_000 + k as i64 * 37,
+            (k as u32 * 7_919_113) % 1_000_000_000,
+        );
         if md.file_type().is_symlink() {
             filetime::set_symlink_file_times(p, t, t)?;
         } else {

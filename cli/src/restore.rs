@@ -387,7 +387,8 @@ pub async fn restore_with(
     // Directory modes and mtimes last, deepest first (writing inside changes a dir's mtime).
     apply::set_dir_metas(
         &root,
-        dirs.iter().map(|d| (d.v.path.as_str(), d.v.mode, d.v.mtime_ns)),
+        dirs.iter()
+            .map(|d| (d.v.path.as_str(), d.v.mode, d.v.mtime_ns)),
     )?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     report.mb_per_s = report.bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9);

@@ -381,10 +381,7 @@ mod tests {
         // The link's own mtime, to the ns.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::symlink_metadata(root.join("a/l")).unwrap();
-        assert_eq!(
-            (md.mtime(), md.mtime_nsec()),
-            (1_500_000_000, 123_456_789)
-        );
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 123_456_789));
         // Replaced, not followed.
         write_symlink(root, "a/l", "y", 0, false).unwrap();
         assert_eq!(
@@ -410,7 +407,10 @@ mod tests {
         set_dir_metas(root, [("a", 0o750, 0), ("a/b2", 0o700, 7)]).unwrap();
         // Deepest first: creating nothing, the parent keeps its mtime.
         assert_eq!(std::fs::metadata(root.join("a")).unwrap().mtime(), 0);
-        assert_eq!(std::fs::metadata(root.join("a/b2")).unwrap().mtime_nsec(), 7);
+        assert_eq!(
+            std::fs::metadata(root.join("a/b2")).unwrap().mtime_nsec(),
+            7
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(root.join("a"))
