@@ -977,6 +977,58 @@ mod tests {
         r
     }
 
+    fn fv(path: &str) -> FileVersion {
+        FileVersion::from_pb(&lifeboat_proto::VersionRow {
+            path: path.into(),
+            kind: EntryKind::File.to_pb(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn file_groups_hold_only_unrelated_paths() {
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a/b", "a"]);
+        assert_eq!(ancestors("a").count(), 0);
+        let mut g = FileGroup::default();
+        g.push(fv("data/a/b/f"), "a/b/f".into());
+        g.push(fv("data/a/g"), "a/g".into());
+        // The same path, a path inside a file, a directory holding a file: wait.
+        assert!(g.conflicts("a/b/f", false));
+        assert!(g.conflicts("a/g/x", false));
+        assert!(g.conflicts("a/b", false));
+        assert!(g.conflicts("a", false));
+        // Creating a directory that holds files of the group need not wait, a file in the way
+        // of the directory must.
+        assert!(!g.conflicts("a/b", true));
+        assert!(g.conflicts("a/g", true));
+        assert!(g.conflicts("a/g/sub", true));
+        // Unrelated paths do not wait.
+        assert!(!g.conflicts("a/b/f2", false));
+        assert!(!g.conflicts("ab", false));
+        assert!(!g.conflicts("a/bb/f", false));
+    }
+
+    #[test]
+    fn directory_meta_is_set_again_only_when_changed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("x/y")).unwrap();
+        reset_dir_meta(&root, "x", 0o750, 1_000_000_000_000_000_123).unwrap();
+        reset_dir_meta(&root, "", 0o700, 5).unwrap();
+        let md = std::fs::metadata(root.join("x")).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000_000, 123));
+        assert_eq!(md.permissions().mode() & 0o7777, 0o750);
+        let md = std::fs::metadata(&root).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (0, 5));
+        // Gone or no longer a directory: nothing done, no error.
+        reset_dir_meta(&root, "missing", 0o700, 5).unwrap();
+        std::fs::write(root.join("x/f"), b"").unwrap();
+        reset_dir_meta(&root, "x/f", 0o700, 5).unwrap();
+        assert_ne!(std::fs::metadata(root.join("x/f")).unwrap().mtime(), 0);
+    }
+
     #[test]
     fn tombstones_remove_entries_and_empty_dirs_only() {
         let d = tempfile::tempdir().unwrap();
