@@ -1,13 +1,13 @@
 //! Issue 15, defect 7: a warm replica converges quickly and keeps every mtime a restore keeps.
 //!
-//! Two regions (B a standby of A): agent `a1` in A protects `src` (about 2,000 small files in nested directories, symlinks,
-//! empty directories, a few modes; every file, directory and symlink given a distinct past mtime
-//! with nanoseconds). Once it is idle and B's coordinators copied A's catalog, agent `b1` in B
-//! starts with `[[replicas]] name = "data"` and
-//! applies the whole catalog. The replica must be byte-equal to `src` and every entry's mtime
-//! (lstat, ns) must equal the source's, the replica directory's own included; a restore of the
-//! same tree must keep the same mtimes (symlinks included). The apply rate (catalog rows per
-//! second) is printed, never asserted.
+//! Two regions (B a standby of A): agent `a1` in A protects `src` (about 2,000 small files in
+//! nested directories, symlinks, empty directories, a few modes; every file, directory and
+//! symlink given a distinct past mtime with nanoseconds). Once it is idle and B's coordinators
+//! copied A's catalog, agent `b1` in B starts with `[[replicas]] name = "data"` and applies the
+//! whole catalog. The replica must be byte-equal to `src` and every entry's mtime (lstat, ns)
+//! must equal the source's, the replica directory's own included; status.json must show the
+//! progress counters; a restore of the same tree must keep the same mtimes (symlinks included).
+//! The apply rate (catalog rows per second, agent start included) is printed, never asserted.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
