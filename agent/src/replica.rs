@@ -5,13 +5,20 @@
 //! the agent's own region's coordinators from the last sequence number it applied (persisted in
 //! the agent's redb state), following the leader redirect ([`crate::push::classify`],
 //! [`Coordinators`]) and rotating through the configured addresses with a backoff of 100 ms
-//! doubling to 5 s on other failures. Every row of a batch is applied in sequence order:
+//! doubling to 5 s on other failures. Every path sees its rows in sequence order: file rows
+//! whose paths are distinct (none inside another) are written together, [`APPLY_CONCURRENCY`]
+//! at once; a row whose path is, contains or lies inside one of theirs (a directory being
+//! created excepted: creating parents is idempotent) waits until they are written; other rows
+//! (directories, symlinks, tombstones) are applied at once, one by one:
 //!
 //! - a file: its blobs fetched with `BlobService.FetchBlobs` from the same coordinator, each
 //!   verified, the whole file verified, written to a temp file in the destination directory,
 //!   fsync'd with mode and mtime, renamed into place ([`lifeboat_common::apply::write_file`]);
-//! - a directory: created (a non-directory in the way is replaced), mode and mtime set;
-//! - a symlink: created as a link (an existing entry is replaced, never followed);
+//! - a directory: created (a non-directory in the way is replaced), mode and mtime set; the
+//!   mode and mtime are recorded (persisted) and set again at the end of every batch that
+//!   writes inside the directory, so its mtime stays the source's, as after a restore;
+//! - a symlink: created as a link (an existing entry is replaced, never followed), with the
+//!   link's own mtime;
 //! - a tombstone: the entry removed (a symlink is unlinked, never followed); a directory only
 //!   once empty: a directory tombstone applied while children remain is kept pending (persisted)
 //!   and retried after every batch, so children tombstones later in the catalog empty it first.
@@ -22,7 +29,9 @@
 //! verification, I/O) restart the subscription from the last applied sequence number.
 //!
 //! **Invariant**: the applied sequence number is persisted only after every row up to it is
-//! durably applied (files fsync'd before the rename, touched directories fsync'd after).
+//! durably applied (files fsync'd before the rename, touched directories and their ancestors
+//! fsync'd after). Progress (rows, bytes, rows per second of the last batch) is in
+//! [`ReplicaProgress`] (`status.json`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -164,6 +173,112 @@ fn parent_of(root: &Path, rel: &str) -> PathBuf {
 
 fn is_unsafe_path(e: &ApplyError) -> bool {
     matches!(e, ApplyError::Path(_))
+}
+
+/// Files of one batch written at the same time, at most (distinct paths, see [`FileGroup`]).
+pub const APPLY_CONCURRENCY: usize = 8;
+
+/// Rows a group of files holds before it is written.
+const GROUP_ROWS: usize = 256;
+
+/// What a batch applied so far, recorded when it is persisted.
+#[derive(Default)]
+struct Applied {
+    /// Directories whose entries changed (absolute paths), fsync'd before the seq is recorded.
+    touched: BTreeSet<PathBuf>,
+    /// Versions to record as acknowledged state (`record` only).
+    acked: Vec<AckedChange>,
+    /// Relative path (`""`: the replica directory) → `(mode, mtime_ns)` of the directory row
+    /// applied there, `None` where a non-directory row or a directory tombstone was.
+    dirs: HashMap<String, Option<(u32, i64)>>,
+    /// Rows applied.
+    rows: u64,
+    /// File content bytes written.
+    bytes: u64,
+}
+
+impl Applied {
+    /// Counts applied version `v` (`bytes` of content written), acknowledged if `record`.
+    fn applied(&mut self, v: &FileVersion, record: bool, bytes: u64) {
+        self.rows += 1;
+        self.bytes += bytes;
+        if record {
+            self.acked.push(acked_of(v));
+        }
+    }
+}
+
+/// Consecutive file rows of a batch written concurrently: their paths are distinct and none
+/// lies inside another (so no two writes touch the same entry, and their order does not
+/// matter).
+#[derive(Default)]
+struct FileGroup {
+    rows: Vec<(FileVersion, String)>,
+    paths: std::collections::HashSet<String>,
+    /// Every proper ancestor of a path in `paths`.
+    ancestors: std::collections::HashSet<String>,
+}
+
+impl FileGroup {
+    /// Whether a row at `rel` must wait for the group: `rel` is, contains or lies inside a
+    /// path of the group. A directory being created (`mkdir`) may contain paths of the group:
+    /// creating it is idempotent, like the creation of the parents of every file, and its mode
+    /// and mtime are set again once the batch is written.
+    fn conflicts(&self, rel: &str, mkdir: bool) -> bool {
+        self.paths.contains(rel)
+            || (!mkdir && self.ancestors.contains(rel))
+            || ancestors(rel).any(|a| self.paths.contains(a))
+    }
+
+    fn push(&mut self, v: FileVersion, rel: String) {
+        for a in ancestors(&rel) {
+            if !self.ancestors.insert(a.to_string()) {
+                break;
+            }
+        }
+        self.paths.insert(rel.clone());
+        self.rows.push((v, rel));
+    }
+}
+
+/// The proper ancestors of relative path `rel`, nearest first (`a/b/c` → `a/b`, `a`).
+fn ancestors(rel: &str) -> impl Iterator<Item = &str> {
+    let mut cur = rel;
+    std::iter::from_fn(move || {
+        let (parent, _) = cur.rsplit_once('/')?;
+        cur = parent;
+        Some(parent)
+    })
+}
+
+/// Sets mode and mtime of directory `rel` under `root` (`""`: `root` itself) unless it already
+/// has them; nothing if no directory is there any more.
+fn reset_dir_meta(root: &Path, rel: &str, mode: u32, mtime_ns: i64) -> Result<(), ApplyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        safe_join(root, rel, false)?
+    };
+    let Ok(md) = std::fs::symlink_metadata(&p) else {
+        return Ok(());
+    };
+    if !md.is_dir()
+        || (md.permissions().mode() & 0o7777 == mode & 0o7777
+            && crate::scan::mtime_ns(&md) == mtime_ns)
+    {
+        return Ok(());
+    }
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(
+        |error| ApplyError::Io {
+            context: format!("chmod {}", p.display()),
+            error,
+        },
+    )?;
+    if let Ok(f) = std::fs::File::open(&p) {
+        let _ = f.set_modified(apply::mtime(mtime_ns));
+    }
+    Ok(())
 }
 
 impl Replica {
@@ -427,8 +542,9 @@ impl Replica {
             let Some(last) = batch.rows.last().map(|r| r.seq) else {
                 continue;
             };
-            let mut touched = BTreeSet::new();
-            let mut acked = Vec::new();
+            let started = Instant::now();
+            let mut out = Applied::default();
+            let mut group = FileGroup::default();
             for row in &batch.rows {
                 if row.seq <= self.applied {
                     continue;
@@ -446,21 +562,54 @@ impl Replica {
                         continue;
                     }
                 };
+                // Files of distinct paths are written together; a row whose path is related to
+                // one in the group waits until the group is written, so every path sees its
+                // rows in catalog order. Other rows are applied at once.
+                let rel = self.rel_of(&v.v.path);
+                let related = match rel.as_ref() {
+                    Some(Some(rel)) => {
+                        group.conflicts(rel, v.v.kind == EntryKind::Dir && !v.v.deleted)
+                    }
+                    _ => false,
+                };
+                if related {
+                    self.flush(&blobs, &mut group, &mut out).await?;
+                }
+                let file_rel = match rel {
+                    Some(Some(rel)) if v.v.kind == EntryKind::File && !v.v.deleted => Some(rel),
+                    _ => None,
+                };
                 if self.mode == Mode::Resolved && !self.resolution_applies(&v).await? {
                     continue;
                 }
-                match self.apply(&blobs, &v, &mut touched).await {
-                    Ok(true) if self.record => acked.push(acked_of(&v)),
-                    Ok(_) => {}
-                    Err(e) if is_unsafe_path(&e) => {
-                        tracing::error!(replica = %self.cfg.name, seq = v.seq, path = %v.v.path, error = %e, "replica refused an unsafe path; skipped, nothing written");
-                        self.progress.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(rel) = file_rel {
+                    group.push(v, rel);
+                    if group.rows.len() >= GROUP_ROWS {
+                        self.flush(&blobs, &mut group, &mut out).await?;
                     }
+                    continue;
+                }
+                match self.apply(&blobs, &v, &mut out).await {
+                    Ok(true) => out.applied(&v, self.record, 0),
+                    Ok(false) => {}
+                    Err(e) if is_unsafe_path(&e) => self.refuse(&v, &e),
                     Err(e) => return Err(e.into()),
                 }
             }
-            self.retry_rmdirs(&mut touched);
-            self.persist(last, touched, acked).await?;
+            self.flush(&blobs, &mut group, &mut out).await?;
+            self.retry_rmdirs(&mut out.touched);
+            let (rows, bytes) = (out.rows, out.bytes);
+            self.persist(last, out).await?;
+            self.progress
+                .rows_applied
+                .fetch_add(rows, Ordering::Relaxed);
+            self.progress
+                .bytes_written
+                .fetch_add(bytes, Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            self.progress
+                .entries_per_s
+                .store((rows as f64 / secs).round() as u64, Ordering::Relaxed);
         }
         if follow {
             return Err(SessionError::Other(
@@ -511,30 +660,119 @@ impl Replica {
         Ok(ok)
     }
 
-    /// fsyncs touched directories, then records `seq` (and the pending removals) durably.
-    async fn persist(
-        &mut self,
-        seq: u64,
-        touched: BTreeSet<PathBuf>,
-        acked: Vec<AckedChange>,
-    ) -> Result<(), SessionError> {
-        let (state, name) = (self.state.clone(), self.state_key());
+    /// Gives every touched directory (and its ancestors up to the replica directory) the mode
+    /// and mtime of its newest directory row again (writing inside moved its mtime to "now"),
+    /// fsyncs them, then records `seq`, the pending removals, the acknowledged versions and the
+    /// directory rows durably.
+    async fn persist(&mut self, seq: u64, out: Applied) -> Result<(), SessionError> {
+        let (state, name, root) = (self.state.clone(), self.state_key(), self.root.clone());
         let pending: Vec<String> = self.pending_rmdirs.iter().cloned().collect();
         tokio::task::spawn_blocking(move || {
-            for d in touched {
+            let mut dirs = BTreeSet::new();
+            for d in &out.touched {
+                let mut d = d.as_path();
+                while let Ok(rel) = d.strip_prefix(&root) {
+                    let Some(rel) = rel.to_str() else { break };
+                    if !dirs.insert(rel.to_string()) {
+                        break;
+                    }
+                    match d.parent() {
+                        Some(p) => d = p,
+                        None => break,
+                    }
+                }
+            }
+            let dirs: Vec<String> = dirs.into_iter().collect();
+            let stored = state.replica_dir_metas(&name, &dirs)?;
+            for (rel, stored) in dirs.iter().zip(stored) {
+                let meta = match out.dirs.get(rel) {
+                    Some(m) => *m,
+                    None => stored,
+                };
+                if let Some((mode, mtime_ns)) = meta {
+                    reset_dir_meta(&root, rel, mode, mtime_ns)?;
+                }
+            }
+            for rel in &dirs {
+                let d = root.join(rel);
                 // A directory removed later in the batch has nothing left to sync.
                 if let Ok(f) = std::fs::File::open(&d) {
                     f.sync_all()
                         .map_err(|e| SessionError::Other(format!("fsync {}: {e}", d.display())))?;
                 }
             }
-            state.replica_commit(&name, seq, &pending, &acked)?;
+            let dir_rows: Vec<(String, Option<(u32, i64)>)> = out.dirs.into_iter().collect();
+            state.replica_commit(&name, seq, &pending, &out.acked, &dir_rows)?;
             Ok::<(), SessionError>(())
         })
         .await
         .map_err(|e| SessionError::Other(e.to_string()))??;
         self.applied = seq;
         self.progress.applied_seq.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Logs and counts a row refused for its path.
+    fn refuse(&self, v: &FileVersion, e: &ApplyError) {
+        tracing::error!(replica = %self.cfg.name, seq = v.seq, path = %v.v.path, error = %e, "replica refused an unsafe path; skipped, nothing written");
+        self.progress.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where catalog path `path` goes: `None` under another root, `Some(None)` for the root
+    /// itself, `Some(Some(rel))` for an entry `rel` under the replica directory.
+    fn rel_of(&self, path: &str) -> Option<Option<String>> {
+        let name = self.cfg.name.as_str();
+        if path == name {
+            return Some(None);
+        }
+        path.strip_prefix(name)
+            .and_then(|r| r.strip_prefix('/'))
+            .map(|r| Some(r.to_string()))
+    }
+
+    /// Writes the files of `group` ([`APPLY_CONCURRENCY`] at once) and records the ones written
+    /// in `out`; empties `group`. A file whose path is refused is counted and skipped.
+    ///
+    /// Errors: the first other failure (files of the group written meanwhile are not recorded:
+    /// the batch is applied again from the last persisted sequence number).
+    async fn flush(
+        &mut self,
+        blobs: &BlobClient,
+        group: &mut FileGroup,
+        out: &mut Applied,
+    ) -> Result<(), SessionError> {
+        if group.rows.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(group).rows;
+        let root = Arc::new(self.root.clone());
+        let writes: Vec<_> = rows
+            .into_iter()
+            .map(|(v, rel)| {
+                let (blobs, root) = (blobs.clone(), root.clone());
+                async move {
+                    let r = apply::write_file(&blobs, &root, &rel, &v, TEMP_PREFIX, true).await;
+                    (v, rel, r)
+                }
+            })
+            .collect();
+        let mut results = futures::stream::iter(writes).buffer_unordered(APPLY_CONCURRENCY);
+        let mut done = Vec::new();
+        while let Some((v, rel, r)) = results.next().await {
+            match r {
+                Ok(n) => done.push((v, rel, n)),
+                Err(e) if is_unsafe_path(&e) => self.refuse(&v, &e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(results);
+        done.sort_unstable_by_key(|(v, _, _)| v.seq);
+        for (v, rel, n) in done {
+            self.keep_dirs(&rel);
+            out.touched.insert(parent_of(&root, &rel));
+            out.dirs.insert(rel, None);
+            out.applied(&v, self.record, n);
+        }
         Ok(())
     }
 
@@ -550,59 +788,56 @@ impl Replica {
         }
     }
 
-    /// Applies `v` if it lies under this replica's root; returns whether it did.
+    /// Applies `v` if it lies under this replica's root; returns whether it did. Touched
+    /// directories and directory rows are noted in `out`.
     async fn apply(
         &mut self,
         blobs: &BlobClient,
         v: &FileVersion,
-        touched: &mut BTreeSet<PathBuf>,
+        out: &mut Applied,
     ) -> Result<bool, ApplyError> {
-        let name = self.cfg.name.as_str();
-        let rel = if v.v.path == name {
-            None
-        } else {
-            match v
-                .v
-                .path
-                .strip_prefix(name)
-                .and_then(|r| r.strip_prefix('/'))
-            {
-                Some(r) => Some(r.to_string()),
-                // Another root: not ours.
-                None => return Ok(false),
-            }
+        let Some(rel) = self.rel_of(&v.v.path) else {
+            // Another root: not ours.
+            return Ok(false);
         };
         let root = self.root.clone();
         let Some(rel) = rel else {
-            // The root itself: its mode only (never removed).
+            // The root itself: its mode and mtime only (never removed).
             if v.v.kind == EntryKind::Dir && !v.v.deleted {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(v.v.mode & 0o7777))
-                    .map_err(|error| ApplyError::Io {
-                        context: format!("chmod {}", root.display()),
-                        error,
-                    })?;
+                reset_dir_meta(&root, "", v.v.mode, v.v.mtime_ns)?;
+                out.dirs
+                    .insert(String::new(), Some((v.v.mode, v.v.mtime_ns)));
+                out.touched.insert(root);
             }
             return Ok(true);
         };
         if v.v.deleted {
-            return self.remove(&root, &rel, v.v.kind, touched).map(|()| true);
+            if v.v.kind == EntryKind::Dir {
+                out.dirs.insert(rel.clone(), None);
+            }
+            return self
+                .remove(&root, &rel, v.v.kind, &mut out.touched)
+                .map(|()| true);
         }
         match v.v.kind {
             EntryKind::File => {
-                apply::write_file(blobs, &root, &rel, v, TEMP_PREFIX, true).await?;
+                out.bytes += apply::write_file(blobs, &root, &rel, v, TEMP_PREFIX, true).await?;
+                out.dirs.insert(rel.clone(), None);
             }
             EntryKind::Dir => {
-                apply::mkdirs(&root, &rel)?;
+                let p = apply::mkdirs(&root, &rel)?;
                 apply::set_dir_meta(&root, &rel, v.v.mode, v.v.mtime_ns)?;
+                out.dirs.insert(rel.clone(), Some((v.v.mode, v.v.mtime_ns)));
+                out.touched.insert(p);
             }
             EntryKind::Symlink => {
                 let target = v.v.symlink_target.clone().unwrap_or_default();
-                apply::write_symlink(&root, &rel, &target, true)?;
+                apply::write_symlink(&root, &rel, &target, v.v.mtime_ns, true)?;
+                out.dirs.insert(rel.clone(), None);
             }
         }
         self.keep_dirs(&rel);
-        touched.insert(parent_of(&root, &rel));
+        out.touched.insert(parent_of(&root, &rel));
         Ok(true)
     }
 
@@ -740,6 +975,58 @@ mod tests {
         );
         r.root = root.canonicalize().unwrap();
         r
+    }
+
+    fn fv(path: &str) -> FileVersion {
+        FileVersion::from_pb(&lifeboat_proto::VersionRow {
+            path: path.into(),
+            kind: EntryKind::File.to_pb(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn file_groups_hold_only_unrelated_paths() {
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a/b", "a"]);
+        assert_eq!(ancestors("a").count(), 0);
+        let mut g = FileGroup::default();
+        g.push(fv("data/a/b/f"), "a/b/f".into());
+        g.push(fv("data/a/g"), "a/g".into());
+        // The same path, a path inside a file, a directory holding a file: wait.
+        assert!(g.conflicts("a/b/f", false));
+        assert!(g.conflicts("a/g/x", false));
+        assert!(g.conflicts("a/b", false));
+        assert!(g.conflicts("a", false));
+        // Creating a directory that holds files of the group need not wait, a file in the way
+        // of the directory must.
+        assert!(!g.conflicts("a/b", true));
+        assert!(g.conflicts("a/g", true));
+        assert!(g.conflicts("a/g/sub", true));
+        // Unrelated paths do not wait.
+        assert!(!g.conflicts("a/b/f2", false));
+        assert!(!g.conflicts("ab", false));
+        assert!(!g.conflicts("a/bb/f", false));
+    }
+
+    #[test]
+    fn directory_meta_is_set_again_only_when_changed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("x/y")).unwrap();
+        reset_dir_meta(&root, "x", 0o750, 1_000_000_000_000_000_123).unwrap();
+        reset_dir_meta(&root, "", 0o700, 5).unwrap();
+        let md = std::fs::metadata(root.join("x")).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000_000, 123));
+        assert_eq!(md.permissions().mode() & 0o7777, 0o750);
+        let md = std::fs::metadata(&root).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (0, 5));
+        // Gone or no longer a directory: nothing done, no error.
+        reset_dir_meta(&root, "missing", 0o700, 5).unwrap();
+        std::fs::write(root.join("x/f"), b"").unwrap();
+        reset_dir_meta(&root, "x/f", 0o700, 5).unwrap();
+        assert_ne!(std::fs::metadata(root.join("x/f")).unwrap().mtime(), 0);
     }
 
     #[test]

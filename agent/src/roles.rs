@@ -352,7 +352,8 @@ pub async fn keep_local_changes(
             }
             Some(v) if v.v.kind == EntryKind::Symlink => {
                 let target = v.v.symlink_target.clone().unwrap_or_default();
-                apply::write_symlink(&root, rel, &target, true).map_err(|e| e.to_string())?;
+                apply::write_symlink(&root, rel, &target, v.v.mtime_ns, true)
+                    .map_err(|e| e.to_string())?;
                 acked.push(AckedChange::Upsert {
                     path: path.clone(),
                     entry: entry_of(v),
@@ -403,7 +404,7 @@ async fn demote(
     let rows = list_active(cfg, order, &d.name).await?;
     let acked = reconcile(cfg, state, d, order, &rows, &kept_paths).await?;
     let (st, name) = (state.clone(), d.name.clone());
-    tokio::task::spawn_blocking(move || st.replica_commit(&name, own_seq, &[], &acked))
+    tokio::task::spawn_blocking(move || st.replica_commit(&name, own_seq, &[], &acked, &[]))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -679,7 +680,8 @@ async fn reconcile(
                 let target = v.v.symlink_target.clone().unwrap_or_default();
                 let same = matches!(&found, Found::Entry(m) if m.symlink_target.as_deref() == Some(target.as_str()));
                 if !same {
-                    apply::write_symlink(&root, rel, &target, true).map_err(|e| e.to_string())?;
+                    apply::write_symlink(&root, rel, &target, v.v.mtime_ns, true)
+                        .map_err(|e| e.to_string())?;
                 }
             }
             EntryKind::File => {

@@ -32,6 +32,12 @@ const REPLICA_SEQ: TableDefinition<&str, u64> = TableDefinition::new("replica_se
 /// was not empty yet; removed once it is.
 const REPLICA_RMDIR: TableDefinition<(&str, &str), ()> = TableDefinition::new("replica_rmdir");
 
+/// (replica name, relative path, `""` for the replica directory itself) → `(mode, mtime_ns)` of
+/// the newest directory row applied there: set again once entries inside are written (which
+/// moves a directory's mtime to "now").
+const REPLICA_DIRS: TableDefinition<(&str, &str), (u32, i64)> =
+    TableDefinition::new("replica_dirs");
+
 /// Catalog root name → serialized [`DirRole`] (JSON): the role a `follow_active` directory took
 /// under which epoch (see `crate::roles`).
 const ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("roles");
@@ -224,6 +230,7 @@ impl StateDb {
             txn.open_table(META)?;
             txn.open_table(REPLICA_SEQ)?;
             txn.open_table(REPLICA_RMDIR)?;
+            txn.open_table(REPLICA_DIRS)?;
             txn.open_table(ROLES)?;
             txn.open_table(ROOT_IDS)?;
             Ok(())
@@ -407,10 +414,33 @@ impl StateDb {
         Ok(out)
     }
 
+    /// `(mode, mtime_ns)` of the newest directory row replica `name` applied at each of `rels`
+    /// (relative paths, `""` for the replica directory itself), in order; `None` where no
+    /// directory row is recorded (never seen, or removed or replaced since).
+    ///
+    /// Errors: [`StateError::Db`].
+    pub fn replica_dir_metas(
+        &self,
+        name: &str,
+        rels: &[String],
+    ) -> Result<Vec<Option<(u32, i64)>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(REPLICA_DIRS).map_err(|e| self.err(e))?;
+        rels.iter()
+            .map(|r| {
+                Ok(t.get((name, r.as_str()))
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value()))
+            })
+            .collect()
+    }
+
     /// Records, in one write transaction, that replica `name` applied everything up to `seq`
-    /// (durably), with its pending directory removals now exactly `pending_rmdirs`, and the
+    /// (durably), with its pending directory removals now exactly `pending_rmdirs`, the
     /// versions it applied as acknowledged state (`acked`, so a directory that becomes a source
-    /// sends only what changes afterwards).
+    /// sends only what changes afterwards), and its directory rows (`dirs`: relative path →
+    /// `Some((mode, mtime_ns))` of a directory row applied there, `None` where a tombstone or a
+    /// non-directory row was applied; see [`StateDb::replica_dir_metas`]).
     ///
     /// Errors: [`StateError::Db`]; nothing is recorded then.
     pub fn replica_commit(
@@ -419,6 +449,7 @@ impl StateDb {
         seq: u64,
         pending_rmdirs: &[String],
         acked: &[AckedChange],
+        dirs: &[(String, Option<(u32, i64)>)],
     ) -> Result<(), StateError> {
         self.write(|txn| {
             record_acked(txn, acked)?;
@@ -428,6 +459,17 @@ impl StateDb {
             rm.retain_in((name, "")..(name, "\u{10FFFF}"), |_, _| false)?;
             for p in pending_rmdirs {
                 rm.insert((name, p.as_str()), ())?;
+            }
+            let mut dt = txn.open_table(REPLICA_DIRS)?;
+            for (rel, meta) in dirs {
+                match meta {
+                    Some(m) => {
+                        dt.insert((name, rel.as_str()), *m)?;
+                    }
+                    None => {
+                        dt.remove((name, rel.as_str()))?;
+                    }
+                }
             }
             Ok(())
         })
@@ -716,15 +758,45 @@ mod tests {
         {
             let db = StateDb::open(dir.path()).unwrap();
             assert_eq!(db.replica_seq("data").unwrap(), 0);
-            db.replica_commit("data", 42, &["d/e".into(), "d".into()], &[])
-                .unwrap();
-            db.replica_commit("other", 7, &["x".into()], &[]).unwrap();
+            db.replica_commit(
+                "data",
+                42,
+                &["d/e".into(), "d".into()],
+                &[],
+                &[
+                    ("d".into(), Some((0o755, 5))),
+                    ("".into(), Some((0o700, -1))),
+                ],
+            )
+            .unwrap();
+            db.replica_commit(
+                "other",
+                7,
+                &["x".into()],
+                &[],
+                &[("d".into(), Some((0o700, 9)))],
+            )
+            .unwrap();
         }
         let db = StateDb::open(dir.path()).unwrap();
         assert_eq!(db.replica_seq("data").unwrap(), 42);
         assert_eq!(db.replica_seq("other").unwrap(), 7);
         assert_eq!(db.replica_pending_rmdirs("data").unwrap(), vec!["d", "d/e"]);
-        db.replica_commit("data", 50, &[], &[]).unwrap();
+        let rels = ["d".to_string(), String::new(), "e".into()];
+        assert_eq!(
+            db.replica_dir_metas("data", &rels).unwrap(),
+            vec![Some((0o755, 5)), Some((0o700, -1)), None]
+        );
+        db.replica_commit("data", 50, &[], &[], &[("d".into(), None)])
+            .unwrap();
+        assert_eq!(
+            db.replica_dir_metas("data", &rels).unwrap(),
+            vec![None, Some((0o700, -1)), None]
+        );
+        assert_eq!(
+            db.replica_dir_metas("other", &rels[..1]).unwrap(),
+            vec![Some((0o700, 9))]
+        );
         assert!(db.replica_pending_rmdirs("data").unwrap().is_empty());
         assert_eq!(db.replica_pending_rmdirs("other").unwrap(), vec!["x"]);
     }
@@ -753,6 +825,7 @@ mod tests {
                     entry: file_entry(&[b"abc"], 9),
                     signatures: vec![],
                 }],
+                &[],
             )
             .unwrap();
         }

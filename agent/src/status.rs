@@ -64,6 +64,18 @@ pub struct Status {
     /// as errors and skipped.
     #[serde(default)]
     pub replica_refused: u64,
+    /// Warm standby: catalog rows applied (files, directories, symlinks, tombstones written)
+    /// since start, summed over replicas; counted once durable.
+    #[serde(default)]
+    pub replica_rows_applied: u64,
+    /// Warm standby: file content bytes written since start, summed over replicas.
+    #[serde(default)]
+    pub replica_bytes_written: u64,
+    /// Warm standby: apply rate of the last batch each replica applied (rows of the batch per
+    /// second of wall time, fetching, writing, fsync and persisting included), summed over
+    /// replicas; 0 before the first batch.
+    #[serde(default)]
+    pub replica_entries_per_s: u64,
     /// Role of every directory: catalog root name → `"source"` or `"replica"` (see
     /// `crate::roles`).
     #[serde(default)]
@@ -109,6 +121,12 @@ pub struct ReplicaProgress {
     pub known_seq: AtomicU64,
     /// Rows refused (unsafe path) since start.
     pub refused: AtomicU64,
+    /// Rows applied since start (counted once durable).
+    pub rows_applied: AtomicU64,
+    /// File content bytes written since start.
+    pub bytes_written: AtomicU64,
+    /// Rows per second of the last batch applied (wall time).
+    pub entries_per_s: AtomicU64,
     /// Name, directory and current problem of the replica directory (see
     /// [`crate::guard::replica_dir_ready`]); `problem` is `None` while healthy.
     pub dir: std::sync::Mutex<crate::guard::RootStatus>,
@@ -173,6 +191,8 @@ impl Progress {
         });
         let (mut replica_applied_seq, mut replica_lag_entries, mut replica_refused) =
             (u64::MAX, 0, 0);
+        let (mut replica_rows_applied, mut replica_bytes_written, mut replica_entries_per_s) =
+            (0, 0, 0);
         for r in self
             .replicas
             .lock()
@@ -183,6 +203,9 @@ impl Progress {
             replica_applied_seq = replica_applied_seq.min(applied);
             replica_lag_entries += r.known_seq.load(Ordering::Relaxed).saturating_sub(applied);
             replica_refused += r.refused.load(Ordering::Relaxed);
+            replica_rows_applied += r.rows_applied.load(Ordering::Relaxed);
+            replica_bytes_written += r.bytes_written.load(Ordering::Relaxed);
+            replica_entries_per_s += r.entries_per_s.load(Ordering::Relaxed);
         }
         if replica_applied_seq == u64::MAX {
             replica_applied_seq = 0;
@@ -207,6 +230,9 @@ impl Progress {
             replica_applied_seq,
             replica_lag_entries,
             replica_refused,
+            replica_rows_applied,
+            replica_bytes_written,
+            replica_entries_per_s,
             roles: self.roles.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             role_switches: self.role_switches.load(Ordering::Relaxed),
             conflicts_kept: self.conflicts_kept.load(Ordering::Relaxed),
@@ -333,6 +359,9 @@ mod tests {
             "replica_applied_seq",
             "replica_lag_entries",
             "replica_refused",
+            "replica_rows_applied",
+            "replica_bytes_written",
+            "replica_entries_per_s",
             "updated_ms",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
@@ -340,9 +369,20 @@ mod tests {
         let r = Arc::new(ReplicaProgress::default());
         r.applied_seq.store(7, Ordering::Relaxed);
         r.known_seq.store(10, Ordering::Relaxed);
+        r.rows_applied.store(6, Ordering::Relaxed);
+        r.bytes_written.store(600, Ordering::Relaxed);
+        r.entries_per_s.store(120, Ordering::Relaxed);
         p.replicas.lock().unwrap().push(r);
         let s = p.snapshot("a1", String::new(), None, 0);
         assert_eq!((s.replica_applied_seq, s.replica_lag_entries), (7, 3));
+        assert_eq!(
+            (
+                s.replica_rows_applied,
+                s.replica_bytes_written,
+                s.replica_entries_per_s
+            ),
+            (6, 600, 120)
+        );
         // Busy or a recent raw event: not idle.
         p.busy.store(true, Ordering::Relaxed);
         assert!(!p.snapshot("a1", String::new(), None, 0).idle);

@@ -7,7 +7,6 @@
 //! their directory and renamed into place. Symlinks are created last, as links, never followed.
 //! The writing itself is [`lifeboat_common::apply`], shared with the agent's replica applier.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -382,24 +381,15 @@ pub async fn restore_with(
     bar.finish_and_clear();
     for l in &links {
         let target = l.v.symlink_target.clone().unwrap_or_default();
-        apply::write_symlink(&root, &l.v.path, &target, false)?;
+        apply::write_symlink(&root, &l.v.path, &target, l.v.mtime_ns, false)?;
         report.symlinks += 1;
     }
     // Directory modes and mtimes last, deepest first (writing inside changes a dir's mtime).
-    let mut by_depth: HashMap<usize, Vec<&FileVersion>> = HashMap::new();
-    for d in &dirs {
-        by_depth
-            .entry(d.v.path.matches('/').count())
-            .or_default()
-            .push(d);
-    }
-    let mut depths: Vec<_> = by_depth.keys().copied().collect();
-    depths.sort_unstable_by(|a, b| b.cmp(a));
-    for depth in depths {
-        for d in &by_depth[&depth] {
-            apply::set_dir_meta(&root, &d.v.path, d.v.mode, d.v.mtime_ns)?;
-        }
-    }
+    apply::set_dir_metas(
+        &root,
+        dirs.iter()
+            .map(|d| (d.v.path.as_str(), d.v.mode, d.v.mtime_ns)),
+    )?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     report.mb_per_s = report.bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(report)

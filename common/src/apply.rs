@@ -120,7 +120,8 @@ pub async fn get_part(
 }
 
 /// Creates directory `rel` (and its parents) under `root`, replacing a non-directory in the way.
-/// Returns its path.
+/// Returns its path. Safe to run concurrently for overlapping paths (a directory another call
+/// created meanwhile is fine).
 ///
 /// Errors: [`ApplyError::Path`] for a refused path, [`ApplyError::Io`].
 pub fn mkdirs(root: &Path, rel: &str) -> Result<PathBuf, ApplyError> {
@@ -128,9 +129,19 @@ pub fn mkdirs(root: &Path, rel: &str) -> Result<PathBuf, ApplyError> {
     match std::fs::symlink_metadata(&p) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
+            // Another writer of the same batch may have replaced it already.
             std::fs::remove_file(&p)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
                 .map_err(io(|| format!("replace {} with a directory", p.display())))?;
-            std::fs::create_dir(&p).map_err(io(|| format!("create {}", p.display())))?;
+            std::fs::create_dir(&p)
+                .or_else(|e| if p.is_dir() { Ok(()) } else { Err(e) })
+                .map_err(io(|| format!("create {}", p.display())))?;
         }
         Err(_) => {
             if let Some((parent, _)) = rel.rsplit_once('/') {
@@ -271,14 +282,17 @@ fn remove_dir_in_way(p: &Path) -> Result<(), ApplyError> {
 }
 
 /// Creates symlink `rel` under `root` with `target` (verbatim, never resolved), replacing an
-/// existing non-directory entry (the link itself, never its target). A directory in the way is
-/// an error unless `replace_dir`.
+/// existing non-directory entry (the link itself, never its target), and gives the link itself
+/// mtime `mtime_ns` (ns since the Unix epoch; `utimensat(AT_SYMLINK_NOFOLLOW)`, best effort: a
+/// filesystem that cannot set it is logged, the link stays). A directory in the way is an error
+/// unless `replace_dir`.
 ///
 /// Errors: [`ApplyError`].
 pub fn write_symlink(
     root: &Path,
     rel: &str,
     target: &str,
+    mtime_ns: i64,
     replace_dir: bool,
 ) -> Result<(), ApplyError> {
     if let Some((parent, _)) = rel.rsplit_once('/') {
@@ -299,7 +313,22 @@ pub fn write_symlink(
         }
     }
     std::os::unix::fs::symlink(target, &dest)
-        .map_err(io(|| format!("create symlink {}", dest.display())))
+        .map_err(io(|| format!("create symlink {}", dest.display())))?;
+    set_symlink_mtime(&dest, mtime_ns);
+    Ok(())
+}
+
+/// Sets the mtime of the symlink at `p` itself (never its target), keeping its atime; best
+/// effort (logged).
+fn set_symlink_mtime(p: &Path, mtime_ns: i64) {
+    let res = std::fs::symlink_metadata(p).and_then(|md| {
+        let atime = filetime::FileTime::from_last_access_time(&md);
+        let m = filetime::FileTime::from_system_time(mtime(mtime_ns));
+        filetime::set_symlink_file_times(p, atime, m)
+    });
+    if let Err(e) = res {
+        tracing::warn!(path = %p.display(), error = %e, "cannot set the mtime of a symlink");
+    }
 }
 
 /// Sets mode and mtime of directory `rel` under `root` (mtime best effort).
@@ -316,6 +345,23 @@ pub fn set_dir_meta(root: &Path, rel: &str, mode: u32, mtime_ns: i64) -> Result<
     Ok(())
 }
 
+/// Sets mode and mtime of every directory `(rel, mode, mtime_ns)` of `dirs` under `root`
+/// ([`set_dir_meta`]), deepest first. Meant to run after the entries inside them are written
+/// (creating or renaming an entry sets its directory's mtime to "now").
+///
+/// Errors: the first [`ApplyError`] (later directories are left as they are).
+pub fn set_dir_metas<'a>(
+    root: &Path,
+    dirs: impl IntoIterator<Item = (&'a str, u32, i64)>,
+) -> Result<(), ApplyError> {
+    let mut dirs: Vec<_> = dirs.into_iter().collect();
+    dirs.sort_by_key(|(rel, _, _)| std::cmp::Reverse(rel.matches('/').count()));
+    for (rel, mode, mtime_ns) in dirs {
+        set_dir_meta(root, rel, mode, mtime_ns)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,20 +373,24 @@ mod tests {
         let root = d.path();
         mkdirs(root, "a/b").unwrap();
         assert!(root.join("a/b").is_dir());
-        write_symlink(root, "a/l", "../../x", false).unwrap();
+        write_symlink(root, "a/l", "../../x", 1_500_000_000_123_456_789, false).unwrap();
         assert_eq!(
             std::fs::read_link(root.join("a/l")).unwrap(),
             PathBuf::from("../../x")
         );
+        // The link's own mtime, to the ns.
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(root.join("a/l")).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 123_456_789));
         // Replaced, not followed.
-        write_symlink(root, "a/l", "y", false).unwrap();
+        write_symlink(root, "a/l", "y", 0, false).unwrap();
         assert_eq!(
             std::fs::read_link(root.join("a/l")).unwrap(),
             PathBuf::from("y")
         );
         // A directory in the way only goes when allowed.
-        assert!(write_symlink(root, "a/b", "z", false).is_err());
-        write_symlink(root, "a/b", "z", true).unwrap();
+        assert!(write_symlink(root, "a/b", "z", 0, false).is_err());
+        write_symlink(root, "a/b", "z", 0, true).unwrap();
         // A planted link to the outside is refused as a component.
         std::os::unix::fs::symlink(outside.path(), root.join("evil")).unwrap();
         assert!(matches!(
@@ -348,11 +398,19 @@ mod tests {
             Err(ApplyError::Path(PathError::SymlinkComponent { .. }))
         ));
         assert!(matches!(
-            write_symlink(root, "evil/l", "t", true),
+            write_symlink(root, "evil/l", "t", 0, true),
             Err(ApplyError::Path(_))
         ));
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
-        set_dir_meta(root, "a", 0o750, 0).unwrap();
+        set_dir_metas(root, [("a", 0o750, 0), ("a/b2", 0o700, 7)]).unwrap_err();
+        mkdirs(root, "a/b2").unwrap();
+        set_dir_metas(root, [("a", 0o750, 0), ("a/b2", 0o700, 7)]).unwrap();
+        // Deepest first: creating nothing, the parent keeps its mtime.
+        assert_eq!(std::fs::metadata(root.join("a")).unwrap().mtime(), 0);
+        assert_eq!(
+            std::fs::metadata(root.join("a/b2")).unwrap().mtime_nsec(),
+            7
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(root.join("a"))
