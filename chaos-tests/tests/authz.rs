@@ -119,7 +119,6 @@ async fn each_role_calls_only_what_it_may() -> anyhow::Result<()> {
             repl.confirm_applied(ConfirmAppliedRequest {
                 region: "b".into(),
                 upstream_seq: u64::MAX / 2,
-                ..Default::default()
             })
             .await,
             "coordinator",
@@ -148,7 +147,6 @@ async fn each_role_calls_only_what_it_may() -> anyhow::Result<()> {
             blobs
                 .fetch_blobs(FetchBlobsRequest {
                     hashes: vec!["00".repeat(32)],
-                    ..Default::default()
                 })
                 .await,
             "operator",
