@@ -175,8 +175,9 @@ fn is_unsafe_path(e: &ApplyError) -> bool {
     matches!(e, ApplyError::Path(_))
 }
 
-/// Files of one batch written at the same time, at most (distinct paths, see [`FileGroup`]).
-pub const APPLY_CONCURRENCY: usize = 8;
+/// Files of one batch written at the same time, at most (distinct paths, see [`FileGroup`]):
+/// as many as a restore writes.
+pub const APPLY_CONCURRENCY: usize = lifeboat_common::apply::WRITERS;
 
 /// Rows a group of files holds before it is written.
 const GROUP_ROWS: usize = 256;

@@ -306,8 +306,8 @@ async fn agent_pointed_at_standby_is_refused() -> anyhow::Result<()> {
     tree::generate(&src, 10, 0, 14)?;
     let (_a, mut b) = two_regions(&s.dir).await?;
 
-    // Every coordinator of B refuses pushes, leader or not.
-    let conn = b.conn();
+    // Every coordinator of B refuses pushes, leader or not (asked with an agent's certificate).
+    let conn = agent_conn(&b, "b0")?;
     for c in &b.coords {
         let mut client = AgentServiceClient::new(conn.channel(&c.addr)?);
         let err = client

@@ -75,6 +75,9 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
                 "base_backup_interval_s = 3600\n",
             ),
         )?;
+        // The PITR target below lies 300 ms after the third backup ended and must come before the
+        // fourth ends: leave a clear gap (a fast restart took the fourth within 300 ms).
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         cluster.start_agent(&cfg)?;
         wait_for("four backups taken, two live", 300, || {
             Ok(count_in_log(&cfg, "postgres base backup taken") >= 4

@@ -371,7 +371,7 @@ pub async fn restore_with(
             apply::write_file(&client, &root, &v.v.path, &v, ".lifeboat-restore-", false).await
         }
     }))
-    .buffer_unordered(12);
+    .buffer_unordered(apply::WRITERS);
     while let Some(r) = results.next().await {
         let n = r?;
         report.files += 1;

@@ -20,6 +20,10 @@ use crate::blob::{self, BlobHash};
 use crate::catalog::FileVersion;
 use crate::path::{safe_join, PathError};
 
+/// Files a restore or a replica batch writes at the same time (each one fetch stream, one temp
+/// file and one fsync, so most of a writer's time is spent waiting on the disk).
+pub const WRITERS: usize = 12;
+
 /// The blob client files are fetched with.
 pub type BlobClient = BlobServiceClient<Channel>;
 
