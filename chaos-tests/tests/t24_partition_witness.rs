@@ -1,6 +1,7 @@
 //! Issue 3, partition with real processes in network namespaces: regions a and b (3
-//! coordinators each) and the witness each run in a site of their own. Site A is cut from B and
-//! from the witness's site W (the test host still reaches every site). B and W hold 4 of the 7
+//! coordinators each) and the witness each run in a site of their own. The global leader is
+//! moved into region a first. Site A is cut from B and from the witness's site W (the test host
+//! still reaches every site). B and W hold 4 of the 7
 //! global votes: b becomes active at epoch 2 once a's lease surely expired, and the audit log
 //! has the failover. Region a, alive on its side of the partition, is fenced: its own regional
 //! leader says it holds no lease, and a file written there afterwards is never acknowledged and
@@ -48,6 +49,17 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
         assert_eq!(st["pending_changes"], 0, "{st}");
         let acked_before = st["changes_acked"].as_u64().unwrap_or(0);
         assert!(acked_before >= 1, "{st}");
+
+        // The hardest case: the global leader is lost with the active region, so that the
+        // leader elected on b's side never heard from a and must rely on the committed record
+        // (a never recorded degraded synchronous replication: b holds every acknowledged change).
+        let leader = regions
+            .move_global_leader_to("a", Duration::from_secs(60))
+            .await?;
+        eprintln!("global leader: node {leader} in region a");
+        regions.wait_active("a", 1, Duration::from_secs(30)).await?;
+        let st = settle(&data).await?;
+        assert_eq!(st["pending_changes"], 0, "{st}");
 
         let sampler = LeaseSampler::start(&regions);
         // Cut site A from B and from W.

@@ -6,9 +6,11 @@
 //! Writes in a under `[global] synchronous = true` (the default, non-strict): a batch is committed
 //! in a but acknowledged only once a standby region confirmed it; with b unreachable, intake waits
 //! `sync_timeout_ms` (10 s by default), so for those 10 s the agent keeps the change pending.
-//! Then a **degrades** (like Patroni's non-strict synchronous mode): it acknowledges after its own
+//! Then a **degrades** (like Patroni's non-strict synchronous mode): the global group records it
+//! first (`state.sync_degraded`, audit `sync-degraded`), then a acknowledges after its own
 //! majority commit and reports `sync_degraded`. After the heal, b catches up and confirms, a
-//! leaves degraded mode, and b holds the change byte for byte.
+//! leaves degraded mode, the record is cleared (audit `sync-resumed`), and b holds the change
+//! byte for byte.
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,19 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         let ra = regions.report("a").await.expect("a's regional leader");
         assert_eq!(ra["leased"], true, "a keeps its lease: {ra}");
         assert_eq!(ra["sync_degraded"], true, "a reports degraded mode: {ra}");
+        // ... and the global group recorded it before the first batch was acknowledged alone,
+        // so that any later global leader knows a standby may lack acknowledged changes.
+        let s = regions.control_status().await.expect("global status");
+        assert_eq!(s["state"]["sync_degraded"]["region"], "a", "{s}");
+        assert_eq!(s["state"]["sync_degraded"]["epoch"], 1, "{s}");
+        let recorded_at = s["state"]["audit"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["action"] == "sync-degraded" && e["epoch"] == 1)
+            .map(|e| e["at_ms"].as_u64().unwrap_or(0))
+            .expect("a sync-degraded audit entry");
+        assert!(recorded_at > 0, "{s}");
 
         // Heal: b catches up and confirms; a leaves degraded mode and b holds the change.
         regions.net().heal()?;
@@ -112,6 +127,26 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         eprintln!("heal -> synchronous again after {:?}", healed.elapsed());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = regions.control_status().await;
+            let cleared = s.as_ref().is_some_and(|s| {
+                s["state"]["sync_degraded"].is_null()
+                    && s["state"]["audit"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["action"] == "sync-resumed")
+            });
+            if cleared {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the record still says degraded after the heal: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let restored = dir.join("restored-b");
         restore_latest(regions.region("b"), "data", &restored).await?;
         let c = tree::compare(&src, &restored.join("data"))?;

@@ -318,6 +318,63 @@ impl Regions {
         .ok()
     }
 
+    /// Moves the global leader into `region`: while another node leads, that node is paused
+    /// (SIGSTOP) until another one leads, then resumed (SIGCONT). Returns the new leader's
+    /// node id. Tests use it to lose the active region together with the global leader, which
+    /// a later global leader must handle without any report from it.
+    ///
+    /// Errors: no global leader answers, or the leader is not in `region` within `timeout`.
+    pub async fn move_global_leader_to(
+        &self,
+        region: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self
+                .control_status()
+                .await
+                .and_then(|s| s["global_leader"].as_u64())
+                .unwrap_or(0);
+            if leader != 0 && self.region(region).index_of(leader).is_some() {
+                return Ok(leader);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the global leader (node {leader}) did not move into {region} within {timeout:?}"
+            );
+            let pid = self
+                .regions
+                .values()
+                .chain(self.witness.iter())
+                .flat_map(|c| c.coords.iter())
+                .find(|c| c.id == leader)
+                .and_then(|c| c.child.as_ref())
+                .map(|ch| ch.id() as libc::pid_t);
+            let Some(pid) = pid else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            // SAFETY: signals a child process this harness started and still holds.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let paused = Instant::now();
+            while paused.elapsed() < Duration::from_secs(10) {
+                let now = self
+                    .control_status()
+                    .await
+                    .and_then(|s| s["global_leader"].as_u64())
+                    .unwrap_or(leader);
+                if now != leader {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// What `region`'s own regional leader reports (see [`leader_report`]).
     pub async fn report(&self, region: &str) -> Option<Value> {
         leader_report(&self.conn(), &self.region(region).addrs()).await

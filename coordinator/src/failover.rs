@@ -139,7 +139,7 @@ pub struct RegionView {
 /// What the global leader last heard from the active region's leader, for [`standby_rpo_ms`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveProgress {
-    /// Age of its newest report (ms).
+    /// Age of its newest report (ms); `u64::MAX` when this global leader never heard from it.
     pub report_age_ms: u64,
     /// The report is recent enough to count the region as reachable (within the detection
     /// timeout).
@@ -151,14 +151,17 @@ pub struct ActiveProgress {
 /// Expected loss, in ms of acknowledged changes, if a standby were promoted now: the lag
 /// compared with [`Policy::rpo_budget_ms`] in consistency-first failover.
 ///
-/// - Active region reachable (`fresh`), or never heard from: the standby's measured lag.
-/// - Active region gone, synchronous replication not degraded (`synchronous` and not
-///   `sync_degraded` in its last report), and this standby holds the highest upstream sequence
-///   of any standby (`upstream_seq >= best_upstream_seq`): **0**. Every acknowledged batch was
-///   confirmed by a standby first, and standbys commit a prefix of the active region's catalog,
-///   so the most advanced one holds all of them; the silence since the loss is not lag.
-///   (A degraded region could only start acknowledging alone after `sync_timeout_ms`, longer
-///   than the lease it loses when cut off, so its last report tells.)
+/// - Active region reachable (`fresh`), or no [`ActiveProgress`] given: the standby's measured
+///   lag.
+/// - Active region gone (or never heard from by this global leader: `report_age_ms` is then
+///   `u64::MAX`), synchronous replication not degraded (`synchronous` and not `sync_degraded`:
+///   neither its last report nor the committed record says so), and this standby holds the
+///   highest upstream sequence of any standby (`upstream_seq >= best_upstream_seq`): **0**.
+///   Every acknowledged batch was confirmed by a standby first, and standbys commit a prefix
+///   of the active region's catalog, so the most advanced one holds all of them; the silence
+///   since the loss is not lag. (The active region acknowledges alone only after the global
+///   group recorded it degraded, `ControlCommand::SetSyncDegraded`, so the record tells even
+///   a global leader elected after the loss.)
 /// - Otherwise (asynchronous or degraded): the standby's lag when the active region was last
 ///   heard from (`lag_at_contact_ms`, else `measured_lag_ms`) plus the time the active region
 ///   may have gone on acknowledging after that: the report's age, at most one lease plus the
@@ -548,6 +551,23 @@ mod tests {
             sync_degraded: false,
         });
         assert_eq!(standby_rpo_ms(false, recent, 10, 10, 900, None, &p), 1200);
+        // A global leader elected after the loss never heard from the active region: the
+        // committed record decides. Not degraded: nothing lost; degraded: lease + drift.
+        let never = |degraded| {
+            Some(ActiveProgress {
+                report_age_ms: u64::MAX,
+                fresh: false,
+                sync_degraded: degraded,
+            })
+        };
+        assert_eq!(
+            standby_rpo_ms(true, never(false), 10, 10, 3567, None, &p),
+            0
+        );
+        assert_eq!(
+            standby_rpo_ms(true, never(true), 10, 10, 3567, None, &p),
+            3567 + 1750
+        );
     }
 
     #[test]

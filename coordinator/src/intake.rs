@@ -112,88 +112,172 @@ pub use crate::control::role::STANDBY_REFUSAL;
 /// standby region confirmed (`ConfirmApplied`) an upstream sequence at or above the batch's.
 ///
 /// When no standby confirms within `timeout` (every standby region down or cut off), a strict
-/// `SyncAck` answers `UNAVAILABLE` (nothing is acknowledged that a standby does not hold); a
+/// `SyncAck` answers `UNAVAILABLE` (nothing is acknowledged that a standby does not hold). A
 /// non-strict one (the default, like Patroni's non-strict `synchronous_mode`) switches to
-/// **degraded** mode: it acknowledges after the local majority commit without waiting, until a
-/// standby confirms a sequence at or above the one that timed out (it caught up), then waits
-/// again. A failover under the consistency-first policy still never promotes a region missing
-/// acknowledged changes: a standby that lost contact reports a replication lag of at least the
-/// time since it last heard from the active region.
+/// **degraded** mode, acknowledging after the local majority commit without waiting, but only
+/// once the global group has **recorded** it degraded (`ControlCommand::SetSyncDegraded`,
+/// asked for in the next lease renewal, see [`SyncAck::renewal_flag`]); until then, or when the
+/// global group cannot be reached, it answers `UNAVAILABLE` and the agent retries. It resumes
+/// waiting once a standby confirmed every sequence of the catalog, and the record is cleared in
+/// the renewal after that. So a record that does not say degraded means every acknowledged
+/// change was confirmed by a standby region, whichever node leads the global group (this is
+/// the order Patroni follows with its `/sync` key: the DCS records the change first). A
+/// failover under the consistency-first policy relies on it (see
+/// `crate::failover::standby_rpo_ms`).
 #[derive(Clone)]
 pub struct SyncAck {
     /// Highest confirmed upstream sequence per standby region.
     pub confirmed: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, u64>>,
     /// How long to wait for a confirmation before degrading (or, strict, answering
-    /// `UNAVAILABLE`; the agent retries).
+    /// `UNAVAILABLE`; the agent retries); also how long to wait for the global group to record
+    /// the degradation.
     pub timeout: std::time::Duration,
     /// Never acknowledge without a standby's confirmation.
     pub strict: bool,
-    /// Degraded since this sequence number (0 = synchronous); shared by all clones.
-    pub degraded_since_seq: Arc<std::sync::atomic::AtomicU64>,
+    gate: Arc<SyncGate>,
+}
+
+/// State shared by the clones of one [`SyncAck`] (one per coordinator).
+struct SyncGate {
+    state: Mutex<GateState>,
+    /// Mirrors [`GateState::recorded`], for waiters.
+    recorded: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// A confirmation timed out and no standby has confirmed the whole catalog since: this
+    /// region asks to acknowledge alone.
+    wanted: bool,
+    /// The global group recorded this region degraded (the last renewal's answer), and
+    /// `wanted` held throughout: batches may be acknowledged alone.
+    recorded: bool,
 }
 
 impl SyncAck {
-    /// Waits until some standby region confirmed `seq` (returns at once while degraded).
-    ///
-    /// Errors: `UNAVAILABLE` after the timeout when strict.
-    pub async fn wait(&self, seq: u64) -> Result<(), Status> {
-        use std::sync::atomic::Ordering;
-        let mut rx = self.confirmed.clone();
-        let best = |m: &std::collections::BTreeMap<String, u64>| m.values().copied().max();
-        if self.degraded() {
-            return Ok(());
-        }
-        let ok = tokio::time::timeout(self.timeout, async {
-            rx.wait_for(|m| best(m).is_some_and(|s| s >= seq))
-                .await
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        match (ok, self.strict) {
-            (true, _) => Ok(()),
-            (false, true) => Err(Status::unavailable(format!(
-                "no standby region confirmed seq {seq} within {} ms; not acknowledged (synchronous_strict)",
-                self.timeout.as_millis()
-            ))),
-            (false, false) => {
-                if self
-                    .degraded_since_seq
-                    .compare_exchange(0, seq, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    tracing::warn!(
-                        seq,
-                        timeout_ms = self.timeout.as_millis() as u64,
-                        "no standby region confirmed in time: synchronous replication degraded, acknowledging after the local majority commit until a standby catches up"
-                    );
-                }
-                Ok(())
-            }
+    /// A synchronous acknowledgement gate fed by `confirmed`; see the fields.
+    pub fn new(
+        confirmed: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, u64>>,
+        timeout: std::time::Duration,
+        strict: bool,
+    ) -> Self {
+        SyncAck {
+            confirmed,
+            timeout,
+            strict,
+            gate: Arc::new(SyncGate {
+                state: Mutex::new(GateState::default()),
+                recorded: tokio::sync::watch::channel(false).0,
+            }),
         }
     }
 
-    /// Degraded: acknowledging without a standby's confirmation. A standby that has since
-    /// confirmed the sequence that timed out ends degraded mode (also between writes).
+    fn best_confirmed(&self) -> Option<u64> {
+        self.confirmed.borrow().values().copied().max()
+    }
+
+    /// Waits until some standby region confirmed `seq`, or (non-strict) until the global group
+    /// recorded this region degraded; returns at once while it is.
+    ///
+    /// Errors: `UNAVAILABLE` after the timeout when strict, or when the degradation was not
+    /// recorded within a second timeout (the global group unreachable: this region is about
+    /// to lose its lease anyway).
+    pub async fn wait(&self, seq: u64) -> Result<(), Status> {
+        if self.gate.state.lock().recorded {
+            return Ok(());
+        }
+        let confirmed_seq = |rx: &mut tokio::sync::watch::Receiver<_>| {
+            let mut rx = rx.clone();
+            async move {
+                rx.wait_for(|m: &std::collections::BTreeMap<String, u64>| {
+                    m.values().copied().max().is_some_and(|s| s >= seq)
+                })
+                .await
+                .is_ok()
+            }
+        };
+        let mut rx = self.confirmed.clone();
+        let ok = tokio::time::timeout(self.timeout, confirmed_seq(&mut rx))
+            .await
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if self.strict {
+            return Err(Status::unavailable(format!(
+                "no standby region confirmed seq {seq} within {} ms; not acknowledged (synchronous_strict)",
+                self.timeout.as_millis()
+            )));
+        }
+        {
+            let mut st = self.gate.state.lock();
+            if st.recorded {
+                return Ok(());
+            }
+            if !st.wanted {
+                st.wanted = true;
+                tracing::warn!(
+                    seq,
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "no standby region confirmed in time: asking the global group to record degraded synchronous replication"
+                );
+            }
+        }
+        let mut recorded = self.gate.recorded.subscribe();
+        let outcome = tokio::time::timeout(self.timeout, async {
+            tokio::select! {
+                c = confirmed_seq(&mut rx) => c,
+                r = recorded.wait_for(|r| *r) => r.is_ok(),
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if outcome && (self.gate.state.lock().recorded || self.best_confirmed() >= Some(seq)) {
+            return Ok(());
+        }
+        Err(Status::unavailable(format!(
+            "no standby region confirmed seq {seq}, and the global group did not record degraded synchronous replication within {} ms; not acknowledged",
+            self.timeout.as_millis()
+        )))
+    }
+
+    /// Degraded or about to be: this region asked to acknowledge without a standby's
+    /// confirmation and no standby has confirmed the whole catalog since (region reports).
     pub fn degraded(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let since = self.degraded_since_seq.load(Ordering::Relaxed);
-        if since == 0 {
+        self.gate.state.lock().wanted
+    }
+
+    /// The flag this region's next lease renewal carries (`RenewRequest::sync_degraded`), as
+    /// its regional leader: true while degraded. The global record saying degraded
+    /// (`recorded_degraded`) makes this node degraded too (a new regional leader inherits it),
+    /// until a standby confirmed `head_seq()`, the catalog's last sequence, read under the
+    /// gate's lock so that no batch is acknowledged alone past it.
+    pub fn renewal_flag(&self, recorded_degraded: bool, head_seq: impl FnOnce() -> u64) -> bool {
+        let mut st = self.gate.state.lock();
+        st.wanted |= recorded_degraded;
+        if !st.wanted {
             return false;
         }
-        let caught_up = self.confirmed.borrow().values().any(|&s| s >= since);
-        if caught_up
-            && self
-                .degraded_since_seq
-                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        let head = head_seq();
+        if self.best_confirmed().unwrap_or(0) >= head {
+            st.wanted = false;
+            st.recorded = false;
+            self.gate.recorded.send_replace(false);
             tracing::warn!(
-                since,
-                "a standby region caught up: synchronous replication resumed"
+                head,
+                "a standby region confirmed the whole catalog: synchronous replication resumes"
             );
+            return false;
         }
-        !caught_up
+        true
+    }
+
+    /// Takes the renewal's answer: the global group records this region degraded
+    /// (`recorded`). Batches are acknowledged alone only while this node still asks for it.
+    pub fn renewal_answer(&self, recorded: bool) {
+        let mut st = self.gate.state.lock();
+        st.recorded = recorded && st.wanted;
+        self.gate.recorded.send_replace(st.recorded);
     }
 }
 

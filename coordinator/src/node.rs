@@ -220,11 +220,12 @@ pub async fn run(
         .global
         .as_ref()
         .filter(|g| g.synchronous && g.regions().len() > 1 && !cfg.witness)
-        .map(|g| SyncAck {
-            confirmed: confirmed.subscribe(),
-            timeout: std::time::Duration::from_millis(g.sync_timeout_ms),
-            strict: g.synchronous_strict,
-            degraded_since_seq: Default::default(),
+        .map(|g| {
+            SyncAck::new(
+                confirmed.subscribe(),
+                std::time::Duration::from_millis(g.sync_timeout_ms),
+                g.synchronous_strict,
+            )
         });
     let intake = Intake {
         raft: raft.clone(),

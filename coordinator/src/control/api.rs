@@ -26,6 +26,11 @@ pub struct RenewRequest {
     pub epoch: u64,
     /// Asking node.
     pub node_id: u64,
+    /// It asks to acknowledge without a standby region's confirmation (true), or every change
+    /// it acknowledged is confirmed (false): the global leader records the change
+    /// (`ControlCommand::SetSyncDegraded`) before answering. See `crate::intake::SyncAck`.
+    #[serde(default)]
+    pub sync_degraded: bool,
 }
 
 /// Answer to a renewal.
@@ -41,6 +46,10 @@ pub struct RenewReply {
     pub active_region: String,
     /// Why it was refused.
     pub reason: String,
+    /// The committed state says the asking region is degraded at `epoch` (it may acknowledge
+    /// alone).
+    #[serde(default)]
+    pub sync_degraded_recorded: bool,
 }
 
 /// `report`: the global leader sends `{}` (the answer carries, and so hands over, the node's

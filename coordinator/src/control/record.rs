@@ -2,9 +2,10 @@
 //! ([`ControlCommand`]), as pure logic: the redb state machine ([`super::store`]) only loads,
 //! applies and saves.
 //!
-//! Only decisions are committed (DESIGN.md section 4): the first record, a change of phase or of
+//! Only decisions are committed (docs/failover.md): the first record, a change of phase or of
 //! active region (each a compare-and-set on the epoch, so the stale decision of a deposed global
-//! leader is refused), policy changes and audit entries. Lease renewals and health observations
+//! leader is refused), the active region's synchronous replication degrading or resuming
+//! ([`SyncDegraded`]), policy changes and audit entries. Lease renewals and health observations
 //! stay in the global leader's memory; a new global leader assumes a lease may have been granted
 //! until one full lease after it took over (see `crate::lease::on_became_leader`).
 
@@ -63,6 +64,24 @@ pub struct ControlState {
     pub audit: Vec<AuditEntry>,
     /// Next audit sequence number.
     pub next_audit_seq: u64,
+    /// The active region acknowledges without a standby region's confirmation (degraded
+    /// synchronous replication), recorded before it acknowledged the first such batch. `None`
+    /// (or a record of another region or epoch): every change it acknowledged at this epoch
+    /// was confirmed by a standby region first. See [`ControlState::sync_degraded_at`].
+    #[serde(default)]
+    pub sync_degraded: Option<SyncDegraded>,
+}
+
+/// A committed fact: `region`, active at `epoch`, may acknowledge changes no standby region
+/// confirmed (see `crate::intake::SyncAck`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDegraded {
+    /// The active region.
+    pub region: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// When it was recorded, ms since the Unix epoch (the global leader's clock).
+    pub since_ms: u64,
 }
 
 /// A command of the global group.
@@ -116,6 +135,21 @@ pub enum ControlCommand {
         witness: bool,
         /// Policy now (`automatic` follows whether the new topology allows it).
         policy: Policy,
+        /// Audit entry of the change.
+        audit: Vec<AuditEntry>,
+    },
+    /// The active region's synchronous replication degrades (`degraded`: it asked to
+    /// acknowledge without a standby's confirmation) or resumes (every change it acknowledged
+    /// is confirmed). Refused unless `region` is the active region at `epoch`.
+    SetSyncDegraded {
+        /// The active region.
+        region: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Degraded (true) or synchronous again (false).
+        degraded: bool,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
         /// Audit entry of the change.
         audit: Vec<AuditEntry>,
     },
@@ -198,7 +232,38 @@ impl ControlState {
                 self.push_audit(audit);
                 true
             }
+            ControlCommand::SetSyncDegraded {
+                region,
+                epoch,
+                degraded,
+                at_ms,
+                audit,
+            } => {
+                let current = self
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.epoch == epoch && r.active_region() == region);
+                if !current || self.sync_degraded_at(&region, epoch) == degraded {
+                    return false;
+                }
+                self.sync_degraded = degraded.then_some(SyncDegraded {
+                    region,
+                    epoch,
+                    since_ms: at_ms,
+                });
+                self.push_audit(audit);
+                true
+            }
         }
+    }
+
+    /// Whether `region`, active at `epoch`, is recorded as possibly acknowledging changes no
+    /// standby region confirmed. False for any other region or epoch: a new epoch starts
+    /// synchronous.
+    pub fn sync_degraded_at(&self, region: &str, epoch: u64) -> bool {
+        self.sync_degraded
+            .as_ref()
+            .is_some_and(|d| d.region == region && d.epoch == epoch)
     }
 
     /// Voters of the global group: the committed list, or `config` when none was committed.
@@ -276,6 +341,42 @@ mod tests {
         assert!(!s.apply(d));
         assert_eq!(s.previous_region.as_deref(), Some("a"));
         assert_eq!(s.last_rto_ms, Some(2000));
+    }
+
+    #[test]
+    fn sync_degraded_is_recorded_only_for_the_active_region_and_ends_with_its_epoch() {
+        let mut s = init();
+        let set = |region: &str, epoch: u64, degraded: bool| ControlCommand::SetSyncDegraded {
+            region: region.into(),
+            epoch,
+            degraded,
+            at_ms: 5,
+            audit: vec![],
+        };
+        assert!(!s.sync_degraded_at("a", 1));
+        // A standby region, or a stale epoch, cannot record itself degraded.
+        assert!(!s.apply(set("b", 1, true)));
+        assert!(!s.apply(set("a", 0, true)));
+        assert!(s.apply(set("a", 1, true)));
+        assert!(s.sync_degraded_at("a", 1));
+        // Recording the same state again changes nothing.
+        assert!(!s.apply(set("a", 1, true)));
+        assert!(s.apply(set("a", 1, false)));
+        assert!(!s.sync_degraded_at("a", 1));
+        assert!(s.apply(set("a", 1, true)));
+        // A new epoch (b promoted) starts synchronous.
+        let mut next = s.record.clone().unwrap();
+        next.epoch = 2;
+        next.phase = crate::failover::Phase::Active { region: "b".into() };
+        assert!(s.apply(ControlCommand::Decide {
+            expect_epoch: 1,
+            record: next,
+            previous_region: Some("a".into()),
+            rto_ms: None,
+            audit: vec![],
+        }));
+        assert!(!s.sync_degraded_at("b", 2));
+        assert!(!s.apply(set("a", 1, false)), "a's epoch is over");
     }
 
     #[test]

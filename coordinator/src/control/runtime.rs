@@ -393,13 +393,23 @@ impl ControlRuntime {
             // Expected RPO of each standby (acknowledged changes, not silence): see
             // `failover::standby_rpo_ms`.
             let epoch_now = w.rec.epoch;
-            let active_progress = w.reports.get(&active).map(|(t, r)| {
-                let age = now.saturating_sub(*t);
-                failover::ActiveProgress {
-                    report_age_ms: age,
-                    fresh: age <= policy.detection_timeout_ms && r.regional_leader,
-                    sync_degraded: r.sync_degraded,
+            // Whether it may have acknowledged alone is committed (`intake::SyncAck`): known
+            // to every global leader, also one that never heard from the active region.
+            let recorded_degraded = state.sync_degraded_at(&active, epoch_now);
+            let active_progress = Some(match w.reports.get(&active) {
+                Some((t, r)) => {
+                    let age = now.saturating_sub(*t);
+                    failover::ActiveProgress {
+                        report_age_ms: age,
+                        fresh: age <= policy.detection_timeout_ms && r.regional_leader,
+                        sync_degraded: r.sync_degraded || recorded_degraded,
+                    }
                 }
+                None => failover::ActiveProgress {
+                    report_age_ms: u64::MAX,
+                    fresh: false,
+                    sync_degraded: recorded_degraded,
+                },
             });
             let best_upstream_seq = w
                 .reports
@@ -1069,27 +1079,49 @@ impl ControlRuntime {
         }
         let now = now_ms();
         let interval = (state.policy.lease_ms / 4).max(50);
+        // Synchronous replication degrading or resuming is recorded by the global group in a
+        // renewal, before a batch is acknowledged alone (see `intake::SyncAck`).
+        let sync_flag = reg.sync.as_ref().map(|s| {
+            let flag = s.renewal_flag(state.sync_degraded_at(&self.region, epoch), || {
+                reg.catalog.last_seq().unwrap_or(u64::MAX)
+            });
+            (s, flag)
+        });
+        let sync_change = sync_flag
+            .as_ref()
+            .is_some_and(|(_, flag)| *flag != state.sync_degraded_at(&self.region, epoch));
         {
             // Renew every quarter lease, and at once while no valid lease is held (right after a
-            // promotion completes, or a lost renewal).
+            // promotion completes, or a lost renewal) or the synchronous state changes.
             let mut l = self.local.lock();
             let held = view.lease.valid(now, epoch);
-            if held && now.saturating_sub(l.last_renew_ms) < interval {
+            if held && !sync_change && now.saturating_sub(l.last_renew_ms) < interval {
                 return;
             }
-            if !held && now.saturating_sub(l.last_renew_ms) < TICK.as_millis() as u64 {
+            if (!held || sync_change)
+                && now.saturating_sub(l.last_renew_ms) < TICK.as_millis() as u64
+            {
                 return;
             }
             l.last_renew_ms = now;
         }
-        self.renew(epoch).await;
+        let recorded = self
+            .renew(epoch, sync_flag.as_ref().is_some_and(|(_, f)| *f))
+            .await;
+        if let Some((sync, _)) = sync_flag {
+            sync.renewal_answer(recorded.unwrap_or(false));
+        }
     }
 
-    async fn renew(&self, epoch: u64) {
+    /// Asks the global leader for a lease renewal, carrying `sync_degraded` (see
+    /// [`RenewRequest`]). Returns whether the global group records this region degraded, when
+    /// an answer came (granted or not).
+    async fn renew(&self, epoch: u64, sync_degraded: bool) -> Option<bool> {
         let req = RenewRequest {
             region: self.region.clone(),
             epoch,
             node_id: self.node_id,
+            sync_degraded,
         };
         let sent = now_ms();
         let reply = if self.is_global_leader() {
@@ -1113,7 +1145,10 @@ impl ControlRuntime {
             }
         };
         match reply {
-            Ok(r) if r.granted => self.role.lease_granted(sent, r.lease_ms, r.epoch),
+            Ok(r) if r.granted => {
+                self.role.lease_granted(sent, r.lease_ms, r.epoch);
+                Some(r.sync_degraded_recorded && r.epoch == epoch)
+            }
             Ok(r) => {
                 if self.role.view().lease.valid(now_ms(), epoch) {
                     tracing::warn!(reason = %r.reason, "lease renewal refused: writes stop");
@@ -1121,9 +1156,11 @@ impl ControlRuntime {
                     tracing::debug!(reason = %r.reason, "lease renewal refused");
                 }
                 self.role.lease_refused();
+                Some(r.sync_degraded_recorded && r.epoch == epoch)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "lease renewal failed; the lease runs out unless renewed")
+                tracing::debug!(error = %e, "lease renewal failed; the lease runs out unless renewed");
+                None
             }
         }
     }
@@ -1167,6 +1204,7 @@ impl ControlRuntime {
                 ))
             }
         }
+        let recorded = self.record_sync_state(&req).await;
         let mut guard = self.leader.lock();
         let Some(w) = guard.as_mut() else {
             return Err(Status::unavailable("not the global leader (or not ready)"));
@@ -1184,6 +1222,7 @@ impl ControlRuntime {
                 epoch: w.rec.epoch,
                 active_region: w.rec.active_region().into(),
                 reason: "switchover in progress: this region is fenced".into(),
+                sync_degraded_recorded: recorded,
             });
         }
         let now = now_ms();
@@ -1201,6 +1240,7 @@ impl ControlRuntime {
                     epoch: w.rec.epoch,
                     active_region: w.rec.active_region().into(),
                     reason: String::new(),
+                    sync_degraded_recorded: recorded,
                 })
             }
             Err(e) => {
@@ -1215,9 +1255,67 @@ impl ControlRuntime {
                     epoch: w.rec.epoch,
                     active_region: w.rec.active_region().into(),
                     reason: e.to_string(),
+                    sync_degraded_recorded: recorded,
                 })
             }
         }
+    }
+
+    /// Commits `req.sync_degraded` for the asking region when it is the active region at
+    /// `req.epoch` and the committed state differs; returns what the committed state says
+    /// afterwards (false when it is not the active region at that epoch).
+    async fn record_sync_state(&self, req: &RenewRequest) -> bool {
+        let state = self.store.state();
+        let active = state
+            .active()
+            .is_some_and(|(region, epoch)| region == req.region && epoch == req.epoch);
+        let now_recorded = state.sync_degraded_at(&req.region, req.epoch);
+        if !active || now_recorded == req.sync_degraded {
+            return now_recorded;
+        }
+        let (action, detail) = if req.sync_degraded {
+            (
+                "sync-degraded",
+                format!(
+                    "no standby region confirmed in time: {} acknowledges after its local majority commit",
+                    req.region
+                ),
+            )
+        } else {
+            (
+                "sync-resumed",
+                format!(
+                    "a standby region confirmed every change {} acknowledged: synchronous again",
+                    req.region
+                ),
+            )
+        };
+        let now = now_ms();
+        let cmd = ControlCommand::SetSyncDegraded {
+            region: req.region.clone(),
+            epoch: req.epoch,
+            degraded: req.sync_degraded,
+            at_ms: now,
+            audit: vec![audit(
+                req.epoch,
+                format!("region {} leader node {}", req.region, req.node_id),
+                action,
+                detail,
+                "ok",
+            )],
+        };
+        match tokio::time::timeout(RPC_TIMEOUT, self.propose(cmd)).await {
+            Ok(Ok(_)) => {
+                tracing::warn!(region = %req.region, epoch = req.epoch, degraded = req.sync_degraded, "synchronous replication state recorded");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(region = %req.region, error = %e, "recording the synchronous replication state failed")
+            }
+            Err(_) => {
+                tracing::warn!(region = %req.region, "recording the synchronous replication state timed out")
+            }
+        }
+        self.store.state().sync_degraded_at(&req.region, req.epoch)
     }
 
     /// Queues audit entries for database role outcomes at `epoch` reported by this region's
