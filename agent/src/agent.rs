@@ -21,7 +21,7 @@ use tracing::{Instrument, Span};
 use crate::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
 use crate::config::{Config, ConfigError};
 use crate::delta::Body;
-use crate::push::{blamed_change, stale_epoch, PushClient, PushError, SendOptions};
+use crate::push::{blamed_change, PushClient, PushError, SendOptions};
 use crate::scan::{Roots, Unmapped};
 use crate::state::{StateDb, StateError};
 use crate::status::{self, Progress, Status};
@@ -1113,9 +1113,12 @@ impl Agent {
                         blocking(move || state.forget_acked_blobs(&reused)).await??;
                         force_full = true;
                     }
-                    Err(PushError::Invalid(msg)) => {
+                    Err(PushError::Invalid {
+                        change_id,
+                        message: msg,
+                    }) => {
                         let mut rest = (*changes).clone();
-                        if let Some(i) = blamed_change(&msg, &rest) {
+                        if let Some(i) = blamed_change(change_id, &rest) {
                             let c = rest.remove(i);
                             tracing::error!(path = %c.path, message = %msg, "coordinator refused the change; dropping it");
                             if !rest.is_empty() {
@@ -1142,12 +1145,11 @@ impl Agent {
                         self.client.coordinators.rotate(&failed);
                         sleep_or_stop(stop, &mut backoff).await;
                     }
-                    Err(PushError::Rejected { message, .. })
-                        if stale_epoch(&message)
-                            .is_some_and(|e| e > self.progress.epoch.load(Ordering::Relaxed)) =>
+                    Err(PushError::StaleEpoch { current, .. })
+                        if current > self.progress.epoch.load(Ordering::Relaxed) =>
                     {
                         // Fenced with an older epoch: adopt the current one and resend at once.
-                        self.observe_epoch(stale_epoch(&message).unwrap_or(0));
+                        self.observe_epoch(current);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "push refused; retrying");

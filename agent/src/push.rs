@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::Stream;
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::tls::{TlsConfig, TlsError};
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use lifeboat_common::{LEADER_HEADER, MAX_MESSAGE_BYTES};
 use lifeboat_proto as pb;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
@@ -43,9 +44,24 @@ pub enum PushError {
     /// batch with every part full.
     #[error("coordinator is missing a base blob: {0}")]
     BaseMissing(String),
-    /// The coordinator refused a change as invalid (bad path, ...): drop that change.
-    #[error("coordinator refused the batch as invalid: {0}")]
-    Invalid(String),
+    /// The coordinator refused a change as invalid (bad path, ...): drop that change (named by
+    /// `change_id` when the refusal is coded [`ErrorCode::InvalidChange`], else bisect).
+    #[error("coordinator refused the batch as invalid: {message}")]
+    Invalid {
+        /// The refused change, if the coordinator named it.
+        change_id: Option<u64>,
+        /// Status message.
+        message: String,
+    },
+    /// The change or order carries an older epoch than the current one, `current`: adopt it
+    /// and resend.
+    #[error("stale epoch (current epoch is {current}): {message}")]
+    StaleEpoch {
+        /// The current epoch.
+        current: u64,
+        /// Status message.
+        message: String,
+    },
     /// A file changed between planning and streaming; the batch was cancelled.
     #[error("{path} changed while it was sent")]
     Changed {
@@ -75,9 +91,27 @@ pub enum PushError {
     Tls(#[from] TlsError),
 }
 
-/// Classifies a status returned by coordinator `addr`.
+/// Classifies a status returned by coordinator `addr`: by its coded detail
+/// ([`WireError`]) first, then by its gRPC code. Never by the message text.
 pub fn classify(addr: &str, status: &Status) -> PushError {
     let message = status.message().to_string();
+    match WireError::of(status) {
+        Some(WireError {
+            code: ErrorCode::BaseMissing,
+            ..
+        }) => return PushError::BaseMissing(message),
+        Some(WireError {
+            code: ErrorCode::StaleEpoch,
+            epoch: Some(current),
+            ..
+        }) => return PushError::StaleEpoch { current, message },
+        Some(WireError {
+            code: ErrorCode::InvalidChange,
+            change_id,
+            ..
+        }) => return PushError::Invalid { change_id, message },
+        _ => {}
+    }
     match status.code() {
         Code::Unavailable => {
             let leader = status
@@ -96,10 +130,10 @@ pub fn classify(addr: &str, status: &Status) -> PushError {
                 },
             }
         }
-        Code::FailedPrecondition if message.starts_with("base_missing") => {
-            PushError::BaseMissing(message)
-        }
-        Code::InvalidArgument => PushError::Invalid(message),
+        Code::InvalidArgument => PushError::Invalid {
+            change_id: None,
+            message,
+        },
         Code::Cancelled
         | Code::DeadlineExceeded
         | Code::Unknown
@@ -118,53 +152,10 @@ pub fn classify(addr: &str, status: &Status) -> PushError {
     }
 }
 
-/// The current epoch named by a `stale_epoch` refusal (`"... the current epoch is N"`).
-pub fn stale_epoch(message: &str) -> Option<u64> {
-    if !message.starts_with("stale_epoch") {
-        return None;
-    }
-    let (_, rest) = message.rsplit_once("current epoch is ")?;
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-/// Finds the change an `INVALID_ARGUMENT` message is about: a quoted wire path, a bare wire path,
-/// or `change_id=N` / `change N`. Returns its index in `changes`.
-pub fn blamed_change(message: &str, changes: &[PlannedChange]) -> Option<usize> {
-    let by_id = changes.iter().position(|c| {
-        let id = c.change_id.to_string();
-        [
-            format!("change_id={id}"),
-            format!("change_id {id}"),
-            format!("change {id}"),
-        ]
-        .iter()
-        .any(|pat| {
-            message
-                .match_indices(pat.as_str())
-                .any(|(i, _)| !message[i + pat.len()..].starts_with(|ch: char| ch.is_ascii_digit()))
-        })
-    });
-    if by_id.is_some() {
-        return by_id;
-    }
-    let mut best: Option<(usize, usize)> = None;
-    for (i, c) in changes.iter().enumerate() {
-        let quoted = format!("{:?}", c.path);
-        let hit = message.contains(&quoted)
-            || message.match_indices(c.path.as_str()).any(|(at, _)| {
-                let before = message[..at].chars().last();
-                let after = message[at + c.path.len()..].chars().next();
-                let boundary = |ch: Option<char>| {
-                    ch.is_none_or(|ch| ch.is_whitespace() || "\"'`:,;()[]{}<>=".contains(ch))
-                };
-                boundary(before) && boundary(after)
-            });
-        if hit && best.is_none_or(|(_, len)| c.path.len() > len) {
-            best = Some((i, c.path.len()));
-        }
-    }
-    best.map(|(i, _)| i)
+/// Index in `changes` of the change with `change_id`, if any.
+pub fn blamed_change(change_id: Option<u64>, changes: &[PlannedChange]) -> Option<usize> {
+    let id = change_id?;
+    changes.iter().position(|c| c.change_id == id)
 }
 
 /// Which coordinator the agent talks to.
@@ -605,23 +596,51 @@ mod tests {
             classify("a:1", &Status::unavailable("down")),
             PushError::Transport { .. }
         ));
+        // Decisions follow the coded detail, never the text.
         assert!(matches!(
             classify("a:1", &Status::failed_precondition("base_missing: abc")),
-            PushError::BaseMissing(_)
-        ));
-        assert!(matches!(
-            classify("a:1", &Status::failed_precondition("stale epoch")),
             PushError::Rejected { .. }
         ));
         assert!(matches!(
-            classify("a:1", &Status::invalid_argument("bad path")),
-            PushError::Invalid(_)
+            classify(
+                "a:1",
+                &WireError::new(ErrorCode::BaseMissing).status("anything")
+            ),
+            PushError::BaseMissing(_)
         ));
-        assert_eq!(
-            stale_epoch("stale_epoch: change stamped with epoch 1 but the current epoch is 12"),
-            Some(12)
-        );
-        assert_eq!(stale_epoch("the current epoch is 12"), None);
+        assert!(matches!(
+            classify(
+                "a:1",
+                &Status::failed_precondition("stale_epoch: the current epoch is 12")
+            ),
+            PushError::Rejected { .. }
+        ));
+        assert!(matches!(
+            classify(
+                "a:1",
+                &WireError::new(ErrorCode::StaleEpoch).epoch(12).status("x")
+            ),
+            PushError::StaleEpoch { current: 12, .. }
+        ));
+        assert!(matches!(
+            classify("a:1", &Status::invalid_argument("bad path")),
+            PushError::Invalid {
+                change_id: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(
+                "a:1",
+                &WireError::new(ErrorCode::InvalidChange)
+                    .change(11, "data/ab")
+                    .status("bad path")
+            ),
+            PushError::Invalid {
+                change_id: Some(11),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -631,11 +650,9 @@ mod tests {
             change(11, "data/ab"),
             change(12, "data/c"),
         ];
-        assert_eq!(blamed_change("path \"data/ab\" refused", &cs), Some(1));
-        assert_eq!(blamed_change("bad path data/a: nope", &cs), Some(0));
-        assert_eq!(blamed_change("change_id=12 invalid", &cs), Some(2));
-        assert_eq!(blamed_change("change 1 invalid", &cs), None);
-        assert_eq!(blamed_change("something else", &cs), None);
+        assert_eq!(blamed_change(Some(11), &cs), Some(1));
+        assert_eq!(blamed_change(Some(1), &cs), None);
+        assert_eq!(blamed_change(None, &cs), None);
     }
 
     #[test]

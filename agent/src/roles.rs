@@ -519,7 +519,7 @@ async fn send_until_acked(
                 continue;
             }
             Err(PushError::BaseMissing(_)) if !force_full => force_full = true,
-            Err(e @ (PushError::Invalid(_) | PushError::Changed { .. })) => {
+            Err(e @ (PushError::Invalid { .. } | PushError::Changed { .. })) => {
                 return Err(format!("conflict batch not accepted: {e}"))
             }
             Err(e) => {

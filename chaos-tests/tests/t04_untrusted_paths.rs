@@ -2,6 +2,7 @@
 //! hash to what was declared) straight from the wire, restore never writes through a symlink it
 //! finds in the target, and symlinks in a protected tree are replicated as links, never followed.
 
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -186,6 +187,11 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
         .await
         .expect_err("batch with a bad path was accepted");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        // ... and names the bad change in the coded details, so that the agent drops it alone.
+        let coded = WireError::of(&err).expect("a coded refusal");
+        assert_eq!(coded.code, ErrorCode::InvalidChange, "{err:?}");
+        assert_eq!(coded.change_id, Some(41), "{err:?}");
+        assert_eq!(coded.path.as_deref(), Some("../escape2"), "{err:?}");
 
         // A part whose content does not hash to the declared part hash.
         let content = b"what the agent really sent\n".repeat(100);
@@ -200,6 +206,11 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
         .await
         .expect_err("part with a wrong hash was accepted");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            WireError::of(&err).and_then(|w| w.change_id),
+            Some(50),
+            "a bad part names its change: {err:?}"
+        );
         assert!(
             err.message().contains("does not hash to"),
             "{:?}",

@@ -316,6 +316,11 @@ async fn agent_pointed_at_standby_is_refused() -> anyhow::Result<()> {
             .expect_err("standby accepted a push");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert_eq!(err.message(), STANDBY_REFUSAL);
+        assert_eq!(
+            lifeboat_common::wire_error::WireError::code_of(&err),
+            Some(lifeboat_common::wire_error::ErrorCode::StandbyRegion),
+            "{err:?}"
+        );
     }
 
     // A real agent gets the same answer and has nothing acknowledged.

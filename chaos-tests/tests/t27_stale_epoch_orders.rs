@@ -3,10 +3,10 @@
 //! --expect-epoch 1` moves the active region to b at epoch 2. Then, with the epoch at 2:
 //!
 //! - an operator order computed under epoch 1 (`lifeboat switchover --to a --expect-epoch 1`) is
-//!   refused with `stale_epoch` and changes nothing (record, audit log);
+//!   refused as STALE_EPOCH and changes nothing (record, audit log);
 //! - a lease renewal asked under epoch 1 is refused by the global leader;
-//! - an agent push stamped with epoch 1 is refused by b's leader with `stale_epoch` naming the
-//!   current epoch (which the agent's parser reads back), while the same push stamped with epoch 2
+//! - an agent push stamped with epoch 1 is refused by b's leader, coded STALE_EPOCH with the
+//!   current epoch in the error details (which the agent acts on), while the same push stamped with epoch 2
 //!   is acknowledged, and only that one is in b's catalog;
 //! - the old active region a, now a standby, refuses the push outright.
 //!
@@ -199,7 +199,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "a stale switchover must fail");
         assert!(
-            err.contains("stale_epoch") && err.contains("current epoch is 2"),
+            err.contains("[STALE_EPOCH]") && err.contains("current epoch is 2"),
             "{err}"
         );
         let s = regions.wait_active("b", 2, Duration::from_secs(10)).await?;
@@ -246,7 +246,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             assert_eq!(r["epoch"], 2, "{r}");
         }
 
-        // 3. Agent pushes: stamped with epoch 1 refused (stale_epoch), with epoch 2 acknowledged.
+        // 3. Agent pushes: stamped with epoch 1 refused (coded STALE_EPOCH), with epoch 2 acknowledged.
         let certs = &regions.region("b").certs;
         lifeboat_cli::harness::issue(certs, Role::Agent, "b", "agent-orders")?;
         let tls = TlsConfig::from_dir(certs, "agent-orders");
@@ -262,9 +262,14 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             .await
             .expect_err("a push stamped with epoch 1 must be refused");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().starts_with("stale_epoch"), "{e:?}");
+        let coded = lifeboat_common::wire_error::WireError::of(&e).expect("a coded refusal");
         assert_eq!(
-            lifeboat_agent::push::stale_epoch(e.message()),
+            coded.code,
+            lifeboat_common::wire_error::ErrorCode::StaleEpoch,
+            "{e:?}"
+        );
+        assert_eq!(
+            coded.epoch,
             Some(2),
             "the refusal names the current epoch: {e:?}"
         );

@@ -10,7 +10,7 @@
 //! - the kept snapshot and the current directory restore byte-equal;
 //! - a second pass deletes nothing;
 //! - content equal to a deleted blob written again is stored again (the agent's reuse is
-//!   refused as `base_missing`, it sends the data) and restores; once restored, reusing it needs
+//!   refused as BASE_MISSING, it sends the data) and restores; once restored, reusing it needs
 //!   no resend.
 //!
 //! The same scenario runs against a bucket of a real S3 server (SeaweedFS) shared by the three

@@ -32,7 +32,10 @@ pub async fn call(conn: &ConnArgs, op: &str, body: Value) -> anyhow::Result<Valu
                     tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
                 ) =>
             {
-                bail!("{op}: {}", s.message())
+                match lifeboat_common::wire_error::WireError::code_of(&s) {
+                    Some(code) => bail!("{op}: {} [{code}]", s.message()),
+                    None => bail!("{op}: {}", s.message()),
+                }
             }
             Err(s) => errors.push(format!("{addr}: {}", s.message())),
         }
@@ -132,7 +135,7 @@ pub async fn switchover(
     switchover_at(conn, to, failback, wait, None).await
 }
 
-/// [`switchover`] ordered under `expect_epoch`: the global leader refuses it (`stale_epoch`)
+/// [`switchover`] ordered under `expect_epoch`: the global leader refuses it (`STALE_EPOCH`)
 /// unless that is still the current epoch, and the decision carries it as its compare-and-set
 /// epoch.
 ///

@@ -180,7 +180,7 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
         /// Only if the current epoch is still N (the epoch the decision was made under, e.g. read
-        /// from `lifeboat status`); refused with `stale_epoch` otherwise.
+        /// from `lifeboat status`); refused with STALE_EPOCH otherwise.
         #[arg(long, value_name = "N")]
         expect_epoch: Option<u64>,
         #[command(flatten)]

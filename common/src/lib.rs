@@ -14,6 +14,7 @@ pub mod path;
 pub mod redis_conn;
 pub mod tls;
 pub mod treehash;
+pub mod wire_error;
 
 /// gRPC metadata header in which a follower names the current leader's address.
 pub const LEADER_HEADER: &str = "x-lifeboat-leader";

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 
 use crate::admin::Admin;
-use crate::control::role::STANDBY_REFUSAL;
 use crate::raft::Request as RaftRequest;
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 
 /// Body of the `resolve` op.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,7 +70,7 @@ fn bad(msg: impl Into<String>) -> Status {
 /// exactly one conflict, `UNAVAILABLE` when the commit fails.
 pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply, Status> {
     let epoch = admin.role.write_gate().map_err(|s| {
-        if s.message().starts_with(STANDBY_REFUSAL) {
+        if WireError::code_of(&s) == Some(ErrorCode::StandbyRegion) {
             Status::unavailable(format!("not the active region: {}", s.message()))
         } else {
             s

@@ -18,6 +18,7 @@ use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::catalog::{EntryKind, NewVersion, PartRef};
 use lifeboat_common::path::validate_rel_path;
 use lifeboat_common::treehash::{self, ChainingValue};
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use lifeboat_proto::agent_service_server::AgentService;
 use lifeboat_proto::part_data::Body;
 use lifeboat_proto::push_message::Msg;
@@ -27,7 +28,7 @@ use lifeboat_proto::{
 };
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::blobs::{Blobs, BlobsError};
@@ -402,8 +403,23 @@ fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
+/// `FAILED_PRECONDITION` coded [`ErrorCode::BaseMissing`]: the agent resends the parts whole.
 fn base_missing(e: impl std::fmt::Display) -> Status {
-    Status::failed_precondition(format!("base_missing: {e}; resend the parts in full"))
+    WireError::new(ErrorCode::BaseMissing)
+        .status(format!("base missing: {e}; resend the parts in full"))
+}
+
+/// Codes an uncoded `INVALID_ARGUMENT` about change `blamed` (`change_id`, wire path) as
+/// [`ErrorCode::InvalidChange`], so that the agent drops that change alone.
+fn blame(s: Status, blamed: Option<&(u64, String)>) -> Status {
+    match blamed {
+        Some((id, path)) if s.code() == Code::InvalidArgument && WireError::of(&s).is_none() => {
+            WireError::new(ErrorCode::InvalidChange)
+                .change(*id, path.clone())
+                .status(s.message())
+        }
+        _ => s,
+    }
 }
 
 impl Intake {
@@ -436,10 +452,12 @@ impl Intake {
             validate_rel_path(&c.rename_from).map_err(|e| bad(e.to_string()))?;
         }
         if c.epoch != 0 && c.epoch < epoch {
-            return Err(Status::failed_precondition(format!(
-                "stale_epoch: change stamped with epoch {} but the current epoch is {epoch}",
-                c.epoch
-            )));
+            return Err(WireError::new(ErrorCode::StaleEpoch)
+                .epoch(epoch)
+                .status(format!(
+                    "stale epoch: change stamped with epoch {} but the current epoch is {epoch}",
+                    c.epoch
+                )));
         }
         let kind = lifeboat_common::catalog::EntryKind::from_pb(c.kind)
             .ok_or_else(|| bad(format!("{}: unknown entry kind {}", c.path, c.kind)))?;
@@ -775,85 +793,94 @@ impl Intake {
         let mut puts: JoinSet<Result<(), Status>> = JoinSet::new();
         let replication = self.blobs.start_replication();
         let mut readback = Readback::default();
-        while let Some(msg) = stream.next().await {
-            let msg = msg?;
-            match msg.msg {
-                None => return Err(bad("empty message")),
-                Some(Msg::Change(c)) => {
-                    if let Some(mut p) = current.take() {
-                        readback.drain(&mut p.cvs, 0).await?;
-                        versions.push(self.finish(p, epoch)?);
-                    }
-                    let kind = self.check_change(&c, epoch)?;
-                    change_ids.push(c.change_id);
-                    current = Some(Pending {
-                        change: c,
-                        kind,
-                        parts: Vec::new(),
-                        cvs: Vec::new(),
-                    });
-                }
-                Some(Msg::Part(part)) => {
-                    let p = current
-                        .as_mut()
-                        .ok_or_else(|| bad("part before any change header"))?;
-                    if part.index as usize != p.parts.len()
-                        || p.parts.len() >= p.change.part_count as usize
-                    {
-                        return Err(bad(format!(
-                            "{}: part index {} out of order (expected {} of {})",
-                            p.change.path,
-                            part.index,
-                            p.parts.len(),
-                            p.change.part_count
-                        )));
-                    }
-                    let reuses_fresh = matches!(part.body, Some(Body::Reuse(_)))
-                        && BlobHash::from_hex(&part.hash).is_ok_and(|h| fresh.contains(&h));
-                    if reuses_fresh {
-                        // The blob came earlier in this batch: let its write finish first.
-                        while let Some(r) = puts.join_next().await {
-                            r.map_err(|e| Status::internal(e.to_string()))??;
+        // The change whose header or parts are being checked: an invalid one is named in the
+        // refusal (`blame`).
+        let mut blamed: Option<(u64, String)> = None;
+        let received: Result<(), Status> = async {
+            while let Some(msg) = stream.next().await {
+                let msg = msg?;
+                match msg.msg {
+                    None => return Err(bad("empty message")),
+                    Some(Msg::Change(c)) => {
+                        if let Some(mut p) = current.take() {
+                            readback.drain(&mut p.cvs, 0).await?;
+                            versions.push(self.finish(p, epoch)?);
                         }
+                        blamed = Some((c.change_id, c.path.clone()));
+                        let kind = self.check_change(&c, epoch)?;
+                        change_ids.push(c.change_id);
+                        current = Some(Pending {
+                            change: c,
+                            kind,
+                            parts: Vec::new(),
+                            cvs: Vec::new(),
+                        });
                     }
-                    let cv_offset = p.cv_offset();
-                    if matches!(part.body, Some(Body::Reuse(_))) {
-                        // Check several reused parts at once; their chaining values join the
-                        // whole-file hash in part order.
-                        let pref = part_ref(&part)?;
-                        if !fresh.contains(&pref.hash) && self.condemned(&pref.hash)? {
-                            return Err(base_missing(format!(
-                                "reused blob {} was removed by garbage collection",
-                                pref.hash
+                    Some(Msg::Part(part)) => {
+                        let p = current
+                            .as_mut()
+                            .ok_or_else(|| bad("part before any change header"))?;
+                        if part.index as usize != p.parts.len()
+                            || p.parts.len() >= p.change.part_count as usize
+                        {
+                            return Err(bad(format!(
+                                "{}: part index {} out of order (expected {} of {})",
+                                p.change.path,
+                                part.index,
+                                p.parts.len(),
+                                p.change.part_count
                             )));
                         }
-                        let cached =
-                            cv_offset.and_then(|o| self.part_cvs.lock().get(&(pref.hash, o)));
-                        readback.start(&self.blobs, cached, pref.clone(), cv_offset);
-                        readback.drain(&mut p.cvs, MAX_READS_IN_FLIGHT).await?;
+                        let reuses_fresh = matches!(part.body, Some(Body::Reuse(_)))
+                            && BlobHash::from_hex(&part.hash).is_ok_and(|h| fresh.contains(&h));
+                        if reuses_fresh {
+                            // The blob came earlier in this batch: let its write finish first.
+                            while let Some(r) = puts.join_next().await {
+                                r.map_err(|e| Status::internal(e.to_string()))??;
+                            }
+                        }
+                        let cv_offset = p.cv_offset();
+                        if matches!(part.body, Some(Body::Reuse(_))) {
+                            // Check several reused parts at once; their chaining values join the
+                            // whole-file hash in part order.
+                            let pref = part_ref(&part)?;
+                            if !fresh.contains(&pref.hash) && self.condemned(&pref.hash)? {
+                                return Err(base_missing(format!(
+                                    "reused blob {} was removed by garbage collection",
+                                    pref.hash
+                                )));
+                            }
+                            let cached =
+                                cv_offset.and_then(|o| self.part_cvs.lock().get(&(pref.hash, o)));
+                            readback.start(&self.blobs, cached, pref.clone(), cv_offset);
+                            readback.drain(&mut p.cvs, MAX_READS_IN_FLIGHT).await?;
+                            p.parts.push(pref);
+                            continue;
+                        }
+                        readback.drain(&mut p.cvs, 0).await?;
+                        let (pref, encoded, cv) =
+                            self.rebuild_part(part, &fresh, cv_offset, false).await?;
+                        if let Some(cv) = cv {
+                            p.cvs.push(cv);
+                        }
+                        if let Some(enc) = encoded {
+                            fresh.insert(pref.hash);
+                            new_blobs.push(pref.hash);
+                            self.spawn_put(&mut puts, &replication, pref.hash, enc)
+                                .await?;
+                        }
                         p.parts.push(pref);
-                        continue;
                     }
-                    readback.drain(&mut p.cvs, 0).await?;
-                    let (pref, encoded, cv) =
-                        self.rebuild_part(part, &fresh, cv_offset, false).await?;
-                    if let Some(cv) = cv {
-                        p.cvs.push(cv);
-                    }
-                    if let Some(enc) = encoded {
-                        fresh.insert(pref.hash);
-                        new_blobs.push(pref.hash);
-                        self.spawn_put(&mut puts, &replication, pref.hash, enc)
-                            .await?;
-                    }
-                    p.parts.push(pref);
                 }
             }
+            if let Some(mut p) = current.take() {
+                readback.drain(&mut p.cvs, 0).await?;
+                versions.push(self.finish(p, epoch)?);
+            }
+            Ok(())
         }
-        if let Some(mut p) = current.take() {
-            readback.drain(&mut p.cvs, 0).await?;
-            versions.push(self.finish(p, epoch)?);
-        }
+        .await;
+        received.map_err(|s| blame(s, blamed.as_ref()))?;
         while let Some(r) = puts.join_next().await {
             r.map_err(|e| Status::internal(e.to_string()))??;
         }

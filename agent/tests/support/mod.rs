@@ -4,6 +4,7 @@
 //! UNAVAILABLE with the leader in `x-lifeboat-leader`. It counts payload bytes.
 #![allow(dead_code)]
 
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -199,7 +200,9 @@ impl AgentService for Fake {
                         )));
                     }
                     if self.st().reject_paths.contains(&c.path) {
-                        return Err(bad(format!("path {:?} refused by policy", c.path)));
+                        return Err(WireError::new(ErrorCode::InvalidChange)
+                            .change(c.change_id, c.path.clone())
+                            .status(format!("path {:?} refused by policy", c.path)));
                     }
                     cur = Some(Pending {
                         change: c,
@@ -230,7 +233,8 @@ impl AgentService for Fake {
                             None => {
                                 drop(st);
                                 self.st().base_missing_errors += 1;
-                                Err(Status::failed_precondition(format!("base_missing: {h}")))
+                                Err(WireError::new(ErrorCode::BaseMissing)
+                                    .status(format!("base missing: {h}")))
                             }
                         }
                     };

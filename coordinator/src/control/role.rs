@@ -4,6 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use parking_lot::Mutex;
 use tonic::Status;
 
@@ -135,13 +136,14 @@ impl Role {
 
     /// May this region take a write now? Returns the epoch to stamp it with.
     ///
-    /// Errors: `FAILED_PRECONDITION` with [`STANDBY_REFUSAL`] when another region is active;
+    /// Errors: `FAILED_PRECONDITION` coded [`ErrorCode::StandbyRegion`] (the active region and
+    /// epoch when known) when another region is active;
     /// `UNAVAILABLE` while the record is unknown, the promotion of the epoch is running, or the
     /// lease is not valid (the agent retries; a region that lost its lease never acknowledges).
     pub fn write_gate(&self) -> Result<u64, Status> {
         if let Some(standby) = self.static_standby {
             if standby {
-                return Err(Status::failed_precondition(STANDBY_REFUSAL));
+                return Err(WireError::new(ErrorCode::StandbyRegion).status(STANDBY_REFUSAL));
             }
             return Ok(self.inner.lock().epoch);
         }
@@ -152,10 +154,13 @@ impl Role {
             ));
         }
         if v.active_region != self.region {
-            return Err(Status::failed_precondition(format!(
-                "{STANDBY_REFUSAL} ({} is active at epoch {})",
-                v.active_region, v.epoch
-            )));
+            return Err(WireError::new(ErrorCode::StandbyRegion)
+                .region(v.active_region.clone())
+                .epoch(v.epoch)
+                .status(format!(
+                    "{STANDBY_REFUSAL} ({} is active at epoch {})",
+                    v.active_region, v.epoch
+                )));
         }
         if v.promoted_epoch < v.epoch {
             return Err(Status::unavailable(format!(

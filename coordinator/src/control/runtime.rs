@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lifeboat_common::tls::TlsConfig;
+use lifeboat_common::wire_error::{ErrorCode, WireError};
 use lifeboat_proto::admin_service_client::AdminServiceClient;
 use lifeboat_proto::ControlRequest;
 use openraft::ServerState;
@@ -1559,10 +1560,12 @@ impl ControlRuntime {
         // An order computed under an older epoch is refused (fencing token on operator orders).
         if let Some(e) = req.expect_epoch {
             if e != w.committed_epoch {
-                return Err(Status::failed_precondition(format!(
-                    "stale_epoch: switchover ordered under epoch {e} but the current epoch is {}",
-                    w.committed_epoch
-                )));
+                return Err(WireError::new(ErrorCode::StaleEpoch)
+                    .epoch(w.committed_epoch)
+                    .status(format!(
+                        "stale epoch: switchover ordered under epoch {e} but the current epoch is {}",
+                        w.committed_epoch
+                    )));
             }
         }
         let Phase::Active { region: from } = w.rec.phase.clone() else {
