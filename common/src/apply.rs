@@ -1,7 +1,7 @@
 //! Writing verified catalog versions into a directory ("root"): shared by `lifeboat restore` and
 //! the agent's warm-standby replica applier.
 //!
-//! Safety rules (DESIGN.md section 5, rules 4 and 5): every path goes through
+//! Safety rules 5 and 6 of docs/failover.md: every path goes through
 //! [`crate::path::safe_join`] (no `..`, no absolute path, no existing symlink on the way, so
 //! nothing is written through a link); every blob is decoded and its blake3 checked
 //! ([`crate::blob::decode`]), and every rebuilt file's blake3 is compared with the catalog's;

@@ -109,7 +109,7 @@ impl BlobHash {
         hex::decode_to_slice(s, &mut out).map_err(|_| BlobError::BadHash(s.to_string()))?;
         Ok(BlobHash(out))
     }
-    /// Store key: `blobs/<first 2 hex chars>/<hex>` (DESIGN.md section 6).
+    /// Store key: `blobs/<first 2 hex chars>/<hex>`.
     pub fn key(&self) -> String {
         let h = self.to_hex();
         format!("blobs/{}/{}", &h[..2], h)

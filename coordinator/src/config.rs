@@ -97,7 +97,7 @@ impl Default for RaftTuning {
     }
 }
 
-/// `[replication]`: cross-region replication (DESIGN.md 3.4). A region whose coordinators list an
+/// `[replication]`: cross-region replication. A region whose coordinators list an
 /// `upstream` is a **standby**: its leader continuously copies the upstream (active) region's
 /// catalog and blobs, and its intake refuses agent pushes. Times in ms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,8 +201,8 @@ fn default_db_promotion_timeout() -> u64 {
     5_000
 }
 
-/// `[global]`: the global group of every coordinator of every region plus a witness (DESIGN.md
-/// section 2), holding the control record. Without this section the region runs alone (static
+/// `[global]`: the global group of every coordinator of every region plus a witness, holding
+/// the control record (docs/failover.md). Without this section the region runs alone (static
 /// role from `[replication]`, epoch from `epoch`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,4 +1,4 @@
-//! The failover state machine of the global group (DESIGN.md sections 4 and 5), as pure logic:
+//! The failover state machine of the global group (docs/failover.md), as pure logic:
 //! time is an input (`now_ms`), so the same code runs in the coordinator, in the deterministic
 //! simulation and in unit tests.
 //!

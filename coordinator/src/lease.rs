@@ -1,4 +1,4 @@
-//! The write lease of the active region (DESIGN.md sections 4 and 5, rule 1), as pure logic:
+//! The write lease of the active region (docs/failover.md, safety rule 1), as pure logic:
 //! times are inputs (ms), so the same code runs in the coordinator, in the deterministic
 //! simulation (`tests/sim_control.rs`) and in unit tests.
 //!

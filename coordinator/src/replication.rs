@@ -1,4 +1,4 @@
-//! Cross-region replication (DESIGN.md 3.4, FEATURES F4).
+//! Cross-region replication.
 //!
 //! **Serving** ([`ReplicationServer`], `ReplicationService.SubscribeCatalog`, on every
 //! coordinator): committed catalog versions in sequence order from a given sequence number, in

@@ -1,7 +1,7 @@
 //! Deterministic simulation (turmoil) of Lifeboat's control path: the global group running
 //! `failover::step` and `lease::grant`, the regional leaders holding a `lease::LeaseHolder`, and one
 //! agent per region fencing by epoch. Thousands of seeded runs of partitions, crashes, restarts,
-//! message delay and loss and clock drift, checking the DESIGN.md section 5 invariants after every
+//! message delay and loss and clock drift, checking the safety rules of docs/failover.md after every
 //! 10 ms of simulated time.
 //!
 //! # Model

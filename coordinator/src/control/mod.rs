@@ -1,4 +1,4 @@
-//! The global group and the control path (DESIGN.md sections 2, 4 and 5): the replicated
+//! The global group and the control path (docs/failover.md): the replicated
 //! control record ([`record`], [`store`]), this region's role and lease ([`role`]), the loops
 //! that detect region loss, fail over, switch over and renew leases ([`runtime`]), the
 //! traffic-move hooks ([`hooks`]) and the JSON documents of the `Control` RPC ([`api`]).
