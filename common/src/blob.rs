@@ -207,37 +207,6 @@ fn decode_content(name: &str, stored: &[u8], max_size: usize) -> Result<Vec<u8>,
     Ok(raw)
 }
 
-/// blake3 of a stored blob's bytes (32 bytes) when it is compressed (codec zstd), else `None`.
-///
-/// A leader that verified a blob's content computes this over the bytes it wrote and sends it
-/// with each copy; the receiver's [`verify_stored`] then checks the copy without decompressing.
-/// For a raw blob the digest saves nothing (decoding is one hash pass), so there is none.
-pub fn stored_digest(stored: &[u8]) -> Option<[u8; 32]> {
-    (stored.len() >= 5 && &stored[..4] == MAGIC && stored[4] == CODEC_ZSTD)
-        .then(|| *blake3::hash(stored).as_bytes())
-}
-
-/// Checks a copy of blob `hash` received from a peer: when `digest` (from [`stored_digest`] on
-/// the sender, which verified the content) equals the blake3 of `stored` and the header is a
-/// Lifeboat blob's, the copy is the verified one and is accepted as is; otherwise (no digest,
-/// or a mismatch: a different but possibly valid encoding, or corruption) it is decoded and its
-/// content hash checked as by [`decode`].
-///
-/// Errors: [`BlobError::Corrupted`] as [`decode`].
-pub fn verify_stored(
-    hash: &BlobHash,
-    stored: &[u8],
-    digest: &[u8],
-    max_size: usize,
-) -> Result<(), BlobError> {
-    let header_ok =
-        stored.len() >= 5 && &stored[..4] == MAGIC && matches!(stored[4], CODEC_RAW | CODEC_ZSTD);
-    if header_ok && digest.len() == 32 && blake3::hash(stored).as_bytes()[..] == digest[..] {
-        return Ok(());
-    }
-    decode(hash, stored, max_size).map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,28 +228,5 @@ mod tests {
         assert!(decode(&h, b"", crate::PART_SIZE).is_err());
         assert_eq!(BlobHash::from_hex(&h.to_hex()).unwrap(), h);
         assert!(BlobHash::from_hex("zz").is_err());
-    }
-
-    #[test]
-    fn stored_digest_skips_decoding_only_for_the_exact_bytes() {
-        let data = b"compressible compressible compressible ".repeat(1000);
-        let h = BlobHash::of(&data);
-        let enc = encode(&data);
-        let d = stored_digest(&enc).expect("a compressed blob has a digest");
-        verify_stored(&h, &enc, &d, crate::PART_SIZE).unwrap();
-        // No digest: decoded and checked.
-        verify_stored(&h, &enc, &[], crate::PART_SIZE).unwrap();
-        // A corrupted copy fails the digest, then the decode.
-        let mut bad = enc.clone();
-        let n = bad.len();
-        bad[n - 2] ^= 0x55;
-        assert!(verify_stored(&h, &bad, &d, crate::PART_SIZE).is_err());
-        // A different encoding of the wrong content, with no matching digest: refused.
-        let other = encode(&b"other content ".repeat(100));
-        assert!(verify_stored(&h, &other, &d, crate::PART_SIZE).is_err());
-        // Raw blobs carry no digest.
-        let raw = encode(&[7u8; 3]);
-        assert!(stored_digest(&raw).is_none());
-        assert!(stored_digest(b"junk").is_none());
     }
 }

@@ -240,14 +240,14 @@ impl Blobs {
         let (tx, out) = tokio::sync::mpsc::channel::<StoredBlob>(4);
         let store = self.store.clone();
         let producer = tokio::spawn(async move {
-            while let Some((h, digest)) = rx.recv().await {
+            while let Some(h) = rx.recv().await {
                 match store.get(&h).await {
                     Ok(stored) => {
                         if tx
                             .send(StoredBlob {
                                 hash: h.to_hex(),
                                 stored,
-                                stored_blake3: digest.map(|d| d.to_vec()).unwrap_or_default(),
+                                stored_blake3: Vec::new(),
                             })
                             .await
                             .is_err()
@@ -275,9 +275,8 @@ impl Blobs {
     }
 }
 
-/// A blob queued for the followers: its hash and, when the sender just verified its content,
-/// the blake3 of its stored bytes ([`blob::stored_digest`]).
-pub type Queued = (BlobHash, Option<[u8; 32]>);
+/// A blob queued for the followers (durable on this node): its hash.
+pub type Queued = BlobHash;
 
 /// Blob copies to the followers for one batch (see [`Blobs::start_replication`]).
 pub struct ReplicationSession {
@@ -291,13 +290,12 @@ impl ReplicationSession {
     /// Queues a blob (durable locally) for every follower; each follower decodes and checks it.
     pub fn send(&self, hash: BlobHash) {
         for s in &self.senders {
-            let _ = s.send((hash, None));
+            let _ = s.send(hash);
         }
     }
 
-    /// A handle that queues blobs, for tasks that finish local writes: send `(hash, digest)`,
-    /// `digest` from [`blob::stored_digest`] over the bytes written when this node verified the
-    /// content just before (followers then check the digest instead of decompressing).
+    /// A handle that queues blobs, for tasks that finish local writes: send the hash once the
+    /// blob is durable here.
     pub fn fanout(&self) -> Vec<tokio::sync::mpsc::UnboundedSender<Queued>> {
         self.senders.clone()
     }
@@ -391,13 +389,12 @@ impl BlobService for BlobServer {
             }
             let store = self.blobs.store.clone();
             puts.spawn(async move {
-                if store.contains(&hash).await.unwrap_or(false) {
-                    return Ok(());
-                }
-                let (stored, digest) = (b.stored, b.stored_blake3);
+                // Every copy is decoded and its content hash checked before it counts as held,
+                // whoever sent it (an authorized peer may still be wrong or hostile); the store
+                // replaces an existing file that does not hold this blob.
+                let stored = b.stored;
                 let stored = tokio::task::spawn_blocking(move || {
-                    blob::verify_stored(&hash, &stored, &digest, lifeboat_common::PART_SIZE)
-                        .map(|_| stored)
+                    blob::decode(&hash, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?

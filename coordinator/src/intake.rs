@@ -375,11 +375,9 @@ fn check_part_size(part: &PartData) -> Result<(), Status> {
     Ok(())
 }
 
-/// A verified part's blob, new to this store: its stored form and, when compressed, the blake3
-/// of those bytes for the followers ([`blob::stored_digest`]).
+/// A verified part's blob, new to this store: its stored form.
 struct NewBlob {
     bytes: Vec<u8>,
-    digest: Option<[u8; 32]>,
 }
 
 struct Pending {
@@ -649,10 +647,7 @@ impl Intake {
             let cv = cv_offset.map(|o| treehash::part_cv(o, &raw));
             let new = (!stored).then(|| {
                 let bytes = given.unwrap_or_else(|| blob::encode(&raw));
-                NewBlob {
-                    digest: blob::stored_digest(&bytes),
-                    bytes,
-                }
+                NewBlob { bytes }
             });
             Ok((new, cv))
         })
@@ -669,8 +664,8 @@ impl Intake {
     }
 
     /// Stores `enc` (the new blob `h`) in a task of `puts` (at most [`MAX_PUTS_IN_FLIGHT`]
-    /// at once; waits for one to finish first) and, once it is durable here, hands `h` and the
-    /// digest of its stored bytes to the copies to the followers.
+    /// at once; waits for one to finish first) and, once it is durable here, hands `h` to the
+    /// copies to the followers (each decodes and checks it).
     ///
     /// Errors: an earlier put of `puts` failed (UNAVAILABLE).
     async fn spawn_put(
@@ -694,7 +689,7 @@ impl Intake {
                 .map_err(|e| Status::unavailable(format!("blob store: {e}")))?;
             // Durable here: now copy it to the followers.
             for f in fanout {
-                let _ = f.send((h, enc.digest));
+                let _ = f.send(h);
             }
             Ok(())
         });

@@ -959,11 +959,8 @@ impl Replicator {
                     (self.blobs.store.clone(), fanout.clone(), addr.to_string());
                 puts.spawn(async move {
                     let stored = b.stored;
-                    let (stored, digest) = tokio::task::spawn_blocking(move || {
-                        blob::decode(&h, &stored, lifeboat_common::PART_SIZE).map(|_| {
-                            let digest = blob::stored_digest(&stored);
-                            (stored, digest)
-                        })
+                    let stored = tokio::task::spawn_blocking(move || {
+                        blob::decode(&h, &stored, lifeboat_common::PART_SIZE).map(|_| stored)
                     })
                     .await
                     .map_err(|e| ReplicationError::Blobs(e.to_string()))?
@@ -977,7 +974,7 @@ impl Replicator {
                         .map_err(|e| ReplicationError::Blobs(e.to_string()))?;
                     // Durable here: now copy it to the local followers.
                     for f in fanout {
-                        let _ = f.send((h, digest));
+                        let _ = f.send(h);
                     }
                     Ok(())
                 });

@@ -106,14 +106,20 @@ fn list_dir(root: &Path) -> Result<Vec<ListedBlob>, BlobStoreError> {
 impl BlobStore for LocalBlobStore {
     async fn put(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
         let path = self.path_of(hash);
+        let hash = *hash;
         tokio::task::spawn_blocking(move || {
-            if path.exists() {
-                // Stored already: mark it as just written, so a garbage collection pass counts
-                // it as young (its grace period protects parts uploaded ahead of their commit).
-                if let Ok(f) = std::fs::File::options().append(true).open(&path) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
+            if let Ok(existing) = std::fs::read(&path) {
+                // Stored already, and it holds this blob: mark it as just written, so a garbage
+                // collection pass counts it as young (its grace period protects parts uploaded
+                // ahead of their commit). A file under this name that does not decode to `hash`
+                // (written by a faulty or hostile peer, or damaged) is replaced below.
+                if crate::blob::decode(&hash, &existing, crate::PART_SIZE).is_ok() {
+                    if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                        let _ = f.set_modified(std::time::SystemTime::now());
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                tracing::warn!(blob = %hash, path = %path.display(), "a stored file does not hold its blob; replacing it");
             }
             let dir = path.parent().expect("blob path has a parent");
             if !dir.exists() {

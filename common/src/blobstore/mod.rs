@@ -53,8 +53,9 @@ pub struct ListedBlob {
 /// A content-addressed store of encoded blobs.
 ///
 /// `put` returns only when the blob is durable: fsync'd (file and directory) for the local
-/// backend, confirmed by the server for S3. Stores never decode: callers verify with
-/// [`crate::blob::decode`].
+/// backend, confirmed by the server for S3. Callers verify what they store with
+/// [`crate::blob::decode`]; a `put` over an existing local file keeps it only if it decodes to
+/// `hash` (S3 always overwrites).
 #[async_trait::async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Stores `stored` (encoded bytes) under `hash`, durably. Idempotent.
