@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeboat_cli::conn::ConnArgs;
-use lifeboat_cli::regions::{leader_report, Regions};
+use lifeboat_client::conn::ConnArgs;
+use lifeboat_lab::regions::{leader_report, Regions};
 use serde_json::Value;
 
 /// One answer of a regional leader.

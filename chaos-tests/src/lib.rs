@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests: a cluster in a temp dir, a seeded tree, waiting for
-//! the agent, restoring and comparing. The process harness itself is `lifeboat_cli::harness`.
+//! the agent, restoring and comparing. The test bed itself (clusters, regions, servers) is
+//! `lifeboat-lab`; restores go through the `lifeboat-restore` engine.
 
 #![warn(missing_docs)]
 
@@ -10,10 +11,11 @@ pub mod redis_server;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use lifeboat_cli::harness::{
+pub use lifeboat_lab::harness::{
     agent_status, issue, wait_agent_idle, Cluster, ClusterOpts, Role, ANY_REGION,
 };
-pub use lifeboat_cli::{restore, tree};
+pub use lifeboat_lab::tree;
+pub use lifeboat_restore::files;
 
 /// A test's scratch space: a temp dir kept on failure (set `LIFEBOAT_KEEP=1` to keep always).
 pub struct Scratch {
@@ -53,8 +55,8 @@ impl Scratch {
 /// Runs the `lifeboat` CLI against every coordinator (and the witness) of `regions`.
 ///
 /// Panics if the binary cannot be spawned (a test setup bug).
-pub fn run_cli(regions: &lifeboat_cli::regions::Regions, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir()
+pub fn run_cli(regions: &lifeboat_lab::regions::Regions, args: &[&str]) -> std::process::Output {
+    let bin = lifeboat_lab::harness::bin_dir()
         .expect("binaries built")
         .join("lifeboat");
     let conn = regions.conn();
@@ -75,10 +77,10 @@ pub async fn restore_latest(
     cluster: &Cluster,
     prefix: &str,
     to: &Path,
-) -> anyhow::Result<restore::RestoreReport> {
+) -> anyhow::Result<files::RestoreReport> {
     let conn = cluster.conn();
-    let (rows, addr) = restore::list(&conn, prefix, None, false, false).await?;
-    restore::restore(&conn, &addr, rows, to, false).await
+    let (rows, addr) = files::list(&conn, prefix, None, false, false).await?;
+    files::restore(&conn, &addr, rows, to, false).await
 }
 
 /// Waits until the agent whose data dir is `data` is idle (1 s without events), up to 5 minutes.
@@ -185,7 +187,7 @@ pub fn lifeboat_then(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::pr
 
 /// The command `lifeboat ARGS --coordinator <all of cluster> --tls-dir <cluster certs> TAIL`.
 fn lifeboat_cmd(cluster: &Cluster, args: &[&str], tail: &[&str]) -> std::process::Command {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let bin = lifeboat_lab::harness::bin_dir().unwrap().join("lifeboat");
     let coords: Vec<String> = cluster.coords.iter().map(|c| c.addr.clone()).collect();
     let mut cmd = std::process::Command::new(bin);
     cmd.args(args)
@@ -217,10 +219,10 @@ pub async fn lifeboat_within(
 /// Runs the real `lifeboat` binary against every coordinator of every region and the witness of
 /// `regions` (same CA): `lifeboat ARGS --coordinator <all> --tls-dir <certs>`.
 pub fn lifeboat_regions(
-    regions: &lifeboat_cli::regions::Regions,
+    regions: &lifeboat_lab::regions::Regions,
     args: &[&str],
 ) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let bin = lifeboat_lab::harness::bin_dir().unwrap().join("lifeboat");
     let conn = regions.conn();
     std::process::Command::new(bin)
         .args(args)
@@ -367,7 +369,10 @@ pub async fn wait_until(
 /// directory when missing), for tests that speak the agent protocol themselves.
 ///
 /// Errors: certificate generation.
-pub fn agent_conn(cluster: &Cluster, name: &str) -> anyhow::Result<lifeboat_cli::conn::ConnArgs> {
+pub fn agent_conn(
+    cluster: &Cluster,
+    name: &str,
+) -> anyhow::Result<lifeboat_client::conn::ConnArgs> {
     if !cluster.certs.join(format!("{name}.pem")).exists() {
         issue(&cluster.certs, Role::Agent, &cluster.region, name)?;
     }

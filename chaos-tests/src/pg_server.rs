@@ -1,143 +1,54 @@
 //! A real PostgreSQL 15 server for tests, run as the OS user `postgres` (the tests run as root):
-//! initdb with trust authentication, started on a free 127.0.0.1 port, stopped (immediate) on
-//! drop; plus small helpers shared by the PostgreSQL tests.
+//! the lab's [`PgServer`] with the binaries in [`BIN`] (initdb with trust authentication, a free
+//! 127.0.0.1 port, stopped (immediate) on drop), plus small helpers shared by the PostgreSQL
+//! tests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use lifeboat_agent::pg_source::PostgresSourceConfig;
-// `free_port` never hands out a port twice in this process: tests run in parallel.
-use lifeboat_cli::harness::free_port;
+pub use lifeboat_lab::dbservers::{chown_to_server_user, PgServer as Pg};
+pub use lifeboat_restore::servers::run_checked;
 
 use crate::{catalog_paths, Cluster};
 
 /// Directory of the PostgreSQL 15 binaries.
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// A PostgreSQL binary run as the OS user `postgres` (`runuser`).
+/// A PostgreSQL binary of [`BIN`] run as the OS user `postgres` (`runuser`).
 pub fn as_postgres(prog: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"])
-        .arg(Path::new(BIN).join(prog))
-        .current_dir("/");
-    c
+    lifeboat_restore::servers::pg_command(Path::new(BIN), prog, Some("postgres"))
 }
 
-/// Runs `c`; its trimmed stdout, or an error with its output.
-///
-/// Errors: the command fails or cannot start.
-pub fn check(mut c: Command, what: &str) -> anyhow::Result<String> {
-    let out = c.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// `chown -R postgres:postgres p`.
-///
-/// Errors: chown failing.
-pub fn chown_postgres(p: &Path) -> anyhow::Result<()> {
-    check(
-        {
-            let mut c = Command::new("chown");
-            c.args(["-R", "postgres:postgres"]).arg(p);
-            c
-        },
-        "chown",
-    )
-    .map(|_| ())
-}
-
-/// A PostgreSQL server on 127.0.0.1:`port`, data in `data`; stopped (immediate) on drop.
-pub struct Pg {
-    /// Data directory.
-    pub data: PathBuf,
-    /// TCP port on 127.0.0.1.
-    pub port: u16,
-}
-
-impl Pg {
-    /// initdb (trust auth) + start.
+/// The tests' constructors of [`Pg`] (binaries in [`BIN`]) and its agent source config.
+pub trait PgTest: Sized {
+    /// initdb (trust auth) in `data` (inside a [`Pg::workdir`]) + start.
     ///
     /// Errors: initdb or start failures.
-    pub fn init(data: &Path) -> anyhow::Result<Pg> {
-        std::fs::create_dir_all(data.parent().unwrap())?;
-        let mut c = as_postgres("initdb");
-        c.arg("-D")
-            .arg(data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"]);
-        check(c, "initdb")?;
-        Pg::start(data)
-    }
+    fn init(data: &Path) -> anyhow::Result<Self>;
 
-    /// Starts an existing data directory on a free port (socket in the data dir's parent).
+    /// Starts an existing data directory (e.g. a restored one) on a free port (socket in the
+    /// data dir's parent).
     ///
     /// Errors: pg_ctl start failing (the server log is in the error).
-    pub fn start(data: &Path) -> anyhow::Result<Pg> {
-        let port = free_port();
-        let sock = data.parent().unwrap();
-        let mut c = as_postgres("pg_ctl");
-        c.arg("-D")
-            .arg(data)
-            .arg("-l")
-            .arg(data.with_extension("log"))
-            .arg("-o")
-            .arg(format!(
-                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c archive_mode=off",
-                sock.display()
-            ))
-            .args(["-w", "-t", "120", "start"]);
-        let pg = Pg {
-            data: data.to_path_buf(),
-            port,
-        };
-        if let Err(e) = check(c, "pg_ctl start") {
-            let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
-            bail!("{e}\nserver log:\n{log}");
-        }
-        Ok(pg)
+    fn start(data: &Path) -> anyhow::Result<Self>;
+
+    /// `[[postgres_sources]]` entry `name` for this server (run as `postgres`, hourly base
+    /// backups).
+    fn source(&self, name: &str) -> PostgresSourceConfig;
+}
+
+impl PgTest for Pg {
+    fn init(data: &Path) -> anyhow::Result<Pg> {
+        Pg::init_primary(Path::new(BIN), data, "primary")
     }
 
-    /// Runs `sql` with psql (unaligned, tuples only); its output.
-    ///
-    /// Errors: the query failing.
-    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
-        let mut c = Command::new(Path::new(BIN).join("psql"));
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-X",
-            "-A",
-            "-t",
-        ])
-        .args(["-v", "ON_ERROR_STOP=1", "-p"])
-        .arg(self.port.to_string())
-        .arg("-c")
-        .arg(sql);
-        check(c, &format!("psql {sql:?}"))
+    fn start(data: &Path) -> anyhow::Result<Pg> {
+        Pg::start_existing(Path::new(BIN), data, "restored")
     }
 
-    /// `pg_is_in_recovery()`.
-    ///
-    /// Errors: the query failing.
-    pub fn in_recovery(&self) -> anyhow::Result<bool> {
-        Ok(self.psql("SELECT pg_is_in_recovery()")? == "t")
-    }
-
-    /// `[[postgres_sources]]` entry for this server.
-    pub fn source(&self, name: &str) -> PostgresSourceConfig {
+    fn source(&self, name: &str) -> PostgresSourceConfig {
         serde_json::from_value(serde_json::json!({
             "name": name,
             "host": "127.0.0.1",
@@ -149,28 +60,6 @@ impl Pg {
         }))
         .expect("source config")
     }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let mut c = as_postgres("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = c.output();
-    }
-}
-
-/// A scratch directory the `postgres` user can traverse, owned by it.
-///
-/// Errors: I/O or chown failures.
-pub fn pg_dir(scratch: &Path) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o711))?;
-    let d = scratch.join("pg");
-    std::fs::create_dir_all(&d)?;
-    chown_postgres(&d)?;
-    Ok(d)
 }
 
 /// Polls `f` every 200 ms until it returns true, for up to `secs` seconds.

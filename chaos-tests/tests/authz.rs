@@ -168,7 +168,7 @@ async fn each_role_calls_only_what_it_may() -> anyhow::Result<()> {
         assert!(st.has_leader);
 
         // The CLI with a viewer's certificate: the refusal is reported, exit non-zero.
-        let out = std::process::Command::new(lifeboat_cli::harness::bin_dir()?.join("lifeboat"))
+        let out = std::process::Command::new(lifeboat_lab::harness::bin_dir()?.join("lifeboat"))
             .args(["gc", "--dry-run", "--coordinator"])
             .arg(cluster.addrs().join(","))
             .arg("--ca")

@@ -11,16 +11,16 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::restore;
 use lifeboat_common::blob::BlobHash;
 use lifeboat_proto::{AddMemberRequest, RemoveMemberRequest};
+use lifeboat_restore::files;
 
 /// Repair every 500 ms instead of 5 s, so the tests wait less.
 const FAST_REPAIR: &str = "[blobs]\nrepair_interval_ms = 500\n";
 
 /// Every blob the catalog references (all versions, tombstones included).
 async fn committed_blobs(cluster: &Cluster) -> anyhow::Result<BTreeSet<BlobHash>> {
-    let (rows, _) = restore::list(&cluster.conn(), "", None, true, true).await?;
+    let (rows, _) = files::list(&cluster.conn(), "", None, true, true).await?;
     Ok(rows
         .iter()
         .flat_map(|v| v.v.parts.iter().map(|p| p.hash))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use lifeboat_chaos_tests::Scratch;
 
 fn bin(name: &str) -> std::path::PathBuf {
-    lifeboat_cli::harness::bin_dir()
+    lifeboat_lab::harness::bin_dir()
         .expect("binaries built")
         .join(name)
 }

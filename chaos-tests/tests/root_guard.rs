@@ -213,7 +213,7 @@ async fn mass_deletion_is_held_until_accepted() -> anyhow::Result<()> {
 
         // The operator accepts exactly that set.
         let out = cluster
-            .command(lifeboat_cli::harness::bin_dir()?.join("lifeboat-agent"))
+            .command(lifeboat_lab::harness::bin_dir()?.join("lifeboat-agent"))
             .args(["accept-deletions", "--root", "data", "--config"])
             .arg(&cfg)
             .output()?;

@@ -53,7 +53,7 @@ async fn leader_sigkill_during_streaming_loses_no_acknowledged_change() -> anyho
     );
 
     // Every blob of the catalog is on the disk of a majority of coordinators (local backend).
-    let (rows, _) = restore::list(&cluster.conn(), "data", None, true, false).await?;
+    let (rows, _) = files::list(&cluster.conn(), "data", None, true, false).await?;
     let mut checked = 0;
     for v in &rows {
         for p in &v.v.parts {

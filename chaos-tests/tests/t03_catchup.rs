@@ -8,14 +8,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lifeboat_chaos_tests::{agent_once, restore, run, settled_leader, tree, Cluster, ClusterOpts};
-use lifeboat_cli::conn::{admin_client, ConnArgs};
-use lifeboat_cli::harness::{bin_dir, spawn_logged};
+use lifeboat_chaos_tests::{agent_once, files, run, settled_leader, tree, Cluster, ClusterOpts};
+use lifeboat_client::conn::{admin_client, ConnArgs};
 use lifeboat_common::catalog::FileVersion;
+use lifeboat_lab::harness::{bin_dir, spawn_logged};
 use lifeboat_proto::{ListVersionsRequest, StatusReply, TriggerSnapshotRequest};
 
 /// Latest live versions under `prefix`, read from coordinator `addr` itself (no switch to the
-/// leader, unlike `restore::list`).
+/// leader, unlike `files::list`).
 async fn list_on(cluster: &Cluster, addr: &str, prefix: &str) -> anyhow::Result<Vec<FileVersion>> {
     let mut c = admin_client(cluster.conn().channel(addr)?);
     let mut s = c
@@ -90,7 +90,7 @@ async fn restore_through(
         coordinators: vec![addr.clone()],
         ..cluster.conn()
     };
-    let rep = restore::restore(&only_f, &addr, rows, to, false)
+    let rep = files::restore(&only_f, &addr, rows, to, false)
         .await
         .with_context(|| format!("restore through {addr}"))?;
     anyhow::ensure!(

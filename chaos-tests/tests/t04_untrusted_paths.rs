@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_chaos_tests::{
-    agent_conn, agent_once, restore, restore_latest, run, settled_leader, tree, Cluster,
-    ClusterOpts,
+    agent_conn, agent_once, files, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
 };
 use lifeboat_common::blob::BlobHash;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
@@ -301,7 +300,7 @@ async fn coordinator_refuses_bad_paths_from_the_wire() -> anyhow::Result<()> {
         }
         assert_eq!(rows.len(), 1, "unexpected catalog rows: {paths:?}");
         // The CLI's listing agrees (and would fail on a bad row).
-        let (listed, _) = restore::list(&cluster.conn(), "", None, false, true).await?;
+        let (listed, _) = files::list(&cluster.conn(), "", None, false, true).await?;
         let listed: Vec<&str> = listed.iter().map(|v| v.v.path.as_str()).collect();
         assert_eq!(listed, vec!["data/wire-ok"]);
         anyhow::Ok(())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_chaos_tests::{
-    agent_once, restore, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
+    agent_once, files, restore_latest, run, settled_leader, tree, Cluster, ClusterOpts,
 };
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::catalog::{EntryKind, FileVersion};
@@ -31,7 +31,7 @@ async fn synced(
     cluster.wait_leader(Duration::from_secs(30), None).await?;
     let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "")?;
     agent_once(&cluster, &cfg, &agent_data).await?;
-    let (rows, _) = restore::list(&cluster.conn(), "data", None, false, false).await?;
+    let (rows, _) = files::list(&cluster.conn(), "data", None, false, false).await?;
     let v = rows
         .into_iter()
         .filter(|v| v.v.kind == EntryKind::File && v.v.size >= 4096 && !v.v.parts.is_empty())

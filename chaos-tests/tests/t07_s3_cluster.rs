@@ -1,5 +1,5 @@
 //! A cluster whose coordinators keep their blobs in S3 (SeaweedFS `weed mini` through
-//! [`lifeboat_cli::s3server::S3Server`]): a synced tree restores byte-for-byte, and the blobs are
+//! [`lifeboat_lab::s3server::S3Server`]): a synced tree restores byte-for-byte, and the blobs are
 //! in the bucket, not in the coordinators' local blob directories.
 
 use std::collections::BTreeSet;
@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::s3server::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use lifeboat_common::blob::{self, BlobHash};
 use lifeboat_common::blobstore::BlobStore;
+use lifeboat_lab::s3server::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 
 const BUCKET: &str = "lifeboat-cluster";
 const PREFIX: &str = "lifeboat/";
@@ -75,7 +75,7 @@ async fn cluster_on_s3_backend_restores_byte_equal() -> anyhow::Result<()> {
     assert_eq!(report.files, cmp.files, "every file restored");
 
     // Every part of every restored version is an object in the bucket, under the prefix.
-    let (rows, _) = restore::list(&cluster.conn(), "data", None, false, false).await?;
+    let (rows, _) = files::list(&cluster.conn(), "data", None, false, false).await?;
     let parts: BTreeSet<(BlobHash, u64)> = rows
         .iter()
         .flat_map(|r| r.v.parts.iter().map(|p| (p.hash, p.size)))

@@ -104,7 +104,7 @@ async fn mutual_tls_refuses_foreign_and_plaintext_clients() -> anyhow::Result<()
     // A certificate from another CA is refused.
     let other = s.dir.join("other-ca");
     lifeboat_common::tls::init_dev_ca(&other)?;
-    lifeboat_cli::harness::issue(&other, Role::Admin, ANY_REGION, "admin")?;
+    lifeboat_lab::harness::issue(&other, Role::Admin, ANY_REGION, "admin")?;
     let mut foreign = lifeboat_common::tls::TlsConfig::from_dir(&other, "admin");
     foreign.ca = Some(cluster.certs.join("ca.pem")); // trusts the server, but its cert is foreign
     let ch = foreign.channel(&addr)?;

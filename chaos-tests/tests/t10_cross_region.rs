@@ -48,7 +48,7 @@ async fn wait_caught_up(
 
 /// Output of `lifeboat status` (JSON or text) against `cluster`.
 fn lifeboat_status(cluster: &Cluster, json: bool) -> String {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let bin = lifeboat_lab::harness::bin_dir().unwrap().join("lifeboat");
     let out = std::process::Command::new(bin)
         .args(["status", "--output", if json { "json" } else { "text" }])
         .arg("--coordinator")
@@ -87,8 +87,8 @@ fn key(v: &FileVersion) -> String {
 
 /// Every version of A's catalog is in B's, with the same commit time, epoch and region, once.
 async fn assert_same_catalog(a: &Cluster, b: &Cluster) -> anyhow::Result<Vec<FileVersion>> {
-    let (ra, _) = restore::list(&a.conn(), "", None, true, true).await?;
-    let (rb, _) = restore::list(&b.conn(), "", None, true, true).await?;
+    let (ra, _) = files::list(&a.conn(), "", None, true, true).await?;
+    let (rb, _) = files::list(&b.conn(), "", None, true, true).await?;
     let ka: Vec<String> = ra.iter().map(key).collect();
     let kb: Vec<String> = rb.iter().map(key).collect();
     assert_eq!(ka.len(), kb.len(), "version count A vs B");
@@ -160,8 +160,8 @@ async fn standby_region_holds_a_byte_equal_copy() -> anyhow::Result<()> {
 
     // Same rows (commit times, epochs, regions) in both catalogs; point-in-time views agree.
     let rows = assert_same_catalog(&a, &b).await?;
-    let (pa, _) = restore::list(&a.conn(), "data", Some(mid_ms), false, false).await?;
-    let (pb, _) = restore::list(&b.conn(), "data", Some(mid_ms), false, false).await?;
+    let (pa, _) = files::list(&a.conn(), "data", Some(mid_ms), false, false).await?;
+    let (pb, _) = files::list(&b.conn(), "data", Some(mid_ms), false, false).await?;
     assert!(!pb.is_empty());
     assert_eq!(
         pa.iter().map(key).collect::<Vec<_>>(),

@@ -14,10 +14,10 @@ use anyhow::Context;
 use lifeboat_agent::redis_source::{
     apply_role, arm_min_replicas, health, take_snapshot, RedisSourceConfig,
 };
-use lifeboat_chaos_tests::redis_server::{get, set, wait_value, Redis};
+use lifeboat_chaos_tests::redis_server::{get, set, start_redis, wait_value};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::harness::free_port;
 use lifeboat_common::blob::{self, BlobHash};
+use lifeboat_lab::free_port;
 
 fn source(name: &str, addr: &str, primaries: &[(&str, &str)]) -> RedisSourceConfig {
     let map: serde_json::Map<String, serde_json::Value> = primaries
@@ -33,8 +33,8 @@ fn source(name: &str, addr: &str, primaries: &[(&str, &str)]) -> RedisSourceConf
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_role_follows_and_promotes() -> anyhow::Result<()> {
     run("t13-role", |dir| async move {
-        let a = Redis::start(&dir.join("a"))?;
-        let b = Redis::start(&dir.join("b"))?;
+        let a = start_redis(&dir.join("a"), &[])?;
+        let b = start_redis(&dir.join("b"), &[])?;
         let (mut ca, mut cb) = (a.con().await?, b.con().await?);
         let map = [("eu", a.addr()), ("us", b.addr())];
         let map: Vec<(&str, &str)> = map.iter().map(|(r, x)| (*r, x.as_str())).collect();
@@ -161,7 +161,7 @@ async fn apply_role_follows_and_promotes() -> anyhow::Result<()> {
 async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
     run("t13-forms", |dir| async move {
         for (name, diskless) in [("disk", "no"), ("diskless", "yes")] {
-            let r = Redis::start_with(&dir.join(name), &["--repl-diskless-sync", diskless])?;
+            let r = start_redis(&dir.join(name), &["--repl-diskless-sync", diskless])?;
             let mut c = r.con().await?;
             for i in 0..500 {
                 set(&mut c, &format!("k{i}"), &"v".repeat(i)).await?;
@@ -194,14 +194,14 @@ async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
             let check = dir.join(format!("check-{name}"));
             std::fs::create_dir_all(&check)?;
             std::fs::copy(&file, check.join("dump.rdb"))?;
-            let loaded = Redis::start(&check)?;
+            let loaded = start_redis(&check, &[])?;
             let n: u64 = redis::cmd("DBSIZE")
                 .query_async(&mut loaded.con().await?)
                 .await?;
             assert_eq!(n, 500, "{name}");
         }
         // AUTH: a password from password_file; a wrong one is refused and records nothing.
-        let r = Redis::start_with(&dir.join("auth"), &["--requirepass", "s3cret"])?;
+        let r = start_redis(&dir.join("auth"), &["--requirepass", "s3cret"])?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(r.addr()).is_err() {
             anyhow::ensure!(Instant::now() < deadline, "redis with a password not up");
@@ -220,7 +220,7 @@ async fn take_snapshot_disk_and_diskless_forms() -> anyhow::Result<()> {
         let meta = take_snapshot(&src, &dir.join("agent-auth"), 0).await?;
         assert_eq!(meta.keys, 0);
         assert!(health(&src).await.healthy);
-        let dead = source("dead", &format!("127.0.0.1:{}", free_port()), &[]);
+        let dead = source("dead", &format!("127.0.0.1:{}", free_port()?), &[]);
         assert!(take_snapshot(&dead, &dir.join("agent-dead"), 0)
             .await
             .is_err());
@@ -261,7 +261,7 @@ fn corrupt(path: &Path, h: &BlobHash) -> anyhow::Result<()> {
 async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
     run("t13-snapshot", |dir| async move {
         const N: usize = 10_000;
-        let r = Redis::start(&dir.join("redis-src"))?;
+        let r = start_redis(&dir.join("redis-src"), &[])?;
         let mut c = r.con().await?;
         let mut p = redis::pipe();
         for i in 0..N {
@@ -325,7 +325,7 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         assert_eq!(out["blake3"], meta["blake3"]);
 
         // --to: a fresh redis-server gets every key.
-        let t = Redis::start(&dir.join("redis-target"))?;
+        let t = start_redis(&dir.join("redis-target"), &[])?;
         let mut ct = t.con().await?;
         let out = json(&lifeboat(
             &cluster,
@@ -361,7 +361,7 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         assert!(!out.status.success());
 
         // Corrupt the RDB's first blob on every coordinator: restore and verify refuse it.
-        let (rows, _) = restore::list(&cluster.conn(), &format!("_snapshots/{id}.rdb"), None, false, false).await?;
+        let (rows, _) = files::list(&cluster.conn(), &format!("_snapshots/{id}.rdb"), None, false, false).await?;
         let v = rows
             .iter()
             .find(|v| v.v.path == format!("_snapshots/{id}.rdb"))
@@ -385,7 +385,7 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         assert!(!out.status.success(), "restore of a corrupted snapshot succeeded");
         assert!(err.contains("corrupted"), "clear error: {err}");
         assert!(!bad.exists(), "nothing written for a corrupted snapshot");
-        let t2 = Redis::start(&dir.join("redis-target2"))?;
+        let t2 = start_redis(&dir.join("redis-target2"), &[])?;
         // Up first: `restore --to` PINGs its target before the download.
         let mut c2 = t2.con().await?;
         let out = lifeboat(&cluster, &["restore", "redis", "--snapshot", &id, "--to", &t2.addr()]);
@@ -416,7 +416,7 @@ async fn bench_snapshot_vs_redis_cli() -> anyhow::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(5_000_000);
-        let r = Redis::start_with(
+        let r = start_redis(
             &dir.join("redis"),
             &[
                 "--enable-debug-command",
@@ -505,7 +505,7 @@ async fn bench_snapshot_vs_redis_cli() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_parts_travel_while_fetched() -> anyhow::Result<()> {
     run("t13-preupload", |dir| async move {
-        let r = Redis::start_with(
+        let r = start_redis(
             &dir.join("redis"),
             &["--enable-debug-command", "yes", "--rdbcompression", "no"],
         )?;

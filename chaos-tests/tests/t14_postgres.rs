@@ -18,7 +18,7 @@ use lifeboat_common::catalog::EntryKind;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
     run("t14-pitr", |dir| async move {
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let primary = Pg::init(&pgd.join("primary"))?;
         primary.psql("CREATE TABLE t (id int PRIMARY KEY, note text)")?;
         let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
@@ -126,7 +126,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
 
         // (c) Corrupt the base backup's first blob on every coordinator: the restore fails,
         // naming the corruption, and unpacks nothing.
-        let (rows, _) = restore::list(&cluster.conn(), "_snapshots/db/base/", None, false, false).await?;
+        let (rows, _) = files::list(&cluster.conn(), "_snapshots/db/base/", None, false, false).await?;
         let v = rows
             .iter()
             .find(|v| v.v.path == tar_path && v.v.kind == EntryKind::File)
@@ -154,7 +154,7 @@ async fn pitr_restore_and_corrupted_base_backup() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> {
     run("t14-role", |dir| async move {
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let primary = Pg::init(&pgd.join("primary"))?;
         primary.psql("CREATE TABLE t (id int PRIMARY KEY)")?;
         primary.psql("INSERT INTO t VALUES (1)")?;
@@ -165,7 +165,7 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
             .arg("-D")
             .arg(&rdata)
             .args(["-R", "-X", "stream", "-c", "fast"]);
-        check(c, "pg_basebackup -R")?;
+        run_checked(c, "pg_basebackup -R")?;
         let replica = Pg::start(&rdata)?;
         // A second standby, in the standby region "west".
         let r2data = pgd.join("replica2");
@@ -175,7 +175,7 @@ async fn apply_role_promotes_replica_and_fences_primary() -> anyhow::Result<()> 
             .arg("-D")
             .arg(&r2data)
             .args(["-R", "-X", "stream", "-c", "fast"]);
-        check(c, "pg_basebackup -R (replica2)")?;
+        run_checked(c, "pg_basebackup -R (replica2)")?;
         let replica2 = Pg::start(&r2data)?;
         assert!(
             replica.in_recovery()?,
@@ -389,14 +389,14 @@ fn agent_acked_ms(cdir: &Path) -> anyhow::Result<Option<i64>> {
 async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
     run("t14-measure", |dir| async move {
         let scale = std::env::var("LIFEBOAT_PGBENCH_SCALE").unwrap_or_else(|_| "70".into());
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let primary = Pg::init(&pgd.join("primary"))?;
         let t0 = Instant::now();
         let mut c = Command::new(Path::new(BIN).join("pgbench"));
         c.args(["-h", "127.0.0.1", "-U", "postgres", "-i", "-q", "-s", &scale, "-p"])
             .arg(primary.port.to_string())
             .arg("postgres");
-        check(c, "pgbench -i")?;
+        run_checked(c, "pgbench -i")?;
         let size: u64 = primary.psql("SELECT pg_database_size('postgres')")?.parse()?;
         eprintln!("pgbench -i -s {scale}: {size} bytes in {:.1} s", t0.elapsed().as_secs_f64());
         primary.psql("CHECKPOINT")?;
@@ -423,7 +423,7 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
                 .arg(primary.port.to_string())
                 .arg("-D")
                 .arg(&local);
-            check(c, "pg_basebackup -D")?;
+            run_checked(c, "pg_basebackup -D")?;
             let plain = t0.elapsed().as_secs_f64();
             std::fs::remove_dir_all(&local)?;
             // Both tools start with nothing left to write back.
@@ -514,7 +514,7 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_leaves_no_wal_receiver_and_a_held_slot_is_freed() -> anyhow::Result<()> {
     run("t14-orphan", |dir| async move {
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let primary = Pg::init(&pgd.join("primary"))?;
         let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
         cluster.wait_leader(Duration::from_secs(30), None).await?;
@@ -539,7 +539,7 @@ async fn killed_agent_leaves_no_wal_receiver_and_a_held_slot_is_freed() -> anyho
         let slot = lifeboat_agent::pg_source::slot_name("db");
         let stray_dir = pgd.join("stray-wal");
         std::fs::create_dir_all(&stray_dir)?;
-        chown_postgres(&stray_dir)?;
+        chown_to_server_user(&stray_dir)?;
         let mut stray = as_postgres("pg_receivewal");
         stray
             .args(["-h", "127.0.0.1", "-U", "postgres", "--no-loop", "-p"])

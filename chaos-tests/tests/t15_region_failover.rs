@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
-use lifeboat_cli::tree;
+use lifeboat_lab::regions::{Regions, RegionsOpts};
+use lifeboat_lab::tree;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> anyhow::Result<()> {
@@ -102,7 +102,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
             agent_status(&data_rb).is_some_and(|s| s["roles"]["data"] == "source")
         })
         .await?;
-        let (all, _) = restore::list(&regions.region("b").conn(), "data", None, true, false).await?;
+        let (all, _) = files::list(&regions.region("b").conn(), "data", None, true, false).await?;
         let resent: Vec<&str> = all
             .iter()
             .filter(|v| v.v.region == "b" && v.v.kind == lifeboat_common::catalog::EntryKind::File)

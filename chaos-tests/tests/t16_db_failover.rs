@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::redis_server::{get, set, wait_value, Redis};
+use lifeboat_chaos_tests::redis_server::{get, set, start_redis, wait_value};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 
 async fn role(c: &mut redis::aio::MultiplexedConnection) -> String {
     let info: String = redis::cmd("INFO")
@@ -28,8 +28,8 @@ async fn role(c: &mut redis::aio::MultiplexedConnection) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_in_the_new_region_is_promoted_by_the_failover() -> anyhow::Result<()> {
     run("t16", |dir| async move {
-        let redis_a = Redis::start(&dir.join("redis-a"))?;
-        let redis_b = Redis::start(&dir.join("redis-b"))?;
+        let redis_a = start_redis(&dir.join("redis-a"), &[])?;
+        let redis_b = start_redis(&dir.join("redis-b"), &[])?;
         let mut ca = redis_a.con().await?;
         let mut cb = redis_b.con().await?;
         let mut regions = Regions::start(&dir.join("regions"), &RegionsOpts::default())?;

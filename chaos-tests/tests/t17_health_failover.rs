@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_agent_check_fails_the_region_over_and_fences_it() -> anyhow::Result<()> {

@@ -42,7 +42,7 @@ fn live_tars(cluster: &Cluster) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
     run("t21-pg", |dir| async move {
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let primary = Pg::init(&pgd.join("primary"))?;
         primary.psql("CREATE TABLE t (id int PRIMARY KEY, note text)")?;
         primary.psql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g")?;
@@ -364,7 +364,7 @@ async fn pg_retention_pitr_and_verify() -> anyhow::Result<()> {
 
         // A corrupted base backup (first blob flipped on every coordinator) is detected.
         let (rows, _) =
-            restore::list(&cluster.conn(), "_snapshots/db/base/", None, false, false).await?;
+            files::list(&cluster.conn(), "_snapshots/db/base/", None, false, false).await?;
         let row = rows
             .iter()
             .find(|r| r.v.path == kept[1] && r.v.kind == EntryKind::File)

@@ -129,7 +129,7 @@ async fn exec_ids_unique_retention_and_verify() -> anyhow::Result<()> {
         assert!(!lifeboat(&cluster, &["verify", "snapshot", gone]).status.success());
 
         // A corrupted snapshot is detected.
-        let (rows, _) = restore::list(&cluster.conn(), &snaps[1], None, false, false).await?;
+        let (rows, _) = files::list(&cluster.conn(), &snaps[1], None, false, false).await?;
         let row = rows.iter().find(|r| r.v.path == snaps[1]).context("row")?;
         let h = row.v.parts[0].hash;
         corrupt_blob_everywhere(&cluster, &h).await?;

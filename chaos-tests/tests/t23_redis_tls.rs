@@ -15,10 +15,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
-use lifeboat_chaos_tests::redis_server::Redis;
+use lifeboat_chaos_tests::redis_server::start_redis;
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::harness::free_port;
 use lifeboat_common::redis_conn::{self, RedisTls};
+use lifeboat_lab::free_port;
 
 fn source(
     addr: &str,
@@ -44,8 +44,8 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
     run("t23", |dir| async move {
         let certs = dir.join("certs");
         lifeboat_common::tls::init_dev_ca(&certs)?;
-        lifeboat_cli::harness::issue(&certs, Role::Agent, ANY_REGION, "redis")?;
-        lifeboat_cli::harness::issue(&certs, Role::Agent, ANY_REGION, "agent")?;
+        lifeboat_lab::harness::issue(&certs, Role::Agent, ANY_REGION, "redis")?;
+        lifeboat_lab::harness::issue(&certs, Role::Agent, ANY_REGION, "agent")?;
         let other = dir.join("other-ca");
         lifeboat_common::tls::init_dev_ca(&other)?;
         let ca = certs.join("ca.pem");
@@ -53,7 +53,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
         let client = Some((client.0.as_path(), client.1.as_path()));
 
         // The plain port fills the data; the agent only talks to the TLS port.
-        let tls_port = free_port();
+        let tls_port = free_port()?;
         let p = |x: &Path| x.to_str().unwrap().to_string();
         let args = [
             "--tls-port".to_string(),
@@ -68,7 +68,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
             "yes".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let r = Redis::start_with(&dir.join("redis"), &args)?;
+        let r = start_redis(&dir.join("redis"), &args)?;
         let mut c = r.con().await?;
         let mut pipe = redis::pipe();
         for i in 0..3000 {
@@ -98,7 +98,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
         let check = dir.join("check");
         std::fs::create_dir_all(&check)?;
         std::fs::copy(&rdb, check.join("dump.rdb"))?;
-        let loaded = Redis::start(&check)?;
+        let loaded = start_redis(&check, &[])?;
         let mut l = loaded.con().await?;
         let n: u64 = redis::cmd("DBSIZE").query_async(&mut l).await?;
         assert_eq!(n, 3001);
@@ -162,7 +162,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
 
         // A second Redis that speaks only TLS (`--port 0`), client certificate required: the
         // target of `restore redis --to` and of the agent's `redis` health checks.
-        let only_port = free_port();
+        let only_port = free_port()?;
         let only_args = [
             "--port".to_string(),
             "0".into(),
@@ -178,7 +178,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
             "yes".into(),
         ];
         let only_args: Vec<&str> = only_args.iter().map(String::as_str).collect();
-        let mut only = Redis::start_with(&dir.join("redis-tls-only"), &only_args)?;
+        let mut only = start_redis(&dir.join("redis-tls-only"), &only_args)?;
         let only_addr = format!("127.0.0.1:{only_port}");
         let only_tls = RedisTls {
             ca_file: ca.clone(),
@@ -346,8 +346,7 @@ async fn redis_snapshot_over_tls_round_trips_and_wrong_ca_is_refused() -> anyhow
         assert_eq!(n, 3001, "the refused restores changed nothing");
 
         // The TLS-only server stops: its check fails.
-        only.child.kill()?;
-        only.child.wait()?;
+        only.kill();
         wait_until(std::time::Duration::from_secs(60), "the redis check fails", || {
             check("redis-tls").is_some_and(|c| c["ok"] == false)
         })

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts, WITNESS_SITE};
+use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 use serde_json::json;
 
 /// Paths of the latest live versions under `prefix` in `cluster`'s catalog.
 async fn catalog_paths(cluster: &Cluster, prefix: &str) -> anyhow::Result<Vec<String>> {
-    let (rows, _) = restore::list(&cluster.conn(), prefix, None, false, false).await?;
+    let (rows, _) = files::list(&cluster.conn(), prefix, None, false, false).await?;
     Ok(rows.into_iter().map(|r| r.v.path).collect())
 }
 

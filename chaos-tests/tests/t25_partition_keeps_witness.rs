@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts, WITNESS_SITE};
+use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
@@ -153,7 +153,7 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         assert!(c.equal(), "{:?}", c.differences);
 
         // The batch was acknowledged once: one version of the file.
-        let (all, _) = restore::list(
+        let (all, _) = files::list(
             &regions.region("b").conn(),
             "data/during.txt",
             None,

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 use serde_json::Value;
 
 const MIN_INTERVAL_MS: u64 = 20_000;

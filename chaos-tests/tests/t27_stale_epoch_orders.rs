@@ -17,10 +17,10 @@
 
 use std::time::Duration;
 
-use lifeboat_chaos_tests::redis_server::Redis;
+use lifeboat_chaos_tests::redis_server::start_redis;
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_common::tls::TlsConfig;
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 use lifeboat_proto::agent_service_client::AgentServiceClient;
 use lifeboat_proto::push_message::Msg;
 use lifeboat_proto::{FileChange, PushMessage, PushReply};
@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 /// Calls `Control` op `op` with `conn`'s certificate on each of `addrs` until one answers;
 /// returns that reply, or the last refusal (its gRPC status, code intact).
 async fn control_as(
-    conn: &lifeboat_cli::conn::ConnArgs,
+    conn: &lifeboat_client::conn::ConnArgs,
     addrs: &[String],
     op: &str,
     body: &Value,
@@ -43,7 +43,7 @@ async fn control_as(
             op: op.into(),
             body: serde_json::to_vec(body).expect("json"),
         };
-        match lifeboat_cli::conn::admin_client(ch).control(req).await {
+        match lifeboat_client::conn::admin_client(ch).control(req).await {
             Ok(r) => {
                 return serde_json::from_slice(&r.into_inner().body)
                     .map_err(|e| tonic::Status::internal(e.to_string()))
@@ -56,7 +56,7 @@ async fn control_as(
 }
 
 fn run_cli(regions: &Regions, args: &[&str]) -> std::process::Output {
-    let bin = lifeboat_cli::harness::bin_dir().unwrap().join("lifeboat");
+    let bin = lifeboat_lab::harness::bin_dir().unwrap().join("lifeboat");
     let conn = regions.conn();
     std::process::Command::new(bin)
         .args(args)
@@ -248,7 +248,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
 
         // 3. Agent pushes: stamped with epoch 1 refused (coded STALE_EPOCH), with epoch 2 acknowledged.
         let certs = &regions.region("b").certs;
-        lifeboat_cli::harness::issue(certs, Role::Agent, "b", "agent-orders")?;
+        lifeboat_lab::harness::issue(certs, Role::Agent, "b", "agent-orders")?;
         let tls = TlsConfig::from_dir(certs, "agent-orders");
         let leader_b = regions
             .region("b")
@@ -280,7 +280,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         assert_eq!(ok.acks.len(), 1, "{ok:?}");
         assert_eq!(ok.acks[0].change_id, 7);
         let (rows, _) =
-            restore::list(&regions.region("b").conn(), "orders", None, false, false).await?;
+            files::list(&regions.region("b").conn(), "orders", None, false, false).await?;
         let paths: Vec<&str> = rows.iter().map(|r| r.v.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -341,8 +341,8 @@ async fn wait_role(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_ignores_database_orders_older_than_its_epoch() -> anyhow::Result<()> {
     run("t27db", |dir| async move {
-        let redis_a = Redis::start(&dir.join("redis-a"))?;
-        let redis_b = Redis::start(&dir.join("redis-b"))?;
+        let redis_a = start_redis(&dir.join("redis-a"), &[])?;
+        let redis_b = start_redis(&dir.join("redis-b"), &[])?;
         let mut cb = redis_b.con().await?;
         let regions = Regions::start(&dir.join("regions"), &RegionsOpts::default())?;
         regions.wait_active("a", 1, Duration::from_secs(60)).await?;

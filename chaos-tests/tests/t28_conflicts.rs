@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
 use lifeboat_common::catalog::EntryKind;
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 
 fn conflicts(regions: &Regions) -> serde_json::Value {
     let out = lifeboat_regions(regions, &["conflicts", "--output", "json"]);
@@ -121,7 +121,7 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
         assert!(!src.join("new-in-a.txt").exists());
         // b's promotion re-sent no file: every file version in b's catalog came from a.
         let (all, _) =
-            restore::list(&regions.region("b").conn(), "data", None, true, false).await?;
+            files::list(&regions.region("b").conn(), "data", None, true, false).await?;
         let resent: Vec<&str> = all
             .iter()
             .filter(|v| v.v.region == "b" && v.v.kind == EntryKind::File)

@@ -20,14 +20,14 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::redis_server::{set, wait_value, Redis};
+use lifeboat_chaos_tests::redis_server::{set, start_redis, wait_value};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::dbservers::{pg_client, redis_role, AgentDbs, DbBinaries, PgServer};
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::dbservers::{pg_client, redis_role, AgentDbs, DbBinaries, PgServer};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 use serde_json::Value;
 
 async fn audit(regions: &Regions) -> Vec<Value> {
-    lifeboat_cli::control::call(&regions.conn(), "audit", serde_json::json!({"limit": 1000}))
+    lifeboat_client::control::call(&regions.conn(), "audit", serde_json::json!({"limit": 1000}))
         .await
         .ok()
         .and_then(|v| v.as_array().cloned())
@@ -74,8 +74,8 @@ async fn database_promotion_is_audited_before_traffic_moves() -> anyhow::Result<
         );
     };
     run("t29", |dir| async move {
-        let redis_a = Redis::start(&dir.join("redis-a"))?;
-        let redis_b = Redis::start(&dir.join("redis-b"))?;
+        let redis_a = start_redis(&dir.join("redis-a"), &[])?;
+        let redis_b = start_redis(&dir.join("redis-b"), &[])?;
         let (mut ca, mut cb) = (redis_a.con().await?, redis_b.con().await?);
         let pgd = PgServer::workdir(&dir)?;
         let pg_a = PgServer::init_primary(&pg_bin, &pgd.join("a"), "pg_a")?;

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn witness_added_by_rpc_enables_automatic_failover() -> anyhow::Result<()> {

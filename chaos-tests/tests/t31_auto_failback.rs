@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
-use lifeboat_cli::tree;
+use lifeboat_lab::regions::{Regions, RegionsOpts};
+use lifeboat_lab::tree;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovered_preferred_region_is_failed_back_automatically() -> anyhow::Result<()> {

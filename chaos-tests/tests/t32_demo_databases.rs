@@ -9,7 +9,7 @@
 //! `scripts/install-test-deps.sh` installs them.
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::dbservers::DbBinaries;
+use lifeboat_lab::dbservers::DbBinaries;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_with_databases_loses_no_acknowledged_write() -> anyhow::Result<()> {
@@ -21,7 +21,7 @@ async fn demo_with_databases_loses_no_acknowledged_write() -> anyhow::Result<()>
         );
     }
     run("t32", |dir| async move {
-        let bin = lifeboat_cli::harness::bin_dir()?.join("lifeboat");
+        let bin = lifeboat_lab::harness::bin_dir()?.join("lifeboat");
         let work = dir.join("demo");
         let out = std::process::Command::new(bin)
             .args([

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts, WITNESS_SITE};
+use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 
 /// The site of node `id`: its region, or [`WITNESS_SITE`].
 fn site_of(regions: &Regions, id: u64) -> Option<String> {

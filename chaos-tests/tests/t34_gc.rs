@@ -21,10 +21,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::s3server::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use lifeboat_common::blob::BlobHash;
 use lifeboat_common::blobstore::{BlobStore, S3BlobStore};
 use lifeboat_common::catalog::FileVersion;
+use lifeboat_lab::s3server::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 
 const PART: usize = lifeboat_common::PART_SIZE;
 
@@ -45,9 +45,7 @@ fn live_snaps(cluster: &Cluster) -> Vec<String> {
 
 /// Every version of every path (tombstones included).
 async fn all_versions(cluster: &Cluster) -> anyhow::Result<Vec<FileVersion>> {
-    Ok(restore::list(&cluster.conn(), "", None, true, true)
-        .await?
-        .0)
+    Ok(files::list(&cluster.conn(), "", None, true, true).await?.0)
 }
 
 fn parts(versions: &[FileVersion]) -> BTreeSet<BlobHash> {

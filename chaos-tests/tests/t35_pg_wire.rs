@@ -35,7 +35,7 @@ async fn base_backup_over_the_replication_protocol() -> anyhow::Result<()> {
     std::env::set_var("LB_T34_PASSWORD", "s3cret-for-t34");
     std::env::set_var("LB_T34_WRONG", "not-the-password");
     run("t34-pg-wire", |dir| async move {
-        let pgd = pg_dir(&dir)?;
+        let pgd = Pg::workdir(&dir)?;
         let pg = Pg::init(&pgd.join("primary"))?;
         pg.psql("CREATE ROLE rep WITH REPLICATION LOGIN PASSWORD 's3cret-for-t34'")?;
         pg.psql("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 50000) g")?;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
-use lifeboat_cli::regions::{Regions, RegionsOpts};
+use lifeboat_lab::regions::{Regions, RegionsOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_that_lost_its_upstream_is_still_promoted() -> anyhow::Result<()> {

@@ -9,7 +9,8 @@ use lifeboat_proto::StatusRequest;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::conn::{admin_client, ConnArgs};
+use lifeboat_client::conn::{admin_client, ConnArgs};
+use lifeboat_restore::files;
 
 /// One unresolved conflict.
 #[derive(Debug, Clone, Serialize)]
@@ -99,13 +100,13 @@ fn kind_name(v: &FileVersion) -> String {
 /// Errors: connection failures.
 pub async fn list(conn: &ConnArgs) -> anyhow::Result<Vec<Conflict>> {
     let (active, _) = active_conn(conn).await?;
-    let (rows, _) = crate::restore::list(&active, CONFLICTS_ROOT, None, false, false).await?;
+    let (rows, _) = files::list(&active, CONFLICTS_ROOT, None, false, false).await?;
     let mut out = Vec::new();
     for r in rows {
         let Some((from_region, epoch, path)) = parse_conflict_path(&r.v.path) else {
             continue;
         };
-        let (cur, _) = crate::restore::list(&active, &path, None, false, false).await?;
+        let (cur, _) = files::list(&active, &path, None, false, false).await?;
         let current = cur.into_iter().find(|c| c.v.path == path).map(|c| Current {
             seq: c.seq,
             size: c.v.size,
@@ -170,7 +171,7 @@ pub fn print(list: &[Conflict]) {
 /// Errors: the coordinator's refusal (no or several conflicts for the path, bad `keep`), or
 /// no coordinator of the active region reachable.
 pub async fn resolve(conn: &ConnArgs, path: &str, keep: &str) -> anyhow::Result<Value> {
-    crate::control::call(conn, "resolve", json!({ "path": path, "keep": keep }))
+    lifeboat_client::control::call(conn, "resolve", json!({ "path": path, "keep": keep }))
         .await
         .map_err(|e| anyhow!("{e}"))
 }

@@ -7,7 +7,9 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use lifeboat_cli::outln;
-use lifeboat_cli::{conflicts, conn, control, db_restore, demo, pg_restore, restore};
+use lifeboat_cli::{conflicts, control, demo, reports};
+use lifeboat_client::conn;
+use lifeboat_restore::{files, pg_restore, snapshots};
 
 use std::path::PathBuf;
 
@@ -87,8 +89,8 @@ enum Cmd {
         /// listing them, and writes nothing; `older` replaces only those whose mtime is older
         /// than the restored version's; `always` replaces them. Entries already equal to the
         /// version (content, mode, mtime) are left alone under every policy.
-        #[arg(long, value_enum, default_value_t = restore::Overwrite::Never)]
-        overwrite: restore::Overwrite,
+        #[arg(long, value_enum, default_value_t = files::Overwrite::Never)]
+        overwrite: files::Overwrite,
         /// Print what would be written, overwritten and kept; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -117,8 +119,8 @@ enum Cmd {
         command: Vec<String>,
         /// An existing --to-file: `never` refuses (unless it already equals the snapshot),
         /// `older` replaces it only if its mtime is older than the snapshot's, `always` replaces.
-        #[arg(long, value_enum, default_value_t = restore::Overwrite::Never)]
-        overwrite: restore::Overwrite,
+        #[arg(long, value_enum, default_value_t = files::Overwrite::Never)]
+        overwrite: files::Overwrite,
         /// Print what would be done; write nothing and run no command.
         #[arg(long)]
         dry_run: bool,
@@ -162,11 +164,11 @@ enum Cmd {
     /// Failover benchmark: kill the active region N times (default 20) with default lease and
     /// detection settings; prints RTO median and worst.
     #[command(name = "bench-failover")]
-    BenchFailover(lifeboat_cli::demo_regions::FailoverBenchArgs),
+    BenchFailover(demo::regions::FailoverBenchArgs),
     /// Cross-region lag benchmark: the source changes at --mb-per-s (default 20) for --secs;
     /// prints the standby region's replication lag p50 / p99 / max (ms) and worst lag in bytes.
     #[command(name = "bench-lag")]
-    BenchLag(lifeboat_cli::demo_regions::LagBenchArgs),
+    BenchLag(demo::regions::LagBenchArgs),
     /// Benchmark: initial sync, ~1% change, restore and agent RSS on a real tree with a 200 MB file.
     Bench(demo::BenchArgs),
     /// Planned switchover to another region: fences the active region (its lease is no longer
@@ -304,7 +306,7 @@ enum RestoreDb {
     /// Restore a Redis snapshot (`[[redis_sources]]`): the RDB, verified by blake3 against the
     /// catalog and its sidecar, written to --file or loaded into the Redis at --to (over TLS with
     /// --tls --tls-ca-file).
-    Redis(db_restore::RedisRestoreArgs),
+    Redis(snapshots::RedisRestoreArgs),
     /// Point-in-time recovery of a `[[postgres_sources]]` source into a new data directory: the
     /// newest base backup ended before --at (blake3 verified against its sidecar), the archived
     /// WAL from its start on, `recovery_target_time` and `recovery.signal`. Start PostgreSQL on
@@ -340,7 +342,7 @@ enum VerifyCmd {
     /// PostgreSQL on a Unix socket recovered to consistency) and run checks (keys; row counts per
     /// table and --sql/--expect; an exec snapshot's --exec restore command); prints a report and
     /// exits non-zero when any check failed.
-    Snapshot(db_restore::VerifyArgs),
+    Snapshot(snapshots::VerifyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -412,8 +414,8 @@ enum CertsCmd {
 async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
     match db {
         RestoreDb::Redis(args) => {
-            let r = db_restore::restore_redis(&args).await?;
-            db_restore::print_restore(&r, output == Output::Json)?;
+            let r = snapshots::restore_redis(&args).await?;
+            reports::print_restore(&r, output == Output::Json)?;
         }
         RestoreDb::Postgres {
             source,
@@ -448,8 +450,8 @@ async fn restore_db(db: RestoreDb, output: Output) -> anyhow::Result<()> {
 }
 
 /// Prints a `restore --dry-run` plan: one line per path with its action, then the totals.
-fn print_plan(p: &restore::RestorePlan, to: &std::path::Path, policy: restore::Overwrite) {
-    let over = if policy == restore::Overwrite::Never {
+fn print_plan(p: &files::RestorePlan, to: &std::path::Path, policy: files::Overwrite) {
+    let over = if policy == files::Overwrite::Never {
         "would refuse (overwrite)"
     } else {
         "overwrite"
@@ -474,7 +476,7 @@ fn print_plan(p: &restore::RestorePlan, to: &std::path::Path, policy: restore::O
         p.unchanged.len(),
         p.blocked.len()
     );
-    if let Err(e) = restore::check_plan(p, to, policy) {
+    if let Err(e) = files::check_plan(p, to, policy) {
         outln!("a real run would fail: {e:#}");
     }
 }
@@ -622,7 +624,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !simulate {
                 bail!("only `lifeboat drill --simulate` exists: a live drill is `lifeboat switchover --to REGION` followed by `lifeboat failback`");
             }
-            let p = control::call(&conn, "drill", serde_json::json!({ "to": to })).await?;
+            let p = lifeboat_client::control::call(&conn, "drill", serde_json::json!({ "to": to }))
+                .await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -676,7 +679,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::json!({"action": "remove", "id": id, "actor": control::operator()}),
                 ),
             };
-            let v = control::call(&conn, "topology", body).await?;
+            let v = lifeboat_client::control::call(&conn, "topology", body).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -684,7 +687,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Audit { limit, conn } => {
-            let v = control::call(&conn, "audit", serde_json::json!({ "limit": limit })).await?;
+            let v = lifeboat_client::control::call(
+                &conn,
+                "audit",
+                serde_json::json!({ "limit": limit }),
+            )
+            .await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -698,7 +706,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow!("status from {addr}: {}", e.message()))?
                 .into_inner();
-            let global = control::call(&conn, "status", serde_json::json!({}))
+            let global = lifeboat_client::control::call(&conn, "status", serde_json::json!({}))
                 .await
                 .ok();
             if output == Output::Json {
@@ -811,7 +819,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             deleted,
             conn,
         } => {
-            let (rows, _) = restore::list(
+            let (rows, _) = files::list(
                 &conn,
                 prefix.as_deref().unwrap_or(""),
                 parse_at(at.as_deref().unwrap_or("latest"))?,
@@ -822,7 +830,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_versions(&rows, output)?;
         }
         Cmd::Versions { path, conn } => {
-            let (rows, _) = restore::list(&conn, &path, None, true, true).await?;
+            let (rows, _) = files::list(&conn, &path, None, true, true).await?;
             let rows: Vec<_> = rows.into_iter().filter(|r| r.v.path == path).collect();
             if rows.is_empty() {
                 bail!("no versions of {path:?} in the catalog (try `lifeboat ls` to see paths)");
@@ -832,8 +840,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Verify {
             cmd: VerifyCmd::Snapshot(args),
         } => {
-            let r = db_restore::verify(&args).await;
-            db_restore::print_verify(&r, output == Output::Json)?;
+            let r = snapshots::verify(&args).await;
+            reports::print_verify(&r, output == Output::Json)?;
             if !r.ok {
                 bail!(
                     "snapshot {} failed verification: {}",
@@ -854,13 +862,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let to = to.ok_or_else(|| anyhow!("--to DIR is required"))?;
             let at_ms = parse_at(&at)?;
-            let (rows, addr) = restore::list(&conn, &path, at_ms, false, false).await?;
+            let (rows, addr) = files::list(&conn, &path, at_ms, false, false).await?;
             if rows.is_empty() {
                 bail!("nothing to restore: no live paths under {path:?} as of {at} (see `lifeboat ls --deleted`)");
             }
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let opts = restore::RestoreOpts { overwrite, dry_run };
-            let report = restore::restore_with(
+            let opts = files::RestoreOpts { overwrite, dry_run };
+            let report = files::restore_with(
                 &conn,
                 &addr,
                 rows,
@@ -892,13 +900,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
         } => {
             let target = match (to_file, exec) {
-                (Some(f), false) if command.is_empty() => restore::SnapshotTarget::File(f),
-                (None, true) if !command.is_empty() => restore::SnapshotTarget::Exec(command),
+                (Some(f), false) if command.is_empty() => files::SnapshotTarget::File(f),
+                (None, true) if !command.is_empty() => files::SnapshotTarget::Exec(command),
                 _ => bail!("give exactly one of --to-file PATH or --exec -- CMD [ARGS...]"),
             };
             let at_ms = parse_at(&at)?;
-            let opts = restore::RestoreOpts { overwrite, dry_run };
-            let r = restore::restore_snapshot(&conn, &source, at_ms, &at, target, opts).await?;
+            let opts = files::RestoreOpts { overwrite, dry_run };
+            let r = files::restore_snapshot(&conn, &source, at_ms, &at, target, opts).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -1081,12 +1089,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo(args) => demo::run_demo(args, output == Output::Json).await?,
         Cmd::Bench(args) => demo::run_bench(args, output == Output::Json).await?,
-        Cmd::BenchFailover(args) => {
-            lifeboat_cli::demo_regions::bench(args, output == Output::Json).await?
-        }
-        Cmd::BenchLag(args) => {
-            lifeboat_cli::demo_regions::bench_lag(args, output == Output::Json).await?
-        }
+        Cmd::BenchFailover(args) => demo::regions::bench(args, output == Output::Json).await?,
+        Cmd::BenchLag(args) => demo::regions::bench_lag(args, output == Output::Json).await?,
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use crate::pg_restore::{self, RecoveryGoal};
+use crate::servers::{free_port, pg_command};
 
 /// Options of a PostgreSQL verification.
 #[derive(Debug, Clone)]
@@ -75,7 +76,7 @@ struct Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if self.running {
-            let mut c = pg_restore::pg_std_command(&self.bin_dir, "pg_ctl", self.owner.as_deref());
+            let mut c = pg_command(&self.bin_dir, "pg_ctl", self.owner.as_deref());
             let _ = c
                 .arg("-D")
                 .arg(&self.datadir)
@@ -108,7 +109,7 @@ fn log_tail(log: &Path) -> String {
 /// query failures.
 #[allow(clippy::too_many_arguments)]
 pub async fn verify(
-    conn: &crate::conn::ConnArgs,
+    conn: &lifeboat_client::conn::ConnArgs,
     addr: &str,
     source: &str,
     tar: &Path,
@@ -172,9 +173,7 @@ pub async fn verify(
     }
     out.restore_ms = started.elapsed().as_millis() as u64;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let log = scratch.join("postgres.log");
     std::fs::write(&log, "")?;
     std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o600))?;
@@ -192,7 +191,7 @@ pub async fn verify(
     );
     let owner_name = owner.as_ref().map(|o| o.0.clone());
     let t0 = Instant::now();
-    let o = pg_restore::pg_command(&opts.bin_dir, "pg_ctl", owner_name.as_deref())
+    let o = pg_restore::pg_tokio_command(&opts.bin_dir, "pg_ctl", owner_name.as_deref())
         .arg("-D")
         .arg(&datadir)
         .arg("-l")
@@ -303,7 +302,7 @@ pub async fn verify(
         }
     }
     drop(db);
-    let stop = pg_restore::pg_command(&opts.bin_dir, "pg_ctl", owner_name.as_deref())
+    let stop = pg_restore::pg_tokio_command(&opts.bin_dir, "pg_ctl", owner_name.as_deref())
         .arg("-D")
         .arg(&datadir)
         .args(["-m", "fast", "-w", "-t", "120", "stop"])

@@ -22,8 +22,9 @@ use futures::StreamExt;
 use lifeboat_common::apply;
 use lifeboat_common::catalog::{EntryKind, FileVersion};
 
-use crate::conn::ConnArgs;
-use crate::restore::list;
+use crate::files::list;
+use crate::servers::{free_port, pg_command};
+use lifeboat_client::conn::ConnArgs;
 
 /// Options of `lifeboat restore postgres`.
 #[derive(Debug, Clone)]
@@ -436,47 +437,26 @@ pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> 
     Ok(())
 }
 
-/// `bin_dir/prog`, run as `owner` through `runuser` when given, in `/`, stdin null.
-pub(crate) fn pg_std_command(
-    bin_dir: &Path,
-    prog: &str,
-    owner: Option<&str>,
-) -> std::process::Command {
-    let bin = bin_dir.join(prog);
-    let mut c = match owner {
-        Some(u) => {
-            let mut c = std::process::Command::new("runuser");
-            c.arg("-u").arg(u).arg("--").arg(bin);
-            c
-        }
-        None => std::process::Command::new(bin),
-    };
-    c.current_dir("/").stdin(std::process::Stdio::null());
-    c
-}
-
-/// [`pg_std_command`] for tokio.
-pub(crate) fn pg_command(
+/// [`pg_command`] for tokio.
+pub(crate) fn pg_tokio_command(
     bin_dir: &Path,
     prog: &str,
     owner: Option<&str>,
 ) -> tokio::process::Command {
-    tokio::process::Command::from(pg_std_command(bin_dir, prog, owner))
+    tokio::process::Command::from(pg_command(bin_dir, prog, owner))
 }
 
 /// Starts the restored server (free port, Unix socket in DATADIR only, archiving off), waits up
 /// to 30 min for `pg_controldata` to report `in production`, stops it. Returns the wait in ms.
 async fn start_check(datadir: &Path, bin_dir: &Path, owner: Option<&str>) -> anyhow::Result<u64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let log = datadir.join("lifeboat_start_check.log");
     let opts = format!(
         "-c port={port} -c listen_addresses='' -c unix_socket_directories='{}' -c archive_mode=off",
         datadir.display()
     );
     let started = Instant::now();
-    let out = pg_command(bin_dir, "pg_ctl", owner)
+    let out = pg_tokio_command(bin_dir, "pg_ctl", owner)
         .arg("-D")
         .arg(datadir)
         .arg("-l")
@@ -497,7 +477,7 @@ async fn start_check(datadir: &Path, bin_dir: &Path, owner: Option<&str>) -> any
     }
     let result = async {
         loop {
-            let o = pg_command(bin_dir, "pg_controldata", None)
+            let o = pg_tokio_command(bin_dir, "pg_controldata", None)
                 .arg(datadir)
                 .output()
                 .await
@@ -519,7 +499,7 @@ async fn start_check(datadir: &Path, bin_dir: &Path, owner: Option<&str>) -> any
         }
     }
     .await;
-    let stop = pg_command(bin_dir, "pg_ctl", owner)
+    let stop = pg_tokio_command(bin_dir, "pg_ctl", owner)
         .arg("-D")
         .arg(datadir)
         .args(["-m", "fast", "-w", "stop"])

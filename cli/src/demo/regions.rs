@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 
-use crate::demo::{dir_size, prepare_work, say, DemoArgs, RunDir};
-use crate::demo_dbs::DemoDbs;
-use crate::harness::wait_agent_idle;
-use crate::regions::{Regions, RegionsOpts};
-use crate::{restore, tree};
+use super::dbs::DemoDbs;
+use super::setup::{dir_size, prepare_work, say, DemoArgs, RunDir};
+use lifeboat_lab::harness::wait_agent_idle;
+use lifeboat_lab::regions::{Regions, RegionsOpts};
+use lifeboat_lab::tree;
+use lifeboat_restore::files;
 
 /// Summary of the two-region demo.
 #[derive(Debug, Default, serde::Serialize)]
@@ -49,7 +50,7 @@ pub struct RegionDemoSummary {
     /// Differences, if any.
     pub differences: Vec<String>,
     /// `--with-databases`: what happened to the databases.
-    pub databases: Option<crate::demo_dbs::DbDemoSummary>,
+    pub databases: Option<super::dbs::DbDemoSummary>,
     /// `--with-databases` without the binaries: why the databases part was skipped.
     pub databases_skipped: Option<String>,
 }
@@ -271,8 +272,8 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
 
     let restored = wd.join("restored-from-b");
     let conn = regions.region("b").conn();
-    let (rows, addr) = restore::list(&conn, "data", None, false, false).await?;
-    restore::restore(&conn, &addr, rows, &restored, false).await?;
+    let (rows, addr) = files::list(&conn, "data", None, false, false).await?;
+    files::restore(&conn, &addr, rows, &restored, false).await?;
     let cmp = tree::compare(&work, &restored.join("data"))?;
     say(
         json,
@@ -410,7 +411,7 @@ async fn db_round(wd: &Path) -> anyhow::Result<DbRound> {
     }
     let rto_ms = killed.elapsed().as_millis() as u64;
     let (r, p) = watched.await.unwrap_or((None, None));
-    let (decision, _) = crate::demo_dbs::promotion_from_audit(&regions, 2).await;
+    let (decision, _) = super::dbs::promotion_from_audit(&regions, 2).await;
     Ok(DbRound {
         rto_ms,
         decision_to_dbs_primary_ms: decision.unwrap_or(0),

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use lifeboat_proto::StatusRequest;
 
-use crate::conn::{admin_client, ConnArgs};
+use lifeboat_client::conn::{admin_client, ConnArgs};
+use lifeboat_restore::servers::{free_port, free_ports};
 
 /// Options of a test or demo cluster.
 #[derive(Debug, Clone)]
@@ -131,21 +132,6 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     bail!("lifeboat-coordinator and lifeboat-agent not found next to {}; run `cargo build --release --workspace --bins` or set LIFEBOAT_BIN_DIR", exe.display())
 }
 
-/// A currently free TCP port on 127.0.0.1, never one this process handed out before (so two
-/// clusters started back to back, whose processes bind later, cannot get the same port).
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = l.local_addr().expect("local addr").port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
 /// Spawns `cmd` with stdout/stderr appended to `log`, killed if this process dies.
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
     let f = std::fs::OpenOptions::new()
@@ -186,7 +172,7 @@ impl Cluster {
         let ports: Vec<u16> = match &opts.ports {
             Some(p) if p.len() == n => p.clone(),
             Some(p) => anyhow::bail!("{} ports for {n} coordinators", p.len()),
-            None => (0..n).map(|_| free_port()).collect(),
+            None => free_ports(n)?,
         };
         let first = opts.first_id.max(1);
         let members: String = (0..n)
@@ -257,7 +243,7 @@ impl Cluster {
         let id = self.coords.iter().map(|c| c.id).max().unwrap_or(0) + 1;
         let name = format!("coord{id}");
         issue(&self.certs, Role::Coordinator, &self.region, &name)?;
-        let port = free_port();
+        let port = free_port()?;
         let data_dir = self.dir.join(&name);
         let config = self.dir.join(format!("{name}.toml"));
         let toml = format!(

@@ -15,12 +15,9 @@
 //! plaintext or, with `--tls`, over TLS through the connection code the agent's Redis sources
 //! use ([`lifeboat_common::redis_conn`]).
 
-use crate::outln;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -29,8 +26,9 @@ use lifeboat_common::apply;
 use lifeboat_common::catalog::{EntryKind, FileVersion};
 use lifeboat_common::redis_conn::{self, RedisTls};
 
-use crate::conn::ConnArgs;
-use crate::restore::list;
+use crate::files::list;
+use crate::servers::RedisServer;
+use lifeboat_client::conn::ConnArgs;
 
 /// `lifeboat restore redis` arguments (exactly one of `--file` and `--to`).
 #[derive(Args, Debug, Clone)]
@@ -363,26 +361,12 @@ fn check_rdb_header(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A `redis-server` on a free 127.0.0.1 port in a temp dir, loading `dump.rdb` from it; killed
-/// (and reaped) on drop.
+/// A scratch `redis-server` ([`RedisServer`]) in a temp dir, loading `dump.rdb` from it;
+/// killed (and reaped) on drop.
 pub struct ScratchRedis {
-    child: Child,
+    server: RedisServer,
     /// Its port.
     pub port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for ScratchRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 impl ScratchRedis {
@@ -392,68 +376,30 @@ impl ScratchRedis {
     /// Errors: the server cannot start, exits (e.g. it refused the RDB: the log tail is in the
     /// error), or does not answer in time.
     pub async fn start(bin: &Path, dir: &Path, timeout: Duration) -> anyhow::Result<ScratchRedis> {
-        let port = free_port()?;
-        let log = dir.join("redis.log");
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "--dbfilename",
-                "dump.rdb",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--daemonize", "no", "--protected-mode", "yes"])
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut s = ScratchRedis {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = s.child.try_wait()? {
-                bail!(
-                    "scratch redis-server exited ({st}) while loading the snapshot: {}",
-                    s.log_tail()
-                );
-            }
-            if let Ok(mut c) = redis_conn(&format!("127.0.0.1:{port}"), None, 0, None).await {
-                let r: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
-                if r.is_ok_and(|p| p == "PONG") {
-                    return Ok(s);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "scratch redis-server did not finish loading within {timeout:?}: {}",
-                    s.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
+        let extra = [
+            "--dbfilename",
+            "dump.rdb",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ];
+        let mut server = RedisServer::spawn(bin, dir, &extra)?;
+        server
+            .wait_ready(timeout)
+            .await
+            .context("scratch redis-server loading the snapshot")?;
+        Ok(ScratchRedis {
+            port: server.port,
+            server,
+        })
     }
 
     /// Keys per database (`INFO keyspace`).
     ///
     /// Errors: connection or command failures.
     pub async fn keyspace(&self) -> anyhow::Result<BTreeMap<i64, u64>> {
-        let mut c = redis_conn(&format!("127.0.0.1:{}", self.port), None, 0, None).await?;
+        let mut c = redis_conn(&self.server.addr(), None, 0, None).await?;
         keyspace(&mut c).await
     }
 }
@@ -963,70 +909,6 @@ async fn verify_redis(
         ok,
         format!("{keys} keys loaded (db0 DBSIZE {dbsize}), {want}"),
     );
-    Ok(())
-}
-
-/// Prints a restore report (text or JSON).
-pub fn print_restore(r: &RedisRestoreReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string_pretty(r)?);
-    } else if r.target == "file" {
-        outln!(
-            "wrote snapshot {} to {} ({} bytes, blake3 {} verified) in {} ms",
-            r.snapshot,
-            r.to,
-            r.bytes,
-            r.blake3,
-            r.duration_ms
-        );
-    } else {
-        outln!(
-            "restored snapshot {} into redis {}: {} keys copied ({} bytes RDB, blake3 verified) in {} ms",
-            r.snapshot, r.to, r.keys_copied, r.bytes, r.duration_ms
-        );
-    }
-    Ok(())
-}
-
-/// Prints a verify report (text or JSON).
-pub fn print_verify(r: &VerifyReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string_pretty(r)?);
-        return Ok(());
-    }
-    let ms = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "snapshot {} ({}): {}  keys {}  bytes {}  blake3 {}  restore {}  start {}  total {} ms",
-        r.snapshot,
-        if r.kind.is_empty() { "?" } else { &r.kind },
-        if r.ok { "ok" } else { "FAILED" },
-        r.keys.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
-        r.bytes,
-        if r.blake3_ok { "ok" } else { "not verified" },
-        ms(r.restore_ms),
-        ms(r.start_ms),
-        r.duration_ms
-    )?;
-    for c in &r.checks {
-        writeln!(
-            out,
-            "  [{}] {}: {}",
-            if c.ok { "ok" } else { "FAIL" },
-            c.name,
-            c.detail
-        )?;
-    }
-    if let Some(t) = &r.tables {
-        for (name, rows) in t {
-            writeln!(out, "    {name}: {rows} rows")?;
-        }
-    }
-    if let Some(e) = &r.error {
-        writeln!(out, "  error: {e}")?;
-    }
-    writeln!(out, "verdict: {}", r.verdict)?;
     Ok(())
 }
 

