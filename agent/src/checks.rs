@@ -119,12 +119,12 @@ async fn one(cfg: &Config, c: &CheckConfig) -> (bool, String) {
         "redis" | "postgres" => {
             let h = if c.kind == "redis" {
                 match cfg.redis_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::redis_source::health(s).await,
+                    Some(s) => crate::sources::redis::health(s).await,
                     None => return (false, "no such source".into()),
                 }
             } else {
                 match cfg.postgres_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::pg_role::health(s).await,
+                    Some(s) => crate::sources::postgres::role::health(s).await,
                     None => return (false, "no such source".into()),
                 }
             };

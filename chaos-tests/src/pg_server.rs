@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lifeboat_agent::pg_source::PostgresSourceConfig;
+use lifeboat_agent::sources::postgres::PostgresSourceConfig;
 // `free_port` never hands out a port twice in this process: tests run in parallel.
 use lifeboat_cli::harness::free_port;
 

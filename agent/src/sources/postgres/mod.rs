@@ -4,7 +4,7 @@
 //!
 //! - `_snapshots/<name>/base/<UTC ts>.tar`: one tar of the data directory with the WAL needed
 //!   to make it consistent and the backup manifest, as `pg_basebackup -Ft -D - -X fetch -c fast`
-//!   writes it; received by the agent's own `BASE_BACKUP` client ([`crate::pg_wire`]) or, where
+//!   writes it; received by the agent's own `BASE_BACKUP` client ([`crate::sources::postgres::wire`]) or, where
 //!   that client cannot serve the server, by that command; streamed into `data_dir/spool/` (never whole in memory) while its
 //!   blake3 is computed, then moved to `data_dir/snapshots/<name>/base/`;
 //! - `_snapshots/<name>/base/<UTC ts>.tar.meta.json`: its sidecar ([`BaseBackupMeta`]);
@@ -30,8 +30,11 @@
 //!
 //! Client tools (`pg_basebackup`, `pg_receivewal`) run as the agent's own user because their
 //! output goes into the agent's `data_dir`; `run_as` only applies to server-side commands
-//! (`pg_ctl`, see [`crate::pg_role`]). The password, if any, is read from the environment variable
+//! (`pg_ctl`, see [`crate::sources::postgres::role`]). The password, if any, is read from the environment variable
 //! named by `password_env` and passed to the tools as `PGPASSWORD`; it is never logged.
+
+pub mod role;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -47,7 +50,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{Config, ConfigError};
-use crate::exec::{snapshots_dir, spool_dir};
+use crate::sources::exec::{snapshots_dir, spool_dir};
 
 /// Default directory of the PostgreSQL 15 binaries.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -120,16 +123,16 @@ pub struct PostgresSourceConfig {
     #[serde(default)]
     pub base_backup_interval_s: Option<u64>,
     /// Retention of base backups in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::retention`]); WAL older than the oldest kept base backup's start segment is
+    /// (see [`crate::snapshot::retention`]); WAL older than the oldest kept base backup's start segment is
     /// expired with them. Its `keep_last` also bounds the base backups waiting unacknowledged in
     /// `data_dir/snapshots/<name>/base/`. Default: every base backup and WAL file is kept.
     #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
+    pub retention: Option<crate::snapshot::retention::RetentionRef>,
     /// Run `pg_receivewal` and archive every completed WAL segment. Default true.
     #[serde(default = "default_true")]
     pub wal_archive: bool,
     /// `region -> "host:port"` of the primary in each region; a standby in a non-active region is
-    /// pointed (`primary_conninfo`) at the active region's entry by [`crate::pg_role::apply_role`].
+    /// pointed (`primary_conninfo`) at the active region's entry by [`crate::sources::postgres::role::apply_role`].
     /// Default empty.
     #[serde(default)]
     pub primary_by_region: BTreeMap<String, String>,
@@ -137,7 +140,7 @@ pub struct PostgresSourceConfig {
     #[serde(default)]
     pub replication_user: Option<String>,
     /// How base backups are received: `"protocol"` (the default: the agent speaks `BASE_BACKUP`
-    /// itself, see [`crate::pg_wire`], and runs `pg_basebackup` only where that client cannot,
+    /// itself, see [`crate::sources::postgres::wire`], and runs `pg_basebackup` only where that client cannot,
     /// e.g. a server older than 15) or `"pg_basebackup"` (always the tool).
     #[serde(default)]
     pub base_backup_client: BaseBackupClient,
@@ -147,7 +150,7 @@ pub struct PostgresSourceConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaseBackupClient {
-    /// The agent's own replication-protocol client ([`crate::pg_wire`]).
+    /// The agent's own replication-protocol client ([`crate::sources::postgres::wire`]).
     #[default]
     Protocol,
     /// `pg_basebackup -Ft -D - -X fetch -c fast` from `bin_dir`.
@@ -292,7 +295,7 @@ pub fn validate_sources(cfg: &Config) -> Result<(), ConfigError> {
             }
             _ => {}
         }
-        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
+        crate::snapshot::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
         for (region, addr) in &s.primary_by_region {
             let ok = addr
                 .rsplit_once(':')
@@ -379,12 +382,12 @@ pub fn spawn_all(
     cfg: &Config,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut out = Vec::new();
     for s in &cfg.postgres_sources {
         let span = tracing::info_span!("postgres_source", source = %s.name);
-        let keep = crate::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
+        let keep = crate::snapshot::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
         out.push(tokio::spawn(
             base_loop(
                 s.clone(),
@@ -442,7 +445,7 @@ async fn base_loop(
     data_dir: PathBuf,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -484,7 +487,7 @@ async fn base_loop(
 /// most `local_keep` remain. Returns the two relative paths (tar first) and the sidecar.
 ///
 /// With `uploader`, the tar's parts go to the region's leader while pg_basebackup writes them
-/// (see [`crate::preupload`]).
+/// (see [`crate::snapshot::preupload`]).
 ///
 /// Errors: pg_basebackup cannot start or fails (its stderr is in the message), I/O errors.
 pub async fn take_base_backup(
@@ -492,7 +495,7 @@ pub async fn take_base_backup(
     data_dir: &Path,
     epoch: u64,
     local_keep: Option<u32>,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<(Vec<String>, BaseBackupMeta), String> {
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
@@ -500,7 +503,9 @@ pub async fn take_base_backup(
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("pg-{}.base.tmp", src.name));
     let start_ms = lifeboat_common::now_ms();
-    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+        u.start()
+    });
     // The server's version is asked for while the backup runs (one round trip less after it).
     let (spooled, version) = tokio::join!(spool_basebackup(src, &spool, up), server_version(src));
     let (bytes, hash) = match spooled {
@@ -532,7 +537,7 @@ pub async fn take_base_backup(
         }
     };
     let base_dir = snapshots_dir(data_dir).join(&src.name).join("base");
-    let (ts, _) = crate::retention::unique_ts(&base_dir, end_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&base_dir, end_ms);
     let id = format!("{}/base/{ts}", src.name);
     let meta = BaseBackupMeta {
         id: id.clone(),
@@ -662,19 +667,19 @@ fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::Join
 }
 
 /// Receives a base backup tar into `spool` (mode 0600, fsync'd), hashing it: over the
-/// replication protocol ([`crate::pg_wire`]) or from `pg_basebackup`'s stdout, per
+/// replication protocol ([`crate::sources::postgres::wire`]) or from `pg_basebackup`'s stdout, per
 /// `base_backup_client`. Returns the byte count and the blake3.
 async fn spool_basebackup(
     src: &PostgresSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = crate::spool::SpoolFile::create(spool, up)
+    let mut file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
     if src.base_backup_client == BaseBackupClient::Protocol {
-        match crate::pg_wire::base_backup(src, &mut file).await {
+        match crate::sources::postgres::wire::base_backup(src, &mut file).await {
             Ok(summary) => {
                 tracing::debug!(
                     tar_bytes = summary.tar_bytes,
@@ -682,13 +687,13 @@ async fn spool_basebackup(
                     server_version = %summary.server_version,
                     "base backup received over the replication protocol"
                 );
-                return crate::exec::seal_spool(file, spool).await;
+                return crate::sources::exec::seal_spool(file, spool).await;
             }
             // Nothing was written yet: pg_basebackup writes the spool from its start.
-            Err(crate::pg_wire::WireError::Unsupported(reason)) => {
+            Err(crate::sources::postgres::wire::WireError::Unsupported(reason)) => {
                 tracing::info!(%reason, "this base backup runs pg_basebackup");
             }
-            Err(crate::pg_wire::WireError::Failed(e)) => return Err(e),
+            Err(crate::sources::postgres::wire::WireError::Failed(e)) => return Err(e),
         }
     }
     let mut cmd = src.tool("pg_basebackup", false, true)?;
@@ -705,7 +710,7 @@ async fn spool_basebackup(
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
     };
-    crate::exec::widen_pipe(&out);
+    crate::sources::exec::widen_pipe(&out);
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
         let k = out
@@ -727,7 +732,7 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    crate::exec::seal_spool(file, spool).await
+    crate::sources::exec::seal_spool(file, spool).await
 }
 
 /// `backup_label` lines (`KEY: value (extra)` -> (value, Some(file)) for `(file X)`).
@@ -1088,7 +1093,9 @@ mod tests {
         assert_eq!(s.name, "main-db");
         assert_eq!(
             s.retention,
-            Some(crate::retention::RetentionRef::Class("standard".into()))
+            Some(crate::snapshot::retention::RetentionRef::Class(
+                "standard".into()
+            ))
         );
         assert_eq!(s.primary_by_region.len(), 2);
     }

@@ -1,6 +1,10 @@
 //! Types shared by the database sources (`[[redis_sources]]`, `[[postgres_sources]]`): the health probe
 //! answer the failover side reads.
 
+pub mod exec;
+pub mod postgres;
+pub mod redis;
+
 use serde::{Deserialize, Serialize};
 
 /// What a database health probe found (`redis_source::health`).

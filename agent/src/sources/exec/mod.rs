@@ -114,7 +114,7 @@ pub(crate) fn next_delay(interval: Option<u64>, schedule: Option<&str>, first: b
             Duration::from_secs(s)
         };
     }
-    let Some(cron) = schedule.and_then(|c| crate::pg_source::parse_cron(c).ok()) else {
+    let Some(cron) = schedule.and_then(|c| crate::sources::postgres::parse_cron(c).ok()) else {
         return Duration::from_secs(3600);
     };
     let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
@@ -159,7 +159,7 @@ pub fn spawn_all(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     cfg.exec_sources
         .iter()
@@ -186,7 +186,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let interval = src.schedule.is_none().then(|| src.interval());
     let mut first = true;
@@ -233,14 +233,14 @@ pub async fn take_snapshot(
 }
 
 /// [`take_snapshot`], uploading the output's parts to the region's leader while the command
-/// writes them when `uploader` is given (see [`crate::preupload`]).
+/// writes them when `uploader` is given (see [`crate::snapshot::preupload`]).
 ///
 /// Errors: as [`take_snapshot`].
 pub async fn take_snapshot_with(
     src: &ExecSourceConfig,
     data_dir: &Path,
     epoch: u64,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<ExecSnapshotMeta, String> {
     let start_ms = lifeboat_common::now_ms();
     let spool_dir = spool_dir(data_dir);
@@ -248,7 +248,9 @@ pub async fn take_snapshot_with(
         .await
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("{}.tmp", src.name));
-    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+        u.start()
+    });
     let result = spool_command(src, &spool, up).await;
     let (bytes, hash) = match result {
         Ok(n) => n,
@@ -258,7 +260,7 @@ pub async fn take_snapshot_with(
         }
     };
     let parent = snapshots_dir(data_dir).join(&src.name);
-    let (ts, _) = crate::retention::unique_ts(&parent, start_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&parent, start_ms);
     let meta = ExecSnapshotMeta {
         id: format!("{}/{ts}", src.name),
         source: src.name.clone(),
@@ -297,11 +299,11 @@ pub async fn take_snapshot_with(
 }
 
 /// Completes a spool: writes its last block and fsyncs it, then finishes the pre-upload of its
-/// parts (see [`crate::spool::SpoolFile::finish`]). Returns the bytes written and their blake3.
+/// parts (see [`crate::snapshot::spool::SpoolFile::finish`]). Returns the bytes written and their blake3.
 ///
 /// Errors: write or fsync failures, naming `spool`.
 pub async fn seal_spool(
-    file: crate::spool::SpoolFile,
+    file: crate::snapshot::spool::SpoolFile,
     spool: &Path,
 ) -> Result<(u64, blake3::Hash), String> {
     file.finish()
@@ -324,10 +326,10 @@ pub fn widen_pipe(out: &tokio::process::ChildStdout) {
 async fn spool_command(
     src: &ExecSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = crate::spool::SpoolFile::create(spool, up)
+    let mut file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
     let mut child = tokio::process::Command::new(&src.snapshot_command[0])

@@ -340,17 +340,17 @@ pub fn ts_of(name: &str) -> Option<(&str, i64)> {
 /// WAL is expired. History files never expire. Files whose names carry no timestamp are left
 /// alone.
 ///
-/// Errors: [`crate::state::StateError`].
+/// Errors: [`crate::files::state::StateError`].
 pub fn plan_expiry(
-    state: &crate::state::StateDb,
+    state: &crate::files::state::StateDb,
     source: &str,
     policy: &RetentionPolicy,
     postgres: bool,
     pg_meta_dir: &std::path::Path,
-) -> Result<Expiry, crate::state::StateError> {
+) -> Result<Expiry, crate::files::state::StateError> {
     use crate::config::SNAPSHOTS_ROOT;
     let reader = state.reader()?;
-    let list = |prefix: &str| -> Result<Vec<String>, crate::state::StateError> {
+    let list = |prefix: &str| -> Result<Vec<String>, crate::files::state::StateError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -402,12 +402,12 @@ pub fn plan_expiry(
             let v: serde_json::Value = serde_json::from_slice(&meta).ok()?;
             v["start_wal_file"].as_str().map(str::to_string)
         });
-        match start.filter(|s| crate::pg_source::is_segment(s)) {
+        match start.filter(|s| crate::sources::postgres::is_segment(s)) {
             Some(start) => {
                 let wal_prefix = format!("{SNAPSHOTS_ROOT}/{source}/wal/");
                 for wire in list(&wal_prefix)? {
                     let name = &wire[wal_prefix.len()..];
-                    if crate::pg_source::is_segment(name) && name[8..] < start[8..] {
+                    if crate::sources::postgres::is_segment(name) && name[8..] < start[8..] {
                         out.wal.push(name.to_string());
                         out.files.push(wire[SNAPSHOTS_ROOT.len() + 1..].to_string());
                     }

@@ -13,7 +13,7 @@
 //!   writes on `EINVAL`, for example on tmpfs; the last, partial block is always written
 //!   buffered);
 //! - computes the whole-file blake3 in a hash thread and, with a pre-upload
-//!   ([`crate::preupload`]), offers each block (a block is one part) to the upload, whose
+//!   ([`crate::snapshot::preupload`]), offers each block (a block is one part) to the upload, whose
 //!   leader computes the part's blake3 (a part the upload does not take is hashed here), then
 //!   hands the block to a disk thread (device writes overlap hashing);
 //! - on [`SpoolFile::finish`], writes the tail and fsyncs (data and size durable), then finishes
@@ -85,7 +85,7 @@ pub struct SpoolFile {
     tx: Option<mpsc::Sender<Block>>,
     spare: std::sync::mpsc::Receiver<Block>,
     writer: Option<JoinHandle<std::io::Result<Written>>>,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
     bytes: u64,
 }
 
@@ -195,7 +195,7 @@ fn write_blocks(
     direct: bool,
     mut rx: mpsc::Receiver<Block>,
     spare: std::sync::mpsc::SyncSender<Block>,
-    mut parts: Option<crate::preupload::PartSender>,
+    mut parts: Option<crate::snapshot::preupload::PartSender>,
 ) -> std::io::Result<Written> {
     let (disk_tx, disk_rx) =
         std::sync::mpsc::sync_channel::<std::sync::Arc<SharedBlock>>(DISK_QUEUE);
@@ -291,7 +291,7 @@ impl SpoolFile {
     /// Errors: the file cannot be created.
     pub async fn create(
         path: &Path,
-        mut up: crate::preupload::Preupload,
+        mut up: crate::snapshot::preupload::Preupload,
     ) -> std::io::Result<SpoolFile> {
         let p = path.to_path_buf();
         let (file, direct) = tokio::task::spawn_blocking(move || open(&p))
@@ -403,7 +403,7 @@ mod tests {
         ] {
             let want = data(n);
             let p = d.path().join(format!("s{n}"));
-            let mut s = SpoolFile::create(&p, crate::preupload::Preupload::disabled())
+            let mut s = SpoolFile::create(&p, crate::snapshot::preupload::Preupload::disabled())
                 .await
                 .unwrap();
             // Odd write sizes, crossing block boundaries.
@@ -427,7 +427,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
         std::fs::write(&p, vec![7u8; 10_000]).unwrap();
-        let mut s = SpoolFile::create(&p, crate::preupload::Preupload::disabled())
+        let mut s = SpoolFile::create(&p, crate::snapshot::preupload::Preupload::disabled())
             .await
             .unwrap();
         s.write(b"short").await.unwrap();

@@ -11,7 +11,7 @@
 //! The finished file is moved to `data_dir/snapshots/<name>/<UTC ts>.rdb` and a JSON sidecar
 //! ([`SnapshotMeta`]) is written next to it as `<UTC ts>.rdb.meta.json`; both travel through the
 //! regular file pipeline under the reserved root `_snapshots/` and are removed locally once the
-//! coordinators acknowledge them (as exec snapshots are, see `crate::exec`).
+//! coordinators acknowledge them (as exec snapshots are, see `crate::sources::exec`).
 //!
 //! **Snapshot id**: `<name>/<UTC ts>` (e.g. `cache/20261124T012233.123Z`, millisecond
 //! precision, moved forward by 1 ms if taken: unique per source): the catalog holds it as
@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{Config, ConfigError};
-use crate::db::DbHealth;
-use crate::exec::{snapshots_dir, spool_dir};
+use crate::sources::exec::{snapshots_dir, spool_dir};
+use crate::sources::DbHealth;
 
 /// Defaults of [`RedisSourceConfig`].
 pub mod defaults {
@@ -116,11 +116,11 @@ pub struct RedisSourceConfig {
     #[serde(default)]
     pub interval_s: Option<u64>,
     /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::retention`]). Its `keep_last` (default [`defaults::KEEP_LAST`]) also bounds
+    /// (see [`crate::snapshot::retention`]). Its `keep_last` (default [`defaults::KEEP_LAST`]) also bounds
     /// the snapshots waiting unacknowledged in `data_dir/snapshots/<name>/`. Default: every
     /// snapshot is kept in the catalog.
     #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
+    pub retention: Option<crate::snapshot::retention::RetentionRef>,
     /// Seconds a snapshot may take (connection to last byte). Default 600.
     #[serde(default = "defaults::timeout_secs")]
     pub timeout_secs: u64,
@@ -277,13 +277,14 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         }
         match (&s.schedule, s.interval_s) {
             (Some(c), None) => {
-                crate::pg_source::parse_cron(c).map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
+                crate::sources::postgres::parse_cron(c)
+                    .map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
             }
             (None, Some(0)) => return Err(bad("interval_s must be at least 1".into())),
             (None, Some(_)) => {}
             _ => return Err(bad("give exactly one of schedule and interval_s".into())),
         }
-        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
+        crate::snapshot::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
         if s.timeout_secs == 0 {
             return Err(bad("timeout_secs must be at least 1".into()));
         }
@@ -451,13 +452,13 @@ pub fn spawn_all(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     cfg.redis_sources
         .iter()
         .map(|s| {
             let span = tracing::info_span!("redis_source", source = %s.name);
-            let keep = crate::retention::resolve(cfg, &s.retention)
+            let keep = crate::snapshot::retention::resolve(cfg, &s.retention)
                 .and_then(|p| p.keep_last)
                 .map_or(defaults::KEEP_LAST, |k| k as usize);
             tokio::spawn(
@@ -478,7 +479,7 @@ pub fn spawn_all(
 
 /// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
 fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
-    crate::exec::next_delay(src.interval_s, src.schedule.as_deref(), first)
+    crate::sources::exec::next_delay(src.interval_s, src.schedule.as_deref(), first)
 }
 
 async fn source_loop(
@@ -488,7 +489,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -555,14 +556,14 @@ pub async fn take_snapshot(
 }
 
 /// [`take_snapshot`], uploading the RDB's parts to the region's leader while they arrive when
-/// `uploader` is given (see [`crate::preupload`]; a failed upload only costs time later).
+/// `uploader` is given (see [`crate::snapshot::preupload`]; a failed upload only costs time later).
 ///
 /// Errors: as [`take_snapshot`].
 pub async fn take_snapshot_with(
     src: &RedisSourceConfig,
     data_dir: &Path,
     epoch: u64,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<SnapshotMeta, RedisSourceError> {
     let start_ms = lifeboat_common::now_ms();
     let io = |what: String| move |e: std::io::Error| RedisSourceError::Io(format!("{what}: {e}"));
@@ -577,7 +578,9 @@ pub async fn take_snapshot_with(
         let server = info(&mut con, &src.addr, "server").await?;
         let keys = keyspace_keys(&info(&mut con, &src.addr, "keyspace").await?);
         drop(con);
-        let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+        let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+            u.start()
+        });
         let (bytes, hash) = fetch_rdb(src, &spool, up).await?;
         Ok::<_, RedisSourceError>((server, keys, bytes, hash))
     })
@@ -599,7 +602,7 @@ pub async fn take_snapshot_with(
         }
     };
     let dir = snapshots_dir(data_dir).join(&src.name);
-    let (ts, _) = crate::retention::unique_ts(&dir, start_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&dir, start_ms);
     let id = format!("{}/{ts}", src.name);
     let meta = SnapshotMeta {
         id: id.clone(),
@@ -692,7 +695,7 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn fetch_rdb(
     src: &RedisSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), RedisSourceError> {
     let addr = src.addr.as_str();
     let proto = |msg: String| RedisSourceError::Protocol {
@@ -750,7 +753,7 @@ async fn fetch_rdb(
             "expected `$<len>` or `$EOF:<mark>`, got {header:?}"
         )));
     };
-    let file = crate::spool::SpoolFile::create(spool, up)
+    let file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot create {}: {e}", spool.display())))?;
     let mut sink = RdbSink {
@@ -815,13 +818,13 @@ async fn fetch_rdb(
             String::from_utf8_lossy(&sink.head)
         )));
     }
-    crate::exec::seal_spool(sink.file, spool)
+    crate::sources::exec::seal_spool(sink.file, spool)
         .await
         .map_err(RedisSourceError::Io)
 }
 
 struct RdbSink {
-    file: crate::spool::SpoolFile,
+    file: crate::snapshot::spool::SpoolFile,
     bytes: u64,
     head: Vec<u8>,
 }
@@ -1147,7 +1150,10 @@ mod tests {
 
     #[test]
     fn example_config_redis_block_is_valid() {
-        let text = include_str!("../../deploy/examples/agent.toml");
+        let text = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/agent.toml"
+        ));
         let mut out = String::new();
         let mut inside = false;
         for line in text.lines() {

@@ -1,6 +1,6 @@
 //! Protected roots, include/exclude filters, and what one filesystem entry looks like (`lstat`,
 //! never following symlinks). Walking itself is done lazily by the batch planner
-//! ([`crate::batch`]), one directory listing at a time.
+//! ([`crate::files::batch`]), one directory listing at a time.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use lifeboat_common::catalog::EntryKind;
 
 use crate::config::{ConfigError, PathConfig};
-use crate::state::EntryState;
+use crate::files::state::EntryState;
 
 /// Include/exclude globs of one root, matched against `/`-separated paths relative to the root.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Applies the control record to this agent's databases: when a heartbeat reply names a newer
 //! epoch (or another active region), every `[[redis_sources]]` and `[[postgres_sources]]` entry is
-//! reconciled with [`crate::redis_source::apply_role`] / [`crate::pg_role::apply_role`]
+//! reconciled with [`crate::sources::redis::apply_role`] / [`crate::sources::postgres::role::apply_role`]
 //! (promotion in the active region, follow/fence elsewhere), all sources at once. Orders are
 //! idempotent and only applied for an epoch at least as new as the newest seen (DESIGN.md
 //! section 5, rule 3).
@@ -83,7 +83,7 @@ impl DbRoles {
     /// Reconciles every database source with `(epoch, active_region)` unless already done for
     /// this pair or an older epoch is offered (refused: rule 3). When the pair is already
     /// applied and this region is active, arms the Redis fencing instead
-    /// ([`crate::redis_source::arm_min_replicas`]). Runs in a task; returns at once.
+    /// ([`crate::sources::redis::arm_min_replicas`]). Runs in a task; returns at once.
     pub fn offer(self: &Arc<Self>, cfg: &Arc<Config>, epoch: u64, active_region: &str) {
         if active_region.is_empty() || !Self::wanted(cfg) {
             return;
@@ -116,7 +116,7 @@ impl DbRoles {
         tokio::spawn(async move {
             if maintain_only {
                 for s in &cfg.redis_sources {
-                    match crate::redis_source::arm_min_replicas(s).await {
+                    match crate::sources::redis::arm_min_replicas(s).await {
                         Ok(Some(d)) => {
                             tracing::warn!(epoch, source = %s.name, outcome = %d, "redis fencing armed")
                         }
@@ -140,8 +140,8 @@ impl DbRoles {
             let (region, active) = (cfg.region.clone(), active.to_string());
             set.spawn(async move {
                 let t = Instant::now();
-                let r = crate::redis_source::apply_role(&s, &region, &active, epoch).await;
-                let observed = crate::redis_source::health(&s).await;
+                let r = crate::sources::redis::apply_role(&s, &region, &active, epoch).await;
+                let observed = crate::sources::redis::health(&s).await;
                 let want = if region == active {
                     "primary"
                 } else {
@@ -163,8 +163,9 @@ impl DbRoles {
             let (region, active) = (cfg.region.clone(), active.to_string());
             set.spawn(async move {
                 let t = Instant::now();
-                let r = crate::pg_role::apply_role(&s, &region, &active, epoch).await;
-                let observed = crate::pg_role::health(&s).await;
+                let r =
+                    crate::sources::postgres::role::apply_role(&s, &region, &active, epoch).await;
+                let observed = crate::sources::postgres::role::health(&s).await;
                 let is_active = region == active;
                 // A fenced former primary is stopped: the probe cannot connect.
                 let role = if !observed.healthy && !is_active && r.is_ok() {

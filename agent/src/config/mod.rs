@@ -115,10 +115,10 @@ pub struct Config {
     /// Interval between heartbeats to the leader, in ms. Default 500.
     #[serde(default = "defaults::heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// Mass-deletion guard (see `crate::guard`), default of every `[[paths]]` root: deletions
+    /// Mass-deletion guard (see `crate::files::guard`), default of every `[[paths]]` root: deletions
     /// planned for a root that remove more than this share (0 < share <= 1) of its acknowledged
     /// entries are held and reported instead of pushed, until `lifeboat-agent accept-deletions`.
-    /// Applies only from [`crate::guard::SHARE_RULE_MIN`] deletions on. Default 0.5.
+    /// Applies only from [`crate::files::guard::SHARE_RULE_MIN`] deletions on. Default 0.5.
     #[serde(default = "defaults::max_delete_share")]
     pub max_delete_share: f64,
     /// Mass-deletion guard: more than this many deletions planned for one root are held
@@ -139,23 +139,23 @@ pub struct Config {
     pub exec_sources: Vec<ExecSourceConfig>,
     /// Redis sources (`[[redis_sources]]`): RDB snapshots over the replication protocol at
     /// `_snapshots/<name>/<UTC timestamp>.rdb` (+ `.rdb.meta.json`), and the role reconciler.
-    /// See [`crate::redis_source::RedisSourceConfig`]. Default none.
+    /// See [`crate::sources::redis::RedisSourceConfig`]. Default none.
     #[serde(default)]
-    pub redis_sources: Vec<crate::redis_source::RedisSourceConfig>,
+    pub redis_sources: Vec<crate::sources::redis::RedisSourceConfig>,
     /// PostgreSQL sources (`[[postgres_sources]]`): scheduled base backups and continuous WAL
     /// archiving under `_snapshots/<name>/base/` and `_snapshots/<name>/wal/`, and the
-    /// promotion/fencing hooks (see `crate::pg_source`). Default none.
+    /// promotion/fencing hooks (see `crate::sources::postgres`). Default none.
     #[serde(default)]
-    pub postgres_sources: Vec<crate::pg_source::PostgresSourceConfig>,
+    pub postgres_sources: Vec<crate::sources::postgres::PostgresSourceConfig>,
     /// Health checks (`[[checks]]`, see `crate::checks`) run before every heartbeat; a failing
     /// check makes this agent's region unhealthy for the failover decision. Default none.
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckConfig>,
     /// Snapshot retention classes (`[retention.<class>]`, restic `forget` rules), referenced by
     /// `retention = "<class>"` of exec, Redis and PostgreSQL sources. See
-    /// [`crate::retention`]. Default none.
+    /// [`crate::snapshot::retention`]. Default none.
     #[serde(default)]
-    pub retention: std::collections::BTreeMap<String, crate::retention::RetentionPolicy>,
+    pub retention: std::collections::BTreeMap<String, crate::snapshot::retention::RetentionPolicy>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -220,9 +220,9 @@ pub struct ExecSourceConfig {
     #[serde(default = "defaults::exec_timeout_secs")]
     pub timeout_secs: u64,
     /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline
-    /// policy (see [`crate::retention`]). Default: every snapshot is kept.
+    /// policy (see [`crate::snapshot::retention`]). Default: every snapshot is kept.
     #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
+    pub retention: Option<crate::snapshot::retention::RetentionRef>,
 }
 
 impl ExecSourceConfig {
@@ -235,7 +235,7 @@ impl ExecSourceConfig {
 /// One warm-standby replica (`[[replicas]]`): the agent follows its region's catalog
 /// (`SubscribeCatalog`) and applies every version under `"<name>/"` to `path` (files written to a
 /// temp file, verified, fsync'd and renamed into place; directories, symlinks and deletions
-/// mirrored; never through a symlink, never outside `path`). See `crate::replica`.
+/// mirrored; never through a symlink, never outside `path`). See `crate::roles::replica`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConfig {
@@ -244,7 +244,7 @@ pub struct ReplicaConfig {
     pub name: String,
     /// Absolute directory where the replica is kept (created if missing before anything was
     /// applied; once the replica was populated, a missing or replaced directory is reported
-    /// unhealthy and never recreated, see `crate::guard`). Must not overlap
+    /// unhealthy and never recreated, see `crate::files::guard`). Must not overlap
     /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
     /// Entries under it that are not in the catalog are left alone.
     pub path: PathBuf,
@@ -501,8 +501,8 @@ impl Config {
         }
         self.validate_replicas()?;
         self.validate_exec_sources()?;
-        crate::redis_source::validate(self)?;
-        crate::pg_source::validate_sources(self)?;
+        crate::sources::redis::validate(self)?;
+        crate::sources::postgres::validate_sources(self)?;
         crate::checks::validate(self).map_err(ConfigError::BadCheck)?;
         for (name, p) in &self.retention {
             if name.is_empty() || !p.keeps_something() {
@@ -556,7 +556,7 @@ impl Config {
                     });
                 }
             }
-            crate::scan::Filter::new(p)?;
+            crate::files::scan::Filter::new(p)?;
         }
         if !self.tls.insecure {
             if self.tls.ca.is_none() {
@@ -597,13 +597,13 @@ impl Config {
                     return Err(bad("give schedule or interval_secs, not both".into()))
                 }
                 (Some(c), None) => {
-                    crate::pg_source::parse_cron(c)
+                    crate::sources::postgres::parse_cron(c)
                         .map_err(|err| bad(format!("schedule {c:?}: {err}")))?;
                 }
                 (None, Some(0)) => return Err(bad("interval_secs must be at least 1".into())),
                 _ => {}
             }
-            crate::retention::validate_ref(self, &e.retention).map_err(bad)?;
+            crate::snapshot::retention::validate_ref(self, &e.retention).map_err(bad)?;
             if e.timeout_secs == 0 {
                 return Err(bad("timeout_secs must be at least 1".into()));
             }
