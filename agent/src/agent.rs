@@ -43,8 +43,7 @@ pub const STATUS_REFRESH_MS: i64 = 1000;
 pub const ROOT_CHECK: Duration = Duration::from_secs(1);
 /// Full rescan interval when some directory could not be watched.
 pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
-/// Payload bytes per batch kept in memory from planning (small files are not read twice).
-pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
+pub use crate::files::batch::DEFAULT_RETAIN_BYTES;
 /// Times a change the coordinator accepted without acknowledging it is resent before giving up.
 const MAX_UNACKED_RETRIES: u32 = 3;
 /// Delay before a failed role switch is tried again; doubles up to [`SWITCH_BACKOFF_MAX`].
@@ -224,7 +223,7 @@ impl Agent {
             || !cfg.redis_sources.is_empty()
             || !cfg.postgres_sources.is_empty();
         let snap_root = has_sources.then(|| {
-            let dir = crate::sources::exec::snapshots_dir(&cfg.data_dir);
+            let dir = crate::snapshot::snapshots_dir(&cfg.data_dir);
             roots.roots.push(crate::files::scan::Root {
                 name: crate::config::SNAPSHOTS_ROOT.to_string(),
                 path: std::fs::canonicalize(&dir).unwrap_or(dir),
@@ -718,9 +717,8 @@ impl Agent {
     fn on_snapshot(&mut self, rel: String) {
         if self.expired_wal.contains(&rel) {
             tracing::debug!(file = %rel, "not shipping a WAL file retention expired");
-            let _ = std::fs::remove_file(
-                crate::sources::exec::snapshots_dir(&self.cfg.data_dir).join(&rel),
-            );
+            let _ =
+                std::fs::remove_file(crate::snapshot::snapshots_dir(&self.cfg.data_dir).join(&rel));
             return;
         }
         if let Some(root) = self.snap_root {
@@ -1205,7 +1203,7 @@ impl Agent {
             .files_tracked
             .store(tracked, Ordering::Relaxed);
         // Snapshots live in the catalog now; the local copy is no longer needed.
-        crate::sources::exec::discard_acknowledged(&self.cfg.data_dir, spooled);
+        crate::snapshot::discard_acknowledged(&self.cfg.data_dir, spooled);
         for src in completed {
             self.expire_snapshots(&src).await?;
         }
@@ -1262,7 +1260,7 @@ impl Agent {
         let Some((r, postgres)) = found else {
             return Ok(());
         };
-        let Some(policy) = crate::snapshot::retention::resolve(cfg, r) else {
+        let Some(policy) = crate::config::retention::resolve(&cfg.retention, r) else {
             return Ok(());
         };
         let (state, src) = (self.state.clone(), source.to_string());
@@ -1288,7 +1286,7 @@ impl Agent {
             }
         }
         self.progress.busy.store(true, Ordering::Relaxed);
-        let snaps = crate::sources::exec::snapshots_dir(&self.cfg.data_dir);
+        let snaps = crate::snapshot::snapshots_dir(&self.cfg.data_dir);
         for rel in plan.files {
             // A local copy (not yet removed after its ack) would make this a no-op, not a
             // tombstone.

@@ -30,8 +30,15 @@
 //! restore_command = ["psql", "-f", "-"]
 //! ```
 
+pub mod checks;
+pub mod postgres;
+pub mod redis;
+pub mod retention;
+mod validate;
+
 use std::path::{Path, PathBuf};
 
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use lifeboat_common::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 
@@ -139,23 +146,23 @@ pub struct Config {
     pub exec_sources: Vec<ExecSourceConfig>,
     /// Redis sources (`[[redis_sources]]`): RDB snapshots over the replication protocol at
     /// `_snapshots/<name>/<UTC timestamp>.rdb` (+ `.rdb.meta.json`), and the role reconciler.
-    /// See [`crate::sources::redis::RedisSourceConfig`]. Default none.
+    /// See [`redis::RedisSourceConfig`]. Default none.
     #[serde(default)]
-    pub redis_sources: Vec<crate::sources::redis::RedisSourceConfig>,
+    pub redis_sources: Vec<redis::RedisSourceConfig>,
     /// PostgreSQL sources (`[[postgres_sources]]`): scheduled base backups and continuous WAL
     /// archiving under `_snapshots/<name>/base/` and `_snapshots/<name>/wal/`, and the
     /// promotion/fencing hooks (see `crate::sources::postgres`). Default none.
     #[serde(default)]
-    pub postgres_sources: Vec<crate::sources::postgres::PostgresSourceConfig>,
+    pub postgres_sources: Vec<postgres::PostgresSourceConfig>,
     /// Health checks (`[[checks]]`, see `crate::checks`) run before every heartbeat; a failing
     /// check makes this agent's region unhealthy for the failover decision. Default none.
     #[serde(default)]
-    pub checks: Vec<crate::checks::CheckConfig>,
+    pub checks: Vec<checks::CheckConfig>,
     /// Snapshot retention classes (`[retention.<class>]`, restic `forget` rules), referenced by
     /// `retention = "<class>"` of exec, Redis and PostgreSQL sources. See
     /// [`crate::snapshot::retention`]. Default none.
     #[serde(default)]
-    pub retention: std::collections::BTreeMap<String, crate::snapshot::retention::RetentionPolicy>,
+    pub retention: std::collections::BTreeMap<String, retention::RetentionPolicy>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -222,7 +229,7 @@ pub struct ExecSourceConfig {
     /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline
     /// policy (see [`crate::snapshot::retention`]). Default: every snapshot is kept.
     #[serde(default)]
-    pub retention: Option<crate::snapshot::retention::RetentionRef>,
+    pub retention: Option<retention::RetentionRef>,
 }
 
 impl ExecSourceConfig {
@@ -381,6 +388,40 @@ pub enum ConfigError {
     TlsMissing(&'static str),
 }
 
+/// Compiles the globs `globs` of root `name` (include or exclude list).
+///
+/// Errors: [`ConfigError::BadGlob`].
+pub fn glob_set(name: &str, globs: &[String]) -> Result<GlobSet, ConfigError> {
+    let mut b = GlobSetBuilder::new();
+    for g in globs {
+        let glob = GlobBuilder::new(g)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| ConfigError::BadGlob {
+                name: name.to_string(),
+                glob: g.clone(),
+                reason: e.kind().to_string(),
+            })?;
+        b.add(glob);
+    }
+    b.build().map_err(|e| ConfigError::BadGlob {
+        name: name.to_string(),
+        glob: globs.join(", "),
+        reason: e.to_string(),
+    })
+}
+
+/// Parses a cron expression (5 or 6 fields, UTC, `croner` syntax).
+///
+/// Errors: the parser's message.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| e.to_string())
+}
+
 impl Config {
     /// Reads, parses and validates a TOML config file.
     ///
@@ -436,221 +477,6 @@ impl Config {
                 ..TlsConfig::default()
             },
         }
-    }
-
-    /// Checks every field.
-    ///
-    /// Errors: the first [`ConfigError`] found.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let id_ok = !self.agent_id.is_empty()
-            && self.agent_id.len() <= 128
-            && self
-                .agent_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !id_ok {
-            return Err(ConfigError::BadAgentId(self.agent_id.clone()));
-        }
-        if !self.data_dir.is_absolute() {
-            return Err(ConfigError::RelativeDataDir(self.data_dir.clone()));
-        }
-        if self.coordinators.is_empty() {
-            return Err(ConfigError::NoCoordinators);
-        }
-        for c in &self.coordinators {
-            let ok = c
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-                && !c.contains('/');
-            if !ok {
-                return Err(ConfigError::BadCoordinator(c.clone()));
-            }
-        }
-        for (v, name) in [
-            (self.debounce_ms, "debounce_ms"),
-            (self.batch_max_bytes, "batch_max_bytes"),
-            (self.batch_max_changes as u64, "batch_max_changes"),
-            (self.heartbeat_ms, "heartbeat_ms"),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::Zero(name));
-            }
-        }
-        if self.paths.is_empty()
-            && self.replicas.is_empty()
-            && self.exec_sources.is_empty()
-            && self.redis_sources.is_empty()
-            && self.postgres_sources.is_empty()
-        {
-            return Err(ConfigError::NoPaths);
-        }
-        let shares = std::iter::once(("(global)", self.max_delete_share, self.max_delete_files))
-            .chain(self.paths.iter().map(|p| {
-                (
-                    p.name.as_str(),
-                    p.max_delete_share.unwrap_or(0.5),
-                    p.max_delete_files.unwrap_or(1),
-                )
-            }));
-        for (name, share, files) in shares {
-            if !(share > 0.0 && share <= 1.0) || files == 0 {
-                return Err(ConfigError::BadDeleteGuard(format!(
-                    "root {name}: max_delete_share must be in (0, 1] (got {share}) and max_delete_files at least 1 (got {files})"
-                )));
-            }
-        }
-        self.validate_replicas()?;
-        self.validate_exec_sources()?;
-        crate::sources::redis::validate(self)?;
-        crate::sources::postgres::validate_sources(self)?;
-        crate::checks::validate(self).map_err(ConfigError::BadCheck)?;
-        for (name, p) in &self.retention {
-            if name.is_empty() || !p.keeps_something() {
-                return Err(ConfigError::BadRetention {
-                    name: name.clone(),
-                    reason: "a class must keep something: set keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly to 1 or more".into(),
-                });
-            }
-        }
-        for (i, p) in self.paths.iter().enumerate() {
-            let bad = |reason: &str| ConfigError::BadRootName {
-                name: p.name.clone(),
-                reason: reason.to_string(),
-            };
-            if p.name.contains('/') {
-                return Err(bad("must be one path component (no '/')"));
-            }
-            lifeboat_common::path::validate_rel_path(&p.name).map_err(|e| bad(&e.to_string()))?;
-            if p.name == SNAPSHOTS_ROOT {
-                return Err(bad("is reserved for [[exec_sources]] snapshots"));
-            }
-            if p.name == CONFLICTS_ROOT {
-                return Err(bad("is reserved for conflicts after a failover"));
-            }
-            let follows = |r: &ReplicaConfig| r.follow_active || p.follow_active;
-            if self.replicas.iter().any(|r| r.name == p.name && follows(r)) {
-                return Err(bad(
-                    "is also a [[replicas]] name: with follow_active both would become sources of the same catalog root",
-                ));
-            }
-            if !p.path.is_absolute() {
-                return Err(ConfigError::RelativePath {
-                    name: p.name.clone(),
-                    path: p.path.clone(),
-                });
-            }
-            for q in &self.paths[..i] {
-                if q.name == p.name {
-                    return Err(ConfigError::DuplicateRootName(p.name.clone()));
-                }
-                if p.path.starts_with(&q.path) {
-                    return Err(ConfigError::NestedRoots {
-                        outer: q.name.clone(),
-                        inner: p.name.clone(),
-                    });
-                }
-                if q.path.starts_with(&p.path) {
-                    return Err(ConfigError::NestedRoots {
-                        outer: p.name.clone(),
-                        inner: q.name.clone(),
-                    });
-                }
-            }
-            crate::files::scan::Filter::new(p)?;
-        }
-        if !self.tls.insecure {
-            if self.tls.ca.is_none() {
-                return Err(ConfigError::TlsMissing("ca"));
-            }
-            if self.tls.cert.is_none() {
-                return Err(ConfigError::TlsMissing("cert"));
-            }
-            if self.tls.key.is_none() {
-                return Err(ConfigError::TlsMissing("key"));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_exec_sources(&self) -> Result<(), ConfigError> {
-        for (i, e) in self.exec_sources.iter().enumerate() {
-            let bad = |reason: String| ConfigError::BadExecSource {
-                name: e.name.clone(),
-                reason,
-            };
-            if e.name.contains('/') {
-                return Err(bad("name must be one path component (no '/')".into()));
-            }
-            lifeboat_common::path::validate_rel_path(&e.name)
-                .map_err(|err| bad(format!("name: {err}")))?;
-            if self.exec_sources[..i].iter().any(|q| q.name == e.name) {
-                return Err(bad("name is used twice".into()));
-            }
-            if e.snapshot_command.is_empty() || e.snapshot_command[0].is_empty() {
-                return Err(bad(
-                    "snapshot_command must be a non-empty argv list, e.g. [\"sh\", \"-c\", \"pg_dumpall\"]"
-                        .into(),
-                ));
-            }
-            match (&e.schedule, e.interval_secs) {
-                (Some(_), Some(_)) => {
-                    return Err(bad("give schedule or interval_secs, not both".into()))
-                }
-                (Some(c), None) => {
-                    crate::sources::postgres::parse_cron(c)
-                        .map_err(|err| bad(format!("schedule {c:?}: {err}")))?;
-                }
-                (None, Some(0)) => return Err(bad("interval_secs must be at least 1".into())),
-                _ => {}
-            }
-            crate::snapshot::retention::validate_ref(self, &e.retention).map_err(bad)?;
-            if e.timeout_secs == 0 {
-                return Err(bad("timeout_secs must be at least 1".into()));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_replicas(&self) -> Result<(), ConfigError> {
-        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-        for (i, r) in self.replicas.iter().enumerate() {
-            let bad = |reason: String| ConfigError::BadReplica {
-                name: r.name.clone(),
-                reason,
-            };
-            if r.name.contains('/') {
-                return Err(bad("name must be one path component (no '/')".into()));
-            }
-            lifeboat_common::path::validate_rel_path(&r.name)
-                .map_err(|e| bad(format!("bad name: {e}")))?;
-            if r.name == CONFLICTS_ROOT || r.name == SNAPSHOTS_ROOT {
-                return Err(bad("name is reserved".into()));
-            }
-            if !r.path.is_absolute() {
-                return Err(bad(format!("path {:?} must be absolute", r.path)));
-            }
-            if let Some(p) = self.paths.iter().find(|p| overlap(&p.path, &r.path)) {
-                return Err(bad(format!(
-                    "path {:?} overlaps watched paths {:?} ({:?}); a replica must not be watched",
-                    r.path, p.name, p.path
-                )));
-            }
-            if overlap(&self.data_dir, &r.path) {
-                return Err(bad(format!(
-                    "path {:?} overlaps data_dir {:?}",
-                    r.path, self.data_dir
-                )));
-            }
-            for q in &self.replicas[..i] {
-                if q.name == r.name {
-                    return Err(bad("name is used twice".into()));
-                }
-                if overlap(&q.path, &r.path) {
-                    return Err(bad(format!("path overlaps replicas {:?}", q.name)));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

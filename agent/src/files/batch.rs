@@ -265,6 +265,9 @@ pub struct Limits {
     pub retain_bytes: u64,
 }
 
+/// Payload bytes per batch kept in memory from planning (small files are not read twice).
+pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The previous version the delta is planned against: the path's own acknowledged state, or for a
 /// new path that was renamed, the state of the source.
 struct KnownFor<'a> {

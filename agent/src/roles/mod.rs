@@ -438,7 +438,7 @@ async fn push_conflicts(
         max_bytes: cfg.batch_max_bytes,
         max_changes: cfg.batch_max_changes,
         part_size,
-        retain_bytes: crate::agent::DEFAULT_RETAIN_BYTES.min(cfg.batch_max_bytes),
+        retain_bytes: crate::files::batch::DEFAULT_RETAIN_BYTES.min(cfg.batch_max_bytes),
     };
     let mut next_id = 1u64;
     let mut kept = Vec::new();

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::files::state::StateDb;
 use crate::push::{PushClient, SendCounters};
-use crate::snapshot::spool::SharedBlock;
+use crate::snapshot::block::SharedBlock;
 
 /// Parts waiting for the upload at most (with 4 MiB parts: 32 MiB of memory).
 pub const QUEUE_PARTS: usize = 8;

@@ -29,53 +29,13 @@ use lifeboat_common::blob::BlobHash;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::snapshot::block::{Block, SharedBlock, ALIGN};
+
 /// Bytes per block handed to the writer without a pre-upload (with one: its part size).
 pub const BLOCK_BYTES: usize = lifeboat_common::PART_SIZE;
-/// Alignment of blocks in memory and in the file (`O_DIRECT` needs the logical block size;
-/// 4096 covers 512-byte and 4 KiB devices).
-const ALIGN: usize = 4096;
 /// Full blocks waiting for the writer at most (with the one being filled and the one being
 /// written: about 24 MiB of memory).
 pub const QUEUE_BLOCKS: usize = 4;
-
-/// A buffer of up to `cap` bytes whose start is aligned to [`ALIGN`] bytes (a plain `Vec`
-/// with room to slide the start; no unsafe allocation).
-struct Block {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-    cap: usize,
-}
-
-impl Block {
-    fn new(cap: usize) -> Block {
-        let raw = vec![0u8; cap + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Block {
-            raw,
-            start,
-            len: 0,
-            cap,
-        }
-    }
-
-    /// Copies as much of `data` as fits; returns how many bytes were taken.
-    fn fill(&mut self, data: &[u8]) -> usize {
-        let take = (self.cap - self.len).min(data.len());
-        let at = self.start + self.len;
-        self.raw[at..at + take].copy_from_slice(&data[..take]);
-        self.len += take;
-        take
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == self.cap
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-}
 
 /// A spool file being written (see the module documentation). Dropping it without
 /// [`SpoolFile::finish`] stops the writer; the caller removes the file.
@@ -87,29 +47,6 @@ pub struct SpoolFile {
     writer: Option<JoinHandle<std::io::Result<Written>>>,
     up: crate::snapshot::preupload::Preupload,
     bytes: u64,
-}
-
-/// A full block shared by the disk stage and the pre-upload without copying; it goes back to
-/// the spare pool when its last holder drops it.
-pub struct SharedBlock {
-    block: Option<Block>,
-    spare: std::sync::mpsc::SyncSender<Block>,
-}
-
-impl SharedBlock {
-    /// The block's bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.block.as_ref().map_or(&[], Block::bytes)
-    }
-}
-
-impl Drop for SharedBlock {
-    fn drop(&mut self) {
-        if let Some(mut b) = self.block.take() {
-            b.len = 0;
-            let _ = self.spare.try_send(b);
-        }
-    }
 }
 
 /// What the writer thread wrote: the whole-file blake3 and, with a pre-upload, every part's

@@ -49,113 +49,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, ConfigError};
-use crate::sources::exec::{snapshots_dir, spool_dir};
-
-/// Default directory of the PostgreSQL 15 binaries.
-pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
-/// Base backup schedule when neither `base_backup_schedule` nor `base_backup_interval_s` is set:
-/// daily at 02:00 UTC.
-pub const DEFAULT_SCHEDULE: &str = "0 2 * * *";
-
-fn default_bin_dir() -> PathBuf {
-    PathBuf::from(DEFAULT_BIN_DIR)
-}
-fn default_true() -> bool {
-    true
-}
-fn default_dbname() -> String {
-    "postgres".to_string()
-}
-
-/// One PostgreSQL source (`[[postgres_sources]]`).
-///
-/// ```toml
-/// [[postgres_sources]]
-/// name = "main-db"
-/// host = "127.0.0.1"
-/// port = 5432
-/// user = "postgres"
-/// # password_env = "PGPASSWORD_MAIN"   # name of an env var holding the password
-/// data_dir = "/var/lib/postgresql/15/main"   # needed to fence (stop) a former primary
-/// run_as = "postgres"
-/// base_backup_schedule = "0 2 * * *"  # cron, UTC
-/// retention = "standard"            # a [retention.standard] class, or inline { keep_last = 3 }
-/// primary_by_region = { eu = "10.0.0.5:5432", us = "10.1.0.5:5432" }
-/// replication_user = "replicator"
-/// ```
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSourceConfig {
-    /// Source name: one path component, unique among all sources (`[[exec_sources]]` included).
-    /// Catalog paths are `_snapshots/<name>/...`.
-    pub name: String,
-    /// Server host (name, IP address or a Unix socket directory).
-    pub host: String,
-    /// Server port.
-    pub port: u16,
-    /// Role used for SQL and replication connections (needs the REPLICATION attribute).
-    pub user: String,
-    /// Name of an environment variable holding the password (never the password itself).
-    /// Default none (trust, peer or `~/.pgpass`).
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// Database for SQL connections. Default `"postgres"`.
-    #[serde(default = "default_dbname")]
-    pub dbname: String,
-    /// Directory of the PostgreSQL binaries. Default `/usr/lib/postgresql/15/bin`.
-    #[serde(default = "default_bin_dir")]
-    pub bin_dir: PathBuf,
-    /// The server's data directory (absolute). Needed to fence a former primary with
-    /// `pg_ctl stop`; without it a standby-region primary cannot be fenced. Default none.
-    #[serde(default)]
-    pub data_dir: Option<PathBuf>,
-    /// OS user that server-side commands (`pg_ctl`) run as, via `runuser -u USER --` (the agent
-    /// must then run as root). Default none: the agent's own user.
-    #[serde(default)]
-    pub run_as: Option<String>,
-    /// Cron expression (5 or 6 fields, UTC, `croner` syntax) of base backups. Exclusive with
-    /// `base_backup_interval_s`. Default [`DEFAULT_SCHEDULE`] when neither is set.
-    #[serde(default)]
-    pub base_backup_schedule: Option<String>,
-    /// Seconds between base backups, the first one at start (meant for tests). Exclusive with
-    /// `base_backup_schedule`.
-    #[serde(default)]
-    pub base_backup_interval_s: Option<u64>,
-    /// Retention of base backups in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::snapshot::retention`]); WAL older than the oldest kept base backup's start segment is
-    /// expired with them. Its `keep_last` also bounds the base backups waiting unacknowledged in
-    /// `data_dir/snapshots/<name>/base/`. Default: every base backup and WAL file is kept.
-    #[serde(default)]
-    pub retention: Option<crate::snapshot::retention::RetentionRef>,
-    /// Run `pg_receivewal` and archive every completed WAL segment. Default true.
-    #[serde(default = "default_true")]
-    pub wal_archive: bool,
-    /// `region -> "host:port"` of the primary in each region; a standby in a non-active region is
-    /// pointed (`primary_conninfo`) at the active region's entry by [`crate::sources::postgres::role::apply_role`].
-    /// Default empty.
-    #[serde(default)]
-    pub primary_by_region: BTreeMap<String, String>,
-    /// Role for `primary_conninfo` of standbys. Default: `user`.
-    #[serde(default)]
-    pub replication_user: Option<String>,
-    /// How base backups are received: `"protocol"` (the default: the agent speaks `BASE_BACKUP`
-    /// itself, see [`crate::sources::postgres::wire`], and runs `pg_basebackup` only where that client cannot,
-    /// e.g. a server older than 15) or `"pg_basebackup"` (always the tool).
-    #[serde(default)]
-    pub base_backup_client: BaseBackupClient,
-}
-
-/// The client that receives base backups (`base_backup_client`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BaseBackupClient {
-    /// The agent's own replication-protocol client ([`crate::sources::postgres::wire`]).
-    #[default]
-    Protocol,
-    /// `pg_basebackup -Ft -D - -X fetch -c fast` from `bin_dir`.
-    PgBasebackup,
-}
+use crate::config::parse_cron;
+pub use crate::config::postgres::{
+    BaseBackupClient, PostgresSourceConfig, DEFAULT_BIN_DIR, DEFAULT_SCHEDULE,
+};
+use crate::config::Config;
+pub use crate::snapshot::retention::is_segment;
+use crate::snapshot::{snapshots_dir, spool_dir};
 
 impl PostgresSourceConfig {
     /// The password from `password_env`, if configured.
@@ -248,79 +148,6 @@ fn die_with_parent(c: &mut tokio::process::Command) {
     }
 }
 
-/// Validates every `[[postgres_sources]]` entry of `cfg`.
-///
-/// Errors: [`ConfigError::BadPostgresSource`] naming the source and the reason.
-pub fn validate_sources(cfg: &Config) -> Result<(), ConfigError> {
-    for (i, s) in cfg.postgres_sources.iter().enumerate() {
-        let bad = |reason: String| ConfigError::BadPostgresSource {
-            name: s.name.clone(),
-            reason,
-        };
-        if s.name.contains('/') {
-            return Err(bad("name must be one path component (no '/')".into()));
-        }
-        lifeboat_common::path::validate_rel_path(&s.name).map_err(|e| bad(format!("name: {e}")))?;
-        if cfg.postgres_sources[..i].iter().any(|q| q.name == s.name)
-            || cfg.exec_sources.iter().any(|q| q.name == s.name)
-        {
-            return Err(bad(
-                "name is used twice (names are unique across exec_sources and postgres_sources)"
-                    .into(),
-            ));
-        }
-        if s.host.is_empty() || s.user.is_empty() || s.port == 0 {
-            return Err(bad("host, port and user must be set".into()));
-        }
-        if !s.bin_dir.is_absolute() {
-            return Err(bad(format!("bin_dir {:?} must be absolute", s.bin_dir)));
-        }
-        if let Some(d) = &s.data_dir {
-            if !d.is_absolute() {
-                return Err(bad(format!("data_dir {d:?} must be absolute")));
-            }
-        }
-        if s.run_as.as_deref() == Some("") {
-            return Err(bad("run_as must not be empty".into()));
-        }
-        match (&s.base_backup_schedule, s.base_backup_interval_s) {
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    "give base_backup_schedule or base_backup_interval_s, not both".into(),
-                ))
-            }
-            (_, Some(0)) => return Err(bad("base_backup_interval_s must be at least 1".into())),
-            (Some(c), None) => {
-                parse_cron(c).map_err(|e| bad(format!("base_backup_schedule {c:?}: {e}")))?;
-            }
-            _ => {}
-        }
-        crate::snapshot::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
-        for (region, addr) in &s.primary_by_region {
-            let ok = addr
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok || region.is_empty() {
-                return Err(bad(format!(
-                    "primary_by_region.{region} = {addr:?} must be \"host:port\""
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Parses a cron expression (5 or 6 fields, UTC, `croner` syntax).
-///
-/// Errors: the parser's message.
-pub(crate) fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Optional)
-        .build()
-        .parse(expr)
-        .map_err(|e| e.to_string())
-}
-
 /// Sidecar of a base backup (`<...>.tar.meta.json`), JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseBackupMeta {
@@ -387,7 +214,8 @@ pub fn spawn_all(
     let mut out = Vec::new();
     for s in &cfg.postgres_sources {
         let span = tracing::info_span!("postgres_source", source = %s.name);
-        let keep = crate::snapshot::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
+        let keep = crate::config::retention::resolve(&cfg.retention, &s.retention)
+            .and_then(|p| p.keep_last);
         out.push(tokio::spawn(
             base_loop(
                 s.clone(),
@@ -687,7 +515,7 @@ async fn spool_basebackup(
                     server_version = %summary.server_version,
                     "base backup received over the replication protocol"
                 );
-                return crate::sources::exec::seal_spool(file, spool).await;
+                return crate::snapshot::seal_spool(file, spool).await;
             }
             // Nothing was written yet: pg_basebackup writes the spool from its start.
             Err(crate::sources::postgres::wire::WireError::Unsupported(reason)) => {
@@ -710,7 +538,7 @@ async fn spool_basebackup(
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
     };
-    crate::sources::exec::widen_pipe(&out);
+    crate::snapshot::widen_pipe(&out);
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
         let k = out
@@ -732,7 +560,7 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    crate::sources::exec::seal_spool(file, spool).await
+    crate::snapshot::seal_spool(file, spool).await
 }
 
 /// `backup_label` lines (`KEY: value (extra)` -> (value, Some(file)) for `(file X)`).
@@ -775,14 +603,6 @@ fn read_label(path: &Path) -> std::io::Result<(Label, Option<String>)> {
         }
     }
     Err(std::io::Error::other("no backup_label in the tar"))
-}
-
-/// True for a WAL segment file name (24 upper-case hex digits).
-pub fn is_segment(name: &str) -> bool {
-    name.len() == 24
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 /// True for a timeline history file name (`XXXXXXXX.history`).
@@ -1041,6 +861,7 @@ fn ship_completed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigError;
 
     #[test]
     fn label_and_names() {
@@ -1093,7 +914,7 @@ mod tests {
         assert_eq!(s.name, "main-db");
         assert_eq!(
             s.retention,
-            Some(crate::snapshot::retention::RetentionRef::Class(
+            Some(crate::config::retention::RetentionRef::Class(
                 "standard".into()
             ))
         );

@@ -39,8 +39,8 @@ use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Messag
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::config::postgres::PostgresSourceConfig;
 use crate::snapshot::spool::SpoolFile;
-use crate::sources::postgres::PostgresSourceConfig;
 
 /// The `BASE_BACKUP` command sent (see the module documentation).
 pub const BASE_BACKUP_COMMAND: &str = "BASE_BACKUP ( LABEL 'lifeboat base backup', WAL, \

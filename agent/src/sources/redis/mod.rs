@@ -29,114 +29,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, ConfigError};
-use crate::sources::exec::{snapshots_dir, spool_dir};
+pub use crate::config::redis::{defaults, RedisSourceConfig};
+use crate::config::Config;
+use crate::snapshot::{snapshots_dir, spool_dir};
 use crate::sources::DbHealth;
-
-/// Defaults of [`RedisSourceConfig`].
-pub mod defaults {
-    /// Unacknowledged local snapshots kept when the retention policy has no `keep_last`.
-    pub const KEEP_LAST: usize = 3;
-    /// Seconds a snapshot may take before it is abandoned.
-    pub const TIMEOUT_SECS: u64 = 600;
-    /// `min-replicas-max-lag` applied with `min_replicas_to_write`, seconds.
-    pub const MIN_REPLICAS_MAX_LAG_S: u64 = 10;
-    pub(super) fn timeout_secs() -> u64 {
-        TIMEOUT_SECS
-    }
-    pub(super) fn min_replicas_max_lag_s() -> u64 {
-        MIN_REPLICAS_MAX_LAG_S
-    }
-}
-
-/// One Redis source (`[[redis_sources]]`).
-///
-/// ```toml
-/// [[redis_sources]]
-/// name = "cache"                  # one path component, unique among all sources
-/// addr = "127.0.0.1:6379"         # host:port of the Redis this agent snapshots and manages
-/// password_env = "REDIS_PASSWORD" # or password_file = "/etc/lifeboat/redis.pass" (optional)
-/// username = "lifeboat"           # ACL user (optional; default user when absent)
-/// schedule = "*/5 * * * *"        # cron (croner syntax), or interval_s = 300; exactly one
-/// retention = "standard"         # a [retention.standard] class, or inline { keep_last = 3 }
-/// primary_by_region = { eu = "10.0.1.5:6379", us = "10.1.1.5:6379" }
-/// ```
-///
-/// **Fencing** (`min_replicas_to_write = N`, N > 0): the primary of the active region is
-/// *armed* with `CONFIG SET min-replicas-to-write N` and `min-replicas-max-lag` as soon as N
-/// replicas are connected to it ([`arm_min_replicas`], checked on every heartbeat). An old
-/// primary cut off from its replicas (the other region promoted its replica, or the network
-/// between the regions broke) then refuses writes with `NOREPLICAS` instead of diverging, even
-/// when the agent beside it cannot reach any coordinator. A promotion ([`apply_role`] turning a
-/// replica into the primary under a new epoch) *disarms* the new primary (`min-replicas-to-write
-/// 0`): the control record designated it and the old region is fenced by its lease, so it takes
-/// writes at once; it is armed again once N replicas follow it (the old region rejoining).
-/// Default 0: the server's setting is left alone.
-///
-/// The `Debug` output holds no secret: only the name of the variable or file with the password.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSourceConfig {
-    /// Source name: one path component, unique across `[[exec_sources]]` and `[[redis_sources]]`.
-    pub name: String,
-    /// `host:port` of the Redis server.
-    pub addr: String,
-    /// ACL user name for `AUTH`. Default none (the default user).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Environment variable holding the password. At most one of `password_env`/`password_file`.
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// File holding the password (trailing newline ignored).
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// TLS towards Redis (rustls; TLS 1.2 or 1.3) for snapshots, role changes and health probes.
-    /// Needs `tls_ca_file`. Default false.
-    #[serde(default)]
-    pub tls: bool,
-    /// PEM file of the CA(s) that sign the Redis servers' certificates (with `tls`).
-    #[serde(default)]
-    pub tls_ca_file: Option<PathBuf>,
-    /// PEM client certificate, for servers with `tls-auth-clients yes` (with `tls_key_file`).
-    #[serde(default)]
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key of `tls_cert_file` (never logged).
-    #[serde(default)]
-    pub tls_key_file: Option<PathBuf>,
-    /// Name the server certificate must carry (DNS name or IP). Default: the host of the address
-    /// connected to.
-    #[serde(default)]
-    pub tls_server_name: Option<String>,
-    /// Cron expression (croner syntax, 5 or 6 fields, UTC) of snapshot times. Exactly one of
-    /// `schedule` and `interval_s`.
-    #[serde(default)]
-    pub schedule: Option<String>,
-    /// Seconds between snapshots (one is also taken at start). Exactly one of `schedule` and
-    /// `interval_s`.
-    #[serde(default)]
-    pub interval_s: Option<u64>,
-    /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::snapshot::retention`]). Its `keep_last` (default [`defaults::KEEP_LAST`]) also bounds
-    /// the snapshots waiting unacknowledged in `data_dir/snapshots/<name>/`. Default: every
-    /// snapshot is kept in the catalog.
-    #[serde(default)]
-    pub retention: Option<crate::snapshot::retention::RetentionRef>,
-    /// Seconds a snapshot may take (connection to last byte). Default 600.
-    #[serde(default = "defaults::timeout_secs")]
-    pub timeout_secs: u64,
-    /// Region → `host:port` of the Redis primary that runs in that region. [`apply_role`] points
-    /// a standby at `primary_by_region[active_region]`.
-    #[serde(default)]
-    pub primary_by_region: BTreeMap<String, String>,
-    /// `min-replicas-to-write` of the armed primary (see the fencing note above); 0 leaves the
-    /// server's setting alone. Default 0.
-    #[serde(default)]
-    pub min_replicas_to_write: u32,
-    /// `min-replicas-max-lag` (seconds) used with `min_replicas_to_write`: a replica whose last
-    /// acknowledgement is older does not count. Default 10.
-    #[serde(default = "defaults::min_replicas_max_lag_s")]
-    pub min_replicas_max_lag_s: u64,
-}
 
 /// The JSON sidecar `_snapshots/<id>.rdb.meta.json` of a Redis snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,76 +116,6 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
-}
-
-/// Validates every `[[redis_sources]]` entry of `cfg` (called by `Config::validate`).
-///
-/// Errors: [`ConfigError::BadRedisSource`] naming the source and the rule.
-pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
-    for (i, s) in cfg.redis_sources.iter().enumerate() {
-        let bad = |reason: String| ConfigError::BadRedisSource {
-            name: s.name.clone(),
-            reason,
-        };
-        if s.name.contains('/') {
-            return Err(bad("name must be one path component (no '/')".into()));
-        }
-        lifeboat_common::path::validate_rel_path(&s.name)
-            .map_err(|err| bad(format!("name: {err}")))?;
-        if cfg.redis_sources[..i].iter().any(|q| q.name == s.name)
-            || cfg.exec_sources.iter().any(|q| q.name == s.name)
-        {
-            return Err(bad(
-                "name is used twice (names are unique across all sources)".into(),
-            ));
-        }
-        split_addr(&s.addr).map_err(|e| bad(format!("addr: {e}")))?;
-        for (region, a) in &s.primary_by_region {
-            split_addr(a).map_err(|e| bad(format!("primary_by_region.{region}: {e}")))?;
-        }
-        if s.tls {
-            if s.tls_ca_file.is_none() {
-                return Err(bad(
-                    "tls = true needs tls_ca_file (PEM of the CA that signs the server certificate)"
-                        .into(),
-                ));
-            }
-            if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
-                return Err(bad(
-                    "give both tls_cert_file and tls_key_file, or neither".into()
-                ));
-            }
-            if let Some(n) = &s.tls_server_name {
-                redis_conn::check_server_name(n)
-                    .map_err(|e| bad(format!("tls_server_name {n:?}: {e}")))?;
-            }
-        } else if s.tls_ca_file.is_some()
-            || s.tls_cert_file.is_some()
-            || s.tls_key_file.is_some()
-            || s.tls_server_name.is_some()
-        {
-            return Err(bad("tls_* options need tls = true".into()));
-        }
-        if s.password_env.is_some() && s.password_file.is_some() {
-            return Err(bad(
-                "give at most one of password_env and password_file".into()
-            ));
-        }
-        match (&s.schedule, s.interval_s) {
-            (Some(c), None) => {
-                crate::sources::postgres::parse_cron(c)
-                    .map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
-            }
-            (None, Some(0)) => return Err(bad("interval_s must be at least 1".into())),
-            (None, Some(_)) => {}
-            _ => return Err(bad("give exactly one of schedule and interval_s".into())),
-        }
-        crate::snapshot::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
-        if s.timeout_secs == 0 {
-            return Err(bad("timeout_secs must be at least 1".into()));
-        }
-    }
-    Ok(())
 }
 
 pub use lifeboat_common::redis_conn::{split_addr, RedisIo};
@@ -458,7 +284,7 @@ pub fn spawn_all(
         .iter()
         .map(|s| {
             let span = tracing::info_span!("redis_source", source = %s.name);
-            let keep = crate::snapshot::retention::resolve(cfg, &s.retention)
+            let keep = crate::config::retention::resolve(&cfg.retention, &s.retention)
                 .and_then(|p| p.keep_last)
                 .map_or(defaults::KEEP_LAST, |k| k as usize);
             tokio::spawn(
@@ -479,7 +305,7 @@ pub fn spawn_all(
 
 /// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
 fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
-    crate::sources::exec::next_delay(src.interval_s, src.schedule.as_deref(), first)
+    crate::snapshot::next_delay(src.interval_s, src.schedule.as_deref(), first)
 }
 
 async fn source_loop(
@@ -818,7 +644,7 @@ async fn fetch_rdb(
             String::from_utf8_lossy(&sink.head)
         )));
     }
-    crate::sources::exec::seal_spool(sink.file, spool)
+    crate::snapshot::seal_spool(sink.file, spool)
         .await
         .map_err(RedisSourceError::Io)
 }
@@ -1083,6 +909,7 @@ async fn probe(src: &RedisSourceConfig) -> Result<DbHealth, RedisSourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigError;
 
     #[test]
     fn info_and_keyspace() {
