@@ -530,47 +530,32 @@ impl Agent {
             for i in 0..self.watched_roots {
                 self.queue.push_back(Work::scan_root(i));
             }
-            // Exec snapshot sources run while the agent watches (not with --once); snapshots
+            // Snapshot sources run while the agent watches (not with --once); snapshots
             // left unacknowledged by an earlier run are sent first.
             let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<String>();
             let mut execs = Vec::new();
             if let Some(root) = self.snap_root {
-                for rel in crate::sources::exec::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
-                }
-                for rel in crate::sources::redis::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
-                }
-                for rel in crate::sources::postgres::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
+                let sources = crate::sources::all(&self.cfg);
+                for src in &sources {
+                    for rel in src.leftovers(&self.cfg.data_dir) {
+                        self.queue_snapshot(root, rel);
+                    }
                 }
                 if watching {
-                    let up = Some(crate::snapshot::preupload::Uploader::new(
-                        self.client.clone(),
-                        self.state.clone(),
-                        self.opts.part_size,
-                        self.progress.sent.clone(),
-                    ));
-                    execs = crate::sources::exec::spawn_all(
-                        &self.cfg,
-                        self.progress.clone(),
-                        snap_tx.clone(),
-                        helpers_rx.clone(),
-                        up.clone(),
-                    );
-                    execs.extend(crate::sources::redis::spawn_all(
-                        &self.cfg,
-                        self.progress.clone(),
-                        snap_tx.clone(),
-                        helpers_rx.clone(),
-                        up.clone(),
-                    ));
-                    execs.extend(crate::sources::postgres::spawn_all(
-                        &self.cfg,
-                        snap_tx,
-                        helpers_rx.clone(),
-                        up,
-                    ));
+                    let pipe = crate::sources::Pipeline {
+                        progress: self.progress.clone(),
+                        tx: snap_tx,
+                        stop: helpers_rx.clone(),
+                        uploader: Some(crate::snapshot::preupload::Uploader::new(
+                            self.client.clone(),
+                            self.state.clone(),
+                            self.opts.part_size,
+                            self.progress.sent.clone(),
+                        )),
+                    };
+                    for src in &sources {
+                        execs.extend(src.spawn(&self.cfg, &pipe));
+                    }
                 }
             }
             self.progress.busy.store(true, Ordering::Relaxed);

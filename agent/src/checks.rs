@@ -49,16 +49,12 @@ async fn one(cfg: &Config, c: &CheckConfig) -> (bool, String) {
             }
         }
         "redis" | "postgres" => {
-            let h = if c.kind == "redis" {
-                match cfg.redis_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::sources::redis::health(s).await,
-                    None => return (false, "no such source".into()),
-                }
-            } else {
-                match cfg.postgres_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::sources::postgres::role::health(s).await,
-                    None => return (false, "no such source".into()),
-                }
+            let src = crate::sources::databases(cfg)
+                .into_iter()
+                .find(|s| s.kind() == c.kind && s.name() == c.target);
+            let h = match src.as_ref().and_then(|s| s.database()) {
+                Some(db) => db.health().await,
+                None => return (false, "no such source".into()),
             };
             let lag = h
                 .lag_bytes

@@ -15,11 +15,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{Config, ExecSourceConfig};
 use crate::snapshot::{next_delay, seal_spool, snapshots_dir, spool_dir, widen_pipe};
+use crate::sources::{Pipeline, SnapshotSource};
 
 /// The JSON sidecar `_snapshots/<id>.snap.meta.json` of an exec snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,55 +44,57 @@ pub struct ExecSnapshotMeta {
     pub epoch: u64,
 }
 
-/// Finished snapshots and sidecars left from an earlier run (not yet acknowledged), as paths
-/// relative to [`snapshots_dir`] (`<source>/<ts>.snap`, `<source>/<ts>.snap.meta.json`), oldest
-/// first, each snapshot before its sidecar.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
-    let mut out = Vec::new();
-    for s in &cfg.exec_sources {
-        let Ok(rd) = std::fs::read_dir(dir.join(&s.name)) else {
-            continue;
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".snap") || n.ends_with(".snap.meta.json"))
-            .collect();
-        names.sort();
-        out.extend(names.into_iter().map(|n| format!("{}/{n}", s.name)));
-    }
-    out
+/// Finished snapshots and sidecars of `src` left from an earlier run (not yet acknowledged), as
+/// paths relative to [`snapshots_dir`] (`<source>/<ts>.snap`, `<source>/<ts>.snap.meta.json`),
+/// oldest first, each snapshot before its sidecar.
+fn leftovers(src: &ExecSourceConfig, data_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(snapshots_dir(data_dir).join(&src.name)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".snap") || n.ends_with(".snap.meta.json"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| format!("{}/{n}", src.name))
+        .collect()
 }
 
-/// Starts one task per source; each sends the relative paths (`<source>/<ts>.snap`, then its
-/// sidecar) of every successful snapshot on `tx`. The epoch in `progress` is recorded in the
-/// sidecar. Tasks end when `stop` asks for shutdown (a running command is killed).
-pub fn spawn_all(
-    cfg: &Config,
-    progress: std::sync::Arc<crate::status::Progress>,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::snapshot::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    cfg.exec_sources
-        .iter()
-        .map(|s| {
-            let span = tracing::info_span!("exec_source", source = %s.name);
-            tokio::spawn(
-                source_loop(
-                    s.clone(),
-                    cfg.data_dir.clone(),
-                    progress.clone(),
-                    tx.clone(),
-                    stop.clone(),
-                    uploader.clone(),
-                )
-                .instrument(span),
+/// An `[[exec_sources]]` entry as a [`SnapshotSource`]: one task that sends the relative paths
+/// (`<source>/<ts>.snap`, then its sidecar) of every successful snapshot. The epoch in
+/// `progress` is recorded in the sidecar. The task ends when `stop` asks for shutdown (a running
+/// command is killed).
+impl SnapshotSource for ExecSourceConfig {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("exec_source", source = %self.name);
+        vec![tokio::spawn(
+            source_loop(
+                self.clone(),
+                cfg.data_dir.clone(),
+                pipe.progress.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
             )
-        })
-        .collect()
+            .instrument(span),
+        )]
+    }
 }
 
 async fn source_loop(

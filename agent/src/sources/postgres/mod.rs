@@ -43,9 +43,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -56,6 +58,7 @@ pub use crate::config::postgres::{
 use crate::config::Config;
 pub use crate::snapshot::retention::is_segment;
 use crate::snapshot::{snapshots_dir, spool_dir};
+use crate::sources::{Database, DbHealth, Pipeline, SnapshotSource};
 
 impl PostgresSourceConfig {
     /// The password from `password_env`, if configured.
@@ -179,62 +182,114 @@ pub struct BaseBackupMeta {
     pub start_timeline: Option<u32>,
 }
 
-/// Relative paths (below [`snapshots_dir`]) of base backups, sidecars and WAL files left from an
-/// earlier run (not yet acknowledged), tar before its sidecar.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
+/// Relative paths (below [`snapshots_dir`]) of base backups, sidecars and WAL files of `src`
+/// left from an earlier run (not yet acknowledged), tar before its sidecar.
+fn leftovers(src: &PostgresSourceConfig, data_dir: &Path) -> Vec<String> {
+    let dir = snapshots_dir(data_dir);
     let mut out = Vec::new();
-    for s in &cfg.postgres_sources {
-        for sub in ["base", "wal"] {
-            let Ok(rd) = std::fs::read_dir(dir.join(&s.name).join(sub)) else {
-                continue;
-            };
-            let mut names: Vec<String> = rd
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            names.sort();
-            out.extend(names.into_iter().map(|n| format!("{}/{sub}/{n}", s.name)));
-        }
+    for sub in ["base", "wal"] {
+        let Ok(rd) = std::fs::read_dir(dir.join(&src.name).join(sub)) else {
+            continue;
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        out.extend(names.into_iter().map(|n| format!("{}/{sub}/{n}", src.name)));
     }
     out
 }
 
-/// Starts the base backup and WAL tasks of every source; each sends the relative path (below
-/// [`snapshots_dir`]) of every finished file on `tx`. Tasks end when `stop` asks for shutdown
-/// (running tools are killed).
-pub fn spawn_all(
-    cfg: &Config,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::snapshot::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut out = Vec::new();
-    for s in &cfg.postgres_sources {
-        let span = tracing::info_span!("postgres_source", source = %s.name);
-        let keep = crate::config::retention::resolve(&cfg.retention, &s.retention)
+/// A `[[postgres_sources]]` entry as a [`SnapshotSource`]: a base backup task and, with
+/// `wal_archive`, a WAL task; each sends the relative path (below [`snapshots_dir`]) of every
+/// finished file. Tasks end when `stop` asks for shutdown (running tools are killed).
+impl SnapshotSource for PostgresSourceConfig {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("postgres_source", source = %self.name);
+        let keep = crate::config::retention::resolve(&cfg.retention, &self.retention)
             .and_then(|p| p.keep_last);
-        out.push(tokio::spawn(
+        let mut out = vec![tokio::spawn(
             base_loop(
-                s.clone(),
+                self.clone(),
                 keep,
                 cfg.data_dir.clone(),
-                tx.clone(),
-                stop.clone(),
-                uploader.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
             )
             .instrument(span.clone()),
-        ));
-        if s.wal_archive {
+        )];
+        if self.wal_archive {
             out.push(tokio::spawn(
-                wal_loop(s.clone(), cfg.data_dir.clone(), tx.clone(), stop.clone())
-                    .instrument(span),
+                wal_loop(
+                    self.clone(),
+                    cfg.data_dir.clone(),
+                    pipe.tx.clone(),
+                    pipe.stop.clone(),
+                )
+                .instrument(span),
             ));
         }
+        out
     }
-    out
+
+    fn database(&self) -> Option<&dyn Database> {
+        Some(self)
+    }
+}
+
+/// Role orders: `pg_promote()` in the active region, fence or re-point elsewhere
+/// ([`role::apply_role`]).
+impl Database for PostgresSourceConfig {
+    fn apply_role<'a>(
+        &'a self,
+        my_region: &'a str,
+        active_region: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(role::apply_role(self, my_region, active_region, epoch))
+    }
+
+    fn health(&self) -> BoxFuture<'_, DbHealth> {
+        Box::pin(role::health(self))
+    }
+
+    fn settle(
+        &self,
+        active: bool,
+        ordered: bool,
+        observed: DbHealth,
+    ) -> (String, &'static [&'static str]) {
+        // A fenced former primary is stopped: the probe cannot connect.
+        let role = if !observed.healthy && !active && ordered {
+            "stopped".to_string()
+        } else {
+            observed.role
+        };
+        (
+            role,
+            if active {
+                &["primary"]
+            } else {
+                &["replica", "stopped"]
+            },
+        )
+    }
 }
 
 /// Waits until the next base backup is due (`first` = the agent just started).

@@ -22,17 +22,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use lifeboat_common::redis_conn::{self, RedisConnError, RedisTls};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use crate::config::redis::{defaults, RedisSourceConfig};
 use crate::config::Config;
 use crate::snapshot::{snapshots_dir, spool_dir};
-use crate::sources::DbHealth;
+use crate::sources::{Database, DbHealth, Pipeline, SnapshotSource};
 
 /// The JSON sidecar `_snapshots/<id>.rdb.meta.json` of a Redis snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,66 +243,107 @@ pub fn keyspace_keys(info: &BTreeMap<String, String>) -> u64 {
         .sum()
 }
 
-/// Finished local snapshots and sidecars left from an earlier run, as paths relative to
+/// Finished local snapshots and sidecars of `src` left from an earlier run, as paths relative to
 /// `snapshots_dir` (`<source>/<ts>.rdb`, `<source>/<ts>.rdb.meta.json`), oldest first. An RDB
 /// whose sidecar is missing (the agent stopped between the two renames) is deleted, not listed.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
+fn leftovers(src: &RedisSourceConfig, data_dir: &Path) -> Vec<String> {
+    let d = snapshots_dir(data_dir).join(&src.name);
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".rdb") || n.ends_with(".rdb.meta.json"))
+        .collect();
+    names.sort();
     let mut out = Vec::new();
-    for s in &cfg.redis_sources {
-        let d = dir.join(&s.name);
-        let Ok(rd) = std::fs::read_dir(&d) else {
+    for n in names {
+        if n.ends_with(".rdb") && !d.join(format!("{n}.meta.json")).exists() {
+            let _ = std::fs::remove_file(d.join(&n));
             continue;
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".rdb") || n.ends_with(".rdb.meta.json"))
-            .collect();
-        names.sort();
-        for n in names {
-            if n.ends_with(".rdb") && !d.join(format!("{n}.meta.json")).exists() {
-                let _ = std::fs::remove_file(d.join(&n));
-                continue;
-            }
-            out.push(format!("{}/{n}", s.name));
         }
+        out.push(format!("{}/{n}", src.name));
     }
     out
 }
 
-/// Starts one task per `[[redis_sources]]` entry; each sends, for every snapshot taken, the
-/// relative paths of the RDB and then of its sidecar on `tx`. The epoch in `progress` is read
-/// when a snapshot starts (recorded in the sidecar). Tasks end when `stop` asks for shutdown.
-pub fn spawn_all(
-    cfg: &Config,
-    progress: std::sync::Arc<crate::status::Progress>,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::snapshot::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    cfg.redis_sources
-        .iter()
-        .map(|s| {
-            let span = tracing::info_span!("redis_source", source = %s.name);
-            let keep = crate::config::retention::resolve(&cfg.retention, &s.retention)
-                .and_then(|p| p.keep_last)
-                .map_or(defaults::KEEP_LAST, |k| k as usize);
-            tokio::spawn(
-                source_loop(
-                    s.clone(),
-                    keep,
-                    cfg.data_dir.clone(),
-                    progress.clone(),
-                    tx.clone(),
-                    stop.clone(),
-                    uploader.clone(),
-                )
-                .instrument(span),
+/// A `[[redis_sources]]` entry as a [`SnapshotSource`]: one task that sends, for every snapshot
+/// taken, the relative paths of the RDB and then of its sidecar. The epoch in `progress` is read
+/// when a snapshot starts (recorded in the sidecar). The task ends when `stop` asks for shutdown.
+impl SnapshotSource for RedisSourceConfig {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("redis_source", source = %self.name);
+        let keep = crate::config::retention::resolve(&cfg.retention, &self.retention)
+            .and_then(|p| p.keep_last)
+            .map_or(defaults::KEEP_LAST, |k| k as usize);
+        vec![tokio::spawn(
+            source_loop(
+                self.clone(),
+                keep,
+                cfg.data_dir.clone(),
+                pipe.progress.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
             )
-        })
-        .collect()
+            .instrument(span),
+        )]
+    }
+
+    fn database(&self) -> Option<&dyn Database> {
+        Some(self)
+    }
+}
+
+/// Role orders: promote with `REPLICAOF NO ONE` or follow the active region's primary
+/// ([`apply_role`]); the fencing of `min_replicas_to_write` ([`arm_min_replicas`]).
+impl Database for RedisSourceConfig {
+    fn apply_role<'a>(
+        &'a self,
+        my_region: &'a str,
+        active_region: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(apply_role(self, my_region, active_region, epoch))
+    }
+
+    fn health(&self) -> BoxFuture<'_, DbHealth> {
+        Box::pin(health(self))
+    }
+
+    fn settle(
+        &self,
+        active: bool,
+        _ordered: bool,
+        observed: DbHealth,
+    ) -> (String, &'static [&'static str]) {
+        (
+            observed.role,
+            if active { &["primary"] } else { &["replica"] },
+        )
+    }
+
+    fn fences(&self) -> bool {
+        self.min_replicas_to_write != 0
+    }
+
+    fn arm_fencing(&self) -> BoxFuture<'_, anyhow::Result<Option<String>>> {
+        Box::pin(arm_min_replicas(self))
+    }
 }
 
 /// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
