@@ -9,7 +9,7 @@
 //! - [`push`]: the gRPC client to the region's coordinators, leader following.
 //! - [`status`]: progress counters and `status.json`.
 //! - [`snapshot`]: the pipeline every snapshot source shares: spool, pre-upload, retention.
-//! - [`sources`]: the [`SnapshotSource`] trait and one folder per source (`exec`, `redis`,
+//! - [`sources`]: the [`SnapshotSource`](sources::SnapshotSource) trait and one folder per source (`exec`, `redis`,
 //!   `postgres`).
 //! - [`roles`]: directory roles, the replica applier, database role orders.
 //! - [`checks`]: `[[checks]]` health checks sent with each heartbeat.
@@ -32,5 +32,4 @@ pub mod status;
 
 pub use agent::{Agent, AgentError, Options};
 pub use config::{Config, ConfigError, PathConfig, ReplicaConfig};
-
 pub use status::Status;

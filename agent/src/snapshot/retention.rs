@@ -1,6 +1,6 @@
 //! Expiry of acknowledged snapshots: snapshot timestamps (`<ts>.<ext>` names), and
 //! [`plan_expiry`], which applies a source's retention policy
-//! ([`RetentionPolicy`](crate::config::retention::RetentionPolicy), the rules in
+//! ([`RetentionPolicy`], the rules in
 //! [`crate::config::retention`]) to the snapshots it acknowledged and returns the files to
 //! turn into tombstones.
 

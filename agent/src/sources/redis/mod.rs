@@ -160,7 +160,7 @@ impl RedisSourceConfig {
     /// The TLS settings of this source (`None` without `tls = true`).
     ///
     /// Errors: [`RedisSourceError::Tls`] when `tls = true` lacks `tls_ca_file` (refused by
-    /// [`validate`] already; checked again for configs built without it).
+    /// `Config::validate` already; checked again for configs built without it).
     pub fn tls_settings(&self) -> Result<Option<RedisTls>, RedisSourceError> {
         if !self.tls {
             return Ok(None);
