@@ -18,14 +18,14 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
 
-use crate::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
 use crate::config::{Config, ConfigError};
-use crate::delta::Body;
+use crate::files::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
+use crate::files::delta::Body;
+use crate::files::scan::{Roots, Unmapped};
+use crate::files::state::{StateDb, StateError};
+use crate::files::watch::{self, Activity, WatchEvent};
 use crate::push::{blamed_change, PushClient, PushError, SendOptions};
-use crate::scan::{Roots, Unmapped};
-use crate::state::{StateDb, StateError};
 use crate::status::{self, Progress, Status};
-use crate::watch::{self, Activity, WatchEvent};
 
 /// How long an in-flight batch may still take after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -39,12 +39,11 @@ pub const STATUS_INTERVAL_MS: u64 = 200;
 /// shows the agent is alive.
 pub const STATUS_REFRESH_MS: i64 = 1000;
 /// Interval between two looks at the protected roots' health and at acceptances of held
-/// deletions (see [`crate::guard`]).
+/// deletions (see [`crate::files::guard`]).
 pub const ROOT_CHECK: Duration = Duration::from_secs(1);
 /// Full rescan interval when some directory could not be watched.
 pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
-/// Payload bytes per batch kept in memory from planning (small files are not read twice).
-pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
+pub use crate::files::batch::DEFAULT_RETAIN_BYTES;
 /// Times a change the coordinator accepted without acknowledging it is resent before giving up.
 const MAX_UNACKED_RETRIES: u32 = 3;
 /// Delay before a failed role switch is tried again; doubles up to [`SWITCH_BACKOFF_MAX`].
@@ -108,7 +107,7 @@ struct Carry {
 /// order.
 pub(crate) struct SwitchCtx {
     full: Config,
-    roles: std::collections::BTreeMap<String, crate::state::DirRole>,
+    roles: std::collections::BTreeMap<String, crate::files::state::DirRole>,
     not_before: Instant,
     tx: tokio_watch::Sender<Option<crate::roles::Order>>,
     /// The newest order seen (read by the replica watchdogs).
@@ -122,7 +121,7 @@ pub struct Agent {
     /// The config as written (roles are computed from it).
     full_cfg: Config,
     /// Persisted directory roles this instance runs with.
-    roles: std::collections::BTreeMap<String, crate::state::DirRole>,
+    roles: std::collections::BTreeMap<String, crate::files::state::DirRole>,
     /// No role switch is ordered before this instant (backoff after a failed switch).
     switch_not_before: Instant,
     /// Current backoff of failed switches.
@@ -144,13 +143,13 @@ pub struct Agent {
     expired_wal: std::collections::HashSet<String>,
     degraded: bool,
     /// Deletions planned for `[[paths]]` roots, by root and wire path, pushed only once the
-    /// queue drained and the mass-deletion guard let them through (see [`crate::guard`]).
+    /// queue drained and the mass-deletion guard let them through (see [`crate::files::guard`]).
     pending_deletions:
         std::collections::BTreeMap<usize, std::collections::BTreeMap<String, PlannedChange>>,
     /// Per `[[paths]]` root: its problem (`None`: healthy).
-    root_problems: Vec<Option<crate::guard::RootProblem>>,
+    root_problems: Vec<Option<crate::files::guard::RootProblem>>,
     /// Per root: the set the guard holds.
-    held: std::collections::BTreeMap<usize, crate::guard::HeldDeletions>,
+    held: std::collections::BTreeMap<usize, crate::files::guard::HeldDeletions>,
     /// A root became healthy again: the watcher is restarted to cover it.
     rewatch: bool,
     span: Span,
@@ -224,11 +223,11 @@ impl Agent {
             || !cfg.redis_sources.is_empty()
             || !cfg.postgres_sources.is_empty();
         let snap_root = has_sources.then(|| {
-            let dir = crate::exec::snapshots_dir(&cfg.data_dir);
-            roots.roots.push(crate::scan::Root {
+            let dir = crate::snapshot::snapshots_dir(&cfg.data_dir);
+            roots.roots.push(crate::files::scan::Root {
                 name: crate::config::SNAPSHOTS_ROOT.to_string(),
                 path: std::fs::canonicalize(&dir).unwrap_or(dir),
-                filter: crate::scan::Filter::default_all(),
+                filter: crate::files::scan::Filter::default_all(),
             });
             watched_roots
         });
@@ -483,7 +482,7 @@ impl Agent {
                     }
                 }
             }
-            let watchdog = switch.as_ref().map(|sw| crate::replica::Watchdog {
+            let watchdog = switch.as_ref().map(|sw| crate::roles::replica::Watchdog {
                 cfg: Arc::new(self.full_cfg.clone()),
                 order: sw.order_tx.subscribe(),
                 part_size: self.opts.part_size,
@@ -503,7 +502,7 @@ impl Agent {
             );
             // Warm-standby replicas follow the catalog while the agent watches (not with --once).
             let replicas = if watching {
-                crate::replica::spawn_all(
+                crate::roles::replica::spawn_all(
                     &self.cfg,
                     self.state.clone(),
                     &self.progress,
@@ -531,47 +530,32 @@ impl Agent {
             for i in 0..self.watched_roots {
                 self.queue.push_back(Work::scan_root(i));
             }
-            // Exec snapshot sources run while the agent watches (not with --once); snapshots
+            // Snapshot sources run while the agent watches (not with --once); snapshots
             // left unacknowledged by an earlier run are sent first.
             let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<String>();
             let mut execs = Vec::new();
             if let Some(root) = self.snap_root {
-                for rel in crate::exec::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
-                }
-                for rel in crate::redis_source::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
-                }
-                for rel in crate::pg_source::leftovers(&self.cfg) {
-                    self.queue_snapshot(root, rel);
+                let sources = crate::sources::all(&self.cfg);
+                for src in &sources {
+                    for rel in src.leftovers(&self.cfg.data_dir) {
+                        self.queue_snapshot(root, rel);
+                    }
                 }
                 if watching {
-                    let up = Some(crate::preupload::Uploader::new(
-                        self.client.clone(),
-                        self.state.clone(),
-                        self.opts.part_size,
-                        self.progress.sent.clone(),
-                    ));
-                    execs = crate::exec::spawn_all(
-                        &self.cfg,
-                        self.progress.clone(),
-                        snap_tx.clone(),
-                        helpers_rx.clone(),
-                        up.clone(),
-                    );
-                    execs.extend(crate::redis_source::spawn_all(
-                        &self.cfg,
-                        self.progress.clone(),
-                        snap_tx.clone(),
-                        helpers_rx.clone(),
-                        up.clone(),
-                    ));
-                    execs.extend(crate::pg_source::spawn_all(
-                        &self.cfg,
-                        snap_tx,
-                        helpers_rx.clone(),
-                        up,
-                    ));
+                    let pipe = crate::sources::Pipeline {
+                        progress: self.progress.clone(),
+                        tx: snap_tx,
+                        stop: helpers_rx.clone(),
+                        uploader: Some(crate::snapshot::preupload::Uploader::new(
+                            self.client.clone(),
+                            self.state.clone(),
+                            self.opts.part_size,
+                            self.progress.sent.clone(),
+                        )),
+                    };
+                    for src in &sources {
+                        execs.extend(src.spawn(&self.cfg, &pipe));
+                    }
                 }
             }
             self.progress.busy.store(true, Ordering::Relaxed);
@@ -718,7 +702,8 @@ impl Agent {
     fn on_snapshot(&mut self, rel: String) {
         if self.expired_wal.contains(&rel) {
             tracing::debug!(file = %rel, "not shipping a WAL file retention expired");
-            let _ = std::fs::remove_file(crate::exec::snapshots_dir(&self.cfg.data_dir).join(&rel));
+            let _ =
+                std::fs::remove_file(crate::snapshot::snapshots_dir(&self.cfg.data_dir).join(&rel));
             return;
         }
         if let Some(root) = self.snap_root {
@@ -856,14 +841,14 @@ impl Agent {
             .collect()
     }
 
-    /// Looks at every `[[paths]]` root (see [`crate::guard`]): records the identity of a root
+    /// Looks at every `[[paths]]` root (see [`crate::files::guard`]): records the identity of a root
     /// seen for the first time; blocks the planning of a missing or replaced root (dropping its
     /// pending deletions) and reports it; adopts a replaced root on an operator's acceptance;
     /// unblocks and rescans a root that is healthy again.
     ///
     /// Errors: state database failures.
     fn check_roots(&mut self) -> Result<(), AgentError> {
-        use crate::guard::{self, RootProblem};
+        use crate::files::guard::{self, RootProblem};
         for i in 0..self.watched_roots {
             let (name, path) = (
                 self.roots.roots[i].name.clone(),
@@ -937,7 +922,7 @@ impl Agent {
             .map(|i| {
                 let r = &self.roots.roots[i];
                 let p = self.root_problems[i].as_ref();
-                crate::guard::RootStatus {
+                crate::files::guard::RootStatus {
                     name: r.name.clone(),
                     path: r.path.display().to_string(),
                     kind: "source".into(),
@@ -956,12 +941,12 @@ impl Agent {
     }
 
     /// Pushes the pending deletions of every root the mass-deletion guard lets through (see
-    /// [`crate::guard`]); holds the others, unless an operator accepted exactly the held set.
+    /// [`crate::files::guard`]); holds the others, unless an operator accepted exactly the held set.
     /// Deletions whose path exists again (and is included) are dropped first.
     ///
     /// Errors: state database failures.
     async fn flush_deletions(&mut self, stop: &mut StopRx) -> Result<(), AgentError> {
-        use crate::guard;
+        use crate::files::guard;
         let roots: Vec<usize> = self.pending_deletions.keys().copied().collect();
         for r in roots {
             let Some(mut dels) = self.pending_deletions.remove(&r) else {
@@ -971,8 +956,8 @@ impl Agent {
                 continue;
             }
             let root = &self.roots.roots[r];
-            dels.retain(|_, c| match crate::scan::lstat(&c.fs_path) {
-                Ok(crate::scan::Found::Entry(_)) => !root.filter.includes(&c.rel),
+            dels.retain(|_, c| match crate::files::scan::lstat(&c.fs_path) {
+                Ok(crate::files::scan::Found::Entry(_)) => !root.filter.includes(&c.rel),
                 Ok(_) => true,
                 Err(_) => false,
             });
@@ -1203,7 +1188,7 @@ impl Agent {
             .files_tracked
             .store(tracked, Ordering::Relaxed);
         // Snapshots live in the catalog now; the local copy is no longer needed.
-        crate::exec::discard_acknowledged(&self.cfg.data_dir, spooled);
+        crate::snapshot::discard_acknowledged(&self.cfg.data_dir, spooled);
         for src in completed {
             self.expire_snapshots(&src).await?;
         }
@@ -1231,7 +1216,7 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies the retention of database or exec source `source` (see [`crate::retention`]):
+    /// Applies the retention of database or exec source `source` (see [`crate::snapshot::retention`]):
     /// queues a deletion (tombstone) of every file of each expired snapshot, and of expired WAL.
     ///
     /// Errors: state database failures.
@@ -1260,15 +1245,16 @@ impl Agent {
         let Some((r, postgres)) = found else {
             return Ok(());
         };
-        let Some(policy) = crate::retention::resolve(cfg, r) else {
+        let Some(policy) = crate::config::retention::resolve(&cfg.retention, r) else {
             return Ok(());
         };
         let (state, src) = (self.state.clone(), source.to_string());
-        let meta_dir = crate::pg_source::meta_dir(&cfg.data_dir, source);
+        let meta_dir = crate::sources::postgres::meta_dir(&cfg.data_dir, source);
         let md = meta_dir.clone();
-        let plan =
-            blocking(move || crate::retention::plan_expiry(&state, &src, &policy, postgres, &md))
-                .await??;
+        let plan = blocking(move || {
+            crate::snapshot::retention::plan_expiry(&state, &src, &policy, postgres, &md)
+        })
+        .await??;
         if plan.files.is_empty() {
             return Ok(());
         }
@@ -1285,7 +1271,7 @@ impl Agent {
             }
         }
         self.progress.busy.store(true, Ordering::Relaxed);
-        let snaps = crate::exec::snapshots_dir(&self.cfg.data_dir);
+        let snaps = crate::snapshot::snapshots_dir(&self.cfg.data_dir);
         for rel in plan.files {
             // A local copy (not yet removed after its ack) would make this a no-op, not a
             // tombstone.
@@ -1356,7 +1342,7 @@ async fn heartbeat_loop(
     let agent_id = cfg.agent_id.clone();
     let mut roles = switch.as_ref().map(|s| s.roles.clone()).unwrap_or_default();
     let mut resolvers: Option<Vec<tokio::task::JoinHandle<()>>> = None;
-    let db_roles = crate::db_roles::DbRoles::new(&cfg);
+    let db_roles = crate::roles::databases::DbRoles::new(&cfg);
     // Highest epoch known durable. The in-memory epoch may be ahead of it (learned from a push
     // reply or a `stale_epoch` refusal): a database order is applied only once its epoch is
     // persisted, so that after a restart no older order is obeyed (rule 3).
@@ -1453,7 +1439,7 @@ async fn heartbeat_loop(
 /// confirms, and asks for a switch (stopping the loop) when a role must change.
 async fn follow_order(
     sw: &SwitchCtx,
-    roles: &mut std::collections::BTreeMap<String, crate::state::DirRole>,
+    roles: &mut std::collections::BTreeMap<String, crate::files::state::DirRole>,
     order: &crate::roles::Order,
     state: &Arc<StateDb>,
 ) {
@@ -1480,7 +1466,7 @@ async fn follow_order(
 }
 
 /// Starts, for every source directory that follows the active region, the task writing the
-/// versions `lifeboat resolve` commits ([`crate::replica::Mode::Resolved`]).
+/// versions `lifeboat resolve` commits ([`crate::roles::replica::Mode::Resolved`]).
 fn spawn_resolvers(
     cfg: &Config,
     state: &Arc<StateDb>,
@@ -1490,7 +1476,7 @@ fn spawn_resolvers(
         .iter()
         .filter(|p| p.follow_active)
         .map(|p| {
-            let r = crate::replica::Replica::resolved(
+            let r = crate::roles::replica::Replica::resolved(
                 &p.name,
                 p.path.clone(),
                 cfg.tls.clone(),

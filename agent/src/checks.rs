@@ -19,79 +19,11 @@
 use std::time::Duration;
 
 use lifeboat_proto as pb;
-use serde::{Deserialize, Serialize};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use crate::config::checks::CheckConfig;
 use crate::config::Config;
-
-/// One `[[checks]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckConfig {
-    /// Check name (reported to the coordinators), unique among checks.
-    pub name: String,
-    /// `tcp`, `http`, `exec`, `redis` or `postgres`.
-    pub kind: String,
-    /// `host:port` (tcp), URL (http), or source name (redis, postgres). Unused by exec.
-    #[serde(default)]
-    pub target: String,
-    /// argv of an exec check.
-    #[serde(default)]
-    pub command: Vec<String>,
-    /// Timeout, ms (default 1000).
-    #[serde(default = "default_timeout")]
-    pub timeout_ms: u64,
-}
-
-fn default_timeout() -> u64 {
-    1000
-}
-
-/// Checks the `[[checks]]` entries.
-///
-/// Errors: a message naming the check and the problem.
-pub fn validate(cfg: &Config) -> Result<(), String> {
-    let mut names = std::collections::HashSet::new();
-    for c in &cfg.checks {
-        if c.name.is_empty() || !names.insert(c.name.clone()) {
-            return Err(format!("checks: name {:?} empty or repeated", c.name));
-        }
-        if c.timeout_ms == 0 {
-            return Err(format!("checks {:?}: timeout_ms must be > 0", c.name));
-        }
-        let ok = match c.kind.as_str() {
-            "tcp" => c
-                .target
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
-            "http" => c.target.starts_with("http://"),
-            "exec" => !c.command.is_empty(),
-            "redis" => cfg.redis_sources.iter().any(|s| s.name == c.target),
-            "postgres" => cfg.postgres_sources.iter().any(|s| s.name == c.target),
-            _ => {
-                return Err(format!(
-                    "checks {:?}: unknown kind {:?} (tcp, http, exec, redis, postgres)",
-                    c.name, c.kind
-                ))
-            }
-        };
-        if !ok {
-            return Err(format!(
-                "checks {:?}: kind {} needs {}",
-                c.name,
-                c.kind,
-                match c.kind.as_str() {
-                    "tcp" => "target = \"host:port\"",
-                    "http" => "target = \"http://...\"",
-                    "exec" => "command = [argv...]",
-                    "redis" => "target = the name of a [[redis_sources]] entry",
-                    _ => "target = the name of a [[postgres_sources]] entry",
-                }
-            ));
-        }
-    }
-    Ok(())
-}
 
 async fn one(cfg: &Config, c: &CheckConfig) -> (bool, String) {
     match c.kind.as_str() {
@@ -117,16 +49,12 @@ async fn one(cfg: &Config, c: &CheckConfig) -> (bool, String) {
             }
         }
         "redis" | "postgres" => {
-            let h = if c.kind == "redis" {
-                match cfg.redis_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::redis_source::health(s).await,
-                    None => return (false, "no such source".into()),
-                }
-            } else {
-                match cfg.postgres_sources.iter().find(|s| s.name == c.target) {
-                    Some(s) => crate::pg_role::health(s).await,
-                    None => return (false, "no such source".into()),
-                }
+            let src = crate::sources::databases(cfg)
+                .into_iter()
+                .find(|s| s.kind() == c.kind && s.name() == c.target);
+            let h = match src.as_ref().and_then(|s| s.database()) {
+                Some(db) => db.health().await,
+                None => return (false, "no such source".into()),
             };
             let lag = h
                 .lag_bytes
@@ -240,7 +168,7 @@ mod tests {
             },
             check("http", &format!("http://{open}/healthz"), &[]),
         ]);
-        validate(&c).unwrap();
+        Config::validate_checks(&c).unwrap();
         let r = run_all(&c).await;
         let ok: Vec<(String, bool)> = r.iter().map(|r| (r.name.clone(), r.ok)).collect();
         assert_eq!(
@@ -258,14 +186,18 @@ mod tests {
 
     #[test]
     fn bad_checks_are_refused_with_the_reason() {
-        assert!(validate(&cfg(vec![check("tcp", "nohost", &[])]))
-            .unwrap_err()
-            .contains("host:port"));
-        assert!(validate(&cfg(vec![check("dns", "", &[])]))
+        assert!(
+            Config::validate_checks(&cfg(vec![check("tcp", "nohost", &[])]))
+                .unwrap_err()
+                .contains("host:port")
+        );
+        assert!(Config::validate_checks(&cfg(vec![check("dns", "", &[])]))
             .unwrap_err()
             .contains("unknown kind"));
-        assert!(validate(&cfg(vec![check("redis", "nope", &[])]))
-            .unwrap_err()
-            .contains("redis_sources"));
+        assert!(
+            Config::validate_checks(&cfg(vec![check("redis", "nope", &[])]))
+                .unwrap_err()
+                .contains("redis_sources")
+        );
     }
 }

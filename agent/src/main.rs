@@ -53,7 +53,7 @@ enum Cmd {
 
 /// Writes the acceptance for `root` (see [`Cmd::AcceptDeletions`]).
 fn accept_deletions(cfg: &Config, root: &str, hold: Option<String>) -> anyhow::Result<()> {
-    use lifeboat_agent::guard;
+    use lifeboat_agent::files::guard;
     let p = cfg
         .paths
         .iter()

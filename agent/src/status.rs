@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::watch::Activity;
 use crate::push::SendCounters;
-use crate::watch::Activity;
 
 /// File name of the status file inside `data_dir`.
 pub const STATUS_FILE: &str = "status.json";
@@ -91,12 +91,12 @@ pub struct Status {
     #[serde(default)]
     pub checks: Vec<CheckStatus>,
     /// Every protected root and replica directory: health, problem, held deletions (see
-    /// [`crate::guard`]).
+    /// [`crate::files::guard`]).
     #[serde(default)]
-    pub roots: Vec<crate::guard::RootStatus>,
+    pub roots: Vec<crate::files::guard::RootStatus>,
     /// Mass deletions and root adoptions accepted by an operator since start (audit).
     #[serde(default)]
-    pub accepted_deletions: Vec<crate::guard::AcceptedDeletions>,
+    pub accepted_deletions: Vec<crate::files::guard::AcceptedDeletions>,
     /// When this file was written, ms since the Unix epoch.
     pub updated_ms: i64,
 }
@@ -128,8 +128,8 @@ pub struct ReplicaProgress {
     /// Rows per second of the last batch applied (wall time).
     pub entries_per_s: AtomicU64,
     /// Name, directory and current problem of the replica directory (see
-    /// [`crate::guard::replica_dir_ready`]); `problem` is `None` while healthy.
-    pub dir: std::sync::Mutex<crate::guard::RootStatus>,
+    /// [`crate::files::guard::replica_dir_ready`]); `problem` is `None` while healthy.
+    pub dir: std::sync::Mutex<crate::files::guard::RootStatus>,
 }
 
 /// Live progress of the agent, shared by its tasks.
@@ -166,9 +166,9 @@ pub struct Progress {
     /// Outcomes of the `[[checks]]` at the last heartbeat.
     pub checks: std::sync::Mutex<Vec<CheckStatus>>,
     /// Health of the `[[paths]]` roots (replicas report through [`ReplicaProgress::dir`]).
-    pub roots: std::sync::Mutex<Vec<crate::guard::RootStatus>>,
+    pub roots: std::sync::Mutex<Vec<crate::files::guard::RootStatus>>,
     /// Accepted mass deletions (audit).
-    pub accepted_deletions: std::sync::Mutex<Vec<crate::guard::AcceptedDeletions>>,
+    pub accepted_deletions: std::sync::Mutex<Vec<crate::files::guard::AcceptedDeletions>>,
 }
 
 impl Progress {
@@ -252,7 +252,7 @@ impl Progress {
     }
 
     /// Every root's and replica directory's status, sources first.
-    pub fn root_statuses(&self) -> Vec<crate::guard::RootStatus> {
+    pub fn root_statuses(&self) -> Vec<crate::files::guard::RootStatus> {
         let mut out = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for r in self
             .replicas

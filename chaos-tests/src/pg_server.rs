@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lifeboat_agent::pg_source::PostgresSourceConfig;
+use lifeboat_agent::sources::postgres::PostgresSourceConfig;
 pub use lifeboat_lab::dbservers::{chown_to_server_user, PgServer as Pg};
 pub use lifeboat_restore::servers::run_checked;
 

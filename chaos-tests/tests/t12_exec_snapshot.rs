@@ -61,7 +61,7 @@ async fn exec_snapshot_round_trips_and_failures_record_nothing() -> anyhow::Resu
             "acknowledged snapshot file removed"
         );
         // ... and unlinked, not only moved aside: its trash empties (off the push loop).
-        let trash = lifeboat_agent::exec::trash_dir(&data);
+        let trash = lifeboat_agent::snapshot::trash_dir(&data);
         lifeboat_chaos_tests::pg_server::wait_for("the trash of acknowledged snapshots empties", 30, || {
             Ok(std::fs::read_dir(&trash).map_or(true, |mut d| d.next().is_none()))
         })

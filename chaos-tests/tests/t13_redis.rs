@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lifeboat_agent::redis_source::{
+use lifeboat_agent::sources::redis::{
     apply_role, arm_min_replicas, health, take_snapshot, RedisSourceConfig,
 };
 use lifeboat_chaos_tests::redis_server::{get, set, start_redis, wait_value};

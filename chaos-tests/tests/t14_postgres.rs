@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lifeboat_agent::pg_role::{apply_role, health};
+use lifeboat_agent::sources::postgres::role::{apply_role, health};
 use lifeboat_chaos_tests::pg_server::*;
 use lifeboat_chaos_tests::*;
 use lifeboat_common::catalog::EntryKind;
@@ -292,7 +292,7 @@ async fn lifeboat_base_backup(
         .filter_map(|r| r["commit_time_ms"].as_i64())
         .max()
         .unwrap_or(0);
-    let meta_dir = lifeboat_agent::pg_source::meta_dir(&data, "db");
+    let meta_dir = lifeboat_agent::sources::postgres::meta_dir(&data, "db");
     let side = std::fs::read_dir(&meta_dir)?
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().ends_with(".json"))
@@ -435,7 +435,7 @@ async fn measure_pgbench_base_backup_and_pitr() -> anyhow::Result<()> {
             if round > 0 {
                 // Every round starts as the first: no slot, so no WAL backlog for the new
                 // agent to ship during its base backup.
-                let slot = lifeboat_agent::pg_source::slot_name("db");
+                let slot = lifeboat_agent::sources::postgres::slot_name("db");
                 let sql = format!(
                     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
                 );
@@ -536,7 +536,7 @@ async fn killed_agent_leaves_no_wal_receiver_and_a_held_slot_is_freed() -> anyho
         wait_for("pg_receivewal ends with the killed agent", 20, || Ok(receivers()? == "0")).await?;
 
         // A stray receiver holds the agent's slot.
-        let slot = lifeboat_agent::pg_source::slot_name("db");
+        let slot = lifeboat_agent::sources::postgres::slot_name("db");
         let stray_dir = pgd.join("stray-wal");
         std::fs::create_dir_all(&stray_dir)?;
         chown_to_server_user(&stray_dir)?;
@@ -571,5 +571,5 @@ async fn killed_agent_leaves_no_wal_receiver_and_a_held_slot_is_freed() -> anyho
 }
 
 fn is_segment_name(s: &str) -> bool {
-    lifeboat_agent::pg_source::is_segment(s)
+    lifeboat_agent::sources::postgres::is_segment(s)
 }

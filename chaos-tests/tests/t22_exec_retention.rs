@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lifeboat_agent::config::ExecSourceConfig;
-use lifeboat_agent::exec::take_snapshot;
+use lifeboat_agent::sources::exec::take_snapshot;
 use lifeboat_chaos_tests::*;
 
 fn live(cluster: &Cluster, suffix: &str) -> Vec<String> {

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use lifeboat_agent::redis_source::{apply_role, health, take_snapshot, RedisSourceConfig};
+use lifeboat_agent::sources::redis::{apply_role, health, take_snapshot, RedisSourceConfig};
 use lifeboat_chaos_tests::redis_server::start_redis;
 use lifeboat_chaos_tests::*;
 use lifeboat_common::redis_conn::{self, RedisTls};

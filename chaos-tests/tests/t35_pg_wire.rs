@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use lifeboat_agent::pg_source::{take_base_backup, BaseBackupClient};
+use lifeboat_agent::sources::postgres::{take_base_backup, BaseBackupClient};
 use lifeboat_chaos_tests::pg_server::*;
 use lifeboat_chaos_tests::*;
 

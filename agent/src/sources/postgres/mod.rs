@@ -4,7 +4,7 @@
 //!
 //! - `_snapshots/<name>/base/<UTC ts>.tar`: one tar of the data directory with the WAL needed
 //!   to make it consistent and the backup manifest, as `pg_basebackup -Ft -D - -X fetch -c fast`
-//!   writes it; received by the agent's own `BASE_BACKUP` client ([`crate::pg_wire`]) or, where
+//!   writes it; received by the agent's own `BASE_BACKUP` client ([`crate::sources::postgres::wire`]) or, where
 //!   that client cannot serve the server, by that command; streamed into `data_dir/spool/` (never whole in memory) while its
 //!   blake3 is computed, then moved to `data_dir/snapshots/<name>/base/`;
 //! - `_snapshots/<name>/base/<UTC ts>.tar.meta.json`: its sidecar ([`BaseBackupMeta`]);
@@ -30,8 +30,11 @@
 //!
 //! Client tools (`pg_basebackup`, `pg_receivewal`) run as the agent's own user because their
 //! output goes into the agent's `data_dir`; `run_as` only applies to server-side commands
-//! (`pg_ctl`, see [`crate::pg_role`]). The password, if any, is read from the environment variable
+//! (`pg_ctl`, see [`crate::sources::postgres::role`]). The password, if any, is read from the environment variable
 //! named by `password_env` and passed to the tools as `PGPASSWORD`; it is never logged.
+
+pub mod role;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -40,119 +43,22 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, ConfigError};
-use crate::exec::{snapshots_dir, spool_dir};
-
-/// Default directory of the PostgreSQL 15 binaries.
-pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
-/// Base backup schedule when neither `base_backup_schedule` nor `base_backup_interval_s` is set:
-/// daily at 02:00 UTC.
-pub const DEFAULT_SCHEDULE: &str = "0 2 * * *";
-
-fn default_bin_dir() -> PathBuf {
-    PathBuf::from(DEFAULT_BIN_DIR)
-}
-fn default_true() -> bool {
-    true
-}
-fn default_dbname() -> String {
-    "postgres".to_string()
-}
-
-/// One PostgreSQL source (`[[postgres_sources]]`).
-///
-/// ```toml
-/// [[postgres_sources]]
-/// name = "main-db"
-/// host = "127.0.0.1"
-/// port = 5432
-/// user = "postgres"
-/// # password_env = "PGPASSWORD_MAIN"   # name of an env var holding the password
-/// data_dir = "/var/lib/postgresql/15/main"   # needed to fence (stop) a former primary
-/// run_as = "postgres"
-/// base_backup_schedule = "0 2 * * *"  # cron, UTC
-/// retention = "standard"            # a [retention.standard] class, or inline { keep_last = 3 }
-/// primary_by_region = { eu = "10.0.0.5:5432", us = "10.1.0.5:5432" }
-/// replication_user = "replicator"
-/// ```
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSourceConfig {
-    /// Source name: one path component, unique among all sources (`[[exec_sources]]` included).
-    /// Catalog paths are `_snapshots/<name>/...`.
-    pub name: String,
-    /// Server host (name, IP address or a Unix socket directory).
-    pub host: String,
-    /// Server port.
-    pub port: u16,
-    /// Role used for SQL and replication connections (needs the REPLICATION attribute).
-    pub user: String,
-    /// Name of an environment variable holding the password (never the password itself).
-    /// Default none (trust, peer or `~/.pgpass`).
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// Database for SQL connections. Default `"postgres"`.
-    #[serde(default = "default_dbname")]
-    pub dbname: String,
-    /// Directory of the PostgreSQL binaries. Default `/usr/lib/postgresql/15/bin`.
-    #[serde(default = "default_bin_dir")]
-    pub bin_dir: PathBuf,
-    /// The server's data directory (absolute). Needed to fence a former primary with
-    /// `pg_ctl stop`; without it a standby-region primary cannot be fenced. Default none.
-    #[serde(default)]
-    pub data_dir: Option<PathBuf>,
-    /// OS user that server-side commands (`pg_ctl`) run as, via `runuser -u USER --` (the agent
-    /// must then run as root). Default none: the agent's own user.
-    #[serde(default)]
-    pub run_as: Option<String>,
-    /// Cron expression (5 or 6 fields, UTC, `croner` syntax) of base backups. Exclusive with
-    /// `base_backup_interval_s`. Default [`DEFAULT_SCHEDULE`] when neither is set.
-    #[serde(default)]
-    pub base_backup_schedule: Option<String>,
-    /// Seconds between base backups, the first one at start (meant for tests). Exclusive with
-    /// `base_backup_schedule`.
-    #[serde(default)]
-    pub base_backup_interval_s: Option<u64>,
-    /// Retention of base backups in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::retention`]); WAL older than the oldest kept base backup's start segment is
-    /// expired with them. Its `keep_last` also bounds the base backups waiting unacknowledged in
-    /// `data_dir/snapshots/<name>/base/`. Default: every base backup and WAL file is kept.
-    #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
-    /// Run `pg_receivewal` and archive every completed WAL segment. Default true.
-    #[serde(default = "default_true")]
-    pub wal_archive: bool,
-    /// `region -> "host:port"` of the primary in each region; a standby in a non-active region is
-    /// pointed (`primary_conninfo`) at the active region's entry by [`crate::pg_role::apply_role`].
-    /// Default empty.
-    #[serde(default)]
-    pub primary_by_region: BTreeMap<String, String>,
-    /// Role for `primary_conninfo` of standbys. Default: `user`.
-    #[serde(default)]
-    pub replication_user: Option<String>,
-    /// How base backups are received: `"protocol"` (the default: the agent speaks `BASE_BACKUP`
-    /// itself, see [`crate::pg_wire`], and runs `pg_basebackup` only where that client cannot,
-    /// e.g. a server older than 15) or `"pg_basebackup"` (always the tool).
-    #[serde(default)]
-    pub base_backup_client: BaseBackupClient,
-}
-
-/// The client that receives base backups (`base_backup_client`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BaseBackupClient {
-    /// The agent's own replication-protocol client ([`crate::pg_wire`]).
-    #[default]
-    Protocol,
-    /// `pg_basebackup -Ft -D - -X fetch -c fast` from `bin_dir`.
-    PgBasebackup,
-}
+use crate::config::parse_cron;
+pub use crate::config::postgres::{
+    BaseBackupClient, PostgresSourceConfig, DEFAULT_BIN_DIR, DEFAULT_SCHEDULE,
+};
+use crate::config::Config;
+pub use crate::snapshot::retention::is_segment;
+use crate::snapshot::{snapshots_dir, spool_dir};
+use crate::sources::{Database, DbHealth, Pipeline, SnapshotSource};
 
 impl PostgresSourceConfig {
     /// The password from `password_env`, if configured.
@@ -245,79 +151,6 @@ fn die_with_parent(c: &mut tokio::process::Command) {
     }
 }
 
-/// Validates every `[[postgres_sources]]` entry of `cfg`.
-///
-/// Errors: [`ConfigError::BadPostgresSource`] naming the source and the reason.
-pub fn validate_sources(cfg: &Config) -> Result<(), ConfigError> {
-    for (i, s) in cfg.postgres_sources.iter().enumerate() {
-        let bad = |reason: String| ConfigError::BadPostgresSource {
-            name: s.name.clone(),
-            reason,
-        };
-        if s.name.contains('/') {
-            return Err(bad("name must be one path component (no '/')".into()));
-        }
-        lifeboat_common::path::validate_rel_path(&s.name).map_err(|e| bad(format!("name: {e}")))?;
-        if cfg.postgres_sources[..i].iter().any(|q| q.name == s.name)
-            || cfg.exec_sources.iter().any(|q| q.name == s.name)
-        {
-            return Err(bad(
-                "name is used twice (names are unique across exec_sources and postgres_sources)"
-                    .into(),
-            ));
-        }
-        if s.host.is_empty() || s.user.is_empty() || s.port == 0 {
-            return Err(bad("host, port and user must be set".into()));
-        }
-        if !s.bin_dir.is_absolute() {
-            return Err(bad(format!("bin_dir {:?} must be absolute", s.bin_dir)));
-        }
-        if let Some(d) = &s.data_dir {
-            if !d.is_absolute() {
-                return Err(bad(format!("data_dir {d:?} must be absolute")));
-            }
-        }
-        if s.run_as.as_deref() == Some("") {
-            return Err(bad("run_as must not be empty".into()));
-        }
-        match (&s.base_backup_schedule, s.base_backup_interval_s) {
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    "give base_backup_schedule or base_backup_interval_s, not both".into(),
-                ))
-            }
-            (_, Some(0)) => return Err(bad("base_backup_interval_s must be at least 1".into())),
-            (Some(c), None) => {
-                parse_cron(c).map_err(|e| bad(format!("base_backup_schedule {c:?}: {e}")))?;
-            }
-            _ => {}
-        }
-        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
-        for (region, addr) in &s.primary_by_region {
-            let ok = addr
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok || region.is_empty() {
-                return Err(bad(format!(
-                    "primary_by_region.{region} = {addr:?} must be \"host:port\""
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Parses a cron expression (5 or 6 fields, UTC, `croner` syntax).
-///
-/// Errors: the parser's message.
-pub(crate) fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Optional)
-        .build()
-        .parse(expr)
-        .map_err(|e| e.to_string())
-}
-
 /// Sidecar of a base backup (`<...>.tar.meta.json`), JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseBackupMeta {
@@ -349,61 +182,114 @@ pub struct BaseBackupMeta {
     pub start_timeline: Option<u32>,
 }
 
-/// Relative paths (below [`snapshots_dir`]) of base backups, sidecars and WAL files left from an
-/// earlier run (not yet acknowledged), tar before its sidecar.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
+/// Relative paths (below [`snapshots_dir`]) of base backups, sidecars and WAL files of `src`
+/// left from an earlier run (not yet acknowledged), tar before its sidecar.
+fn leftovers(src: &PostgresSourceConfig, data_dir: &Path) -> Vec<String> {
+    let dir = snapshots_dir(data_dir);
     let mut out = Vec::new();
-    for s in &cfg.postgres_sources {
-        for sub in ["base", "wal"] {
-            let Ok(rd) = std::fs::read_dir(dir.join(&s.name).join(sub)) else {
-                continue;
-            };
-            let mut names: Vec<String> = rd
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            names.sort();
-            out.extend(names.into_iter().map(|n| format!("{}/{sub}/{n}", s.name)));
-        }
+    for sub in ["base", "wal"] {
+        let Ok(rd) = std::fs::read_dir(dir.join(&src.name).join(sub)) else {
+            continue;
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        out.extend(names.into_iter().map(|n| format!("{}/{sub}/{n}", src.name)));
     }
     out
 }
 
-/// Starts the base backup and WAL tasks of every source; each sends the relative path (below
-/// [`snapshots_dir`]) of every finished file on `tx`. Tasks end when `stop` asks for shutdown
-/// (running tools are killed).
-pub fn spawn_all(
-    cfg: &Config,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut out = Vec::new();
-    for s in &cfg.postgres_sources {
-        let span = tracing::info_span!("postgres_source", source = %s.name);
-        let keep = crate::retention::resolve(cfg, &s.retention).and_then(|p| p.keep_last);
-        out.push(tokio::spawn(
+/// A `[[postgres_sources]]` entry as a [`SnapshotSource`]: a base backup task and, with
+/// `wal_archive`, a WAL task; each sends the relative path (below [`snapshots_dir`]) of every
+/// finished file. Tasks end when `stop` asks for shutdown (running tools are killed).
+impl SnapshotSource for PostgresSourceConfig {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("postgres_source", source = %self.name);
+        let keep = crate::config::retention::resolve(&cfg.retention, &self.retention)
+            .and_then(|p| p.keep_last);
+        let mut out = vec![tokio::spawn(
             base_loop(
-                s.clone(),
+                self.clone(),
                 keep,
                 cfg.data_dir.clone(),
-                tx.clone(),
-                stop.clone(),
-                uploader.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
             )
             .instrument(span.clone()),
-        ));
-        if s.wal_archive {
+        )];
+        if self.wal_archive {
             out.push(tokio::spawn(
-                wal_loop(s.clone(), cfg.data_dir.clone(), tx.clone(), stop.clone())
-                    .instrument(span),
+                wal_loop(
+                    self.clone(),
+                    cfg.data_dir.clone(),
+                    pipe.tx.clone(),
+                    pipe.stop.clone(),
+                )
+                .instrument(span),
             ));
         }
+        out
     }
-    out
+
+    fn database(&self) -> Option<&dyn Database> {
+        Some(self)
+    }
+}
+
+/// Role orders: `pg_promote()` in the active region, fence or re-point elsewhere
+/// ([`role::apply_role`]).
+impl Database for PostgresSourceConfig {
+    fn apply_role<'a>(
+        &'a self,
+        my_region: &'a str,
+        active_region: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(role::apply_role(self, my_region, active_region, epoch))
+    }
+
+    fn health(&self) -> BoxFuture<'_, DbHealth> {
+        Box::pin(role::health(self))
+    }
+
+    fn settle(
+        &self,
+        active: bool,
+        ordered: bool,
+        observed: DbHealth,
+    ) -> (String, &'static [&'static str]) {
+        // A fenced former primary is stopped: the probe cannot connect.
+        let role = if !observed.healthy && !active && ordered {
+            "stopped".to_string()
+        } else {
+            observed.role
+        };
+        (
+            role,
+            if active {
+                &["primary"]
+            } else {
+                &["replica", "stopped"]
+            },
+        )
+    }
 }
 
 /// Waits until the next base backup is due (`first` = the agent just started).
@@ -442,7 +328,7 @@ async fn base_loop(
     data_dir: PathBuf,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -484,7 +370,7 @@ async fn base_loop(
 /// most `local_keep` remain. Returns the two relative paths (tar first) and the sidecar.
 ///
 /// With `uploader`, the tar's parts go to the region's leader while pg_basebackup writes them
-/// (see [`crate::preupload`]).
+/// (see [`crate::snapshot::preupload`]).
 ///
 /// Errors: pg_basebackup cannot start or fails (its stderr is in the message), I/O errors.
 pub async fn take_base_backup(
@@ -492,7 +378,7 @@ pub async fn take_base_backup(
     data_dir: &Path,
     epoch: u64,
     local_keep: Option<u32>,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<(Vec<String>, BaseBackupMeta), String> {
     let spool_dir = spool_dir(data_dir);
     tokio::fs::create_dir_all(&spool_dir)
@@ -500,7 +386,9 @@ pub async fn take_base_backup(
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("pg-{}.base.tmp", src.name));
     let start_ms = lifeboat_common::now_ms();
-    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+        u.start()
+    });
     // The server's version is asked for while the backup runs (one round trip less after it).
     let (spooled, version) = tokio::join!(spool_basebackup(src, &spool, up), server_version(src));
     let (bytes, hash) = match spooled {
@@ -532,7 +420,7 @@ pub async fn take_base_backup(
         }
     };
     let base_dir = snapshots_dir(data_dir).join(&src.name).join("base");
-    let (ts, _) = crate::retention::unique_ts(&base_dir, end_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&base_dir, end_ms);
     let id = format!("{}/base/{ts}", src.name);
     let meta = BaseBackupMeta {
         id: id.clone(),
@@ -662,19 +550,19 @@ fn collect_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::Join
 }
 
 /// Receives a base backup tar into `spool` (mode 0600, fsync'd), hashing it: over the
-/// replication protocol ([`crate::pg_wire`]) or from `pg_basebackup`'s stdout, per
+/// replication protocol ([`crate::sources::postgres::wire`]) or from `pg_basebackup`'s stdout, per
 /// `base_backup_client`. Returns the byte count and the blake3.
 async fn spool_basebackup(
     src: &PostgresSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = crate::spool::SpoolFile::create(spool, up)
+    let mut file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
     if src.base_backup_client == BaseBackupClient::Protocol {
-        match crate::pg_wire::base_backup(src, &mut file).await {
+        match crate::sources::postgres::wire::base_backup(src, &mut file).await {
             Ok(summary) => {
                 tracing::debug!(
                     tar_bytes = summary.tar_bytes,
@@ -682,13 +570,13 @@ async fn spool_basebackup(
                     server_version = %summary.server_version,
                     "base backup received over the replication protocol"
                 );
-                return crate::exec::seal_spool(file, spool).await;
+                return crate::snapshot::seal_spool(file, spool).await;
             }
             // Nothing was written yet: pg_basebackup writes the spool from its start.
-            Err(crate::pg_wire::WireError::Unsupported(reason)) => {
+            Err(crate::sources::postgres::wire::WireError::Unsupported(reason)) => {
                 tracing::info!(%reason, "this base backup runs pg_basebackup");
             }
-            Err(crate::pg_wire::WireError::Failed(e)) => return Err(e),
+            Err(crate::sources::postgres::wire::WireError::Failed(e)) => return Err(e),
         }
     }
     let mut cmd = src.tool("pg_basebackup", false, true)?;
@@ -705,7 +593,7 @@ async fn spool_basebackup(
     let Some(mut out) = child.stdout.take() else {
         return Err("no stdout pipe".into());
     };
-    crate::exec::widen_pipe(&out);
+    crate::snapshot::widen_pipe(&out);
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
         let k = out
@@ -727,7 +615,7 @@ async fn spool_basebackup(
     if !status.success() {
         return Err(format!("pg_basebackup exited with {status}: {err}"));
     }
-    crate::exec::seal_spool(file, spool).await
+    crate::snapshot::seal_spool(file, spool).await
 }
 
 /// `backup_label` lines (`KEY: value (extra)` -> (value, Some(file)) for `(file X)`).
@@ -770,14 +658,6 @@ fn read_label(path: &Path) -> std::io::Result<(Label, Option<String>)> {
         }
     }
     Err(std::io::Error::other("no backup_label in the tar"))
-}
-
-/// True for a WAL segment file name (24 upper-case hex digits).
-pub fn is_segment(name: &str) -> bool {
-    name.len() == 24
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 /// True for a timeline history file name (`XXXXXXXX.history`).
@@ -1036,6 +916,7 @@ fn ship_completed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigError;
 
     #[test]
     fn label_and_names() {
@@ -1088,7 +969,9 @@ mod tests {
         assert_eq!(s.name, "main-db");
         assert_eq!(
             s.retention,
-            Some(crate::retention::RetentionRef::Class("standard".into()))
+            Some(crate::config::retention::RetentionRef::Class(
+                "standard".into()
+            ))
         );
         assert_eq!(s.primary_by_region.len(), 2);
     }

@@ -53,8 +53,8 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::config::ReplicaConfig;
+use crate::files::state::{AckedChange, EntryState, StateDb};
 use crate::push::{classify, Coordinators, PushError};
-use crate::state::{AckedChange, EntryState, StateDb};
 use crate::status::ReplicaProgress;
 
 /// Seconds between two looks for local changes in a replica that follows the active region.
@@ -129,7 +129,7 @@ enum SessionError {
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::files::state::StateError),
     #[error("{0}")]
     Other(String),
 }
@@ -266,7 +266,7 @@ fn reset_dir_meta(root: &Path, rel: &str, mode: u32, mtime_ns: i64) -> Result<()
     };
     if !md.is_dir()
         || (md.permissions().mode() & 0o7777 == mode & 0o7777
-            && crate::scan::mtime_ns(&md) == mtime_ns)
+            && crate::files::scan::mtime_ns(&md) == mtime_ns)
     {
         return Ok(());
     }
@@ -450,7 +450,7 @@ impl Replica {
             .map_err(|e| SessionError::Other(format!("{}: {e}", path.display())))?;
         let (state, name) = (self.state.clone(), self.state_key());
         let (applied, pending) = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::state::StateError>((
+            Ok::<_, crate::files::state::StateError>((
                 state.replica_seq(&name)?,
                 state.replica_pending_rmdirs(&name)?,
             ))
@@ -463,7 +463,7 @@ impl Replica {
         Ok(())
     }
 
-    /// The directory's health before applying (see [`crate::guard::replica_dir_ready`]): a
+    /// The directory's health before applying (see [`crate::files::guard::replica_dir_ready`]): a
     /// replica directory is created only while nothing was applied to it, a source directory
     /// (`Resolved`) never; a populated one that is missing or replaced is reported unhealthy
     /// (`status.json` `roots`, check `replica:<name>`) and nothing is applied.
@@ -476,7 +476,7 @@ impl Replica {
         let (name, mode) = (self.state_key(), self.mode);
         let res = tokio::task::spawn_blocking(move || {
             let populated = mode == Mode::Replica && state.replica_seq(&name)? > 0;
-            Ok::<_, crate::state::StateError>(crate::guard::replica_dir_ready(
+            Ok::<_, crate::files::state::StateError>(crate::files::guard::replica_dir_ready(
                 &state,
                 &key,
                 &path,
@@ -489,7 +489,7 @@ impl Replica {
         if self.mode == Mode::Replica {
             let mut d = self.progress.dir.lock().unwrap_or_else(|e| e.into_inner());
             let was_healthy = d.healthy || d.name.is_empty();
-            *d = crate::guard::RootStatus {
+            *d = crate::files::guard::RootStatus {
                 name: self.cfg.name.clone(),
                 path: self.cfg.path.display().to_string(),
                 kind: "replica".into(),
@@ -643,11 +643,13 @@ impl Replica {
                 return Ok::<_, SessionError>(false);
             }
             let Some(disk) = disk else { return Ok(false) };
-            let found = crate::scan::lstat(&disk)
+            let found = crate::files::scan::lstat(&disk)
                 .map_err(|e| SessionError::Other(format!("lstat {}: {e}", disk.display())))?;
             Ok(match (found, entry) {
-                (crate::scan::Found::Missing, _) => true,
-                (crate::scan::Found::Entry(m), Some(e)) => crate::scan::unchanged(&m, &e),
+                (crate::files::scan::Found::Missing, _) => true,
+                (crate::files::scan::Found::Entry(m), Some(e)) => {
+                    crate::files::scan::unchanged(&m, &e)
+                }
                 _ => false,
             })
         })

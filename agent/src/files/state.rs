@@ -43,7 +43,7 @@ const REPLICA_DIRS: TableDefinition<(&str, &str), (u32, i64)> =
 const ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("roles");
 
 /// Directory key (a protected root's name, or `"/replica/<name>"` for a replica) → the
-/// identity `(st_dev, st_ino)` of the directory it was first seen as (see `crate::guard`): a
+/// identity `(st_dev, st_ino)` of the directory it was first seen as (see `crate::files::guard`): a
 /// directory at the same path with another identity (an empty mount point, a directory moved
 /// in) is not the one whose entries the state holds.
 const ROOT_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("root_ids");
@@ -130,8 +130,8 @@ pub enum AckedChange {
 pub struct StateDb {
     db: Database,
     path: PathBuf,
-    /// Part hashes of snapshot spools (in memory; see [`crate::spool_digest`]).
-    digests: crate::spool_digest::SpoolDigests,
+    /// Part hashes of snapshot spools (in memory; see [`crate::files::spool_digest`]).
+    digests: crate::files::spool_digest::SpoolDigests,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -145,7 +145,7 @@ pub struct StateReader {
     entries: ReadOnlyTable<&'static str, &'static [u8]>,
     sigs: ReadOnlyTable<(&'static str, u32), &'static [u8]>,
     blobs: ReadOnlyTable<&'static [u8], ()>,
-    digests: crate::spool_digest::SpoolDigests,
+    digests: crate::files::spool_digest::SpoolDigests,
 }
 
 fn decode_entry(path: &str, bytes: &[u8]) -> Result<EntryState, StateError> {
@@ -267,8 +267,8 @@ impl StateDb {
         })
     }
 
-    /// Part hashes of snapshot spools written by this process (see [`crate::spool_digest`]).
-    pub fn spool_digests(&self) -> &crate::spool_digest::SpoolDigests {
+    /// Part hashes of snapshot spools written by this process (see [`crate::files::spool_digest`]).
+    pub fn spool_digests(&self) -> &crate::files::spool_digest::SpoolDigests {
         &self.digests
     }
 
@@ -515,7 +515,7 @@ impl StateDb {
     }
 
     /// Records part hashes a coordinator confirmed stored durably outside a batch (`PutParts`,
-    /// see `crate::preupload`): later batches send such parts as `reuse`.
+    /// see `crate::snapshot::preupload`): later batches send such parts as `reuse`.
     ///
     /// Errors: [`StateError::Db`].
     pub fn record_stored_blobs(&self, hashes: &[BlobHash]) -> Result<(), StateError> {
@@ -545,11 +545,11 @@ impl StateDb {
 
 impl StateReader {
     /// Removes and returns the recorded part hashes of the spooled file with metadata `meta`
-    /// (same inode, size and mtime), if any (see [`crate::spool_digest`]).
+    /// (same inode, size and mtime), if any (see [`crate::files::spool_digest`]).
     pub fn take_spool_digest(
         &self,
         meta: &std::fs::Metadata,
-    ) -> Option<crate::spool_digest::SpoolDigest> {
+    ) -> Option<crate::files::spool_digest::SpoolDigest> {
         self.digests.take(meta)
     }
 

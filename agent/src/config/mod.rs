@@ -30,8 +30,15 @@
 //! restore_command = ["psql", "-f", "-"]
 //! ```
 
+pub mod checks;
+pub mod postgres;
+pub mod redis;
+pub mod retention;
+mod validate;
+
 use std::path::{Path, PathBuf};
 
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use lifeboat_common::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 
@@ -115,10 +122,10 @@ pub struct Config {
     /// Interval between heartbeats to the leader, in ms. Default 500.
     #[serde(default = "defaults::heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// Mass-deletion guard (see `crate::guard`), default of every `[[paths]]` root: deletions
+    /// Mass-deletion guard (see `crate::files::guard`), default of every `[[paths]]` root: deletions
     /// planned for a root that remove more than this share (0 < share <= 1) of its acknowledged
     /// entries are held and reported instead of pushed, until `lifeboat-agent accept-deletions`.
-    /// Applies only from [`crate::guard::SHARE_RULE_MIN`] deletions on. Default 0.5.
+    /// Applies only from [`crate::files::guard::SHARE_RULE_MIN`] deletions on. Default 0.5.
     #[serde(default = "defaults::max_delete_share")]
     pub max_delete_share: f64,
     /// Mass-deletion guard: more than this many deletions planned for one root are held
@@ -139,23 +146,23 @@ pub struct Config {
     pub exec_sources: Vec<ExecSourceConfig>,
     /// Redis sources (`[[redis_sources]]`): RDB snapshots over the replication protocol at
     /// `_snapshots/<name>/<UTC timestamp>.rdb` (+ `.rdb.meta.json`), and the role reconciler.
-    /// See [`crate::redis_source::RedisSourceConfig`]. Default none.
+    /// See [`redis::RedisSourceConfig`]. Default none.
     #[serde(default)]
-    pub redis_sources: Vec<crate::redis_source::RedisSourceConfig>,
+    pub redis_sources: Vec<redis::RedisSourceConfig>,
     /// PostgreSQL sources (`[[postgres_sources]]`): scheduled base backups and continuous WAL
     /// archiving under `_snapshots/<name>/base/` and `_snapshots/<name>/wal/`, and the
-    /// promotion/fencing hooks (see `crate::pg_source`). Default none.
+    /// promotion/fencing hooks (see `crate::sources::postgres`). Default none.
     #[serde(default)]
-    pub postgres_sources: Vec<crate::pg_source::PostgresSourceConfig>,
+    pub postgres_sources: Vec<postgres::PostgresSourceConfig>,
     /// Health checks (`[[checks]]`, see `crate::checks`) run before every heartbeat; a failing
     /// check makes this agent's region unhealthy for the failover decision. Default none.
     #[serde(default)]
-    pub checks: Vec<crate::checks::CheckConfig>,
+    pub checks: Vec<checks::CheckConfig>,
     /// Snapshot retention classes (`[retention.<class>]`, restic `forget` rules), referenced by
     /// `retention = "<class>"` of exec, Redis and PostgreSQL sources. See
-    /// [`crate::retention`]. Default none.
+    /// [`crate::snapshot::retention`]. Default none.
     #[serde(default)]
-    pub retention: std::collections::BTreeMap<String, crate::retention::RetentionPolicy>,
+    pub retention: std::collections::BTreeMap<String, retention::RetentionPolicy>,
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -220,9 +227,9 @@ pub struct ExecSourceConfig {
     #[serde(default = "defaults::exec_timeout_secs")]
     pub timeout_secs: u64,
     /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline
-    /// policy (see [`crate::retention`]). Default: every snapshot is kept.
+    /// policy (see [`crate::snapshot::retention`]). Default: every snapshot is kept.
     #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
+    pub retention: Option<retention::RetentionRef>,
 }
 
 impl ExecSourceConfig {
@@ -235,7 +242,7 @@ impl ExecSourceConfig {
 /// One warm-standby replica (`[[replicas]]`): the agent follows its region's catalog
 /// (`SubscribeCatalog`) and applies every version under `"<name>/"` to `path` (files written to a
 /// temp file, verified, fsync'd and renamed into place; directories, symlinks and deletions
-/// mirrored; never through a symlink, never outside `path`). See `crate::replica`.
+/// mirrored; never through a symlink, never outside `path`). See `crate::roles::replica`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConfig {
@@ -244,7 +251,7 @@ pub struct ReplicaConfig {
     pub name: String,
     /// Absolute directory where the replica is kept (created if missing before anything was
     /// applied; once the replica was populated, a missing or replaced directory is reported
-    /// unhealthy and never recreated, see `crate::guard`). Must not overlap
+    /// unhealthy and never recreated, see `crate::files::guard`). Must not overlap
     /// (contain, lie inside or equal) a watched `[[paths]]` entry, another replica or `data_dir`.
     /// Entries under it that are not in the catalog are left alone.
     pub path: PathBuf,
@@ -381,6 +388,40 @@ pub enum ConfigError {
     TlsMissing(&'static str),
 }
 
+/// Compiles the globs `globs` of root `name` (include or exclude list).
+///
+/// Errors: [`ConfigError::BadGlob`].
+pub fn glob_set(name: &str, globs: &[String]) -> Result<GlobSet, ConfigError> {
+    let mut b = GlobSetBuilder::new();
+    for g in globs {
+        let glob = GlobBuilder::new(g)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| ConfigError::BadGlob {
+                name: name.to_string(),
+                glob: g.clone(),
+                reason: e.kind().to_string(),
+            })?;
+        b.add(glob);
+    }
+    b.build().map_err(|e| ConfigError::BadGlob {
+        name: name.to_string(),
+        glob: globs.join(", "),
+        reason: e.to_string(),
+    })
+}
+
+/// Parses a cron expression (5 or 6 fields, UTC, `croner` syntax).
+///
+/// Errors: the parser's message.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| e.to_string())
+}
+
 impl Config {
     /// Reads, parses and validates a TOML config file.
     ///
@@ -436,221 +477,6 @@ impl Config {
                 ..TlsConfig::default()
             },
         }
-    }
-
-    /// Checks every field.
-    ///
-    /// Errors: the first [`ConfigError`] found.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let id_ok = !self.agent_id.is_empty()
-            && self.agent_id.len() <= 128
-            && self
-                .agent_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !id_ok {
-            return Err(ConfigError::BadAgentId(self.agent_id.clone()));
-        }
-        if !self.data_dir.is_absolute() {
-            return Err(ConfigError::RelativeDataDir(self.data_dir.clone()));
-        }
-        if self.coordinators.is_empty() {
-            return Err(ConfigError::NoCoordinators);
-        }
-        for c in &self.coordinators {
-            let ok = c
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-                && !c.contains('/');
-            if !ok {
-                return Err(ConfigError::BadCoordinator(c.clone()));
-            }
-        }
-        for (v, name) in [
-            (self.debounce_ms, "debounce_ms"),
-            (self.batch_max_bytes, "batch_max_bytes"),
-            (self.batch_max_changes as u64, "batch_max_changes"),
-            (self.heartbeat_ms, "heartbeat_ms"),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::Zero(name));
-            }
-        }
-        if self.paths.is_empty()
-            && self.replicas.is_empty()
-            && self.exec_sources.is_empty()
-            && self.redis_sources.is_empty()
-            && self.postgres_sources.is_empty()
-        {
-            return Err(ConfigError::NoPaths);
-        }
-        let shares = std::iter::once(("(global)", self.max_delete_share, self.max_delete_files))
-            .chain(self.paths.iter().map(|p| {
-                (
-                    p.name.as_str(),
-                    p.max_delete_share.unwrap_or(0.5),
-                    p.max_delete_files.unwrap_or(1),
-                )
-            }));
-        for (name, share, files) in shares {
-            if !(share > 0.0 && share <= 1.0) || files == 0 {
-                return Err(ConfigError::BadDeleteGuard(format!(
-                    "root {name}: max_delete_share must be in (0, 1] (got {share}) and max_delete_files at least 1 (got {files})"
-                )));
-            }
-        }
-        self.validate_replicas()?;
-        self.validate_exec_sources()?;
-        crate::redis_source::validate(self)?;
-        crate::pg_source::validate_sources(self)?;
-        crate::checks::validate(self).map_err(ConfigError::BadCheck)?;
-        for (name, p) in &self.retention {
-            if name.is_empty() || !p.keeps_something() {
-                return Err(ConfigError::BadRetention {
-                    name: name.clone(),
-                    reason: "a class must keep something: set keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly to 1 or more".into(),
-                });
-            }
-        }
-        for (i, p) in self.paths.iter().enumerate() {
-            let bad = |reason: &str| ConfigError::BadRootName {
-                name: p.name.clone(),
-                reason: reason.to_string(),
-            };
-            if p.name.contains('/') {
-                return Err(bad("must be one path component (no '/')"));
-            }
-            lifeboat_common::path::validate_rel_path(&p.name).map_err(|e| bad(&e.to_string()))?;
-            if p.name == SNAPSHOTS_ROOT {
-                return Err(bad("is reserved for [[exec_sources]] snapshots"));
-            }
-            if p.name == CONFLICTS_ROOT {
-                return Err(bad("is reserved for conflicts after a failover"));
-            }
-            let follows = |r: &ReplicaConfig| r.follow_active || p.follow_active;
-            if self.replicas.iter().any(|r| r.name == p.name && follows(r)) {
-                return Err(bad(
-                    "is also a [[replicas]] name: with follow_active both would become sources of the same catalog root",
-                ));
-            }
-            if !p.path.is_absolute() {
-                return Err(ConfigError::RelativePath {
-                    name: p.name.clone(),
-                    path: p.path.clone(),
-                });
-            }
-            for q in &self.paths[..i] {
-                if q.name == p.name {
-                    return Err(ConfigError::DuplicateRootName(p.name.clone()));
-                }
-                if p.path.starts_with(&q.path) {
-                    return Err(ConfigError::NestedRoots {
-                        outer: q.name.clone(),
-                        inner: p.name.clone(),
-                    });
-                }
-                if q.path.starts_with(&p.path) {
-                    return Err(ConfigError::NestedRoots {
-                        outer: p.name.clone(),
-                        inner: q.name.clone(),
-                    });
-                }
-            }
-            crate::scan::Filter::new(p)?;
-        }
-        if !self.tls.insecure {
-            if self.tls.ca.is_none() {
-                return Err(ConfigError::TlsMissing("ca"));
-            }
-            if self.tls.cert.is_none() {
-                return Err(ConfigError::TlsMissing("cert"));
-            }
-            if self.tls.key.is_none() {
-                return Err(ConfigError::TlsMissing("key"));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_exec_sources(&self) -> Result<(), ConfigError> {
-        for (i, e) in self.exec_sources.iter().enumerate() {
-            let bad = |reason: String| ConfigError::BadExecSource {
-                name: e.name.clone(),
-                reason,
-            };
-            if e.name.contains('/') {
-                return Err(bad("name must be one path component (no '/')".into()));
-            }
-            lifeboat_common::path::validate_rel_path(&e.name)
-                .map_err(|err| bad(format!("name: {err}")))?;
-            if self.exec_sources[..i].iter().any(|q| q.name == e.name) {
-                return Err(bad("name is used twice".into()));
-            }
-            if e.snapshot_command.is_empty() || e.snapshot_command[0].is_empty() {
-                return Err(bad(
-                    "snapshot_command must be a non-empty argv list, e.g. [\"sh\", \"-c\", \"pg_dumpall\"]"
-                        .into(),
-                ));
-            }
-            match (&e.schedule, e.interval_secs) {
-                (Some(_), Some(_)) => {
-                    return Err(bad("give schedule or interval_secs, not both".into()))
-                }
-                (Some(c), None) => {
-                    crate::pg_source::parse_cron(c)
-                        .map_err(|err| bad(format!("schedule {c:?}: {err}")))?;
-                }
-                (None, Some(0)) => return Err(bad("interval_secs must be at least 1".into())),
-                _ => {}
-            }
-            crate::retention::validate_ref(self, &e.retention).map_err(bad)?;
-            if e.timeout_secs == 0 {
-                return Err(bad("timeout_secs must be at least 1".into()));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_replicas(&self) -> Result<(), ConfigError> {
-        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-        for (i, r) in self.replicas.iter().enumerate() {
-            let bad = |reason: String| ConfigError::BadReplica {
-                name: r.name.clone(),
-                reason,
-            };
-            if r.name.contains('/') {
-                return Err(bad("name must be one path component (no '/')".into()));
-            }
-            lifeboat_common::path::validate_rel_path(&r.name)
-                .map_err(|e| bad(format!("bad name: {e}")))?;
-            if r.name == CONFLICTS_ROOT || r.name == SNAPSHOTS_ROOT {
-                return Err(bad("name is reserved".into()));
-            }
-            if !r.path.is_absolute() {
-                return Err(bad(format!("path {:?} must be absolute", r.path)));
-            }
-            if let Some(p) = self.paths.iter().find(|p| overlap(&p.path, &r.path)) {
-                return Err(bad(format!(
-                    "path {:?} overlaps watched paths {:?} ({:?}); a replica must not be watched",
-                    r.path, p.name, p.path
-                )));
-            }
-            if overlap(&self.data_dir, &r.path) {
-                return Err(bad(format!(
-                    "path {:?} overlaps data_dir {:?}",
-                    r.path, self.data_dir
-                )));
-            }
-            for q in &self.replicas[..i] {
-                if q.name == r.name {
-                    return Err(bad("name is used twice".into()));
-                }
-                if overlap(&q.path, &r.path) {
-                    return Err(bad(format!("path overlaps replicas {:?}", q.name)));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::batch::PlannedChange;
-use crate::delta::{self, Body};
+use crate::files::batch::PlannedChange;
+use crate::files::delta::{self, Body};
 
 /// Timeout of one heartbeat call.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -236,7 +236,7 @@ pub struct SendCounters {
     pub full: AtomicU64,
     /// Bytes of `delta` bodies.
     pub delta: AtomicU64,
-    /// Bytes of snapshot parts stored with `PutParts` while spooling (`crate::preupload`).
+    /// Bytes of snapshot parts stored with `PutParts` while spooling (`crate::snapshot::preupload`).
     pub preuploaded: AtomicU64,
 }
 
@@ -368,7 +368,7 @@ impl PushClient {
         }
     }
 
-    /// Streams whole parts to the leader with `PutParts` (see `crate::preupload`) and returns
+    /// Streams whole parts to the leader with `PutParts` (see `crate::snapshot::preupload`) and returns
     /// its reply: the hashes stored durably. Follows one leader redirect before streaming.
     ///
     /// Errors: [`PushError`] as for [`PushClient::push`].

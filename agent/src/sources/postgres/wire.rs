@@ -39,8 +39,8 @@ use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Messag
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::pg_source::PostgresSourceConfig;
-use crate::spool::SpoolFile;
+use crate::config::postgres::PostgresSourceConfig;
+use crate::snapshot::spool::SpoolFile;
 
 /// The `BASE_BACKUP` command sent (see the module documentation).
 pub const BASE_BACKUP_COMMAND: &str = "BASE_BACKUP ( LABEL 'lifeboat base backup', WAL, \
@@ -565,7 +565,7 @@ mod tests {
     async fn assemble(messages: &[Vec<u8>]) -> Result<Vec<u8>, WireError> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t.tar");
-        let mut f = SpoolFile::create(&p, crate::preupload::Preupload::disabled())
+        let mut f = SpoolFile::create(&p, crate::snapshot::preupload::Preupload::disabled())
             .await
             .unwrap();
         let mut tar = TarOut {

@@ -24,6 +24,9 @@
 //!   a backoff: local changes are never dropped. Local deletions and directory-only changes are
 //!   not kept (there is no content to keep).
 
+pub mod databases;
+pub mod replica;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,12 +42,12 @@ use lifeboat_proto::admin_service_client::AdminServiceClient;
 use lifeboat_proto::blob_service_client::BlobServiceClient;
 use lifeboat_proto::replication_service_client::ReplicationServiceClient;
 
-use crate::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
 use crate::config::{Config, PathConfig, ReplicaConfig};
+use crate::files::batch::{build_batch, Limits, PlannedChange, Work, WorkQueue};
+use crate::files::scan::{self, Filter, Found, Roots};
+use crate::files::state::{AckedChange, DirRole, StateDb};
 use crate::push::{PushClient, PushError, SendCounters, SendOptions};
-use crate::replica::{entry_of, Replica, TEMP_PREFIX};
-use crate::scan::{self, Filter, Found, Roots};
-use crate::state::{AckedChange, DirRole, StateDb};
+use crate::roles::replica::{entry_of, Replica, TEMP_PREFIX};
 
 /// How long one transition may keep trying before the switch is retried later.
 pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -268,7 +271,7 @@ async fn promote(cfg: &Config, state: &Arc<StateDb>, d: &Dir) -> Result<(), Stri
 /// Records the on-disk mtime and mode of every acknowledged directory under `name` (writing
 /// children changed them; the content is what the catalog holds).
 fn adopt_dirs(state: &StateDb, name: &str, root: &Path) -> Result<(), String> {
-    let e = |e: crate::state::StateError| e.to_string();
+    let e = |e: crate::files::state::StateError| e.to_string();
     let r = state.reader().map_err(e)?;
     let mut paths = vec![(name.to_string(), EntryKind::Dir)];
     let prefix = format!("{name}/");
@@ -435,7 +438,7 @@ async fn push_conflicts(
         max_bytes: cfg.batch_max_bytes,
         max_changes: cfg.batch_max_changes,
         part_size,
-        retain_bytes: crate::agent::DEFAULT_RETAIN_BYTES.min(cfg.batch_max_bytes),
+        retain_bytes: crate::files::batch::DEFAULT_RETAIN_BYTES.min(cfg.batch_max_bytes),
     };
     let mut next_id = 1u64;
     let mut kept = Vec::new();

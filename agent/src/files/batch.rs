@@ -14,9 +14,9 @@ use lifeboat_common::blob::BlobHash;
 use lifeboat_common::catalog::{EntryKind, PartRef};
 use lifeboat_proto as pb;
 
-use crate::delta::{self, Known, PartPlan};
-use crate::scan::{self, Found, Roots};
-use crate::state::{AckedChange, EntryState, StateDb, StateError, StateReader};
+use crate::files::delta::{self, Known, PartPlan};
+use crate::files::scan::{self, Found, Roots};
+use crate::files::state::{AckedChange, EntryState, StateDb, StateError, StateReader};
 
 /// Acknowledged paths looked at per sweep step.
 const SWEEP_CHUNK: usize = 256;
@@ -112,7 +112,7 @@ pub struct WorkQueue {
     keys: HashSet<String>,
     /// A change planned but left for the next batch (it did not fit).
     pub carried: Option<PlannedChange>,
-    /// Roots that are unhealthy (missing, replaced, see [`crate::guard`]): their items are
+    /// Roots that are unhealthy (missing, replaced, see [`crate::files::guard`]): their items are
     /// dropped unplanned (the root is rescanned once it is healthy again).
     pub blocked: HashSet<usize>,
 }
@@ -265,6 +265,9 @@ pub struct Limits {
     pub retain_bytes: u64,
 }
 
+/// Payload bytes per batch kept in memory from planning (small files are not read twice).
+pub const DEFAULT_RETAIN_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The previous version the delta is planned against: the path's own acknowledged state, or for a
 /// new path that was renamed, the state of the source.
 struct KnownFor<'a> {
@@ -292,7 +295,10 @@ impl Known for KnownFor<'_> {
     fn is_acked(&self, hash: &BlobHash) -> bool {
         self.in_batch.contains(hash) || self.reader.is_acked_blob(hash).unwrap_or(false)
     }
-    fn spool_digest(&self, meta: &std::fs::Metadata) -> Option<crate::spool_digest::SpoolDigest> {
+    fn spool_digest(
+        &self,
+        meta: &std::fs::Metadata,
+    ) -> Option<crate::files::spool_digest::SpoolDigest> {
         self.reader.take_spool_digest(meta)
     }
 }

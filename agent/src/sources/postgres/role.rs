@@ -7,8 +7,8 @@
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::db::DbHealth;
-use crate::pg_source::{connect, PostgresSourceConfig};
+use crate::sources::postgres::{connect, PostgresSourceConfig};
+use crate::sources::DbHealth;
 
 /// Makes `src` match the control record, idempotently, and returns one line describing what was
 /// done (for the audit log):

@@ -1,6 +1,6 @@
 //! Protected roots, include/exclude filters, and what one filesystem entry looks like (`lstat`,
 //! never following symlinks). Walking itself is done lazily by the batch planner
-//! ([`crate::batch`]), one directory listing at a time.
+//! ([`crate::files::batch`]), one directory listing at a time.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use lifeboat_common::catalog::EntryKind;
 
 use crate::config::{ConfigError, PathConfig};
-use crate::state::EntryState;
+use crate::files::state::EntryState;
 
 /// Include/exclude globs of one root, matched against `/`-separated paths relative to the root.
 #[derive(Debug, Clone)]
@@ -18,34 +18,14 @@ pub struct Filter {
     exclude: GlobSet,
 }
 
-fn build_set(name: &str, globs: &[String]) -> Result<GlobSet, ConfigError> {
-    let mut b = GlobSetBuilder::new();
-    for g in globs {
-        let glob = GlobBuilder::new(g)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| ConfigError::BadGlob {
-                name: name.to_string(),
-                glob: g.clone(),
-                reason: e.kind().to_string(),
-            })?;
-        b.add(glob);
-    }
-    b.build().map_err(|e| ConfigError::BadGlob {
-        name: name.to_string(),
-        glob: globs.join(", "),
-        reason: e.to_string(),
-    })
-}
-
 impl Filter {
     /// Compiles the globs of a root.
     ///
     /// Errors: [`ConfigError::BadGlob`].
     pub fn new(p: &PathConfig) -> Result<Filter, ConfigError> {
         Ok(Filter {
-            include: build_set(&p.name, &p.include)?,
-            exclude: build_set(&p.name, &p.exclude)?,
+            include: crate::config::glob_set(&p.name, &p.include)?,
+            exclude: crate::config::glob_set(&p.name, &p.exclude)?,
         })
     }
 

@@ -87,8 +87,11 @@ pub trait Known {
     /// Whether any acknowledged part had this hash (the coordinator stores that blob).
     fn is_acked(&self, hash: &BlobHash) -> bool;
     /// The part hashes recorded while the file with metadata `meta` was spooled, if any
-    /// (single use; see [`crate::spool_digest`]).
-    fn spool_digest(&self, _meta: &std::fs::Metadata) -> Option<crate::spool_digest::SpoolDigest> {
+    /// (single use; see [`crate::files::spool_digest`]).
+    fn spool_digest(
+        &self,
+        _meta: &std::fs::Metadata,
+    ) -> Option<crate::files::spool_digest::SpoolDigest> {
         None
     }
 }
@@ -193,7 +196,7 @@ impl FilePlan {
 /// when the digest does not fit `meta` or `part_size`.
 fn plan_from_digest(
     meta: &std::fs::Metadata,
-    d: crate::spool_digest::SpoolDigest,
+    d: crate::files::spool_digest::SpoolDigest,
     part_size: usize,
     known: &dyn Known,
 ) -> Option<FilePlan> {
@@ -224,7 +227,7 @@ fn plan_from_digest(
         .collect();
     Some(FilePlan {
         size: d.size,
-        mtime_ns: crate::scan::mtime_ns(meta),
+        mtime_ns: crate::files::scan::mtime_ns(meta),
         mode: meta.mode() & 0o7777,
         blake3: d.blake3,
         parts,
@@ -350,7 +353,7 @@ pub fn plan_file(
             *retain_budget = budget;
             return Ok(FilePlan {
                 size: total,
-                mtime_ns: crate::scan::mtime_ns(&before),
+                mtime_ns: crate::files::scan::mtime_ns(&before),
                 mode: before.mode() & 0o7777,
                 blake3: BlobHash(*whole.finalize().as_bytes()),
                 parts,
@@ -593,7 +596,7 @@ mod tests {
 
     /// Knows one spooled file's digest (single use) and one stored blob.
     struct Spooled {
-        digests: crate::spool_digest::SpoolDigests,
+        digests: crate::files::spool_digest::SpoolDigests,
         acked: BlobHash,
     }
     impl Known for Spooled {
@@ -609,7 +612,7 @@ mod tests {
         fn spool_digest(
             &self,
             meta: &std::fs::Metadata,
-        ) -> Option<crate::spool_digest::SpoolDigest> {
+        ) -> Option<crate::files::spool_digest::SpoolDigest> {
             self.digests.take(meta)
         }
     }
@@ -632,7 +635,7 @@ mod tests {
         let record = || {
             k.digests.record(
                 &std::fs::metadata(&p).unwrap(),
-                crate::spool_digest::SpoolDigest {
+                crate::files::spool_digest::SpoolDigest {
                     size: 0,
                     mtime: (0, 0),
                     part_size: part,

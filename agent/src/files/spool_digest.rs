@@ -1,12 +1,12 @@
 //! Part hashes of snapshot spools, kept from the moment they were written.
 //!
 //! A snapshot (RDB, base-backup tar, exec dump) is hashed while it is spooled: the whole-file
-//! blake3 for its sidecar, and every whole part by the pre-upload ([`crate::preupload`]), which
+//! blake3 for its sidecar, and every whole part by the pre-upload ([`crate::snapshot::preupload`]), which
 //! also has the leader store each part. Planning the finished file for `PushChanges` used to
 //! read it back and hash it twice more (each part, and the whole file). When the pre-upload
 //! covered every part, the agent records a [`SpoolDigest`] here instead, keyed by the file's
 //! device and inode (a rename into the snapshots directory keeps both, and the size and mtime),
-//! and [`crate::delta::plan_file`] builds the plan from it without reading the file.
+//! and [`crate::files::delta::plan_file`] builds the plan from it without reading the file.
 //!
 //! In memory only and single-use ([`SpoolDigests::take`] removes the entry): after a restart, a
 //! cancelled batch or any change to the file (size or mtime differ) the file is read as usual.

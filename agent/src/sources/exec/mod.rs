@@ -15,73 +15,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{Config, ExecSourceConfig};
-
-/// Directory (under `data_dir`) holding finished snapshots until they are acknowledged.
-pub fn snapshots_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("snapshots")
-}
-
-/// Directory (under `data_dir`) where command output is spooled.
-pub fn spool_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("spool")
-}
-
-/// Directory (under `data_dir`, on the same filesystem as [`snapshots_dir`]) where
-/// acknowledged snapshot files wait to be unlinked by [`discard_acknowledged`].
-pub fn trash_dir(data_dir: &Path) -> PathBuf {
-    spool_dir(data_dir).join("trash")
-}
-
-/// Removes acknowledged snapshot files (`paths`, under [`snapshots_dir`]) without making the
-/// caller wait for the unlink: unlinking a freshly written 1 GB file takes about 0.2 s on the
-/// test machines, which held up the next batch (a WAL segment) for as long.
-///
-/// Each file is first renamed into [`trash_dir`] under a unique name (cheap, and a later file
-/// of the same name can then never be hit by the delayed unlink), then a blocking task unlinks
-/// the trash. Where the rename fails (the trash on another filesystem, say) the file is
-/// removed here and now. Leftovers of a crash are removed by the next call. Failures are
-/// logged, never returned: the files are in the catalog already.
-pub fn discard_acknowledged(data_dir: &Path, paths: Vec<PathBuf>) {
-    if paths.is_empty() {
-        return;
-    }
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let trash = trash_dir(data_dir);
-    let _ = std::fs::create_dir_all(&trash);
-    for p in paths {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let to = trash.join(format!(
-            "{}-{}-{n}",
-            std::process::id(),
-            lifeboat_common::now_ms()
-        ));
-        if std::fs::rename(&p, &to).is_err() {
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot remove an acknowledged snapshot file");
-                }
-            }
-        }
-    }
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _g = span.enter();
-        let Ok(rd) = std::fs::read_dir(&trash) else {
-            return;
-        };
-        for e in rd.filter_map(|e| e.ok()) {
-            if let Err(err) = std::fs::remove_file(e.path()) {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an acknowledged snapshot file");
-                }
-            }
-        }
-    });
-}
+use crate::snapshot::{next_delay, seal_spool, snapshots_dir, spool_dir, widen_pipe};
+use crate::sources::{Pipeline, SnapshotSource};
 
 /// The JSON sidecar `_snapshots/<id>.snap.meta.json` of an exec snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,80 +44,57 @@ pub struct ExecSnapshotMeta {
     pub epoch: u64,
 }
 
-/// Time until the next snapshot of a source with `interval` seconds or a cron `schedule`:
-/// zero the first time with an interval, else the interval or the next cron match (UTC).
-pub(crate) fn next_delay(interval: Option<u64>, schedule: Option<&str>, first: bool) -> Duration {
-    if let Some(s) = interval {
-        return if first {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(s)
-        };
-    }
-    let Some(cron) = schedule.and_then(|c| crate::pg_source::parse_cron(c).ok()) else {
-        return Duration::from_secs(3600);
+/// Finished snapshots and sidecars of `src` left from an earlier run (not yet acknowledged), as
+/// paths relative to [`snapshots_dir`] (`<source>/<ts>.snap`, `<source>/<ts>.snap.meta.json`),
+/// oldest first, each snapshot before its sidecar.
+fn leftovers(src: &ExecSourceConfig, data_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(snapshots_dir(data_dir).join(&src.name)) else {
+        return Vec::new();
     };
-    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
-    match cron.find_next_occurrence(&now, false) {
-        Ok(t) => Duration::from_millis(
-            (t.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(1000) as u64,
-        ),
-        Err(e) => {
-            tracing::error!(schedule = ?schedule, error = %e, "no next cron occurrence; retrying in an hour");
-            Duration::from_secs(3600)
-        }
-    }
-}
-
-/// Finished snapshots and sidecars left from an earlier run (not yet acknowledged), as paths
-/// relative to [`snapshots_dir`] (`<source>/<ts>.snap`, `<source>/<ts>.snap.meta.json`), oldest
-/// first, each snapshot before its sidecar.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
-    let mut out = Vec::new();
-    for s in &cfg.exec_sources {
-        let Ok(rd) = std::fs::read_dir(dir.join(&s.name)) else {
-            continue;
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".snap") || n.ends_with(".snap.meta.json"))
-            .collect();
-        names.sort();
-        out.extend(names.into_iter().map(|n| format!("{}/{n}", s.name)));
-    }
-    out
-}
-
-/// Starts one task per source; each sends the relative paths (`<source>/<ts>.snap`, then its
-/// sidecar) of every successful snapshot on `tx`. The epoch in `progress` is recorded in the
-/// sidecar. Tasks end when `stop` asks for shutdown (a running command is killed).
-pub fn spawn_all(
-    cfg: &Config,
-    progress: std::sync::Arc<crate::status::Progress>,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    cfg.exec_sources
-        .iter()
-        .map(|s| {
-            let span = tracing::info_span!("exec_source", source = %s.name);
-            tokio::spawn(
-                source_loop(
-                    s.clone(),
-                    cfg.data_dir.clone(),
-                    progress.clone(),
-                    tx.clone(),
-                    stop.clone(),
-                    uploader.clone(),
-                )
-                .instrument(span),
-            )
-        })
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".snap") || n.ends_with(".snap.meta.json"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| format!("{}/{n}", src.name))
         .collect()
+}
+
+/// An `[[exec_sources]]` entry as a [`SnapshotSource`]: one task that sends the relative paths
+/// (`<source>/<ts>.snap`, then its sidecar) of every successful snapshot. The epoch in
+/// `progress` is recorded in the sidecar. The task ends when `stop` asks for shutdown (a running
+/// command is killed).
+impl SnapshotSource for ExecSourceConfig {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("exec_source", source = %self.name);
+        vec![tokio::spawn(
+            source_loop(
+                self.clone(),
+                cfg.data_dir.clone(),
+                pipe.progress.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
+            )
+            .instrument(span),
+        )]
+    }
 }
 
 async fn source_loop(
@@ -186,7 +103,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let interval = src.schedule.is_none().then(|| src.interval());
     let mut first = true;
@@ -233,14 +150,14 @@ pub async fn take_snapshot(
 }
 
 /// [`take_snapshot`], uploading the output's parts to the region's leader while the command
-/// writes them when `uploader` is given (see [`crate::preupload`]).
+/// writes them when `uploader` is given (see [`crate::snapshot::preupload`]).
 ///
 /// Errors: as [`take_snapshot`].
 pub async fn take_snapshot_with(
     src: &ExecSourceConfig,
     data_dir: &Path,
     epoch: u64,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<ExecSnapshotMeta, String> {
     let start_ms = lifeboat_common::now_ms();
     let spool_dir = spool_dir(data_dir);
@@ -248,7 +165,9 @@ pub async fn take_snapshot_with(
         .await
         .map_err(|e| format!("cannot create {}: {e}", spool_dir.display()))?;
     let spool = spool_dir.join(format!("{}.tmp", src.name));
-    let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+    let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+        u.start()
+    });
     let result = spool_command(src, &spool, up).await;
     let (bytes, hash) = match result {
         Ok(n) => n,
@@ -258,7 +177,7 @@ pub async fn take_snapshot_with(
         }
     };
     let parent = snapshots_dir(data_dir).join(&src.name);
-    let (ts, _) = crate::retention::unique_ts(&parent, start_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&parent, start_ms);
     let meta = ExecSnapshotMeta {
         id: format!("{}/{ts}", src.name),
         source: src.name.clone(),
@@ -296,38 +215,15 @@ pub async fn take_snapshot_with(
     Ok(meta)
 }
 
-/// Completes a spool: writes its last block and fsyncs it, then finishes the pre-upload of its
-/// parts (see [`crate::spool::SpoolFile::finish`]). Returns the bytes written and their blake3.
-///
-/// Errors: write or fsync failures, naming `spool`.
-pub async fn seal_spool(
-    file: crate::spool::SpoolFile,
-    spool: &Path,
-) -> Result<(u64, blake3::Hash), String> {
-    file.finish()
-        .await
-        .map_err(|e| format!("cannot write {}: {e}", spool.display()))
-}
-
-/// Asks the kernel for a 1 MiB pipe buffer on a child's stdout (default 64 KiB), so a dump tool
-/// can run ahead while the spool writes; failures are ignored (the default still works).
-pub fn widen_pipe(out: &tokio::process::ChildStdout) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fcntl on a file descriptor we own for the duration of the call; no memory passed.
-    unsafe {
-        libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1024 * 1024);
-    }
-}
-
 /// Streams the command's stdout into `spool` (mode 0600, fsync'd), hashing it. Returns the byte
 /// count and the blake3.
 async fn spool_command(
     src: &ExecSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", spool.display());
-    let mut file = crate::spool::SpoolFile::create(spool, up)
+    let mut file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| io("cannot create", e))?;
     let mut child = tokio::process::Command::new(&src.snapshot_command[0])

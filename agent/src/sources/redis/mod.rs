@@ -11,7 +11,7 @@
 //! The finished file is moved to `data_dir/snapshots/<name>/<UTC ts>.rdb` and a JSON sidecar
 //! ([`SnapshotMeta`]) is written next to it as `<UTC ts>.rdb.meta.json`; both travel through the
 //! regular file pipeline under the reserved root `_snapshots/` and are removed locally once the
-//! coordinators acknowledge them (as exec snapshots are, see `crate::exec`).
+//! coordinators acknowledge them (as exec snapshots are, see `crate::sources::exec`).
 //!
 //! **Snapshot id**: `<name>/<UTC ts>` (e.g. `cache/20261124T012233.123Z`, millisecond
 //! precision, moved forward by 1 ms if taken: unique per source): the catalog holds it as
@@ -22,121 +22,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use lifeboat_common::redis_conn::{self, RedisConnError, RedisTls};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, ConfigError};
-use crate::db::DbHealth;
-use crate::exec::{snapshots_dir, spool_dir};
-
-/// Defaults of [`RedisSourceConfig`].
-pub mod defaults {
-    /// Unacknowledged local snapshots kept when the retention policy has no `keep_last`.
-    pub const KEEP_LAST: usize = 3;
-    /// Seconds a snapshot may take before it is abandoned.
-    pub const TIMEOUT_SECS: u64 = 600;
-    /// `min-replicas-max-lag` applied with `min_replicas_to_write`, seconds.
-    pub const MIN_REPLICAS_MAX_LAG_S: u64 = 10;
-    pub(super) fn timeout_secs() -> u64 {
-        TIMEOUT_SECS
-    }
-    pub(super) fn min_replicas_max_lag_s() -> u64 {
-        MIN_REPLICAS_MAX_LAG_S
-    }
-}
-
-/// One Redis source (`[[redis_sources]]`).
-///
-/// ```toml
-/// [[redis_sources]]
-/// name = "cache"                  # one path component, unique among all sources
-/// addr = "127.0.0.1:6379"         # host:port of the Redis this agent snapshots and manages
-/// password_env = "REDIS_PASSWORD" # or password_file = "/etc/lifeboat/redis.pass" (optional)
-/// username = "lifeboat"           # ACL user (optional; default user when absent)
-/// schedule = "*/5 * * * *"        # cron (croner syntax), or interval_s = 300; exactly one
-/// retention = "standard"         # a [retention.standard] class, or inline { keep_last = 3 }
-/// primary_by_region = { eu = "10.0.1.5:6379", us = "10.1.1.5:6379" }
-/// ```
-///
-/// **Fencing** (`min_replicas_to_write = N`, N > 0): the primary of the active region is
-/// *armed* with `CONFIG SET min-replicas-to-write N` and `min-replicas-max-lag` as soon as N
-/// replicas are connected to it ([`arm_min_replicas`], checked on every heartbeat). An old
-/// primary cut off from its replicas (the other region promoted its replica, or the network
-/// between the regions broke) then refuses writes with `NOREPLICAS` instead of diverging, even
-/// when the agent beside it cannot reach any coordinator. A promotion ([`apply_role`] turning a
-/// replica into the primary under a new epoch) *disarms* the new primary (`min-replicas-to-write
-/// 0`): the control record designated it and the old region is fenced by its lease, so it takes
-/// writes at once; it is armed again once N replicas follow it (the old region rejoining).
-/// Default 0: the server's setting is left alone.
-///
-/// The `Debug` output holds no secret: only the name of the variable or file with the password.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSourceConfig {
-    /// Source name: one path component, unique across `[[exec_sources]]` and `[[redis_sources]]`.
-    pub name: String,
-    /// `host:port` of the Redis server.
-    pub addr: String,
-    /// ACL user name for `AUTH`. Default none (the default user).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Environment variable holding the password. At most one of `password_env`/`password_file`.
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// File holding the password (trailing newline ignored).
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// TLS towards Redis (rustls; TLS 1.2 or 1.3) for snapshots, role changes and health probes.
-    /// Needs `tls_ca_file`. Default false.
-    #[serde(default)]
-    pub tls: bool,
-    /// PEM file of the CA(s) that sign the Redis servers' certificates (with `tls`).
-    #[serde(default)]
-    pub tls_ca_file: Option<PathBuf>,
-    /// PEM client certificate, for servers with `tls-auth-clients yes` (with `tls_key_file`).
-    #[serde(default)]
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key of `tls_cert_file` (never logged).
-    #[serde(default)]
-    pub tls_key_file: Option<PathBuf>,
-    /// Name the server certificate must carry (DNS name or IP). Default: the host of the address
-    /// connected to.
-    #[serde(default)]
-    pub tls_server_name: Option<String>,
-    /// Cron expression (croner syntax, 5 or 6 fields, UTC) of snapshot times. Exactly one of
-    /// `schedule` and `interval_s`.
-    #[serde(default)]
-    pub schedule: Option<String>,
-    /// Seconds between snapshots (one is also taken at start). Exactly one of `schedule` and
-    /// `interval_s`.
-    #[serde(default)]
-    pub interval_s: Option<u64>,
-    /// Retention of the snapshots in the catalog: a `[retention.<class>]` name or an inline policy
-    /// (see [`crate::retention`]). Its `keep_last` (default [`defaults::KEEP_LAST`]) also bounds
-    /// the snapshots waiting unacknowledged in `data_dir/snapshots/<name>/`. Default: every
-    /// snapshot is kept in the catalog.
-    #[serde(default)]
-    pub retention: Option<crate::retention::RetentionRef>,
-    /// Seconds a snapshot may take (connection to last byte). Default 600.
-    #[serde(default = "defaults::timeout_secs")]
-    pub timeout_secs: u64,
-    /// Region → `host:port` of the Redis primary that runs in that region. [`apply_role`] points
-    /// a standby at `primary_by_region[active_region]`.
-    #[serde(default)]
-    pub primary_by_region: BTreeMap<String, String>,
-    /// `min-replicas-to-write` of the armed primary (see the fencing note above); 0 leaves the
-    /// server's setting alone. Default 0.
-    #[serde(default)]
-    pub min_replicas_to_write: u32,
-    /// `min-replicas-max-lag` (seconds) used with `min_replicas_to_write`: a replica whose last
-    /// acknowledgement is older does not count. Default 10.
-    #[serde(default = "defaults::min_replicas_max_lag_s")]
-    pub min_replicas_max_lag_s: u64,
-}
+pub use crate::config::redis::{defaults, RedisSourceConfig};
+use crate::config::Config;
+use crate::snapshot::{snapshots_dir, spool_dir};
+use crate::sources::{Database, DbHealth, Pipeline, SnapshotSource};
 
 /// The JSON sidecar `_snapshots/<id>.rdb.meta.json` of a Redis snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,75 +120,6 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Validates every `[[redis_sources]]` entry of `cfg` (called by `Config::validate`).
-///
-/// Errors: [`ConfigError::BadRedisSource`] naming the source and the rule.
-pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
-    for (i, s) in cfg.redis_sources.iter().enumerate() {
-        let bad = |reason: String| ConfigError::BadRedisSource {
-            name: s.name.clone(),
-            reason,
-        };
-        if s.name.contains('/') {
-            return Err(bad("name must be one path component (no '/')".into()));
-        }
-        lifeboat_common::path::validate_rel_path(&s.name)
-            .map_err(|err| bad(format!("name: {err}")))?;
-        if cfg.redis_sources[..i].iter().any(|q| q.name == s.name)
-            || cfg.exec_sources.iter().any(|q| q.name == s.name)
-        {
-            return Err(bad(
-                "name is used twice (names are unique across all sources)".into(),
-            ));
-        }
-        split_addr(&s.addr).map_err(|e| bad(format!("addr: {e}")))?;
-        for (region, a) in &s.primary_by_region {
-            split_addr(a).map_err(|e| bad(format!("primary_by_region.{region}: {e}")))?;
-        }
-        if s.tls {
-            if s.tls_ca_file.is_none() {
-                return Err(bad(
-                    "tls = true needs tls_ca_file (PEM of the CA that signs the server certificate)"
-                        .into(),
-                ));
-            }
-            if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
-                return Err(bad(
-                    "give both tls_cert_file and tls_key_file, or neither".into()
-                ));
-            }
-            if let Some(n) = &s.tls_server_name {
-                redis_conn::check_server_name(n)
-                    .map_err(|e| bad(format!("tls_server_name {n:?}: {e}")))?;
-            }
-        } else if s.tls_ca_file.is_some()
-            || s.tls_cert_file.is_some()
-            || s.tls_key_file.is_some()
-            || s.tls_server_name.is_some()
-        {
-            return Err(bad("tls_* options need tls = true".into()));
-        }
-        if s.password_env.is_some() && s.password_file.is_some() {
-            return Err(bad(
-                "give at most one of password_env and password_file".into()
-            ));
-        }
-        match (&s.schedule, s.interval_s) {
-            (Some(c), None) => {
-                crate::pg_source::parse_cron(c).map_err(|e| bad(format!("schedule {c:?}: {e}")))?;
-            }
-            (None, Some(0)) => return Err(bad("interval_s must be at least 1".into())),
-            (None, Some(_)) => {}
-            _ => return Err(bad("give exactly one of schedule and interval_s".into())),
-        }
-        crate::retention::validate_ref(cfg, &s.retention).map_err(bad)?;
-        if s.timeout_secs == 0 {
-            return Err(bad("timeout_secs must be at least 1".into()));
-        }
-    }
-    Ok(())
-}
-
 pub use lifeboat_common::redis_conn::{split_addr, RedisIo};
 
 fn password(src: &RedisSourceConfig) -> Result<Option<Secret>, RedisSourceError> {
@@ -331,7 +160,7 @@ impl RedisSourceConfig {
     /// The TLS settings of this source (`None` without `tls = true`).
     ///
     /// Errors: [`RedisSourceError::Tls`] when `tls = true` lacks `tls_ca_file` (refused by
-    /// [`validate`] already; checked again for configs built without it).
+    /// `Config::validate` already; checked again for configs built without it).
     pub fn tls_settings(&self) -> Result<Option<RedisTls>, RedisSourceError> {
         if !self.tls {
             return Ok(None);
@@ -414,71 +243,112 @@ pub fn keyspace_keys(info: &BTreeMap<String, String>) -> u64 {
         .sum()
 }
 
-/// Finished local snapshots and sidecars left from an earlier run, as paths relative to
+/// Finished local snapshots and sidecars of `src` left from an earlier run, as paths relative to
 /// `snapshots_dir` (`<source>/<ts>.rdb`, `<source>/<ts>.rdb.meta.json`), oldest first. An RDB
 /// whose sidecar is missing (the agent stopped between the two renames) is deleted, not listed.
-pub fn leftovers(cfg: &Config) -> Vec<String> {
-    let dir = snapshots_dir(&cfg.data_dir);
+fn leftovers(src: &RedisSourceConfig, data_dir: &Path) -> Vec<String> {
+    let d = snapshots_dir(data_dir).join(&src.name);
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".rdb") || n.ends_with(".rdb.meta.json"))
+        .collect();
+    names.sort();
     let mut out = Vec::new();
-    for s in &cfg.redis_sources {
-        let d = dir.join(&s.name);
-        let Ok(rd) = std::fs::read_dir(&d) else {
+    for n in names {
+        if n.ends_with(".rdb") && !d.join(format!("{n}.meta.json")).exists() {
+            let _ = std::fs::remove_file(d.join(&n));
             continue;
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".rdb") || n.ends_with(".rdb.meta.json"))
-            .collect();
-        names.sort();
-        for n in names {
-            if n.ends_with(".rdb") && !d.join(format!("{n}.meta.json")).exists() {
-                let _ = std::fs::remove_file(d.join(&n));
-                continue;
-            }
-            out.push(format!("{}/{n}", s.name));
         }
+        out.push(format!("{}/{n}", src.name));
     }
     out
 }
 
-/// Starts one task per `[[redis_sources]]` entry; each sends, for every snapshot taken, the
-/// relative paths of the RDB and then of its sidecar on `tx`. The epoch in `progress` is read
-/// when a snapshot starts (recorded in the sidecar). Tasks end when `stop` asks for shutdown.
-pub fn spawn_all(
-    cfg: &Config,
-    progress: std::sync::Arc<crate::status::Progress>,
-    tx: mpsc::UnboundedSender<String>,
-    stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    cfg.redis_sources
-        .iter()
-        .map(|s| {
-            let span = tracing::info_span!("redis_source", source = %s.name);
-            let keep = crate::retention::resolve(cfg, &s.retention)
-                .and_then(|p| p.keep_last)
-                .map_or(defaults::KEEP_LAST, |k| k as usize);
-            tokio::spawn(
-                source_loop(
-                    s.clone(),
-                    keep,
-                    cfg.data_dir.clone(),
-                    progress.clone(),
-                    tx.clone(),
-                    stop.clone(),
-                    uploader.clone(),
-                )
-                .instrument(span),
+/// A `[[redis_sources]]` entry as a [`SnapshotSource`]: one task that sends, for every snapshot
+/// taken, the relative paths of the RDB and then of its sidecar. The epoch in `progress` is read
+/// when a snapshot starts (recorded in the sidecar). The task ends when `stop` asks for shutdown.
+impl SnapshotSource for RedisSourceConfig {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        leftovers(self, data_dir)
+    }
+
+    fn spawn(&self, cfg: &Config, pipe: &Pipeline) -> Vec<JoinHandle<()>> {
+        let span = tracing::info_span!("redis_source", source = %self.name);
+        let keep = crate::config::retention::resolve(&cfg.retention, &self.retention)
+            .and_then(|p| p.keep_last)
+            .map_or(defaults::KEEP_LAST, |k| k as usize);
+        vec![tokio::spawn(
+            source_loop(
+                self.clone(),
+                keep,
+                cfg.data_dir.clone(),
+                pipe.progress.clone(),
+                pipe.tx.clone(),
+                pipe.stop.clone(),
+                pipe.uploader.clone(),
             )
-        })
-        .collect()
+            .instrument(span),
+        )]
+    }
+
+    fn database(&self) -> Option<&dyn Database> {
+        Some(self)
+    }
+}
+
+/// Role orders: promote with `REPLICAOF NO ONE` or follow the active region's primary
+/// ([`apply_role`]); the fencing of `min_replicas_to_write` ([`arm_min_replicas`]).
+impl Database for RedisSourceConfig {
+    fn apply_role<'a>(
+        &'a self,
+        my_region: &'a str,
+        active_region: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(apply_role(self, my_region, active_region, epoch))
+    }
+
+    fn health(&self) -> BoxFuture<'_, DbHealth> {
+        Box::pin(health(self))
+    }
+
+    fn settle(
+        &self,
+        active: bool,
+        _ordered: bool,
+        observed: DbHealth,
+    ) -> (String, &'static [&'static str]) {
+        (
+            observed.role,
+            if active { &["primary"] } else { &["replica"] },
+        )
+    }
+
+    fn fences(&self) -> bool {
+        self.min_replicas_to_write != 0
+    }
+
+    fn arm_fencing(&self) -> BoxFuture<'_, anyhow::Result<Option<String>>> {
+        Box::pin(arm_min_replicas(self))
+    }
 }
 
 /// Time until the next snapshot: `interval_s` (zero the first time) or the next cron match.
 fn next_delay(src: &RedisSourceConfig, first: bool) -> Duration {
-    crate::exec::next_delay(src.interval_s, src.schedule.as_deref(), first)
+    crate::snapshot::next_delay(src.interval_s, src.schedule.as_deref(), first)
 }
 
 async fn source_loop(
@@ -488,7 +358,7 @@ async fn source_loop(
     progress: std::sync::Arc<crate::status::Progress>,
     tx: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<Option<Instant>>,
-    uploader: Option<crate::preupload::Uploader>,
+    uploader: Option<crate::snapshot::preupload::Uploader>,
 ) {
     let mut first = true;
     loop {
@@ -555,14 +425,14 @@ pub async fn take_snapshot(
 }
 
 /// [`take_snapshot`], uploading the RDB's parts to the region's leader while they arrive when
-/// `uploader` is given (see [`crate::preupload`]; a failed upload only costs time later).
+/// `uploader` is given (see [`crate::snapshot::preupload`]; a failed upload only costs time later).
 ///
 /// Errors: as [`take_snapshot`].
 pub async fn take_snapshot_with(
     src: &RedisSourceConfig,
     data_dir: &Path,
     epoch: u64,
-    uploader: Option<&crate::preupload::Uploader>,
+    uploader: Option<&crate::snapshot::preupload::Uploader>,
 ) -> Result<SnapshotMeta, RedisSourceError> {
     let start_ms = lifeboat_common::now_ms();
     let io = |what: String| move |e: std::io::Error| RedisSourceError::Io(format!("{what}: {e}"));
@@ -577,7 +447,9 @@ pub async fn take_snapshot_with(
         let server = info(&mut con, &src.addr, "server").await?;
         let keys = keyspace_keys(&info(&mut con, &src.addr, "keyspace").await?);
         drop(con);
-        let up = uploader.map_or_else(crate::preupload::Preupload::disabled, |u| u.start());
+        let up = uploader.map_or_else(crate::snapshot::preupload::Preupload::disabled, |u| {
+            u.start()
+        });
         let (bytes, hash) = fetch_rdb(src, &spool, up).await?;
         Ok::<_, RedisSourceError>((server, keys, bytes, hash))
     })
@@ -599,7 +471,7 @@ pub async fn take_snapshot_with(
         }
     };
     let dir = snapshots_dir(data_dir).join(&src.name);
-    let (ts, _) = crate::retention::unique_ts(&dir, start_ms);
+    let (ts, _) = crate::snapshot::retention::unique_ts(&dir, start_ms);
     let id = format!("{}/{ts}", src.name);
     let meta = SnapshotMeta {
         id: id.clone(),
@@ -692,7 +564,7 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn fetch_rdb(
     src: &RedisSourceConfig,
     spool: &Path,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
 ) -> Result<(u64, blake3::Hash), RedisSourceError> {
     let addr = src.addr.as_str();
     let proto = |msg: String| RedisSourceError::Protocol {
@@ -750,7 +622,7 @@ async fn fetch_rdb(
             "expected `$<len>` or `$EOF:<mark>`, got {header:?}"
         )));
     };
-    let file = crate::spool::SpoolFile::create(spool, up)
+    let file = crate::snapshot::spool::SpoolFile::create(spool, up)
         .await
         .map_err(|e| RedisSourceError::Io(format!("cannot create {}: {e}", spool.display())))?;
     let mut sink = RdbSink {
@@ -815,13 +687,13 @@ async fn fetch_rdb(
             String::from_utf8_lossy(&sink.head)
         )));
     }
-    crate::exec::seal_spool(sink.file, spool)
+    crate::snapshot::seal_spool(sink.file, spool)
         .await
         .map_err(RedisSourceError::Io)
 }
 
 struct RdbSink {
-    file: crate::spool::SpoolFile,
+    file: crate::snapshot::spool::SpoolFile,
     bytes: u64,
     head: Vec<u8>,
 }
@@ -1080,6 +952,7 @@ async fn probe(src: &RedisSourceConfig) -> Result<DbHealth, RedisSourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigError;
 
     #[test]
     fn info_and_keyspace() {
@@ -1147,7 +1020,10 @@ mod tests {
 
     #[test]
     fn example_config_redis_block_is_valid() {
-        let text = include_str!("../../deploy/examples/agent.toml");
+        let text = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/agent.toml"
+        ));
         let mut out = String::new();
         let mut inside = false;
         for line in text.lines() {

@@ -1,6 +1,6 @@
 //! Applies the control record to this agent's databases: when a heartbeat reply names a newer
 //! epoch (or another active region), every `[[redis_sources]]` and `[[postgres_sources]]` entry is
-//! reconciled with [`crate::redis_source::apply_role`] / [`crate::pg_role::apply_role`]
+//! reconciled through its [`Database`](crate::sources::Database) role orders
 //! (promotion in the active region, follow/fence elsewhere), all sources at once. Orders are
 //! idempotent and only applied for an epoch at least as new as the newest seen (DESIGN.md
 //! section 5, rule 3).
@@ -44,15 +44,9 @@ impl DbRoles {
             detail: "no role order applied yet".into(),
             ..Default::default()
         };
-        let outcomes = cfg
-            .redis_sources
+        let outcomes = crate::sources::databases(cfg)
             .iter()
-            .map(|s| pending(&s.name, "redis"))
-            .chain(
-                cfg.postgres_sources
-                    .iter()
-                    .map(|s| pending(&s.name, "postgres")),
-            )
+            .map(|s| pending(s.name(), s.kind()))
             .collect();
         Arc::new(DbRoles {
             applied: StdMutex::new((0, String::new())),
@@ -64,7 +58,9 @@ impl DbRoles {
 
     /// Whether the config has database sources at all.
     pub fn wanted(cfg: &Config) -> bool {
-        !cfg.redis_sources.is_empty() || !cfg.postgres_sources.is_empty()
+        crate::sources::all(cfg)
+            .iter()
+            .any(|s| s.database().is_some())
     }
 
     /// The newest outcome of every source (sent with each heartbeat).
@@ -83,7 +79,7 @@ impl DbRoles {
     /// Reconciles every database source with `(epoch, active_region)` unless already done for
     /// this pair or an older epoch is offered (refused: rule 3). When the pair is already
     /// applied and this region is active, arms the Redis fencing instead
-    /// ([`crate::redis_source::arm_min_replicas`]). Runs in a task; returns at once.
+    /// ([`crate::sources::redis::arm_min_replicas`]). Runs in a task; returns at once.
     pub fn offer(self: &Arc<Self>, cfg: &Arc<Config>, epoch: u64, active_region: &str) {
         if active_region.is_empty() || !Self::wanted(cfg) {
             return;
@@ -96,10 +92,9 @@ impl DbRoles {
             let done = epoch == applied.0 && applied.1 == active_region;
             if done
                 && (active_region != cfg.region
-                    || cfg
-                        .redis_sources
+                    || crate::sources::databases(cfg)
                         .iter()
-                        .all(|s| s.min_replicas_to_write == 0))
+                        .all(|s| s.database().is_none_or(|d| !d.fences())))
             {
                 return;
             }
@@ -115,14 +110,15 @@ impl DbRoles {
         let active = active_region.to_string();
         tokio::spawn(async move {
             if maintain_only {
-                for s in &cfg.redis_sources {
-                    match crate::redis_source::arm_min_replicas(s).await {
+                for s in crate::sources::databases(&cfg) {
+                    let Some(db) = s.database() else { continue };
+                    match db.arm_fencing().await {
                         Ok(Some(d)) => {
-                            tracing::warn!(epoch, source = %s.name, outcome = %d, "redis fencing armed")
+                            tracing::warn!(epoch, source = %s.name(), outcome = %d, "redis fencing armed")
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::debug!(source = %s.name, error = %e, "cannot arm redis fencing")
+                            tracing::debug!(source = %s.name(), error = %e, "cannot arm redis fencing")
                         }
                     }
                 }
@@ -136,48 +132,15 @@ impl DbRoles {
     async fn apply(&self, cfg: &Arc<Config>, epoch: u64, active: &str) {
         let started = Instant::now();
         let mut set = tokio::task::JoinSet::new();
-        for s in cfg.redis_sources.clone() {
+        for s in crate::sources::databases(cfg) {
             let (region, active) = (cfg.region.clone(), active.to_string());
             set.spawn(async move {
                 let t = Instant::now();
-                let r = crate::redis_source::apply_role(&s, &region, &active, epoch).await;
-                let observed = crate::redis_source::health(&s).await;
-                let want = if region == active {
-                    "primary"
-                } else {
-                    "replica"
-                };
-                outcome(
-                    &s.name,
-                    "redis",
-                    epoch,
-                    &active,
-                    r,
-                    observed.role,
-                    &[want],
-                    t,
-                )
-            });
-        }
-        for s in cfg.postgres_sources.clone() {
-            let (region, active) = (cfg.region.clone(), active.to_string());
-            set.spawn(async move {
-                let t = Instant::now();
-                let r = crate::pg_role::apply_role(&s, &region, &active, epoch).await;
-                let observed = crate::pg_role::health(&s).await;
-                let is_active = region == active;
-                // A fenced former primary is stopped: the probe cannot connect.
-                let role = if !observed.healthy && !is_active && r.is_ok() {
-                    "stopped".to_string()
-                } else {
-                    observed.role
-                };
-                let want: &[&str] = if is_active {
-                    &["primary"]
-                } else {
-                    &["replica", "stopped"]
-                };
-                outcome(&s.name, "postgres", epoch, &active, r, role, want, t)
+                let db = s.database().expect("a database source");
+                let r = db.apply_role(&region, &active, epoch).await;
+                let observed = db.health().await;
+                let (role, want) = db.settle(region == active, r.is_ok(), observed);
+                outcome(s.name(), s.kind(), epoch, &active, r, role, want, t)
             });
         }
         let mut all_ok = true;

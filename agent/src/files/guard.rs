@@ -280,7 +280,7 @@ pub struct AcceptedDeletions {
 /// Errors: the [`RootProblem`] (then nothing may be applied), or a state failure as
 /// [`RootProblem::Unreadable`].
 pub fn replica_dir_ready(
-    state: &crate::state::StateDb,
+    state: &crate::files::state::StateDb,
     key: &str,
     path: &Path,
     populated: bool,
@@ -381,7 +381,7 @@ mod tests {
     #[test]
     fn populated_replica_dir_is_never_recreated() {
         let d = tempfile::tempdir().unwrap();
-        let state = crate::state::StateDb::open(&d.path().join("state")).unwrap();
+        let state = crate::files::state::StateDb::open(&d.path().join("state")).unwrap();
         let dir = d.path().join("rep");
         replica_dir_ready(&state, "/replica/x", &dir, false, true).unwrap();
         assert!(dir.is_dir(), "an unpopulated replica directory is created");

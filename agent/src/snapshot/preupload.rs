@@ -3,7 +3,7 @@
 //! A snapshot (Redis RDB, PostgreSQL base backup, exec dump) is spooled to a local file first and
 //! then sent through the regular file pipeline. Done one after the other, the upload doubles the
 //! time a snapshot takes. A [`Preupload`] overlaps them: the spool's writer thread
-//! ([`crate::spool::SpoolFile`]) offers every part (aligned to the agent's part size from byte
+//! ([`crate::snapshot::spool::SpoolFile`]) offers every part (aligned to the agent's part size from byte
 //! 0, exactly as `delta::plan_file` cuts the finished file) here; it goes to the region's leader
 //! in one `PutParts` call, compressed here in the stored blob form (`encoded`) and **without a
 //! hash**: the leader, which must hash the content to verify it anyway, computes the part's
@@ -26,9 +26,9 @@ use lifeboat_proto as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::files::state::StateDb;
 use crate::push::{PushClient, SendCounters};
-use crate::spool::SharedBlock;
-use crate::state::StateDb;
+use crate::snapshot::block::SharedBlock;
 
 /// Parts waiting for the upload at most (with 4 MiB parts: 32 MiB of memory).
 pub const QUEUE_PARTS: usize = 8;
@@ -81,7 +81,7 @@ impl Uploader {
     }
 }
 
-/// One snapshot's upload in progress. The spool's writer thread ([`crate::spool::SpoolFile`])
+/// One snapshot's upload in progress. The spool's writer thread ([`crate::snapshot::spool::SpoolFile`])
 /// [`PartSender::offer`]s each part after hashing it, then the spool calls
 /// [`Preupload::finish`]. Dropping it without `finish` abandons the upload (nothing recorded).
 #[derive(Debug)]
@@ -170,7 +170,7 @@ impl Preupload {
     /// and records the parts it stored as acknowledged blobs. With the spool's `parts` (every
     /// part's size, in order, cut at [`Preupload::part_size`], and its blake3 when the spool
     /// hashed it: the leader names the others) and `whole` (the blake3 of the file), also
-    /// records its [`crate::spool_digest::SpoolDigest`] when every part's hash is known, so
+    /// records its [`crate::files::spool_digest::SpoolDigest`] when every part's hash is known, so
     /// planning `spool` (complete and fsync'd) skips reading it back. Returns how many parts
     /// were stored (0 when disabled or failed).
     pub async fn finish(
@@ -201,7 +201,7 @@ impl Preupload {
                     if let Ok(meta) = std::fs::metadata(spool) {
                         state.spool_digests().record(
                             &meta,
-                            crate::spool_digest::SpoolDigest {
+                            crate::files::spool_digest::SpoolDigest {
                                 size: 0,
                                 mtime: (0, 0),
                                 part_size: self.part_size,

@@ -13,7 +13,7 @@
 //!   writes on `EINVAL`, for example on tmpfs; the last, partial block is always written
 //!   buffered);
 //! - computes the whole-file blake3 in a hash thread and, with a pre-upload
-//!   ([`crate::preupload`]), offers each block (a block is one part) to the upload, whose
+//!   ([`crate::snapshot::preupload`]), offers each block (a block is one part) to the upload, whose
 //!   leader computes the part's blake3 (a part the upload does not take is hashed here), then
 //!   hands the block to a disk thread (device writes overlap hashing);
 //! - on [`SpoolFile::finish`], writes the tail and fsyncs (data and size durable), then finishes
@@ -29,53 +29,13 @@ use lifeboat_common::blob::BlobHash;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::snapshot::block::{Block, SharedBlock, ALIGN};
+
 /// Bytes per block handed to the writer without a pre-upload (with one: its part size).
 pub const BLOCK_BYTES: usize = lifeboat_common::PART_SIZE;
-/// Alignment of blocks in memory and in the file (`O_DIRECT` needs the logical block size;
-/// 4096 covers 512-byte and 4 KiB devices).
-const ALIGN: usize = 4096;
 /// Full blocks waiting for the writer at most (with the one being filled and the one being
 /// written: about 24 MiB of memory).
 pub const QUEUE_BLOCKS: usize = 4;
-
-/// A buffer of up to `cap` bytes whose start is aligned to [`ALIGN`] bytes (a plain `Vec`
-/// with room to slide the start; no unsafe allocation).
-struct Block {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-    cap: usize,
-}
-
-impl Block {
-    fn new(cap: usize) -> Block {
-        let raw = vec![0u8; cap + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Block {
-            raw,
-            start,
-            len: 0,
-            cap,
-        }
-    }
-
-    /// Copies as much of `data` as fits; returns how many bytes were taken.
-    fn fill(&mut self, data: &[u8]) -> usize {
-        let take = (self.cap - self.len).min(data.len());
-        let at = self.start + self.len;
-        self.raw[at..at + take].copy_from_slice(&data[..take]);
-        self.len += take;
-        take
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == self.cap
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-}
 
 /// A spool file being written (see the module documentation). Dropping it without
 /// [`SpoolFile::finish`] stops the writer; the caller removes the file.
@@ -85,31 +45,8 @@ pub struct SpoolFile {
     tx: Option<mpsc::Sender<Block>>,
     spare: std::sync::mpsc::Receiver<Block>,
     writer: Option<JoinHandle<std::io::Result<Written>>>,
-    up: crate::preupload::Preupload,
+    up: crate::snapshot::preupload::Preupload,
     bytes: u64,
-}
-
-/// A full block shared by the disk stage and the pre-upload without copying; it goes back to
-/// the spare pool when its last holder drops it.
-pub struct SharedBlock {
-    block: Option<Block>,
-    spare: std::sync::mpsc::SyncSender<Block>,
-}
-
-impl SharedBlock {
-    /// The block's bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.block.as_ref().map_or(&[], Block::bytes)
-    }
-}
-
-impl Drop for SharedBlock {
-    fn drop(&mut self) {
-        if let Some(mut b) = self.block.take() {
-            b.len = 0;
-            let _ = self.spare.try_send(b);
-        }
-    }
 }
 
 /// What the writer thread wrote: the whole-file blake3 and, with a pre-upload, every part's
@@ -195,7 +132,7 @@ fn write_blocks(
     direct: bool,
     mut rx: mpsc::Receiver<Block>,
     spare: std::sync::mpsc::SyncSender<Block>,
-    mut parts: Option<crate::preupload::PartSender>,
+    mut parts: Option<crate::snapshot::preupload::PartSender>,
 ) -> std::io::Result<Written> {
     let (disk_tx, disk_rx) =
         std::sync::mpsc::sync_channel::<std::sync::Arc<SharedBlock>>(DISK_QUEUE);
@@ -291,7 +228,7 @@ impl SpoolFile {
     /// Errors: the file cannot be created.
     pub async fn create(
         path: &Path,
-        mut up: crate::preupload::Preupload,
+        mut up: crate::snapshot::preupload::Preupload,
     ) -> std::io::Result<SpoolFile> {
         let p = path.to_path_buf();
         let (file, direct) = tokio::task::spawn_blocking(move || open(&p))
@@ -403,7 +340,7 @@ mod tests {
         ] {
             let want = data(n);
             let p = d.path().join(format!("s{n}"));
-            let mut s = SpoolFile::create(&p, crate::preupload::Preupload::disabled())
+            let mut s = SpoolFile::create(&p, crate::snapshot::preupload::Preupload::disabled())
                 .await
                 .unwrap();
             // Odd write sizes, crossing block boundaries.
@@ -427,7 +364,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
         std::fs::write(&p, vec![7u8; 10_000]).unwrap();
-        let mut s = SpoolFile::create(&p, crate::preupload::Preupload::disabled())
+        let mut s = SpoolFile::create(&p, crate::snapshot::preupload::Preupload::disabled())
             .await
             .unwrap();
         s.write(b"short").await.unwrap();
