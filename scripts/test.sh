@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install-test-deps.sh
 export PATH="$PATH:$HOME/.local/bin"
 cargo build --release --workspace --bins
-cargo test --release --workspace -- --test-threads=2
+cargo test --release --workspace --no-fail-fast -- --test-threads=2
