@@ -158,10 +158,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta("last_purged")?;
         let tx = self.db.begin_write().map_err(|e| sto_err(true, e))?;
         {
             let mut t = tx.open_table(self.log).map_err(|e| sto_err(true, e))?;
+            // The next index must follow the last one held (or purged): a gap would leave a log
+            // that no longer loads. Refused before anything is written (the transaction is
+            // dropped, not committed).
+            let mut next = match t.last().map_err(|e| sto_err(true, e))? {
+                Some((k, _)) => Some(k.value() + 1),
+                None => last_purged.map(|p| p.index + 1),
+            };
             for e in entries {
+                if let Some(n) = next {
+                    if e.log_id.index > n {
+                        return Err(sto_err(
+                            true,
+                            std::io::Error::other(format!(
+                                "append at log index {} would leave a gap after {}",
+                                e.log_id.index,
+                                n - 1
+                            )),
+                        ));
+                    }
+                }
+                next = Some(e.log_id.index + 1);
                 let data = serde_json::to_vec(&e).map_err(|e| sto_err(true, e))?;
                 t.insert(e.log_id.index, data.as_slice())
                     .map_err(|e| sto_err(true, e))?;

@@ -166,6 +166,40 @@ impl RaftServer {
     }
 }
 
+/// Checks the shape of an `AppendEntries` request before openraft sees it: its entries follow
+/// `prev_log_id` without a gap or repeat (indexes `prev + 1, prev + 2, ...`, or from 0 without a
+/// previous entry), their terms never decrease, start at or after `prev_log_id`'s and never
+/// exceed the sender's vote. openraft trusts this shape; a request without it would make the log
+/// store hold a gap and stop the Raft core for good.
+///
+/// Errors: the first violation, described.
+pub fn check_append(r: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    let vote_term = r.vote.leader_id().term;
+    let first = r.prev_log_id.map(|p| p.index + 1).unwrap_or(0);
+    let mut term = r.prev_log_id.map(|p| p.leader_id.term).unwrap_or(0);
+    if term > vote_term {
+        return Err(format!(
+            "prev_log_id term {term} is above the sender's vote term {vote_term}"
+        ));
+    }
+    for (index, e) in (first..).zip(r.entries.iter()) {
+        if e.log_id.index != index {
+            return Err(format!(
+                "entry at index {} where index {index} must follow",
+                e.log_id.index
+            ));
+        }
+        let t = e.log_id.leader_id.term;
+        if t < term || t > vote_term {
+            return Err(format!(
+                "entry {index} has term {t}: terms must not decrease ({term}) nor exceed the vote's ({vote_term})"
+            ));
+        }
+        term = t;
+    }
+    Ok(())
+}
+
 fn encode<T: Serialize>(group: &str, v: &T) -> Result<tonic::Response<RaftMessage>, Status> {
     Ok(tonic::Response::new(RaftMessage {
         group: group.into(),
@@ -180,6 +214,8 @@ impl RaftService for RaftServer {
         req: Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, Status> {
         let (raft, r): (_, AppendEntriesRequest<TypeConfig>) = self.pick(req.get_ref())?;
+        check_append(&r)
+            .map_err(|e| Status::invalid_argument(format!("bad AppendEntries: {e}")))?;
         encode(&req.get_ref().group, &raft.append_entries(r).await)
     }
 
@@ -197,5 +233,47 @@ impl RaftService for RaftServer {
     ) -> Result<tonic::Response<RaftMessage>, Status> {
         let (raft, r): (_, VoteRequest<NodeId>) = self.pick(req.get_ref())?;
         encode(&req.get_ref().group, &raft.vote(r).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn req(
+        vote_term: u64,
+        prev: Option<(u64, u64)>,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(vote_term, 1),
+            prev_log_id: prev.map(|(t, i)| LogId::new(CommittedLeaderId::new(t, 1), i)),
+            entries,
+            leader_commit: None,
+        }
+    }
+
+    #[test]
+    fn append_entries_must_follow_prev_without_gaps_and_within_the_vote_term() {
+        assert!(check_append(&req(3, Some((2, 13)), vec![entry(2, 14), entry(3, 15)])).is_ok());
+        assert!(check_append(&req(1, None, vec![entry(0, 0), entry(1, 1)])).is_ok());
+        assert!(check_append(&req(3, Some((2, 13)), vec![])).is_ok());
+        // The reported attack: an entry at index 16 right after 13.
+        let e = check_append(&req(3, Some((2, 13)), vec![entry(3, 16)])).unwrap_err();
+        assert!(e.contains("index 16") && e.contains("14"), "{e}");
+        // A repeat, a decreasing term, a term above the sender's vote.
+        assert!(check_append(&req(3, Some((2, 13)), vec![entry(2, 14), entry(2, 14)])).is_err());
+        assert!(check_append(&req(3, Some((2, 13)), vec![entry(3, 14), entry(2, 15)])).is_err());
+        assert!(check_append(&req(3, Some((2, 13)), vec![entry(13, 14)])).is_err());
+        assert!(check_append(&req(3, Some((2, 13)), vec![entry(1, 14)])).is_err());
     }
 }
