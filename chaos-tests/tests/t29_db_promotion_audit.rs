@@ -97,6 +97,10 @@ async fn database_promotion_is_audited_before_traffic_moves() -> anyhow::Result<
                 hooks_toml: [("b".to_string(), hook_b)].into_iter().collect(),
                 // Generous on a loaded machine: the hook must wait for the databases.
                 global_toml: "db_promotion_timeout_ms = 30000\n".into(),
+                // Region a must not be failed over at start-up while its coordinators still
+                // elect a regional leader on a loaded machine (seen once in CI: a had no leader
+                // for lease + detection + drift, 2.75 s with the defaults).
+                policy_toml: "detection_timeout_ms = 3000\n".into(),
                 ..Default::default()
             },
         )?;
