@@ -187,18 +187,16 @@ impl SyncAck {
         if self.gate.state.lock().recorded {
             return Ok(());
         }
-        let confirmed_seq = |rx: &mut tokio::sync::watch::Receiver<_>| {
-            let mut rx = rx.clone();
+        // Resolves once some standby confirmed `seq` (false if the sender is gone).
+        let confirmed_seq = || {
+            let mut rx = self.confirmed.clone();
             async move {
-                rx.wait_for(|m: &std::collections::BTreeMap<String, u64>| {
-                    m.values().copied().max().is_some_and(|s| s >= seq)
-                })
-                .await
-                .is_ok()
+                rx.wait_for(|m| m.values().copied().max().is_some_and(|s| s >= seq))
+                    .await
+                    .is_ok()
             }
         };
-        let mut rx = self.confirmed.clone();
-        let ok = tokio::time::timeout(self.timeout, confirmed_seq(&mut rx))
+        let ok = tokio::time::timeout(self.timeout, confirmed_seq())
             .await
             .unwrap_or(false);
         if ok {
@@ -227,7 +225,7 @@ impl SyncAck {
         let mut recorded = self.gate.recorded.subscribe();
         let outcome = tokio::time::timeout(self.timeout, async {
             tokio::select! {
-                c = confirmed_seq(&mut rx) => c,
+                c = confirmed_seq() => c,
                 r = recorded.wait_for(|r| *r) => r.is_ok(),
             }
         })
