@@ -5,12 +5,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/lifeboat/v1/agent.proto",
         "proto/lifeboat/v1/admin.proto",
+        "proto/lifeboat/v1/control.proto",
         "proto/lifeboat/v1/raft.proto",
         "proto/lifeboat/v1/replication.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    tonic_prost_build::configure().compile_protos(&files, &["proto"])?;
+    // The control plane's messages are printed by `lifeboat ... --output json`.
+    tonic_prost_build::configure()
+        .message_attribute(".lifeboat.v1", "#[derive(serde::Serialize)]")
+        .enum_attribute(".lifeboat.v1", "#[derive(serde::Serialize)]")
+        .compile_protos(&files, &["proto"])?;
     Ok(())
 }

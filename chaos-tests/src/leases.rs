@@ -1,5 +1,5 @@
 //! Watching the write leases of every region while a test runs: a background task asks each
-//! region's own regional leader (`Control` op `report`, peeked) every 100 ms whether it holds a
+//! region's own regional leader (`ControlService.PeekReport`) every 100 ms whether it holds a
 //! lease and until when, and [`check_no_overlap`] proves that no two regions' lease windows ever
 //! overlapped. All processes share the host's clock (namespaces do not virtualize time), so the
 //! windows `[at_ms, lease_until_ms)` of different regions are comparable.
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lifeboat_client::conn::ConnArgs;
 use lifeboat_lab::regions::{leader_report, Regions};
-use serde_json::Value;
+use lifeboat_proto::RegionReport;
 
 /// One answer of a regional leader.
 #[derive(Debug, Clone)]
@@ -31,15 +31,15 @@ pub struct LeaseSample {
 }
 
 impl LeaseSample {
-    fn from_report(r: &Value) -> Option<Self> {
-        Some(LeaseSample {
-            region: r["region"].as_str()?.to_string(),
-            node_id: r["node_id"].as_u64()?,
-            epoch: r["epoch"].as_u64()?,
-            leased: r["leased"].as_bool()?,
-            at_ms: r["at_ms"].as_u64()?,
-            lease_until_ms: r["lease_until_ms"].as_u64()?,
-        })
+    fn from_report(r: &RegionReport) -> Self {
+        LeaseSample {
+            region: r.region.clone(),
+            node_id: r.node_id,
+            epoch: r.epoch,
+            leased: r.leased,
+            at_ms: r.at_ms,
+            lease_until_ms: r.lease_until_ms,
+        }
     }
 }
 
@@ -66,9 +66,7 @@ impl LeaseSampler {
             while !s.load(Ordering::Relaxed) {
                 let asks = addrs.values().map(|a| leader_report(&conn, a));
                 for r in futures::future::join_all(asks).await.into_iter().flatten() {
-                    if let Some(x) = LeaseSample::from_report(&r) {
-                        out.push(x);
-                    }
+                    out.push(LeaseSample::from_report(&r));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

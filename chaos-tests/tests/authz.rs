@@ -12,11 +12,14 @@ use lifeboat_chaos_tests::*;
 use lifeboat_proto::admin_service_client::AdminServiceClient;
 use lifeboat_proto::agent_service_client::AgentServiceClient;
 use lifeboat_proto::blob_service_client::BlobServiceClient;
+use lifeboat_proto::control_service_client::ControlServiceClient;
+use lifeboat_proto::global_service_client::GlobalServiceClient;
 use lifeboat_proto::raft_service_client::RaftServiceClient;
 use lifeboat_proto::replication_service_client::ReplicationServiceClient;
 use lifeboat_proto::{
-    AddMemberRequest, ConfirmAppliedRequest, ControlRequest, FetchBlobsRequest, GcRequest,
-    HeartbeatRequest, RaftMessage, RemoveMemberRequest, StatusRequest, StoredBlob,
+    AddMemberRequest, ChangeTopologyRequest, ConfirmAppliedRequest, FetchBlobsRequest, GcRequest,
+    HeartbeatRequest, RaftMessage, RemoveMemberRequest, RenewRequest, ReportRequest, StatusRequest,
+    StoredBlob, SwitchoverRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -78,19 +81,21 @@ async fn each_role_calls_only_what_it_may() -> anyhow::Result<()> {
         );
         assert_denied(admin.remove_member(RemoveMemberRequest { id: 1 }).await, "admin", who);
         assert_denied(admin.collect_garbage(GcRequest { dry_run: false }).await, "admin", who);
-        for op in ["switchover", "renew", "report", "topology"] {
-            let body = serde_json::to_vec(&serde_json::json!({"to": "b", "action": "add", "actor": "me"}))?;
-            assert_denied(
-                admin
-                    .control(ControlRequest {
-                        op: op.into(),
-                        body,
-                    })
-                    .await,
-                "role",
-                who,
-            );
-        }
+        let mut control = ControlServiceClient::new(agent.clone());
+        let mut global = GlobalServiceClient::new(agent.clone());
+        let switchover = SwitchoverRequest {
+            to: Some("b".into()),
+            actor: "me".into(),
+            ..Default::default()
+        };
+        assert_denied(control.switchover(switchover).await, "role", who);
+        let add = ChangeTopologyRequest {
+            change: Some(lifeboat_proto::change_topology_request::Change::Remove(1)),
+            actor: "me".into(),
+        };
+        assert_denied(control.change_topology(add).await, "role", who);
+        assert_denied(global.renew(RenewRequest::default()).await, "role", who);
+        assert_denied(global.report(ReportRequest {}).await, "role", who);
         // A forged Raft append from "node 99" never reaches the Raft core.
         let mut raft = RaftServiceClient::new(agent.clone());
         assert_denied(

@@ -36,8 +36,11 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
             },
         )?;
         let s = regions.wait_active("a", 1, Duration::from_secs(60)).await?;
-        assert_eq!(s["state"]["record"]["epoch"], 1);
-        assert!(s["automatic"].get("Ok").is_some(), "2 regions + witness: automatic failover allowed: {s}");
+        assert_eq!(s.epoch(), 1);
+        assert!(
+            s.automatic_refused.is_none(),
+            "2 regions + witness: automatic failover allowed: {s:?}"
+        );
 
         // Drill: the plan names the target, the new epoch and the hook, and acts on nothing.
         let drill = json(&lifeboat_regions(&regions, &["drill", "--simulate", "--output", "json"]));
@@ -74,10 +77,10 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         regions.kill_region("a");
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
         let rto = killed.elapsed();
-        eprintln!("failover: b active at epoch 2 after {rto:?}; status {s}");
+        eprintln!("failover: b active at epoch 2 after {rto:?}; status {s:?}");
         let hook = std::fs::read_to_string(&hook_out)?;
         assert_eq!(hook.trim(), "2 b a", "hook environment: epoch, active, previous");
-        assert!(s["state"]["last_rto_ms"].as_u64().is_some(), "measured RTO recorded");
+        assert!(s.state().last_rto_ms.is_some(), "measured RTO recorded");
 
         // RPO 0: B holds every acknowledged change.
         let restored = dir.join("restored-b");
@@ -116,9 +119,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         loop {
             let s = regions.control_status().await;
             let a_standby = s.as_ref().is_some_and(|s| {
-                s["regions"].as_array().unwrap().iter().any(|r| {
-                    r["region"] == "a" && r["role"] == "standby" && r["healthy"] == true
-                })
+                s.region("a").is_some_and(|r| r.is_healthy_standby())
             });
             if a_standby {
                 break;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
-use serde_json::json;
 
 /// Paths of the latest live versions under `prefix` in `cluster`'s catalog.
 async fn catalog_paths(cluster: &Cluster, prefix: &str) -> anyhow::Result<Vec<String>> {
@@ -73,7 +72,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
             cut.elapsed(),
             t0.elapsed() - cut.elapsed()
         );
-        assert_eq!(s["state"]["record"]["epoch"], 2, "{s}");
+        assert_eq!(s.epoch(), 2, "{s:?}");
 
         // The audit log (committed on B's side) has the failover a -> b at epoch 2.
         let b_side: Vec<String> = regions
@@ -82,31 +81,20 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
             .into_iter()
             .chain(regions.witness.iter().flat_map(|w| w.addrs()))
             .collect();
-        let audit = regions
-            .control_on(
-                &b_side,
-                "audit",
-                json!({"limit": 1000}),
-                Duration::from_secs(5),
-            )
-            .await?;
-        let entries = audit.as_array().expect("audit list");
-        let failovers: Vec<&serde_json::Value> = entries
-            .iter()
-            .filter(|e| e["action"] == "failover")
-            .collect();
-        assert_eq!(failovers.len(), 1, "one failover: {audit}");
-        assert_eq!(failovers[0]["epoch"], 2, "{audit}");
-        let detail = failovers[0]["detail"].as_str().unwrap_or("");
+        let audit = regions.audit_on(&b_side, Duration::from_secs(5)).await?;
+        let failovers: Vec<_> = audit.iter().filter(|e| e.action == "failover").collect();
+        assert_eq!(failovers.len(), 1, "one failover: {audit:?}");
+        assert_eq!(failovers[0].epoch, 2, "{audit:?}");
+        let detail = &failovers[0].detail;
         assert!(
             detail.starts_with("a lost") && detail.contains("promoting b"),
             "{detail}"
         );
         assert!(
-            entries
+            audit
                 .iter()
-                .any(|e| e["action"] == "completed" && e["epoch"] == 2),
-            "{audit}"
+                .any(|e| e.action == "completed" && e.epoch == 2),
+            "{audit:?}"
         );
 
         // Region a is fenced: its own regional leader holds no valid lease, and it still
@@ -115,8 +103,8 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
             .report("a")
             .await
             .expect("a's regional leader answers the test host");
-        assert_eq!(ra["leased"], false, "a must be fenced: {ra}");
-        assert_eq!(ra["epoch"], 1, "{ra}");
+        assert!(!ra.leased, "a must be fenced: {ra:?}");
+        assert_eq!(ra.epoch, 1, "{ra:?}");
 
         // A file written in a now (a's lease expired before b was promoted) is never
         // acknowledged by a.
@@ -154,7 +142,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
             "a change made in the fenced region reached b: {in_b:?}"
         );
         let ra = regions.report("a").await.expect("a's regional leader");
-        assert_eq!(ra["leased"], false, "{ra}");
+        assert!(!ra.leased, "{ra:?}");
 
         // Heal. What a's agent does after the heal is not this test's subject: stop it.
         for mut a in regions.region_mut("a").agents.drain(..) {
@@ -167,11 +155,9 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
         loop {
             let s = regions.control_status().await;
             let ok = s.as_ref().is_some_and(|s| {
-                s["state"]["record"]["epoch"] == 2
-                    && s["state"]["record"]["phase"]["region"] == "b"
-                    && s["regions"].as_array().into_iter().flatten().any(|r| {
-                        r["region"] == "a" && r["role"] == "standby" && r["healthy"] == true
-                    })
+                s.epoch() == 2
+                    && s.is_active_in("b")
+                    && s.region("a").is_some_and(|r| r.is_healthy_standby())
             });
             if ok {
                 break;
@@ -200,13 +186,10 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
         assert!(c.equal(), "{:?}", c.differences);
 
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
-        assert_eq!(
-            s["state"]["record"]["epoch"], 2,
-            "epoch stays 2 after the heal: {s}"
-        );
+        assert_eq!(s.epoch(), 2, "epoch stays 2 after the heal: {s:?}");
         let ra = regions.report("a").await.expect("a's regional leader");
-        assert_eq!(ra["leased"], false, "{ra}");
-        assert_eq!(ra["epoch"], 2, "a follows epoch 2 after the heal: {ra}");
+        assert!(!ra.leased, "{ra:?}");
+        assert_eq!(ra.epoch, 2, "a follows epoch 2 after the heal: {ra:?}");
 
         // Never two regions leased at once, as each region's own leader said.
         let samples = sampler.finish().await?;

@@ -60,18 +60,13 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         let mut acked_at = None;
         while cut.elapsed() < Duration::from_secs(16) {
             if let Some(s) = regions.control_status().await {
-                let rec = &s["state"]["record"];
-                assert_eq!(
-                    rec["epoch"], 1,
-                    "no failover while a keeps the witness: {s}"
-                );
-                assert_eq!(rec["phase"]["phase"], "active", "{s}");
-                assert_eq!(rec["phase"]["region"], "a", "{s}");
+                assert_eq!(s.epoch(), 1, "no failover while a keeps the witness: {s:?}");
+                assert!(s.is_active_in("a"), "{s:?}");
                 polls += 1;
             }
             if let Some(rb) = regions.report("b").await {
-                assert_eq!(rb["leased"], false, "b must never hold a lease: {rb}");
-                assert_eq!(rb["epoch"], 1, "{rb}");
+                assert!(!rb.leased, "b must never hold a lease: {rb:?}");
+                assert_eq!(rb.epoch, 1, "{rb:?}");
             }
             let st = agent_status(&data).expect("status.json");
             let acked = st["changes_acked"].as_u64().unwrap_or(0);
@@ -95,21 +90,22 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         let acked_at = acked_at.expect("a acknowledged during.txt once degraded");
         eprintln!("during.txt acknowledged {acked_at:?} after the cut (degraded)");
         let ra = regions.report("a").await.expect("a's regional leader");
-        assert_eq!(ra["leased"], true, "a keeps its lease: {ra}");
-        assert_eq!(ra["sync_degraded"], true, "a reports degraded mode: {ra}");
+        assert!(ra.leased, "a keeps its lease: {ra:?}");
+        assert!(ra.sync_degraded, "a reports degraded mode: {ra:?}");
         // ... and the global group recorded it before the first batch was acknowledged alone,
         // so that any later global leader knows a standby may lack acknowledged changes.
         let s = regions.control_status().await.expect("global status");
-        assert_eq!(s["state"]["sync_degraded"]["region"], "a", "{s}");
-        assert_eq!(s["state"]["sync_degraded"]["epoch"], 1, "{s}");
-        let recorded_at = s["state"]["audit"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["action"] == "sync-degraded" && e["epoch"] == 1)
-            .map(|e| e["at_ms"].as_u64().unwrap_or(0))
+        let state = s.state();
+        let degraded = state.sync_degraded.clone().unwrap_or_default();
+        assert_eq!(degraded.region, "a", "{s:?}");
+        assert_eq!(degraded.epoch, 1, "{s:?}");
+        let recorded_at = state
+            .audit
+            .iter()
+            .find(|e| e.action == "sync-degraded" && e.epoch == 1)
+            .map(|e| e.at_ms)
             .expect("a sync-degraded audit entry");
-        assert!(recorded_at > 0, "{s}");
+        assert!(recorded_at > 0, "{s:?}");
 
         // Heal: b catches up and confirms; a leaves degraded mode and b holds the change.
         regions.net().heal()?;
@@ -117,7 +113,7 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         settle(&data).await?;
         loop {
             let ra = regions.report("a").await;
-            if ra.as_ref().is_some_and(|r| r["sync_degraded"] == false) {
+            if ra.as_ref().is_some_and(|r| !r.sync_degraded) {
                 break;
             }
             assert!(
@@ -131,12 +127,9 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         loop {
             let s = regions.control_status().await;
             let cleared = s.as_ref().is_some_and(|s| {
-                s["state"]["sync_degraded"].is_null()
-                    && s["state"]["audit"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|e| e["action"] == "sync-resumed")
+                let state = s.state();
+                state.sync_degraded.is_none()
+                    && state.audit.iter().any(|e| e.action == "sync-resumed")
             });
             if cleared {
                 break;
@@ -163,7 +156,7 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         .await?;
         assert_eq!(all.len(), 1, "one version of data/during.txt in b: {all:?}");
         let s = regions.wait_active("a", 1, Duration::from_secs(30)).await?;
-        assert_eq!(s["state"]["record"]["epoch"], 1, "{s}");
+        assert_eq!(s.epoch(), 1, "{s:?}");
         let samples = sampler.finish().await?;
         check_no_overlap(&samples)?;
         assert!(

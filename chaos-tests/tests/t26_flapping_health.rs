@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::regions::{Regions, RegionsOpts};
-use serde_json::Value;
+use lifeboat_proto::AuditEntry;
 
 const MIN_INTERVAL_MS: u64 = 20_000;
 
@@ -37,16 +37,8 @@ fn check_toml(flag: &Path) -> String {
 }
 
 /// Every audit entry (not just the status document's last 20).
-async fn audit(regions: &Regions) -> anyhow::Result<Vec<Value>> {
-    let a = regions
-        .control_on(
-            &regions.all_addrs(),
-            "audit",
-            serde_json::json!({"limit": 1000}),
-            Duration::from_secs(5),
-        )
-        .await?;
-    Ok(a.as_array().cloned().unwrap_or_default())
+async fn audit(regions: &Regions) -> anyhow::Result<Vec<AuditEntry>> {
+    regions.audit().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,15 +71,13 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let s = regions.control_status().await.unwrap_or_default();
-            let agents_ok = ["a", "b"].iter().all(|r| {
-                s["regions"].as_array().into_iter().flatten().any(|x| {
-                    x["region"] == *r && x["agents"].as_u64() >= Some(1) && x["healthy"] == true
-                })
-            });
+            let agents_ok = ["a", "b"]
+                .iter()
+                .all(|r| s.region(r).is_some_and(|x| x.agents >= 1 && x.healthy));
             if agents_ok {
                 break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "agents did not report: {s}");
+            anyhow::ensure!(Instant::now() < deadline, "agents did not report: {s:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
@@ -105,7 +95,7 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
                 flipped = Instant::now();
             }
             if let Some(s) = regions.control_status().await {
-                let e = s["state"]["record"]["epoch"].as_u64().unwrap_or(0);
+                let e = s.epoch();
                 if epochs.last() != Some(&e) {
                     epochs.push(e);
                 }
@@ -124,7 +114,7 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
             "the epoch changed more than once: {epochs:?}"
         );
         let log = audit(&regions).await?;
-        let count = |a: &str| log.iter().filter(|e| e["action"] == a).count();
+        let count = |a: &str| log.iter().filter(|e| e.action == a).count();
         assert!(count("suspect") >= 1, "the flapping was noticed: {log:?}");
         assert!(count("failover") <= 1, "{log:?}");
         if count("failover") == 0 {
@@ -140,8 +130,9 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
         }
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
         set(&flag_a, true)?;
-        let last_change = s["state"]["record"]["last_change_ms"]
-            .as_u64()
+        let last_change = s
+            .record()
+            .and_then(|r| r.last_change_ms)
             .expect("last_change_ms after a failover");
         // b flaps, 4.5 s down / 1.5 s up, while the minimum interval surely still runs (2 s margin
         // for b's agent to report it is up again).
@@ -160,41 +151,30 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
             "no time left in the minimum interval to flap b (machine too slow?)"
         );
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
-        assert_eq!(
-            s["state"]["record"]["epoch"], 2,
-            "no ping-pong back to a: {s}"
-        );
+        assert_eq!(s.epoch(), 2, "no ping-pong back to a: {s:?}");
         let log = audit(&regions).await?;
-        let count = |a: &str| log.iter().filter(|e| e["action"] == a).count();
+        let count = |a: &str| log.iter().filter(|e| e.action == a).count();
         assert_eq!(count("failover"), 1, "exactly one failover: {log:?}");
-        let blocked: Vec<&Value> = log
+        let blocked: Vec<&AuditEntry> = log
             .iter()
-            .filter(|e| {
-                e["action"] == "blocked"
-                    && e["detail"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains("minimum interval")
-            })
+            .filter(|e| e.action == "blocked" && e.detail.contains("minimum interval"))
             .collect();
         assert!(
             !blocked.is_empty(),
             "the failover back to a was blocked by the minimum interval: {log:?}"
         );
         assert!(
-            log.iter()
-                .any(|e| e["action"] == "suspect" && e["epoch"] == 2),
+            log.iter().any(|e| e.action == "suspect" && e.epoch == 2),
             "b's flapping was noticed: {log:?}"
         );
         // One leased region: b.
-        let leased: Vec<String> = s["regions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| r["leased"] == true)
-            .map(|r| r["region"].as_str().unwrap_or("").to_string())
+        let leased: Vec<String> = s
+            .regions
+            .iter()
+            .filter(|r| r.leased)
+            .map(|r| r.region.clone())
             .collect();
-        assert_eq!(leased, vec!["b".to_string()], "{s}");
+        assert_eq!(leased, vec!["b".to_string()], "{s:?}");
         eprintln!(
             "phase 2: {b_downs} downs of b, {} blocked entries; total {:?}",
             blocked.len(),

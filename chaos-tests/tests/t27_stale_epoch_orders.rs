@@ -22,32 +22,26 @@ use lifeboat_chaos_tests::*;
 use lifeboat_common::tls::TlsConfig;
 use lifeboat_lab::regions::{Regions, RegionsOpts};
 use lifeboat_proto::agent_service_client::AgentServiceClient;
+use lifeboat_proto::global_service_client::GlobalServiceClient;
 use lifeboat_proto::push_message::Msg;
+use lifeboat_proto::{AuditEntry, RenewReply, RenewRequest};
 use lifeboat_proto::{FileChange, PushMessage, PushReply};
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// Calls `Control` op `op` with `conn`'s certificate on each of `addrs` until one answers;
+/// Asks `GlobalService.Renew` with `conn`'s certificate on each of `addrs` until one answers;
 /// returns that reply, or the last refusal (its gRPC status, code intact).
-async fn control_as(
+async fn renew_as(
     conn: &lifeboat_client::conn::ConnArgs,
     addrs: &[String],
-    op: &str,
-    body: &Value,
-) -> Result<Value, tonic::Status> {
+    req: RenewRequest,
+) -> Result<RenewReply, tonic::Status> {
     let mut last = tonic::Status::unavailable("no address");
     for a in addrs {
         let ch = conn
             .channel(a)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let req = lifeboat_proto::ControlRequest {
-            op: op.into(),
-            body: serde_json::to_vec(body).expect("json"),
-        };
-        match lifeboat_client::conn::admin_client(ch).control(req).await {
-            Ok(r) => {
-                return serde_json::from_slice(&r.into_inner().body)
-                    .map_err(|e| tonic::Status::internal(e.to_string()))
-            }
+        match GlobalServiceClient::new(ch).renew(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
             Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(s),
             Err(s) => last = s,
         }
@@ -89,16 +83,15 @@ async fn wait_healthy(regions: &Regions, region: &str) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let s = regions.control_status().await.unwrap_or_default();
-        let ok =
-            s["regions"].as_array().into_iter().flatten().any(|r| {
-                r["region"] == region && r["healthy"] == true && r["regional_leader"] == true
-            });
+        let ok = s
+            .region(region)
+            .is_some_and(|r| r.healthy && r.regional_leader);
         if ok {
             return Ok(());
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "{region} not healthy: {s}"
+            "{region} not healthy: {s:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -139,13 +132,8 @@ async fn push_empty_file(
         .map(|r| r.into_inner())
 }
 
-fn audit_count(audit: &Value, action: &str) -> usize {
-    audit
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["action"] == action)
-        .count()
+fn audit_count(audit: &[AuditEntry], action: &str) -> usize {
+    audit.iter().filter(|e| e.action == action).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,14 +163,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         regions.wait_active("b", 2, Duration::from_secs(30)).await?;
 
         // 1. An operator order computed under epoch 1 is refused and changes nothing.
-        let audit_before = regions
-            .control_on(
-                &regions.all_addrs(),
-                "audit",
-                json!({"limit": 1000}),
-                Duration::from_secs(5),
-            )
-            .await?;
+        let audit_before = regions.audit().await?;
         let out = run_cli_settled(
             &regions,
             &[
@@ -203,21 +184,14 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             "{err}"
         );
         let s = regions.wait_active("b", 2, Duration::from_secs(10)).await?;
-        assert_eq!(s["state"]["record"]["epoch"], 2, "{s}");
-        assert!(s["switchover_to"].is_null(), "no switchover started: {s}");
-        let audit_after = regions
-            .control_on(
-                &regions.all_addrs(),
-                "audit",
-                json!({"limit": 1000}),
-                Duration::from_secs(5),
-            )
-            .await?;
+        assert_eq!(s.epoch(), 2, "{s:?}");
+        assert!(s.switchover_to.is_none(), "no switchover started: {s:?}");
+        let audit_after = regions.audit().await?;
         for a in ["switchover", "failover", "promote"] {
             assert_eq!(
                 audit_count(&audit_before, a),
                 audit_count(&audit_after, a),
-                "the stale order left no {a} entry: {audit_after}"
+                "the stale order left no {a} entry: {audit_after:?}"
             );
         }
 
@@ -225,10 +199,19 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         //    region b, and for the old region a).
         let rb = regions.report("b").await.expect("b's leader");
         // Renewals are the coordinators' own business: an admin certificate is refused outright.
-        let body = json!({"region": "b", "epoch": 1, "node_id": rb["node_id"].clone()});
-        let e = control_as(&regions.conn(), &regions.all_addrs(), "renew", &body)
-            .await
-            .expect_err("an admin certificate renewed a lease");
+        let renewal = |region: &str, node_id: u64| RenewRequest {
+            region: region.into(),
+            epoch: 1,
+            node_id,
+            sync_degraded: false,
+        };
+        let e = renew_as(
+            &regions.conn(),
+            &regions.all_addrs(),
+            renewal("b", rb.node_id),
+        )
+        .await
+        .expect_err("an admin certificate renewed a lease");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         // A coordinator's certificate may ask, and is refused under the stale epoch.
         let b_certs = &regions.region("b").certs;
@@ -236,14 +219,10 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         let mut as_coord = regions.conn();
         as_coord.cert = Some(b_certs.join(format!("{coord}.pem")));
         as_coord.key = Some(b_certs.join(format!("{coord}.key")));
-        for (region, node) in [("b", rb["node_id"].clone()), ("a", json!(1))] {
-            let body = json!({"region": region, "epoch": 1, "node_id": node});
-            let r = control_as(&as_coord, &regions.all_addrs(), "renew", &body).await?;
-            assert_eq!(
-                r["granted"], false,
-                "renewal of {region} under epoch 1: {r}"
-            );
-            assert_eq!(r["epoch"], 2, "{r}");
+        for (region, node) in [("b", rb.node_id), ("a", 1)] {
+            let r = renew_as(&as_coord, &regions.all_addrs(), renewal(region, node)).await?;
+            assert!(!r.granted, "renewal of {region} under epoch 1: {r:?}");
+            assert_eq!(r.epoch, 2, "{r:?}");
         }
 
         // 3. Agent pushes: stamped with epoch 1 refused (coded STALE_EPOCH), with epoch 2 acknowledged.
@@ -254,7 +233,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             .region("b")
             .coords
             .iter()
-            .find(|c| Some(c.id) == rb["node_id"].as_u64())
+            .find(|c| c.id == rb.node_id)
             .expect("b's leader is a coordinator of b")
             .addr
             .clone();
@@ -295,7 +274,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             .region("a")
             .coords
             .iter()
-            .find(|c| Some(c.id) == ra["node_id"].as_u64())
+            .find(|c| c.id == ra.node_id)
             .expect("a's leader")
             .addr
             .clone();

@@ -193,11 +193,10 @@ async fn fenced_region_changes_become_conflicts_and_resolve() -> anyhow::Result<
         std::fs::write(&flag, b"")?;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let healthy = regions.control_status().await.is_some_and(|s| {
-                s["regions"].as_array().into_iter().flatten().any(|r| {
-                    r["region"] == "a" && r["role"] == "standby" && r["healthy"] == true
-                })
-            });
+            let healthy = regions
+                .control_status()
+                .await
+                .is_some_and(|s| s.region("a").is_some_and(|r| r.is_healthy_standby()));
             if healthy {
                 break;
             }

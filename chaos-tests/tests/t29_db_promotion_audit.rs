@@ -24,13 +24,11 @@ use lifeboat_chaos_tests::redis_server::{set, start_redis, wait_value};
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::dbservers::{pg_client, redis_role, AgentDbs, DbBinaries, PgServer};
 use lifeboat_lab::regions::{Regions, RegionsOpts};
-use serde_json::Value;
+use lifeboat_proto::AuditEntry;
 
-async fn audit(regions: &Regions) -> Vec<Value> {
-    lifeboat_client::control::call(&regions.conn(), "audit", serde_json::json!({"limit": 1000}))
+async fn audit(regions: &Regions) -> Vec<AuditEntry> {
+    lifeboat_client::control::audit(&regions.conn(), 1000)
         .await
-        .ok()
-        .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
 }
 
@@ -38,8 +36,8 @@ async fn audit(regions: &Regions) -> Vec<Value> {
 async fn wait_entry(
     regions: &Regions,
     what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
+    pred: impl Fn(&AuditEntry) -> bool,
+) -> anyhow::Result<AuditEntry> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let log = audit(regions).await;
@@ -48,20 +46,17 @@ async fn wait_entry(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "no audit entry {what}; log: {}",
-            serde_json::to_string_pretty(&log).unwrap_or_default()
+            "no audit entry {what}; log: {log:#?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-fn is(e: &Value, action: &str, epoch: u64, actor: &str, kind: &str) -> bool {
-    e["action"] == action
-        && e["epoch"].as_u64() == Some(epoch)
-        && e["actor"] == actor
-        && e["detail"]
-            .as_str()
-            .is_some_and(|d| d.starts_with(&format!("{kind} ")))
+fn is(e: &AuditEntry, action: &str, epoch: u64, actor: &str, kind: &str) -> bool {
+    e.action == action
+        && e.epoch == epoch
+        && e.actor == actor
+        && e.detail.starts_with(&format!("{kind} "))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,23 +195,20 @@ async fn database_promotion_is_audited_before_traffic_moves() -> anyhow::Result<
         })
         .await?;
         let h = wait_entry(&regions, "traffic-hook of b", |e| {
-            e["action"] == "traffic-hook" && e["epoch"].as_u64() == Some(2)
+            e.action == "traffic-hook" && e.epoch == 2
         })
         .await?;
         for db in [&r, &p] {
-            assert_eq!(db["outcome"], "ok", "{db}");
+            assert_eq!(db.outcome, "ok", "{db:?}");
+            assert!(db.detail.contains("role primary"), "{db:?}");
+            assert!(db.seq < h.seq, "audited before the hook: {db:?} {h:?}");
             assert!(
-                db["detail"].as_str().unwrap_or("").contains("role primary"),
-                "{db}"
+                db.at_ms <= hook_ms,
+                "promoted (at_ms) before the hook ran ({hook_ms}): {db:?}"
             );
-            assert!(db["seq"].as_u64() < h["seq"].as_u64(), "audited before the hook: {db} {h}");
-            assert!(
-                db["at_ms"].as_u64().unwrap_or(u64::MAX) <= hook_ms,
-                "promoted (at_ms) before the hook ran ({hook_ms}): {db}"
-            );
-            eprintln!("{}", db["detail"]);
+            eprintln!("{}", db.detail);
         }
-        assert_eq!(h["outcome"], "ok", "{h}");
+        assert_eq!(h.outcome, "ok", "{h:?}");
 
         // b's databases are primaries with every row and key, and take writes.
         let pb = pg_client(pg_b.port).await?;
@@ -241,19 +233,16 @@ async fn database_promotion_is_audited_before_traffic_moves() -> anyhow::Result<
         // a's coordinators return: agent-a fences its PostgreSQL and makes its Redis follow b.
         regions.start_region("a")?;
         let d = wait_entry(&regions, "demote-db redis by agent-a", |e| {
-            is(e, "demote-db", 2, "agent agent-a", "redis") && e["outcome"] == "ok"
+            is(e, "demote-db", 2, "agent agent-a", "redis") && e.outcome == "ok"
         })
         .await?;
-        eprintln!("{}", d["detail"]);
+        eprintln!("{}", d.detail);
         let d = wait_entry(&regions, "demote-db postgres by agent-a", |e| {
-            is(e, "demote-db", 2, "agent agent-a", "postgres") && e["outcome"] == "ok"
+            is(e, "demote-db", 2, "agent agent-a", "postgres") && e.outcome == "ok"
         })
         .await?;
-        eprintln!("{}", d["detail"]);
-        assert!(
-            d["detail"].as_str().unwrap_or("").contains("role stopped"),
-            "{d}"
-        );
+        eprintln!("{}", d.detail);
+        assert!(d.detail.contains("role stopped"), "{d:?}");
         assert!(pg_client(pg_a.port).await.is_err(), "a's PostgreSQL is stopped");
         wait_value(&mut ca, "after-failover", "b").await?;
         assert!(

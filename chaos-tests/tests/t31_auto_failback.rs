@@ -70,7 +70,7 @@ async fn recovered_preferred_region_is_failed_back_automatically() -> anyhow::Re
         // A comes back; no operator acts. The global leader fails back once A is stable.
         regions.start_region("a")?;
         let s = regions.wait_active("a", 3, Duration::from_secs(90)).await?;
-        assert_eq!(s["state"]["record"]["epoch"], 3, "exactly one more move: {s}");
+        assert_eq!(s.epoch(), 3, "exactly one more move: {s:?}");
         let audit = json(&run_cli(&regions, &["audit", "--output", "json"]));
         let failback = audit
             .as_array()
@@ -98,7 +98,7 @@ async fn recovered_preferred_region_is_failed_back_automatically() -> anyhow::Re
         // No ping-pong: A stays active at epoch 3 while both regions are healthy.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let s = regions.wait_active("a", 3, Duration::from_secs(10)).await?;
-        assert_eq!(s["state"]["record"]["epoch"], 3, "{s}");
+        assert_eq!(s.epoch(), 3, "{s:?}");
         Ok(())
     })
     .await

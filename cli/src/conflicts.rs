@@ -3,11 +3,10 @@
 //! the active region's catalog (see `lifeboat_coordinator::conflicts`).
 
 use crate::outln;
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use lifeboat_common::catalog::{parse_conflict_path, FileVersion, CONFLICTS_ROOT};
 use lifeboat_proto::StatusRequest;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use lifeboat_client::conn::{admin_client, ConnArgs};
 use lifeboat_restore::files;
@@ -163,15 +162,4 @@ pub fn print(list: &[Conflict]) {
             c.blake3.as_deref().map(|h| &h[..16]).unwrap_or("-"),
         );
     }
-}
-
-/// `lifeboat resolve`: asks the active region's leader to settle the conflict of `path`
-/// (`keep`: `source`, `target` or `both`). Returns the reply document.
-///
-/// Errors: the coordinator's refusal (no or several conflicts for the path, bad `keep`), or
-/// no coordinator of the active region reachable.
-pub async fn resolve(conn: &ConnArgs, path: &str, keep: &str) -> anyhow::Result<Value> {
-    lifeboat_client::control::call(conn, "resolve", json!({ "path": path, "keep": keep }))
-        .await
-        .map_err(|e| anyhow!("{e}"))
 }

@@ -1,16 +1,16 @@
 //! Operator commands of the global group: `status` (its part), `switchover`, `failback`,
-//! `drill --simulate` and `audit`. They call `AdminService.Control` on any coordinator (it
-//! forwards to the global leader); documents are JSON (see
-//! `lifeboat_coordinator::control::api`).
+//! `drill --simulate`, `topology` and `audit`. They call the typed `ControlService` on any
+//! coordinator (it forwards to the global leader) through `lifeboat_client::control`.
 
 use crate::outln;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use lifeboat_client::conn::ConnArgs;
-use lifeboat_client::control::call;
+use lifeboat_client::control as rpc;
+use lifeboat_proto::{AuditEntry, DrillPlan, GlobalStatusReply, SwitchoverRequest, TopologyReply};
 
 fn ms_ago(now: u64, t: u64) -> String {
     if t == 0 {
@@ -23,73 +23,85 @@ fn ms_ago(now: u64, t: u64) -> String {
 }
 
 /// Prints the global part of `lifeboat status`.
-pub fn print_status(s: &Value) {
-    let rec = &s["state"]["record"];
-    let now = s["now_ms"].as_u64().unwrap_or(0);
-    let phase = rec["phase"]["phase"].as_str().unwrap_or("?");
-    let active = rec["phase"]["region"]
-        .as_str()
-        .or(rec["phase"]["to"].as_str())
-        .unwrap_or("?");
+pub fn print_status(s: &GlobalStatusReply) {
+    let state = s.state();
+    let rec = s.record().cloned().unwrap_or_default();
+    let now = s.now_ms;
     outln!(
-        "global: active region {active}  epoch {}  phase {phase}  (global leader node {})",
-        rec["epoch"],
-        s["global_leader"]
+        "global: active region {}  epoch {}  phase {}  (global leader node {})",
+        rec.active_region(),
+        rec.epoch,
+        rec.phase_name(),
+        s.global_leader
     );
     outln!(
         "  lease: holder {}  expires {}",
-        rec["lease_holder"].as_str().unwrap_or("none"),
-        ms_ago(now, s["lease_expiry_ms"].as_u64().unwrap_or(0))
+        rec.lease_holder.as_deref().unwrap_or("none"),
+        ms_ago(now, s.lease_expiry_ms)
     );
-    match s["automatic"].get("Err") {
-        Some(e) => outln!("  automatic failover: OFF: {}", e.as_str().unwrap_or("")),
+    match &s.automatic_refused {
+        Some(e) => outln!("  automatic failover: OFF: {e}"),
         None => outln!(
             "  automatic failover: {}",
-            if s["state"]["policy"]["automatic"].as_bool() == Some(true) {
+            if state.policy.as_ref().is_some_and(|p| p.automatic) {
                 "on"
             } else {
                 "off (policy)"
             }
         ),
     }
-    if let Some(b) = s["blocked"].as_str() {
+    if let Some(b) = &s.blocked {
         outln!("  failover blocked: {b}");
     }
-    if let Some(t) = s["switchover_to"].as_str() {
+    if let Some(t) = &s.switchover_to {
         outln!("  switchover to {t} in progress");
     }
-    let last_change = rec["last_change_ms"].as_u64().unwrap_or(0);
     outln!(
         "  last failover: {}  measured RTO {}",
-        ms_ago(now, last_change),
-        s["state"]["last_rto_ms"]
-            .as_u64()
+        ms_ago(now, rec.last_change_ms.unwrap_or(0)),
+        state
+            .last_rto_ms
             .map(|v| format!("{v} ms"))
             .unwrap_or_else(|| "n/a".into())
     );
     outln!("  regions:");
-    for r in s["regions"].as_array().into_iter().flatten() {
+    for r in &s.regions {
         outln!(
             "    {:<10} {:<8} {:<9} leader node {:<3} lag {} ms / {} entries / {} bytes  promoted epoch {}  agents {}{}",
-            r["region"].as_str().unwrap_or("?"),
-            r["role"].as_str().unwrap_or("?"),
-            if r["healthy"].as_bool() == Some(true) { "healthy" } else { "UNHEALTHY" },
-            r["node_id"],
-            r["lag_ms"],
-            r["lag_entries"],
-            r["lag_bytes"],
-            r["promoted_epoch"],
-            r["agents"],
-            r["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!("  ({d})")).unwrap_or_default()
+            r.region,
+            r.role,
+            if r.healthy { "healthy" } else { "UNHEALTHY" },
+            r.node_id,
+            r.lag_ms,
+            r.lag_entries,
+            r.lag_bytes,
+            r.promoted_epoch,
+            r.agents,
+            Some(&r.detail).filter(|d| !d.is_empty()).map(|d| format!("  ({d})")).unwrap_or_default()
         );
-        if r["sync_degraded"] == true {
+        if r.sync_degraded {
             outln!("               synchronous replication DEGRADED: no standby confirmed in time; acknowledging after the local majority commit");
         }
     }
 }
 
+/// Outcome of a completed switchover or failback.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchoverDone {
+    /// Region active before.
+    pub from: String,
+    /// Region active now.
+    pub to: String,
+    /// Epoch now.
+    pub epoch: u64,
+    /// RTO measured by the global leader, ms.
+    pub rto_ms: Option<u64>,
+    /// Time this command waited, ms.
+    pub elapsed_ms: u64,
+}
+
 /// `lifeboat switchover --to R` / `lifeboat failback`: asks, then waits until the target is
-/// active (or `wait` runs out). Returns the final status document.
+/// active (or `wait` runs out).
 ///
 /// Errors: refused switchover (reason from the global leader) or timeout.
 pub async fn switchover(
@@ -97,7 +109,7 @@ pub async fn switchover(
     to: Option<String>,
     failback: bool,
     wait: Duration,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<SwitchoverDone> {
     switchover_at(conn, to, failback, wait, None).await
 }
 
@@ -112,47 +124,45 @@ pub async fn switchover_at(
     failback: bool,
     wait: Duration,
     expect_epoch: Option<u64>,
-) -> anyhow::Result<Value> {
-    let actor = operator();
+) -> anyhow::Result<SwitchoverDone> {
     let started = Instant::now();
-    let r = call(
+    let r = rpc::switchover(
         conn,
-        "switchover",
-        json!({"to": to, "failback": failback, "actor": actor, "timeout_ms": wait.as_millis() as u64, "expect_epoch": expect_epoch}),
+        SwitchoverRequest {
+            to,
+            failback,
+            actor: operator(),
+            timeout_ms: Some(wait.as_millis() as u64),
+            expect_epoch,
+        },
     )
     .await?;
-    let target = r["to"].as_str().unwrap_or_default().to_string();
-    let epoch = r["epoch"].as_u64().unwrap_or(0);
+    let target = r.to.clone();
     eprintln!(
         "{}: {} -> {target}: fencing {}, waiting for {target} to catch up...",
         if failback { "failback" } else { "switchover" },
-        r["from"].as_str().unwrap_or("?"),
-        r["from"].as_str().unwrap_or("?")
+        r.from,
+        r.from
     );
     loop {
-        if let Ok(s) = call(conn, "status", json!({})).await {
-            let rec = &s["state"]["record"];
-            if rec["epoch"].as_u64() > Some(epoch)
-                && rec["phase"]["phase"] == "active"
-                && rec["phase"]["region"] == target.as_str()
-            {
-                return Ok(json!({
-                    "from": r["from"], "to": target, "epoch": rec["epoch"],
-                    "rto_ms": s["state"]["last_rto_ms"], "elapsed_ms": started.elapsed().as_millis() as u64,
-                }));
+        if let Ok(s) = rpc::global_status(conn).await {
+            if s.epoch() > r.epoch && s.is_active_in(&target) {
+                return Ok(SwitchoverDone {
+                    from: r.from,
+                    to: target,
+                    epoch: s.epoch(),
+                    rto_ms: s.state().last_rto_ms,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                });
             }
-            if s["switchover_to"].is_null()
-                && rec["epoch"].as_u64() == Some(epoch)
+            if s.switchover_to.is_none()
+                && s.epoch() == r.epoch
                 && started.elapsed() > Duration::from_secs(1)
             {
-                let last = s["state"]["audit"]
-                    .as_array()
-                    .and_then(|a| a.last())
-                    .cloned()
-                    .unwrap_or_default();
+                let last = s.state().audit.last().map(|e| e.detail.clone());
                 bail!(
                     "switchover did not happen: {}",
-                    last["detail"].as_str().unwrap_or("see `lifeboat audit`")
+                    last.as_deref().unwrap_or("see `lifeboat audit`")
                 );
             }
         }
@@ -164,28 +174,28 @@ pub async fn switchover_at(
 }
 
 /// Prints a drill plan.
-pub fn print_plan(p: &Value) {
+pub fn print_plan(p: &DrillPlan) {
     outln!(
         "drill (simulated, nothing done): failover {} -> {} at epoch {}",
-        p["from"].as_str().unwrap_or("?"),
-        p["to"].as_str().unwrap_or("?"),
-        p["new_epoch"]
+        p.from,
+        p.to,
+        p.new_epoch
     );
-    for (i, s) in p["steps"].as_array().into_iter().flatten().enumerate() {
-        outln!("  {}. {}", i + 1, s.as_str().unwrap_or(""));
+    for (i, s) in p.steps.iter().enumerate() {
+        outln!("  {}. {s}", i + 1);
     }
     outln!(
         "expected RPO: {} ms, {} entries{}",
-        p["expected_rpo_ms"],
-        p["expected_rpo_entries"],
-        if p["synchronous"].as_bool() == Some(true) {
+        p.expected_rpo_ms,
+        p.expected_rpo_entries,
+        if p.synchronous {
             " (synchronous replication: acknowledged changes are already in the standby)"
         } else {
             ""
         }
     );
-    outln!("expected RTO: about {} ms", p["expected_rto_ms"]);
-    match p["refused"].as_str() {
+    outln!("expected RTO: about {} ms", p.expected_rto_ms);
+    match &p.refused {
         Some(r) => outln!("the policy would REFUSE this failover now: {r}"),
         None => outln!("the policy would allow this failover now"),
     }
@@ -199,37 +209,21 @@ pub fn operator() -> String {
     )
 }
 
-/// Prints a `topology` reply.
-pub fn print_topology(v: &Value) {
-    outln!(
-        "regions (failover preference): {}",
-        v["regions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    match v["automatic"].get("Err").and_then(|e| e.as_str()) {
+/// Prints a topology reply.
+pub fn print_topology(v: &TopologyReply) {
+    outln!("regions (failover preference): {}", v.regions.join(", "));
+    match &v.automatic_refused {
         Some(e) => outln!("automatic failover: REFUSED ({e})"),
         None => outln!("automatic failover: allowed by this topology"),
     }
-    let voters: Vec<u64> = v["voters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_u64())
-        .collect();
-    for m in v["members"].as_array().into_iter().flatten() {
-        let id = m["id"].as_u64().unwrap_or(0);
+    for m in &v.members {
         outln!(
             "  {:>4} {:<22} {:<12} {}{}",
-            id,
-            m["addr"].as_str().unwrap_or(""),
-            m["region"].as_str().unwrap_or(""),
-            if m["witness"] == true { "witness " } else { "" },
-            if voters.contains(&id) {
+            m.id,
+            m.addr,
+            m.region,
+            if m.witness { "witness " } else { "" },
+            if v.voters.contains(&m.id) {
                 "voter"
             } else {
                 "NOT A VOTER YET"
@@ -239,20 +233,20 @@ pub fn print_topology(v: &Value) {
 }
 
 /// Prints audit entries.
-pub fn print_audit(v: &Value) {
-    for e in v.as_array().into_iter().flatten() {
-        let at = jiff::Timestamp::from_millisecond(e["at_ms"].as_i64().unwrap_or(0))
+pub fn print_audit(entries: &[AuditEntry]) {
+    for e in entries {
+        let at = jiff::Timestamp::from_millisecond(e.at_ms as i64)
             .map(|t| t.to_string())
             .unwrap_or_default();
         outln!(
             "{:>5} {} epoch {:<3} {:<13} {:<8} {} — {}",
-            e["seq"],
+            e.seq,
             at,
-            e["epoch"],
-            e["action"].as_str().unwrap_or(""),
-            e["outcome"].as_str().unwrap_or(""),
-            e["actor"].as_str().unwrap_or(""),
-            e["detail"].as_str().unwrap_or("")
+            e.epoch,
+            e.action,
+            e.outcome,
+            e.actor,
+            e.detail
         );
     }
 }

@@ -214,7 +214,7 @@ enum Cmd {
     Audit {
         /// Most entries (newest last).
         #[arg(long, default_value_t = 100)]
-        limit: usize,
+        limit: u32,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -624,8 +624,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !simulate {
                 bail!("only `lifeboat drill --simulate` exists: a live drill is `lifeboat switchover --to REGION` followed by `lifeboat failback`");
             }
-            let p = lifeboat_client::control::call(&conn, "drill", serde_json::json!({ "to": to }))
-                .await?;
+            let p = lifeboat_client::control::drill(&conn, to).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -641,45 +640,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Resolve { path, keep, conn } => {
-            let keep = match keep {
-                Keep::Source => "source",
-                Keep::Target => "target",
-                Keep::Both => "both",
+            let (keep, keep_name) = match keep {
+                Keep::Source => (lifeboat_proto::ConflictKeep::Source, "source"),
+                Keep::Target => (lifeboat_proto::ConflictKeep::Target, "target"),
+                Keep::Both => (lifeboat_proto::ConflictKeep::Both, "both"),
             };
-            let v = conflicts::resolve(&conn, &path, keep).await?;
+            let v = lifeboat_client::control::resolve_conflict(&conn, &path, keep).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                let committed: Vec<String> = v
+                    .committed
+                    .iter()
+                    .map(|c| format!("{} (seq {})", c.path, c.seq))
+                    .collect();
                 outln!(
-                    "resolved {} (conflict {} from region {}): kept {keep}; committed at epoch {}: {}",
-                    v["path"].as_str().unwrap_or("?"),
-                    v["conflict"].as_str().unwrap_or("?"),
-                    v["from_region"].as_str().unwrap_or("?"),
-                    v["epoch"],
-                    v["committed"]
+                    "resolved {} (conflict {} from region {}): kept {keep_name}; committed at epoch {}: {}",
+                    v.path,
+                    v.conflict,
+                    v.from_region,
+                    v.epoch,
+                    committed.join(", ")
                 );
             }
         }
         Cmd::Topology { action } => {
-            let (conn, body) = match action {
-                TopologyCmd::Show { conn } => (conn, serde_json::json!({"action": "show"})),
+            use lifeboat_client::control as rpc;
+            let v = match action {
+                TopologyCmd::Show { conn } => rpc::show_topology(&conn).await?,
                 TopologyCmd::Add {
                     id,
                     addr,
                     region,
                     witness,
                     conn,
-                } => (
-                    conn,
-                    serde_json::json!({"action": "add", "id": id, "addr": addr, "region": region,
-                        "witness": witness, "actor": control::operator()}),
-                ),
-                TopologyCmd::Remove { id, conn } => (
-                    conn,
-                    serde_json::json!({"action": "remove", "id": id, "actor": control::operator()}),
-                ),
+                } => {
+                    let m = lifeboat_proto::GlobalMember {
+                        id,
+                        addr,
+                        region,
+                        witness,
+                    };
+                    rpc::add_voter(&conn, m, control::operator()).await?
+                }
+                TopologyCmd::Remove { id, conn } => {
+                    rpc::remove_voter(&conn, id, control::operator()).await?
+                }
             };
-            let v = lifeboat_client::control::call(&conn, "topology", body).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -687,12 +694,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Audit { limit, conn } => {
-            let v = lifeboat_client::control::call(
-                &conn,
-                "audit",
-                serde_json::json!({ "limit": limit }),
-            )
-            .await?;
+            let v = lifeboat_client::control::audit(&conn, limit).await?;
             if output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -706,9 +708,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow!("status from {addr}: {}", e.message()))?
                 .into_inner();
-            let global = lifeboat_client::control::call(&conn, "status", serde_json::json!({}))
-                .await
-                .ok();
+            let global = lifeboat_client::control::global_status(&conn).await.ok();
             if output == Output::Json {
                 let v = serde_json::json!({
                     "global": global,
@@ -1110,15 +1110,17 @@ async fn main() {
     }
 }
 
-fn print_done(output: Output, r: &serde_json::Value) -> anyhow::Result<()> {
+fn print_done(output: Output, r: &control::SwitchoverDone) -> anyhow::Result<()> {
     if output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(r)?);
     } else {
         outln!(
             "{} is active at epoch {} (writes paused {} ms; no acknowledged change lost)",
-            r["to"].as_str().unwrap_or("?"),
-            r["epoch"],
-            r["rto_ms"]
+            r.to,
+            r.epoch,
+            r.rto_ms
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "?".into())
         );
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! Who may call what: the identity carried by every certificate and the one authorization
-//! table of every RPC and `Control` op (issue 17).
+//! table of every RPC.
 //!
 //! **Identity.** Every certificate issued by [`crate::tls::issue_cert`] carries a URI subject
 //! alternative name `lifeboat://<region>/<role>/<name>` ([`PeerIdentity::uri`]); the CA signs
@@ -8,17 +8,16 @@
 //! two) has no role and is refused on every RPC.
 //!
 //! **Roles.** `coordinator` and `witness` are the cluster's own processes ("peers": Raft,
-//! replication between regions, blob copies, the internal `Control` ops renew / observe /
-//! report, and forwarding of operators' ops to the global leader); `agent` is one node's agent
+//! replication between regions, blob copies, the internal `GlobalService` (renew, report,
+//! observe), and forwarding of operators' `ControlService` calls to the global leader); `agent` is one node's agent
 //! (its RPCs, bound to its agent id: [`PeerIdentity::name`] must equal the `agent_id` it
 //! sends); `viewer` reads (status, versions, audit), `operator` also restores, verifies,
 //! drills, resolves and switches over, `admin` also changes membership, topology and runs GC.
 //! Each human role includes the rights of the ones before it.
 //!
 //! **Where it is enforced.** The coordinator's gRPC server checks [`method_allowed`] for every
-//! call before any handler runs (a tower layer), and [`control_op_allowed`] for each `Control`
-//! op. A refusal is `PERMISSION_DENIED` naming the roles needed and the identity presented
-//! ([`denied`]).
+//! call before any handler runs (a tower layer): one gRPC method, one rule. A refusal is
+//! `PERMISSION_DENIED` naming the roles needed and the identity presented ([`denied`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -299,32 +298,20 @@ pub fn method_allowed(path: &str) -> Option<Allowed> {
             Humans(Role::Admin)
         }
         ("lifeboat.v1.AdminService", "TriggerSnapshot") => Humans(Role::Admin),
-        // Checked again per op by `control_op_allowed`.
-        ("lifeboat.v1.AdminService", "Control") => Everyone,
+        // The global group's internal calls: lease renewal, reports that hand over pending
+        // audit entries, relayed observations.
+        ("lifeboat.v1.GlobalService", "Renew" | "Report" | "Observe") => Peers,
+        (
+            "lifeboat.v1.ControlService",
+            "GlobalStatus" | "Audit" | "ShowTopology" | "PeekReport",
+        ) => PeersAnd(Role::Viewer),
+        ("lifeboat.v1.ControlService", "Switchover" | "Drill" | "ResolveConflict") => {
+            PeersAnd(Role::Operator)
+        }
+        ("lifeboat.v1.ControlService", "ChangeTopology") => PeersAnd(Role::Admin),
         ("grpc.health.v1.Health", _) => Everyone,
         _ => return None,
     })
-}
-
-/// The authorization of one `Control` op, given its JSON body (`topology`'s `action` and
-/// `report`'s `peek` matter).
-pub fn control_op_allowed(op: &str, body: &serde_json::Value) -> Allowed {
-    use Allowed::*;
-    match op {
-        // Internal: lease renewal and health observations between coordinators and the witness.
-        "renew" | "observe" => Peers,
-        // A report that is read without taking its pending audit entries is a read.
-        "report" if body.get("peek").and_then(|p| p.as_bool()) == Some(true) => {
-            PeersAnd(Role::Viewer)
-        }
-        "report" => Peers,
-        "status" | "audit" => PeersAnd(Role::Viewer),
-        "switchover" | "drill" | "resolve" => PeersAnd(Role::Operator),
-        "topology" if body.get("action").and_then(|a| a.as_str()) == Some("show") => {
-            PeersAnd(Role::Viewer)
-        }
-        _ => PeersAnd(Role::Admin),
-    }
 }
 
 /// The refusal of `what` to `who` (`None`: no identity could be read), naming both sides.
@@ -381,28 +368,25 @@ mod tests {
         assert_eq!(method_allowed("/lifeboat.v1.AdminService/Nope"), None);
         assert_eq!(method_allowed("garbage"), None);
 
-        let none = serde_json::json!({});
-        let c = |op: &str| control_op_allowed(op, &none);
-        assert!(!c("switchover").admits(agent));
-        assert!(!c("switchover").admits(Role::Viewer));
-        assert!(c("switchover").admits(Role::Operator));
-        assert!(c("switchover").admits(Role::Coordinator));
-        assert!(!c("renew").admits(Role::Admin));
-        assert!(c("renew").admits(Role::Witness));
+        let c = |m: &str| method_allowed(&format!("/lifeboat.v1.ControlService/{m}")).unwrap();
+        let g = |m: &str| method_allowed(&format!("/lifeboat.v1.GlobalService/{m}")).unwrap();
+        assert!(!c("Switchover").admits(agent));
+        assert!(!c("Switchover").admits(Role::Viewer));
+        assert!(c("Switchover").admits(Role::Operator));
+        assert!(c("Switchover").admits(Role::Coordinator));
+        assert!(!g("Renew").admits(Role::Admin));
+        assert!(g("Renew").admits(Role::Witness));
         assert!(
-            !c("report").admits(Role::Admin),
+            !g("Report").admits(Role::Admin),
             "a draining report is internal"
         );
-        let peek = serde_json::json!({"peek": true});
-        assert!(control_op_allowed("report", &peek).admits(Role::Viewer));
-        assert!(!control_op_allowed("report", &peek).admits(agent));
-        assert!(c("audit").admits(Role::Viewer));
-        let add = serde_json::json!({"action": "add"});
-        let show = serde_json::json!({"action": "show"});
-        assert!(!control_op_allowed("topology", &add).admits(Role::Operator));
-        assert!(control_op_allowed("topology", &add).admits(Role::Admin));
-        assert!(control_op_allowed("topology", &show).admits(Role::Viewer));
-        assert!(!c("made-up").admits(Role::Operator));
+        assert!(c("PeekReport").admits(Role::Viewer));
+        assert!(!c("PeekReport").admits(agent));
+        assert!(c("Audit").admits(Role::Viewer));
+        assert!(!c("ChangeTopology").admits(Role::Operator));
+        assert!(c("ChangeTopology").admits(Role::Admin));
+        assert!(c("ShowTopology").admits(Role::Viewer));
+        assert_eq!(method_allowed("/lifeboat.v1.ControlService/Nope"), None);
     }
 
     #[test]

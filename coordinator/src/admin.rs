@@ -497,47 +497,4 @@ impl AdminService for Admin {
             }
         }
     }
-
-    async fn control(
-        &self,
-        req: Request<lifeboat_proto::ControlRequest>,
-    ) -> Result<Response<lifeboat_proto::ControlReply>, Status> {
-        if req.get_ref().body.len() > 1 << 20 {
-            return Err(Status::invalid_argument("control body over 1 MiB"));
-        }
-        let caller = crate::authz::caller(&req).cloned();
-        let r = req.get_ref();
-        let mut doc: serde_json::Value = if r.body.is_empty() {
-            serde_json::json!({})
-        } else {
-            serde_json::from_slice(&r.body).map_err(|e| {
-                Status::invalid_argument(format!("control op {:?}: bad JSON body: {e}", r.op))
-            })?
-        };
-        crate::authz::ensure_control_op(&req, &r.op, &doc)?;
-        // The actor of audited ops is the certificate's identity, never what a client wrote;
-        // a coordinator or witness forwarding an operator's op keeps the actor it was given.
-        if let (Some(id), Some(obj)) = (&caller, doc.as_object_mut()) {
-            if !id.role.is_peer() && obj.contains_key("actor") {
-                obj.insert("actor".into(), serde_json::Value::String(id.uri()));
-            }
-        }
-        let Some(c) = &self.control else {
-            return Err(Status::failed_precondition(
-                "this coordinator has no [global] section: regions, failover and switchover need the global group",
-            ));
-        };
-        let r = req.into_inner();
-        let body = serde_json::to_vec(&doc).map_err(internal)?;
-        if r.op == "resolve" {
-            // A catalog write of this region (its regional leader, under the active lease).
-            let req = serde_json::from_slice(&body)
-                .map_err(|e| Status::invalid_argument(format!("bad resolve request: {e}")))?;
-            let reply = crate::conflicts::resolve(self, req).await?;
-            let out = serde_json::to_vec(&reply).map_err(internal)?;
-            return Ok(Response::new(lifeboat_proto::ControlReply { body: out }));
-        }
-        let out = c.handle(&r.op, &body).await?;
-        Ok(Response::new(lifeboat_proto::ControlReply { body: out }))
-    }
 }

@@ -38,26 +38,6 @@ pub fn ensure_agent<T>(req: &tonic::Request<T>, agent_id: &str) -> Result<(), St
     }
 }
 
-/// Checks a `Control` op against [`authz::control_op_allowed`].
-///
-/// Errors: `PERMISSION_DENIED`.
-pub fn ensure_control_op<T>(
-    req: &tonic::Request<T>,
-    op: &str,
-    body: &serde_json::Value,
-) -> Result<(), Status> {
-    let Some(id) = caller(req) else {
-        return Ok(());
-    };
-    let allowed = authz::control_op_allowed(op, body);
-    if allowed.admits(id.role) {
-        return Ok(());
-    }
-    let msg = authz::denied(&format!("control op {op:?}"), allowed, Ok(id));
-    tracing::warn!(audit = "denied", caller = %id, op, "{msg}");
-    Err(Status::permission_denied(msg))
-}
-
 /// Tower layer checking every call (see the module docs). `enabled = false` (insecure) lets
 /// everything through.
 #[derive(Clone)]

@@ -2,7 +2,7 @@
 //! active region lacks to the active region, which commits it at
 //! `_conflicts/<from region>/e<epoch>/<original path>` (see
 //! [`lifeboat_common::catalog::conflict_path`]; replicas never apply that root). `lifeboat
-//! conflicts` lists them; `lifeboat resolve` settles one with the `Control` op `resolve`
+//! conflicts` lists them; `lifeboat resolve` settles one with `ControlService.ResolveConflict`
 //! handled here, on the active region's regional leader:
 //!
 //! - `keep = "source"`: the fenced region's version becomes the current version of the path;
@@ -19,40 +19,14 @@
 use lifeboat_common::catalog::{
     conflict_path, parse_conflict_path, FileVersion, NewVersion, CONFLICTS_ROOT, RESOLVE_AGENT_ID,
 };
-use serde::{Deserialize, Serialize};
+use lifeboat_proto::{
+    CommittedVersion, ConflictKeep, ResolveConflictReply, ResolveConflictRequest,
+};
 use tonic::Status;
 
 use crate::admin::Admin;
 use crate::raft::Request as RaftRequest;
 use lifeboat_common::wire_error::{ErrorCode, WireError};
-
-/// Body of the `resolve` op.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResolveRequest {
-    /// The original path (`data/x.txt`) when it has exactly one conflict, or the conflict's own
-    /// path (`_conflicts/a/e2/data/x.txt`).
-    pub path: String,
-    /// `"source"`, `"target"` or `"both"`.
-    pub keep: String,
-}
-
-/// Reply of the `resolve` op.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResolveReply {
-    /// The conflict row settled.
-    pub conflict: String,
-    /// The original path.
-    pub path: String,
-    /// Region the conflicting version came from.
-    pub from_region: String,
-    /// `"source"`, `"target"` or `"both"`.
-    pub keep: String,
-    /// Versions committed: `(path, catalog sequence number)`; the last one is the tombstone of
-    /// the conflict row.
-    pub committed: Vec<(String, u64)>,
-    /// Epoch the resolution was committed under.
-    pub epoch: u64,
-}
 
 /// Path of the side file `keep = "both"` creates.
 pub fn side_path(path: &str, from_region: &str, epoch: u64) -> String {
@@ -63,12 +37,24 @@ fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
-/// Serves `resolve` (see the module docs).
+/// Serves `ControlService.ResolveConflict` (see the module docs).
 ///
 /// Errors: `UNAVAILABLE` on a follower (leader header set) or outside the active region (the
 /// CLI tries the next coordinator), `INVALID_ARGUMENT` for a bad request or a path without
 /// exactly one conflict, `UNAVAILABLE` when the commit fails.
-pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply, Status> {
+pub async fn resolve(
+    admin: &Admin,
+    req: ResolveConflictRequest,
+) -> Result<ResolveConflictReply, Status> {
+    let keep = ConflictKeep::try_from(req.keep)
+        .ok()
+        .filter(|k| *k != ConflictKeep::Unspecified)
+        .ok_or_else(|| {
+            bad(format!(
+                "keep must be source, target or both (got {})",
+                req.keep
+            ))
+        })?;
     let epoch = admin.role.write_gate().map_err(|s| {
         if WireError::code_of(&s) == Some(ErrorCode::StandbyRegion) {
             Status::unavailable(format!("not the active region: {}", s.message()))
@@ -77,12 +63,6 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
         }
     })?;
     admin.leader.ensure_leader()?;
-    if !matches!(req.keep.as_str(), "source" | "target" | "both") {
-        return Err(bad(format!(
-            "keep must be source, target or both, not {:?}",
-            req.keep
-        )));
-    }
     lifeboat_common::path::validate_rel_path(&req.path).map_err(|e| bad(e.to_string()))?;
     let catalog = admin.catalog.clone();
     let wanted = req.path.clone();
@@ -128,14 +108,14 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
         v
     };
     let mut versions = Vec::new();
-    match req.keep.as_str() {
-        "source" => versions.push(stamp(conflict.v.clone(), original.clone())),
-        "both" => {
+    match keep {
+        ConflictKeep::Source => versions.push(stamp(conflict.v.clone(), original.clone())),
+        ConflictKeep::Both => {
             let side = side_path(&original, &from_region, conflict_epoch);
             lifeboat_common::path::validate_rel_path(&side).map_err(|e| bad(e.to_string()))?;
             versions.push(stamp(conflict.v.clone(), side));
         }
-        _ => {}
+        ConflictKeep::Target | ConflictKeep::Unspecified => {}
     }
     let mut tomb = stamp(conflict.v.clone(), conflict.v.path.clone());
     tomb.deleted = true;
@@ -161,8 +141,12 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
             resp.data.rejected.len()
         )));
     }
-    let committed: Vec<(String, u64)> = paths.into_iter().zip(resp.data.seqs).collect();
-    tracing::warn!(region = %admin.region, epoch, conflict = %conflict.v.path, keep = %req.keep, "conflict resolved");
+    let committed: Vec<CommittedVersion> = paths
+        .into_iter()
+        .zip(resp.data.seqs)
+        .map(|(path, seq)| CommittedVersion { path, seq })
+        .collect();
+    tracing::warn!(region = %admin.region, epoch, conflict = %conflict.v.path, keep = keep_name(keep), "conflict resolved");
     if let Some(c) = &admin.control {
         c.note_audit(
             epoch,
@@ -170,18 +154,28 @@ pub async fn resolve(admin: &Admin, req: ResolveRequest) -> Result<ResolveReply,
             "resolve",
             format!(
                 "{original}: kept {} (conflict from region {from_region}, epoch {conflict_epoch})",
-                req.keep
+                keep_name(keep)
             ),
         );
     }
-    Ok(ResolveReply {
+    Ok(ResolveConflictReply {
         conflict: conflict.v.path,
         path: original,
         from_region,
-        keep: req.keep,
+        keep: keep as i32,
         committed,
         epoch,
     })
+}
+
+/// `source`, `target` or `both`, as the CLI spells them.
+pub fn keep_name(k: ConflictKeep) -> &'static str {
+    match k {
+        ConflictKeep::Source => "source",
+        ConflictKeep::Target => "target",
+        ConflictKeep::Both => "both",
+        ConflictKeep::Unspecified => "unspecified",
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ use lifeboat_common::blobstore::{BlobStore, LocalBlobStore, S3BlobStore};
 use lifeboat_proto::admin_service_server::AdminServiceServer;
 use lifeboat_proto::agent_service_server::AgentServiceServer;
 use lifeboat_proto::blob_service_server::BlobServiceServer;
+use lifeboat_proto::control_service_server::ControlServiceServer;
+use lifeboat_proto::global_service_server::GlobalServiceServer;
 use lifeboat_proto::raft_service_server::RaftServiceServer;
 use lifeboat_proto::replication_service_server::ReplicationServiceServer;
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -347,7 +349,7 @@ pub async fn run(
         region: cfg.region.clone(),
     };
     let gc_timer = (!cfg.witness).then(|| gc.clone().spawn_timer()).flatten();
-    let admin = Admin {
+    let admin = Arc::new(Admin {
         raft: raft.clone(),
         catalog,
         leader: leader.clone(),
@@ -359,6 +361,12 @@ pub async fn run(
         gc,
         config_warnings: Arc::new(config_warnings),
         repair: repair.clone(),
+    });
+    let global_server = crate::control::grpc::GlobalServer {
+        control: admin.control.clone(),
+    };
+    let control_server = crate::control::grpc::ControlServer {
+        admin: admin.clone(),
     };
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
@@ -388,10 +396,12 @@ pub async fn run(
                 .max_encoding_message_size(max),
         )
         .add_service(
-            AdminServiceServer::new(admin)
+            AdminServiceServer::from_arc(admin)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
+        .add_service(ControlServiceServer::new(control_server))
+        .add_service(GlobalServiceServer::new(global_server))
         .add_service(
             BlobServiceServer::new(BlobServer { blobs, repair })
                 .max_decoding_message_size(max)

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use lifeboat_client::control;
+use lifeboat_proto::{AuditEntry, GlobalStatusReply, RegionReport};
 
 use crate::harness::{Cluster, ClusterOpts};
 use crate::netns::Netns;
@@ -275,50 +276,75 @@ impl Regions {
         self.conn().coordinators
     }
 
-    /// Calls the `Control` op `op` with `body` on every address of `addrs` at once, each call
-    /// limited to `timeout`, and returns the first answer (a partitioned coordinator that cannot
-    /// forward to the global leader does not hold the others up).
+    /// Runs one `ControlService` call (`f`) on every address of `addrs` at once, each limited
+    /// to `timeout`, and returns the first answer (a partitioned coordinator that cannot
+    /// forward to the global leader does not hold the others up). `what` names the call in
+    /// errors.
     ///
     /// Errors: no coordinator answered (each one's error).
-    pub async fn control_on(
+    pub async fn control_on<R, F, Fut>(
         &self,
         addrs: &[String],
-        op: &str,
-        body: Value,
+        what: &str,
         timeout: Duration,
-    ) -> anyhow::Result<Value> {
+        f: F,
+    ) -> anyhow::Result<R>
+    where
+        F: Fn(ConnArgs) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<R>>,
+    {
         let base = self.conn();
-        let calls = addrs.iter().map(|a| {
-            let mut conn = base.clone();
-            conn.coordinators = vec![a.clone()];
-            let body = body.clone();
-            Box::pin(async move {
-                match tokio::time::timeout(timeout, lifeboat_client::control::call(&conn, op, body))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(anyhow::anyhow!(
-                        "{op} to {}: timed out",
-                        conn.coordinators[0]
-                    )),
-                }
+        let calls: Vec<_> = addrs
+            .iter()
+            .map(|a| {
+                let mut conn = base.clone();
+                conn.coordinators = vec![a.clone()];
+                let call = f(conn);
+                let a = a.clone();
+                Box::pin(async move {
+                    match tokio::time::timeout(timeout, call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(anyhow::anyhow!("{what} to {a}: timed out")),
+                    }
+                })
             })
-        });
-        let calls: Vec<_> = calls.collect();
-        anyhow::ensure!(!calls.is_empty(), "{op}: no address");
+            .collect();
+        anyhow::ensure!(!calls.is_empty(), "{what}: no address");
         Ok(futures::future::select_ok(calls).await?.0)
     }
 
     /// The global control status (`lifeboat status`'s global part), if a global leader answers.
-    pub async fn control_status(&self) -> Option<Value> {
+    pub async fn control_status(&self) -> Option<GlobalStatusReply> {
         self.control_on(
             &self.all_addrs(),
             "status",
-            serde_json::json!({}),
             Duration::from_secs(3),
+            |c| async move { control::global_status(&c).await },
         )
         .await
         .ok()
+    }
+
+    /// The committed audit log (its last 1,000 entries) as the first of `addrs` answers it.
+    ///
+    /// Errors: no coordinator of `addrs` answered within `timeout`.
+    pub async fn audit_on(
+        &self,
+        addrs: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<AuditEntry>> {
+        self.control_on(addrs, "audit", timeout, |c| async move {
+            control::audit(&c, 1000).await
+        })
+        .await
+    }
+
+    /// [`Regions::audit_on`] every coordinator, within 5 s.
+    ///
+    /// Errors: no coordinator answered.
+    pub async fn audit(&self) -> anyhow::Result<Vec<AuditEntry>> {
+        self.audit_on(&self.all_addrs(), Duration::from_secs(5))
+            .await
     }
 
     /// Moves the global leader into `region`: while another node leads, that node is paused
@@ -337,7 +363,7 @@ impl Regions {
             let leader = self
                 .control_status()
                 .await
-                .and_then(|s| s["global_leader"].as_u64())
+                .map(|s| s.global_leader)
                 .unwrap_or(0);
             if leader != 0 && self.region(region).index_of(leader).is_some() {
                 return Ok(leader);
@@ -365,7 +391,7 @@ impl Regions {
                 let now = self
                     .control_status()
                     .await
-                    .and_then(|s| s["global_leader"].as_u64())
+                    .map(|s| s.global_leader)
                     .unwrap_or(leader);
                 if now != leader {
                     break;
@@ -379,7 +405,7 @@ impl Regions {
     }
 
     /// What `region`'s own regional leader reports (see [`leader_report`]).
-    pub async fn report(&self, region: &str) -> Option<Value> {
+    pub async fn report(&self, region: &str) -> Option<RegionReport> {
         leader_report(&self.conn(), &self.region(region).addrs()).await
     }
 
@@ -392,29 +418,20 @@ impl Regions {
         region: &str,
         min_epoch: u64,
         timeout: Duration,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<GlobalStatusReply> {
         let deadline = Instant::now() + timeout;
-        let mut last = Value::Null;
+        let mut last = None;
         loop {
             if let Some(s) = self.control_status().await {
-                let rec = &s["state"]["record"];
-                let leased = s["regions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|r| r["region"] == region && r["leased"] == true);
-                if rec["phase"]["phase"] == "active"
-                    && rec["phase"]["region"] == region
-                    && rec["epoch"].as_u64().unwrap_or(0) >= min_epoch
-                    && leased
-                {
+                let leased = s.region(region).is_some_and(|r| r.leased);
+                if s.is_active_in(region) && s.epoch() >= min_epoch && leased {
                     return Ok(s);
                 }
-                last = s;
+                last = Some(s);
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "{region} not active at epoch >= {min_epoch} within {timeout:?}; last status: {last}"
+                    "{region} not active at epoch >= {min_epoch} within {timeout:?}; last status: {last:?}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -422,27 +439,24 @@ impl Regions {
     }
 }
 
-/// What a region's own regional leader reports: `Control` op `report` (peeked: its pending audit
+/// What a region's own regional leader reports: `ControlService.PeekReport` (its pending audit
 /// entries stay for the global leader) asked of each address of `addrs` (the region's
 /// coordinators) directly and at once; the answer of the node that says it leads, if one
 /// answers within 1 s. `base` gives the TLS files.
-pub async fn leader_report(base: &ConnArgs, addrs: &[String]) -> Option<Value> {
+pub async fn leader_report(base: &ConnArgs, addrs: &[String]) -> Option<RegionReport> {
     let asks = addrs.iter().map(|a| {
         let mut conn = base.clone();
         conn.coordinators = vec![a.clone()];
         async move {
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                lifeboat_client::control::call(&conn, "report", serde_json::json!({"peek": true})),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
+            tokio::time::timeout(Duration::from_secs(1), control::peek_report(&conn))
+                .await
+                .ok()
+                .and_then(Result::ok)
         }
     });
     futures::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-        .find(|r| r["regional_leader"] == true)
+        .find(|r| r.regional_leader)
 }

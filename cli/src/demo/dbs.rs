@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::Value;
 
 use lifeboat_lab::dbservers::{
     pg_client, redis_con, redis_role, start_redis, AgentDbs, DbBinaries, PgServer, RedisServer,
@@ -330,27 +329,20 @@ impl DemoDbs {
 pub async fn promotion_from_audit(regions: &Regions, epoch: u64) -> (Option<u64>, u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let log: Vec<Value> = lifeboat_client::control::call(
-            &regions.conn(),
-            "audit",
-            serde_json::json!({"limit": 1000}),
-        )
-        .await
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default();
-        let at = |e: &Value| e["at_ms"].as_u64().unwrap_or(0);
-        let of_epoch = |e: &&Value| e["epoch"].as_u64() == Some(epoch);
+        let log = lifeboat_client::control::audit(&regions.conn(), 1000)
+            .await
+            .unwrap_or_default();
+        let of_epoch = |e: &&lifeboat_proto::AuditEntry| e.epoch == epoch;
         let decided = log
             .iter()
             .filter(of_epoch)
-            .find(|e| matches!(e["action"].as_str(), Some("failover" | "switchover")))
-            .map(at);
+            .find(|e| matches!(e.action.as_str(), "failover" | "switchover"))
+            .map(|e| e.at_ms);
         let dbs: Vec<u64> = log
             .iter()
             .filter(of_epoch)
-            .filter(|e| e["action"] == "promote-db" && e["outcome"] == "ok")
-            .map(at)
+            .filter(|e| e.action == "promote-db" && e.outcome == "ok")
+            .map(|e| e.at_ms)
             .collect();
         if (decided.is_some() && !dbs.is_empty()) || Instant::now() > deadline {
             let last = dbs.iter().max().copied();

@@ -253,8 +253,8 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
     }
     let replica_complete = wait_equal(&work, &replica, Duration::from_secs(60)).await?;
     let rto_ms = killed.elapsed().as_millis() as u64;
-    let epoch = status["state"]["record"]["epoch"].as_u64().unwrap_or(0);
-    let rto_global_ms = status["state"]["last_rto_ms"].as_u64().unwrap_or(0);
+    let epoch = status.epoch();
+    let rto_global_ms = status.state().last_rto_ms.unwrap_or(0);
     say(
         json,
         &format!(
@@ -289,16 +289,9 @@ async fn body(args: &DemoArgs, wd: &Path, json: bool) -> anyhow::Result<RegionDe
     let mut rejoined = false;
     while Instant::now() < deadline {
         if let Some(s) = regions.control_status().await {
-            let rs = s["regions"].as_array().cloned().unwrap_or_default();
-            let b_last = rs
-                .iter()
-                .find(|r| r["region"] == "b")
-                .and_then(|r| r["last_seq"].as_u64());
-            rejoined = rs.iter().any(|r| {
-                r["region"] == "a"
-                    && r["role"] == "standby"
-                    && r["healthy"] == true
-                    && b_last.is_some_and(|l| r["upstream_seq"].as_u64().unwrap_or(0) >= l)
+            let b_last = s.region("b").map(|r| r.last_seq);
+            rejoined = s.region("a").is_some_and(|r| {
+                r.is_healthy_standby() && b_last.is_some_and(|l| r.upstream_seq >= l)
             });
             if rejoined {
                 break;
@@ -386,13 +379,11 @@ async fn db_round(wd: &Path) -> anyhow::Result<DbRound> {
     dbs.ready().await?;
     // b must be a healthy standby (its agent's checks pass) before the kill.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !regions.control_status().await.is_some_and(|s| {
-        s["regions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|r| r["region"] == "b" && r["role"] == "standby" && r["healthy"] == true)
-    }) {
+    while !regions
+        .control_status()
+        .await
+        .is_some_and(|s| s.region("b").is_some_and(|r| r.is_healthy_standby()))
+    {
         if Instant::now() > deadline {
             bail!("b never became a healthy standby");
         }
@@ -456,11 +447,10 @@ pub async fn bench(args: FailoverBenchArgs, json: bool) -> anyhow::Result<()> {
         // The other region must be a healthy standby before the kill.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let ok = regions.control_status().await.is_some_and(|s| {
-                s["regions"].as_array().into_iter().flatten().any(|r| {
-                    r["region"] == other.as_str() && r["role"] == "standby" && r["healthy"] == true
-                })
-            });
+            let ok = regions
+                .control_status()
+                .await
+                .is_some_and(|s| s.region(&other).is_some_and(|r| r.is_healthy_standby()));
             if ok {
                 break;
             }

@@ -1,12 +1,14 @@
 //! The global group and the control path (docs/failover.md): the replicated
 //! control record ([`record`], [`store`]), this region's role and lease ([`role`]), the loops
 //! that detect region loss, fail over, switch over and renew leases ([`runtime`]), the
-//! traffic-move hooks ([`hooks`]) and the JSON documents of the `Control` RPC ([`api`]).
+//! traffic-move hooks ([`hooks`]), the typed `ControlService` / `GlobalService` edge
+//! ([`grpc`]) and its domain <-> wire conversions ([`wire`]).
 
-pub mod api;
 pub mod dbs;
+pub mod grpc;
 pub mod hooks;
 pub mod record;
 pub mod role;
 pub mod runtime;
 pub mod store;
+pub mod wire;

@@ -3,6 +3,7 @@
 //! and automatic failback; observes regions through other coordinators.
 
 use super::*;
+use lifeboat_proto::control_service_client::ControlServiceClient;
 
 impl ControlRuntime {
     /// One tick of the global leader loop (see the module docs); returns at once on other nodes.
@@ -28,7 +29,7 @@ impl ControlRuntime {
             for r in reports {
                 if !r.pending_audit.is_empty() {
                     commits.push(ControlCommand::Audit {
-                        entries: r.pending_audit.clone(),
+                        entries: r.pending_audit.iter().cloned().map(Into::into).collect(),
                     });
                 }
                 w.reports.insert(r.region.clone(), (now, r));
@@ -535,15 +536,7 @@ impl ControlRuntime {
                 if let Some(r) = me_report {
                     return Some(r);
                 }
-                call::<_, RegionReport>(
-                    &channels,
-                    &addr,
-                    "report",
-                    &serde_json::json!({}),
-                    RPC_TIMEOUT,
-                )
-                .await
-                .ok()
+                call_report(&channels, &addr, RPC_TIMEOUT).await.ok()
             });
         }
         let mut best: BTreeMap<String, RegionReport> = BTreeMap::new();
@@ -594,13 +587,19 @@ impl ControlRuntime {
                 region: region.to_string(),
             };
             set.spawn(async move {
-                call::<_, RegionReport>(&channels, &addr, "observe", &req, RPC_TIMEOUT * 2)
-                    .await
-                    .ok()
-                    .map(|mut r| {
-                        r.observed_via = id;
-                        r
-                    })
+                rpc(
+                    &channels,
+                    &addr,
+                    "observe",
+                    RPC_TIMEOUT * 2,
+                    |c| async move { GlobalServiceClient::new(c).observe(req).await },
+                )
+                .await
+                .ok()
+                .map(|mut r| {
+                    r.observed_via = id;
+                    r
+                })
             });
         }
         // Bounded: a region that is really gone must not slow the control loop (a reachable
@@ -621,11 +620,11 @@ impl ControlRuntime {
         .flatten()
     }
 
-    /// The `observe` op: polls `region`'s coordinators (peek: audit entries stay for the
+    /// `GlobalService.Observe`: polls `region`'s coordinators (peek: audit entries stay for the
     /// leader's own poll) and returns its regional leader's report.
     ///
     /// Errors: `UNAVAILABLE` when no coordinator of `region` answered as its leader.
-    pub(super) async fn observe(&self, req: ObserveRequest) -> Result<RegionReport, Status> {
+    pub async fn observe(&self, req: ObserveRequest) -> Result<RegionReport, Status> {
         let members = self.store.state().members_or(&self.cfg.members);
         let mut set = tokio::task::JoinSet::new();
         for m in members
@@ -635,12 +634,16 @@ impl ControlRuntime {
             let channels = self.channels.clone();
             let addr = m.addr.clone();
             set.spawn(async move {
-                call::<_, RegionReport>(
+                rpc(
                     &channels,
                     &addr,
-                    "report",
-                    &ReportRequest { peek: true },
+                    "peek report",
                     RPC_TIMEOUT,
+                    |c| async move {
+                        ControlServiceClient::new(c)
+                            .peek_report(lifeboat_proto::PeekReportRequest {})
+                            .await
+                    },
                 )
                 .await
                 .ok()

@@ -18,16 +18,16 @@ use std::time::Duration;
 
 use lifeboat_common::tls::TlsConfig;
 use lifeboat_common::wire_error::{ErrorCode, WireError};
-use lifeboat_proto::admin_service_client::AdminServiceClient;
-use lifeboat_proto::ControlRequest;
+use lifeboat_proto::global_service_client::GlobalServiceClient;
+use lifeboat_proto::{
+    DrillPlan, DrillRequest, ObserveRequest, RegionReport, RenewReply, RenewRequest,
+    SwitchoverReply, SwitchoverRequest, TopologyReply,
+};
 use openraft::ServerState;
 use parking_lot::Mutex;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tonic::Status;
 
-use super::api::*;
 use super::hooks::{self, HookContext};
 use super::record::{AuditEntry, ControlCommand, ControlState};
 use super::role::{now_ms, Role};
@@ -88,37 +88,61 @@ impl Channels {
     }
 }
 
-/// Calls `op` on `addr` with a JSON body and decodes the JSON reply.
+/// Runs one RPC to another coordinator at `addr` within `timeout`: `f` gets the cached
+/// channel and makes the call (`what` names it in errors). A transport failure drops the cached
+/// channel so the next call reconnects.
 ///
-/// Errors: transport or server errors as `Status`.
-pub async fn call<B: Serialize, R: DeserializeOwned>(
+/// Errors: `DEADLINE_EXCEEDED` after `timeout`, or the server's `Status`.
+pub async fn rpc<R, F, Fut>(
     channels: &Channels,
     addr: &str,
-    op: &str,
-    body: &B,
+    what: &str,
     timeout: Duration,
-) -> Result<R, Status> {
-    let mut c = AdminServiceClient::new(channels.get(addr)?);
-    let req = ControlRequest {
-        op: op.into(),
-        body: serde_json::to_vec(body).map_err(|e| Status::internal(e.to_string()))?,
-    };
-    let reply = match tokio::time::timeout(timeout, c.control(req)).await {
-        Err(_) => {
-            return Err(Status::deadline_exceeded(format!(
-                "{op} to {addr} timed out"
-            )))
-        }
+    f: F,
+) -> Result<R, Status>
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    match tokio::time::timeout(timeout, f(channels.get(addr)?)).await {
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{what} to {addr} timed out"
+        ))),
         Ok(Err(s)) => {
             if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
                 channels.forget(addr);
             }
-            return Err(s);
+            Err(s)
         }
-        Ok(Ok(r)) => r,
-    };
-    serde_json::from_slice(&reply.into_inner().body)
-        .map_err(|e| Status::internal(format!("bad {op} reply from {addr}: {e}")))
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
+/// `GlobalService.Renew` on `addr`.
+async fn call_renew(
+    channels: &Channels,
+    addr: &str,
+    req: RenewRequest,
+    timeout: Duration,
+) -> Result<RenewReply, Status> {
+    rpc(channels, addr, "renew", timeout, |c| async move {
+        GlobalServiceClient::new(c).renew(req).await
+    })
+    .await
+}
+
+/// `GlobalService.Report` on `addr` (hands over its pending audit entries).
+async fn call_report(
+    channels: &Channels,
+    addr: &str,
+    timeout: Duration,
+) -> Result<RegionReport, Status> {
+    rpc(channels, addr, "report", timeout, |c| async move {
+        GlobalServiceClient::new(c)
+            .report(lifeboat_proto::ReportRequest {})
+            .await
+    })
+    .await
 }
 
 /// Parts of a regional coordinator the region loop drives (absent on the witness).
@@ -209,6 +233,15 @@ pub struct ControlRuntime {
 
 fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("bad control request: {e}"))
+}
+
+/// A change of the global group's topology (`ControlService.ChangeTopology`).
+#[derive(Debug, Clone)]
+pub enum TopologyChange {
+    /// Add this voter.
+    Add(GlobalMember),
+    /// Remove the voter with this node id.
+    Remove(u64),
 }
 
 fn audit(epoch: u64, actor: String, action: &str, detail: String, outcome: &str) -> AuditEntry {

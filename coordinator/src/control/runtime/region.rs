@@ -106,7 +106,7 @@ impl ControlRuntime {
                 .iter()
                 .map(|h| h.name().to_string())
                 .collect(),
-            pending_audit: pending,
+            pending_audit: pending.iter().map(Into::into).collect(),
         }
     }
 
@@ -210,7 +210,7 @@ impl ControlRuntime {
             let direct = match self.global_leader() {
                 Some((leader, addr)) => (
                     leader,
-                    call::<_, RenewReply>(&self.channels, &addr, "renew", &req, RPC_TIMEOUT).await,
+                    call_renew(&self.channels, &addr, req.clone(), RPC_TIMEOUT).await,
                 ),
                 None => (0, Err(Status::unavailable("no global leader known here"))),
             };
@@ -259,11 +259,7 @@ impl ControlRuntime {
             .filter(|m| m.id != self.node_id && m.id != leader && m.region != self.region)
         {
             let (channels, addr, req) = (self.channels.clone(), m.addr.clone(), req.clone());
-            set.spawn(async move {
-                call::<_, RenewReply>(&channels, &addr, "renew", &req, RPC_TIMEOUT)
-                    .await
-                    .ok()
-            });
+            set.spawn(async move { call_renew(&channels, &addr, req, RPC_TIMEOUT).await.ok() });
         }
         while let Some(r) = set.join_next().await {
             if let Ok(Some(r)) = r {

@@ -1,89 +1,68 @@
-//! The `Control` RPC's ops served by this coordinator (forwarded to the global leader where
-//! needed): status, switchover and failback, topology changes, drills, audit.
+//! What the `ControlService` calls do on this coordinator (see [`crate::control::grpc`] for
+//! the gRPC edge and forwarding to the global leader): status, switchover and failback,
+//! topology changes, drills, audit.
 
 use super::*;
 
 impl ControlRuntime {
-    /// Serves one `Control` op (forwarding to the global leader where needed).
+    /// Whether this node leads the global group now.
+    pub fn leads_global_group(&self) -> bool {
+        self.is_global_leader()
+    }
+
+    /// The global leader's address, for forwarding.
     ///
-    /// Errors: `INVALID_ARGUMENT` for bad documents or unknown ops, `UNAVAILABLE` without a
-    /// global leader, `FAILED_PRECONDITION` for refused switchovers.
-    pub async fn handle(&self, op: &str, body: &[u8]) -> Result<Vec<u8>, Status> {
-        fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
-            serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))
-        }
-        let leader_only = matches!(op, "renew" | "status" | "switchover" | "drill" | "topology");
-        if leader_only && !self.is_global_leader() {
-            let (_, addr) = self
-                .global_leader()
-                .ok_or_else(|| Status::unavailable("no global leader elected"))?;
-            let v: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
-            let r: serde_json::Value =
-                call(&self.channels, &addr, op, &v, Duration::from_secs(10)).await?;
-            return enc(&r);
-        }
-        match op {
-            "renew" => enc(&self
-                .handle_renew(serde_json::from_slice(body).map_err(bad)?)
-                .await?),
-            "observe" => enc(&self
-                .observe(serde_json::from_slice(body).map_err(bad)?)
-                .await?),
-            "report" => {
-                let r: ReportRequest = if body.is_empty() {
-                    ReportRequest::default()
-                } else {
-                    serde_json::from_slice(body).map_err(bad)?
-                };
-                enc(&self.report_with(!r.peek))
-            }
-            "status" => {
-                // A deposed global leader cut off from the majority still believes it leads;
-                // its view (record, reports, lease) may be stale, so it must not answer as the
-                // leader.
-                match tokio::time::timeout(
-                    Duration::from_secs(2),
-                    self.global.ensure_linearizable(),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => enc(&self.status()?),
-                    _ => Err(Status::unavailable(
-                        "leadership of the global group not confirmed by a quorum (partitioned from the majority?); ask another coordinator",
-                    )),
-                }
-            }
-            "audit" => {
-                let r: AuditRequest = serde_json::from_slice(body).map_err(bad)?;
-                let s = self.store.state();
-                let n = r.limit.unwrap_or(100);
-                let skip = s.audit.len().saturating_sub(n);
-                enc(&s.audit[skip..].to_vec())
-            }
-            "switchover" => enc(&self.switchover(serde_json::from_slice(body).map_err(bad)?)?),
-            "drill" => enc(&self.drill(serde_json::from_slice(body).map_err(bad)?)?),
-            "topology" => enc(&self
-                .topology(serde_json::from_slice(body).map_err(bad)?)
-                .await?),
-            other => Err(Status::invalid_argument(format!(
-                "unknown control op {other:?}"
-            ))),
+    /// Errors: `UNAVAILABLE` while no leader is known.
+    pub fn global_leader_addr(&self) -> Result<String, Status> {
+        self.global_leader()
+            .map(|(_, addr)| addr)
+            .ok_or_else(|| Status::unavailable("no global leader elected"))
+    }
+
+    /// The open channels to other coordinators (for [`rpc`]).
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
+    /// `GlobalStatus` on the global leader. A deposed leader cut off from the majority still
+    /// believes it leads; its view (record, reports, lease) may be stale, so it answers only
+    /// once a quorum confirmed its leadership.
+    ///
+    /// Errors: `UNAVAILABLE` when leadership is not confirmed within 2 s or the leader's
+    /// working state is not ready yet.
+    pub async fn confirmed_status(&self) -> Result<lifeboat_proto::GlobalStatusReply, Status> {
+        match tokio::time::timeout(Duration::from_secs(2), self.global.ensure_linearizable())
+            .await
+        {
+            Ok(Ok(_)) => self.status(),
+            _ => Err(Status::unavailable(
+                "leadership of the global group not confirmed by a quorum (partitioned from the majority?); ask another coordinator",
+            )),
         }
     }
 
-    pub(super) fn status(&self) -> Result<ControlStatus, Status> {
+    /// The last `limit` entries of the committed audit log (0: 100), oldest first.
+    pub fn audit_tail(&self, limit: usize) -> Vec<lifeboat_proto::AuditEntry> {
+        let s = self.store.state();
+        let n = if limit == 0 { 100 } else { limit };
+        let skip = s.audit.len().saturating_sub(n);
+        s.audit[skip..].iter().map(Into::into).collect()
+    }
+
+    pub(super) fn status(&self) -> Result<lifeboat_proto::GlobalStatusReply, Status> {
         let mut state: ControlState = self.store.state();
-        let automatic = crate::config::topology_of(&state.members_or(&self.cfg.members))
+        let automatic_refused = crate::config::topology_of(&state.members_or(&self.cfg.members))
             .check()
-            .map_err(|e| e.to_string());
+            .err()
+            .map(|e| e.to_string());
         let skip = state.audit.len().saturating_sub(20);
         state.audit.drain(..skip);
         let l = self.leader.lock();
         let w = l
             .as_ref()
             .ok_or_else(|| Status::unavailable("global leader not ready"))?;
-        Ok(ControlStatus {
-            state,
+        Ok(lifeboat_proto::GlobalStatusReply {
+            state: Some((&state).into()),
             global_leader: self.node_id,
             lease_expiry_ms: w.rec.lease_expiry_ms,
             now_ms: now_ms(),
@@ -103,12 +82,18 @@ impl ControlRuntime {
                 })
                 .collect(),
             blocked: w.blocked.clone(),
-            automatic,
+            automatic_refused,
             switchover_to: w.switchover.as_ref().map(|s| s.to.clone()),
         })
     }
 
-    pub(super) fn switchover(&self, req: SwitchoverRequest) -> Result<SwitchoverReply, Status> {
+    /// `Switchover` on the global leader: checks the request and starts the switchover (the
+    /// global leader loop drives it).
+    ///
+    /// Errors: `FAILED_PRECONDITION` (another one running, not steady, target unhealthy or
+    /// already active), `INVALID_ARGUMENT` (no or unknown target), `STALE_EPOCH` coded
+    /// `FAILED_PRECONDITION` when `expect_epoch` is not the committed epoch.
+    pub fn switchover(&self, req: SwitchoverRequest) -> Result<SwitchoverReply, Status> {
         let state = self.store.state();
         let mut l = self.leader.lock();
         let w = l
@@ -190,28 +175,24 @@ impl ControlRuntime {
     /// Errors: `INVALID_ARGUMENT` for a bad request, `FAILED_PRECONDITION` for a change that
     /// would leave the active region without coordinators or remove the global leader itself,
     /// `UNAVAILABLE` when the membership change fails.
-    pub(super) async fn topology(&self, req: TopologyRequest) -> Result<TopologyReply, Status> {
+    pub async fn topology(
+        &self,
+        change: Option<TopologyChange>,
+        actor: String,
+    ) -> Result<TopologyReply, Status> {
         use openraft::{BasicNode, ChangeMembers};
         let state = self.store.state();
         let mut members = state.members_or(&self.cfg.members);
-        let action = req.action.as_str();
-        let detail = match action {
-            "show" => None,
-            "add" => {
-                let m = GlobalMember {
-                    id: req.id.ok_or_else(|| bad("add needs id"))?,
-                    addr: req
-                        .addr
-                        .clone()
-                        .filter(|a| !a.is_empty())
-                        .ok_or_else(|| bad("add needs addr"))?,
-                    region: req
-                        .region
-                        .clone()
-                        .filter(|r| !r.is_empty())
-                        .ok_or_else(|| bad("add needs region"))?,
-                    witness: req.witness,
-                };
+        let detail = match &change {
+            None => None,
+            Some(TopologyChange::Add(m)) => {
+                let m = m.clone();
+                if m.addr.is_empty() {
+                    return Err(bad("add needs addr"));
+                }
+                if m.region.is_empty() {
+                    return Err(bad("add needs region"));
+                }
                 if m.id == 0 {
                     return Err(bad("node id 0 is reserved"));
                 }
@@ -244,8 +225,8 @@ impl ControlRuntime {
                 members.push(m);
                 Some(d)
             }
-            "remove" => {
-                let id = req.id.ok_or_else(|| bad("remove needs id"))?;
+            Some(TopologyChange::Remove(id)) => {
+                let id = *id;
                 let Some(pos) = members.iter().position(|m| m.id == id) else {
                     return Err(bad(format!("node {id} is not a member")));
                 };
@@ -268,11 +249,6 @@ impl ControlRuntime {
                     "node {id} at {} removed from the global group",
                     gone.addr
                 ))
-            }
-            other => {
-                return Err(bad(format!(
-                    "unknown topology action {other:?} (show, add, remove)"
-                )))
             }
         };
         if let Some(detail) = detail {
@@ -301,13 +277,12 @@ impl ControlRuntime {
                 },
                 witness: topo.witness,
                 policy,
-                audit: vec![audit(epoch, req.actor.clone(), "topology", detail, "ok")],
+                audit: vec![audit(epoch, actor, "topology", detail, "ok")],
             };
             self.propose(cmd)
                 .await
                 .map_err(|e| Status::unavailable(format!("committing the topology failed: {e}")))?;
-            if action == "remove" {
-                let id = req.id.unwrap_or_default();
+            if let Some(TopologyChange::Remove(id)) = change {
                 self.global
                     .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
                     .await
@@ -330,16 +305,21 @@ impl ControlRuntime {
             .voter_ids()
             .collect();
         Ok(TopologyReply {
-            automatic: crate::config::topology_of(&members)
+            automatic_refused: crate::config::topology_of(&members)
                 .check()
-                .map_err(|e| e.to_string()),
-            members,
+                .err()
+                .map(|e| e.to_string()),
+            members: members.iter().map(Into::into).collect(),
             regions: state.regions.clone(),
             voters,
         })
     }
 
-    pub(super) fn drill(&self, req: DrillRequest) -> Result<DrillPlan, Status> {
+    /// `Drill` on the global leader: the exact plan a failover would follow now.
+    ///
+    /// Errors: `UNAVAILABLE` before the leader's working state is ready, `INVALID_ARGUMENT`
+    /// for a region without a report, `FAILED_PRECONDITION` when no other region reports.
+    pub fn drill(&self, req: DrillRequest) -> Result<DrillPlan, Status> {
         let state = self.store.state();
         let l = self.leader.lock();
         let w = l
