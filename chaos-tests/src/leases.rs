@@ -1,7 +1,7 @@
 //! Watching the write leases of every region while a test runs: a background task asks each
 //! region's own regional leader (`ControlService.PeekReport`) every 100 ms whether it holds a
-//! lease and until when, and [`check_no_overlap`] proves that no two regions' lease windows ever
-//! overlapped. All processes share the host's clock (namespaces do not virtualize time), so the
+//! lease and until when, and [`crate::invariants::one_lease_holder`] proves that no two regions'
+//! lease windows ever overlapped. All processes share the host's clock (namespaces do not virtualize time), so the
 //! windows `[at_ms, lease_until_ms)` of different regions are comparable.
 
 use std::collections::BTreeMap;
@@ -82,30 +82,6 @@ impl LeaseSampler {
         self.stop.store(true, Ordering::Relaxed);
         Ok(self.task.await?)
     }
-}
-
-/// Checks that no two regions were leased at the same instant: every sample that says `leased`
-/// covers `[at_ms, lease_until_ms)` of its region; windows of different regions must be disjoint.
-///
-/// Errors: the first overlapping pair.
-pub fn check_no_overlap(samples: &[LeaseSample]) -> anyhow::Result<()> {
-    let leased: Vec<&LeaseSample> = samples.iter().filter(|s| s.leased).collect();
-    for (i, x) in leased.iter().enumerate() {
-        anyhow::ensure!(
-            x.lease_until_ms > x.at_ms,
-            "region {} says it is leased at {} but its lease ends at {}",
-            x.region,
-            x.at_ms,
-            x.lease_until_ms
-        );
-        for y in &leased[i + 1..] {
-            if x.region != y.region && x.at_ms.max(y.at_ms) < x.lease_until_ms.min(y.lease_until_ms)
-            {
-                anyhow::bail!("two regions leased at once: {x:?} and {y:?}");
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Leased samples of `region`.

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod invariants;
 pub mod leases;
 pub mod pg_server;
 pub mod redis_server;

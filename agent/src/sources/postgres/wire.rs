@@ -18,7 +18,7 @@
 //! PostgreSQL 15 server terminates it with two zero blocks), whose terminator is held back so
 //! that the backup manifest can be appended as the member `backup_manifest` before a new
 //! terminator, as `pg_basebackup` does when it writes a tar to stdout. `pg_verifybackup` accepts
-//! the extracted directory (tested in `t14_postgres`).
+//! the extracted directory (tested in `databases_postgres_base_backup_and_pitr`).
 //!
 //! **Limits**, as `pg_basebackup -D -`: only the `pg_default` tablespace (a second archive is an
 //! error). Connections are plaintext (TCP or a Unix socket directory as `host`), like the

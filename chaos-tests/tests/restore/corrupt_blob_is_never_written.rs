@@ -3,6 +3,7 @@
 //! the serving coordinator's copy is damaged it fetches an intact copy from a peer, repairs its
 //! own copy and the restore succeeds.
 
+use lifeboat_chaos_tests::invariants;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -121,8 +122,7 @@ async fn corrupted_blob_on_one_node_is_repaired_from_a_peer() -> anyhow::Result<
             .await
             .context("restore with one corrupted copy on the leader")?;
         assert!(rep.files > 0, "{rep:?}");
-        let cmp = tree::compare(&src, &to.join("data"))?;
-        assert!(cmp.equal(), "restore differs: {:?}", cmp.differences);
+        invariants::restore_equals(&src, &to.join("data"))?;
 
         // The leader repaired its own copy from a peer.
         // PRODUCT BUG (see report): Blobs::get_stored (coordinator/src/blobs.rs) "repairs" with

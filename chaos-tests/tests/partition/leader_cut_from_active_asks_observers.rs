@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
+use lifeboat_chaos_tests::leases::{leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 
@@ -113,7 +113,7 @@ async fn active_region_cut_from_the_global_leader_only_is_not_lost() -> anyhow::
         );
         regions.net().heal()?;
         let samples = sampler.finish().await?;
-        check_no_overlap(&samples)?;
+        invariants::one_lease_holder(&samples)?;
         assert!(
             leased_samples(&samples, "b").is_empty(),
             "b was never leased"

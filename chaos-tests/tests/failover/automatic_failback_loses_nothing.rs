@@ -91,8 +91,7 @@ async fn recovered_preferred_region_is_failed_back_automatically() -> anyhow::Re
         for (prefix, tree_src) in [("data", &src), ("data-b", &src_b)] {
             let restored = dir.join(format!("restored-{prefix}"));
             restore_latest(regions.region("a"), prefix, &restored).await?;
-            let c = tree::compare(tree_src, &restored.join(prefix))?;
-            assert!(c.equal(), "{prefix}: {:?}", c.differences);
+            invariants::restore_equals(tree_src, &restored.join(prefix))?;
         }
 
         // No ping-pong: A stays active at epoch 3 while both regions are healthy.

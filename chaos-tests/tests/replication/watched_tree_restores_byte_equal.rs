@@ -113,7 +113,6 @@ async fn agent_restart_resends_no_unchanged_file() -> anyhow::Result<()> {
     );
     let out = s.dir.join("restored");
     restore_latest(&cluster, "data", &out).await?;
-    let cmp = tree::compare(&src, &out.join("data"))?;
-    assert!(cmp.equal(), "{:?}", cmp.differences);
+    invariants::restore_equals(&src, &out.join("data"))?;
     Ok(())
 }

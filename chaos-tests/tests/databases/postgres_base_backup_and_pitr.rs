@@ -379,7 +379,7 @@ fn agent_acked_ms(cdir: &Path) -> anyhow::Result<Option<i64>> {
     Ok(None)
 }
 
-/// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test t14_postgres
+/// Measurement (run by hand: `cargo test --release -p lifeboat-chaos-tests --test databases_postgres_base_backup_and_pitr
 /// -- --ignored --nocapture measure`): a pgbench database (`LIFEBOAT_PGBENCH_SCALE`, default 70,
 /// about 1 GB); `LIFEBOAT_BENCH_ROUNDS` (default 3) rounds of plain `pg_basebackup -D dir -c
 /// fast` then Lifeboat's base backup until acknowledged (a fresh cluster each); then a PITR

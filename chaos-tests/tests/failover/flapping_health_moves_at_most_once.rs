@@ -153,6 +153,7 @@ async fn flapping_health_changes_the_active_region_at_most_once() -> anyhow::Res
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
         assert_eq!(s.epoch(), 2, "no ping-pong back to a: {s:?}");
         let log = audit(&regions).await?;
+        invariants::epochs_never_go_back(&log)?;
         let count = |a: &str| log.iter().filter(|e| e.action == a).count();
         assert_eq!(count("failover"), 1, "exactly one failover: {log:?}");
         let blocked: Vec<&AuditEntry> = log

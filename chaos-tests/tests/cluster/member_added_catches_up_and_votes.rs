@@ -69,7 +69,6 @@ async fn add_and_remove_members_through_the_admin_api() -> anyhow::Result<()> {
     agent_once(&cluster, &cfg, &data).await?;
     let out = s.dir.join("restored");
     restore_latest(&cluster, "data", &out).await?;
-    let cmp = tree::compare(&src, &out.join("data"))?;
-    assert!(cmp.equal(), "{:?}", cmp.differences);
+    invariants::restore_equals(&src, &out.join("data"))?;
     Ok(())
 }

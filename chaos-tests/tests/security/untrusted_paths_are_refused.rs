@@ -2,6 +2,7 @@
 //! hash to what was declared) straight from the wire, restore never writes through a symlink it
 //! finds in the target, and symlinks in a protected tree are replicated as links, never followed.
 
+use lifeboat_chaos_tests::invariants;
 use lifeboat_common::wire_error::{ErrorCode, WireError};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -547,8 +548,7 @@ async fn restore_never_writes_through_a_symlink() -> anyhow::Result<()> {
         // Control: a clean target restores fine.
         let clean = scratch.join("clean");
         restore_latest(&cluster, "data", &clean).await?;
-        let cmp = tree::compare(&src, &clean.join("data"))?;
-        assert!(cmp.equal(), "clean restore differs: {:?}", cmp.differences);
+        invariants::restore_equals(&src, &clean.join("data"))?;
 
         // A target where data/sub is a symlink to a directory outside the target.
         let target = scratch.join("target");
@@ -556,6 +556,7 @@ async fn restore_never_writes_through_a_symlink() -> anyhow::Result<()> {
         std::fs::create_dir_all(target.join("data"))?;
         std::fs::create_dir_all(&outside)?;
         std::os::unix::fs::symlink(&outside, target.join("data/sub"))?;
+        let before = invariants::DirSnapshot::take(&scratch)?;
         let err = restore_latest(&cluster, "data", &target)
             .await
             .err()
@@ -577,6 +578,7 @@ async fn restore_never_writes_through_a_symlink() -> anyhow::Result<()> {
                 .is_symlink(),
             "the symlink in the target was replaced"
         );
+        invariants::nothing_written_outside(&before, &target.join("data"))?;
         anyhow::Ok(())
     })
     .await
@@ -665,8 +667,7 @@ async fn symlinks_are_replicated_as_links_not_followed() -> anyhow::Result<()> {
             );
             assert_eq!(std::fs::read_link(&dest)?.display().to_string(), *target);
         }
-        let cmp = tree::compare(&src, &to.join("data"))?;
-        assert!(cmp.equal(), "restore differs: {:?}", cmp.differences);
+        invariants::restore_equals(&src, &to.join("data"))?;
         assert_eq!(
             std::fs::read(outside.join("secret.txt"))?,
             secret,

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
+use lifeboat_chaos_tests::leases::{leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 
@@ -67,6 +67,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
         net.partition("a", WITNESS_SITE)?;
         let cut = Instant::now();
         let s = regions.wait_active("b", 2, Duration::from_secs(60)).await?;
+        invariants::one_active_region(&s)?;
         eprintln!(
             "partition -> b active at epoch 2 after {:?} (setup {:?})",
             cut.elapsed(),
@@ -82,6 +83,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
             .chain(regions.witness.iter().flat_map(|w| w.addrs()))
             .collect();
         let audit = regions.audit_on(&b_side, Duration::from_secs(5)).await?;
+        invariants::epochs_never_go_back(&audit)?;
         let failovers: Vec<_> = audit.iter().filter(|e| e.action == "failover").collect();
         assert_eq!(failovers.len(), 1, "one failover: {audit:?}");
         assert_eq!(failovers[0].epoch, 2, "{audit:?}");
@@ -182,8 +184,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
         assert_eq!(st["pending_changes"], 0, "{st}");
         let restored = dir.join("restored-a");
         restore_latest(regions.region("a"), "data-b", &restored).await?;
-        let c = tree::compare(&src_b, &restored.join("data-b"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&src_b, &restored.join("data-b"))?;
 
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
         assert_eq!(s.epoch(), 2, "epoch stays 2 after the heal: {s:?}");
@@ -193,7 +194,7 @@ async fn partition_a_from_b_and_witness_fails_over_to_b_and_fences_a() -> anyhow
 
         // Never two regions leased at once, as each region's own leader said.
         let samples = sampler.finish().await?;
-        check_no_overlap(&samples)?;
+        invariants::one_lease_holder(&samples)?;
         let a_leased = leased_samples(&samples, "a");
         let b_leased = leased_samples(&samples, "b");
         assert!(

@@ -187,6 +187,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
         assert_eq!(s.epoch(), 2, "{s:?}");
         assert!(s.switchover_to.is_none(), "no switchover started: {s:?}");
         let audit_after = regions.audit().await?;
+        invariants::epochs_never_go_back(&audit_after)?;
         for a in ["switchover", "failover", "promote"] {
             assert_eq!(
                 audit_count(&audit_before, a),
@@ -267,6 +268,7 @@ async fn orders_under_an_older_epoch_are_refused() -> anyhow::Result<()> {
             "only the current-epoch push is in b"
         );
         assert!(rows.iter().all(|r| r.v.epoch == 2), "{rows:?}");
+        invariants::no_stale_epoch_applied(&rows)?;
 
         // 4. The old active region refuses pushes whatever their epoch.
         let ra = regions.report("a").await.expect("a's leader");

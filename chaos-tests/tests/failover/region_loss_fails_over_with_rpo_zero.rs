@@ -76,6 +76,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         let killed = Instant::now();
         regions.kill_region("a");
         let s = regions.wait_active("b", 2, Duration::from_secs(30)).await?;
+        invariants::one_active_region(&s)?;
         let rto = killed.elapsed();
         eprintln!("failover: b active at epoch 2 after {rto:?}; status {s:?}");
         let hook = std::fs::read_to_string(&hook_out)?;
@@ -85,8 +86,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         // RPO 0: B holds every acknowledged change.
         let restored = dir.join("restored-b");
         restore_latest(regions.region("b"), "data", &restored).await?;
-        let c = tree::compare(&src, &restored.join("data"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&src, &restored.join("data"))?;
 
         // The audit log has the failover, the promotion, the hook and the completion.
         let audit = json(&lifeboat_regions(&regions, &["audit", "--output", "json"]));
@@ -141,8 +141,7 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert_eq!(st["pending_changes"], 0, "{st}");
         let restored = dir.join("restored-b-new");
         restore_latest(regions.region("b"), "data", &restored).await?;
-        let c = tree::compare(&rep_b, &restored.join("data"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&rep_b, &restored.join("data"))?;
         assert_eq!(
             std::fs::read(restored.join("data/written-in-b.txt"))?,
             b"written in region b after the failover\n"
@@ -155,12 +154,10 @@ async fn region_loss_fails_over_with_rpo_zero_and_failback_loses_nothing() -> an
         assert_eq!(fb["epoch"], 3);
         let restored = dir.join("restored-a");
         restore_latest(regions.region("a"), "data-b", &restored).await?;
-        let c = tree::compare(&src_b, &restored.join("data-b"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&src_b, &restored.join("data-b"))?;
         let restored = dir.join("restored-a2");
         restore_latest(regions.region("a"), "data", &restored).await?;
-        let c = tree::compare(&rep_b, &restored.join("data"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&rep_b, &restored.join("data"))?;
         // B's directory follows A again: a replica.
         wait_until(Duration::from_secs(120), "b's agent is a replica of data", || {
             agent_status(&data_rb).is_some_and(|s| s["roles"]["data"] == "replica")

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::leases::{check_no_overlap, leased_samples, LeaseSampler};
+use lifeboat_chaos_tests::leases::{leased_samples, LeaseSampler};
 use lifeboat_chaos_tests::*;
 use lifeboat_lab::regions::{Regions, RegionsOpts, WITNESS_SITE};
 
@@ -142,8 +142,7 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         }
         let restored = dir.join("restored-b");
         restore_latest(regions.region("b"), "data", &restored).await?;
-        let c = tree::compare(&src, &restored.join("data"))?;
-        assert!(c.equal(), "{:?}", c.differences);
+        invariants::restore_equals(&src, &restored.join("data"))?;
 
         // The batch was acknowledged once: one version of the file.
         let (all, _) = files::list(
@@ -158,7 +157,7 @@ async fn partition_of_the_standby_moves_nothing_and_degrades_synchronous_writes(
         let s = regions.wait_active("a", 1, Duration::from_secs(30)).await?;
         assert_eq!(s.epoch(), 1, "{s:?}");
         let samples = sampler.finish().await?;
-        check_no_overlap(&samples)?;
+        invariants::one_lease_holder(&samples)?;
         assert!(
             leased_samples(&samples, "b").is_empty(),
             "b was never leased"

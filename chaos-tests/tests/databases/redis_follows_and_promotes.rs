@@ -403,7 +403,7 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
     .await
 }
 
-/// Measurement, run on demand: `cargo test --release -p lifeboat-chaos-tests --test t13_redis
+/// Measurement, run on demand: `cargo test --release -p lifeboat-chaos-tests --test databases_redis_follows_and_promotes
 /// bench -- --ignored --nocapture`. Fills a Redis with `DEBUG POPULATE 5000000 key 100` (about
 /// 500 MB of RDB; `LIFEBOAT_BENCH_KEYS` overrides the count), times `redis-cli --rdb` on it, then
 /// times the agent's snapshot path from the start of the snapshot (sidecar `start_ms`) to both
