@@ -21,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-APT_PACKAGES=(redis-server nftables iproute2 rsync)
+APT_PACKAGES=(redis-server nftables iproute2 rsync prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

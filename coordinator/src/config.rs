@@ -411,6 +411,10 @@ pub struct CoordinatorConfig {
     /// Garbage collection.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Address (`ip:port`) of the Prometheus `/metrics` listener (plain HTTP); unset (default):
+    /// no listener. See `crate::metrics`.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -466,6 +470,10 @@ impl CoordinatorConfig {
                 "members does not include this node (node_id = {}); list every initial voter including this one",
                 self.node_id
             )));
+        }
+        if let Some(a) = &self.metrics_addr {
+            lifeboat_common::metrics::parse_addr(a)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
             return Err(ConfigError::Invalid(

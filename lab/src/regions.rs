@@ -39,6 +39,9 @@ pub struct RegionsOpts {
     /// network namespace with its own address (needs root; see [`crate::netns`]). Sites are
     /// named after the regions, the witness's is [`WITNESS_SITE`].
     pub netns: bool,
+    /// Give every coordinator and the witness a `/metrics` listener (see
+    /// [`ClusterOpts::metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for RegionsOpts {
@@ -51,6 +54,7 @@ impl Default for RegionsOpts {
             global_toml: String::new(),
             hooks_toml: BTreeMap::new(),
             netns: false,
+            metrics: false,
         }
     }
 }
@@ -145,6 +149,7 @@ impl Regions {
                     ),
                     host,
                     netns,
+                    metrics: opts.metrics,
                     ..Default::default()
                 },
             )?;
@@ -165,6 +170,7 @@ impl Regions {
                     witness: true,
                     host,
                     netns,
+                    metrics: opts.metrics,
                     ..Default::default()
                 },
             )?)

@@ -166,6 +166,10 @@ pub struct Config {
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Address (`ip:port`) of the Prometheus `/metrics` listener (plain HTTP); unset (default):
+    /// no listener. See `crate::metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// One protected directory (`[[paths]]`).
@@ -294,7 +298,10 @@ pub enum ConfigError {
     /// A coordinator address was not `host:port`.
     #[error("config: coordinator address {0:?} is not \"host:port\"")]
     BadCoordinator(String),
-    /// A numeric setting was zero.
+    /// `metrics_addr` is not `ip:port`.
+    #[error("config: {0}")]
+    BadMetricsAddr(String),
+    /// A numeric option is 0 where it must be positive.
     #[error("config: `{0}` must be greater than 0")]
     Zero(&'static str),
     /// `paths` and `replicas` were both empty.
@@ -476,6 +483,7 @@ impl Config {
                 insecure: true,
                 ..TlsConfig::default()
             },
+            metrics_addr: None,
         }
     }
 }

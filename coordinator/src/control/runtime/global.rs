@@ -35,6 +35,7 @@ impl ControlRuntime {
             }
             let policy = state.policy.clone();
             let views = self.region_views(w, &state, now);
+            w.views = views.clone();
             if w.switchover.is_none() {
                 self.consider_failback(w, &views, now, &policy);
             }
@@ -116,6 +117,7 @@ impl ControlRuntime {
                 blocked: None,
                 switchover: None,
                 home_ready_since: None,
+                views: Vec::new(),
             });
         }
     }
