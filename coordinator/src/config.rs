@@ -580,6 +580,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        let text = include_str!("../../deploy/examples/coordinator.toml");
+        let c: CoordinatorConfig = toml::from_str(text).expect("example parses");
+        assert_eq!(c.metrics_addr, None);
+        let on = text.replace(
+            "# metrics_addr = \"127.0.0.1:9464\"",
+            "metrics_addr = \"127.0.0.1:9464\"",
+        );
+        let c: CoordinatorConfig = toml::from_str(&on).expect("parses");
+        c.validate().expect("validates");
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9464"));
+        let bad = on.replace("127.0.0.1:9464", "localhost");
+        let c: CoordinatorConfig = toml::from_str(&bad).expect("parses");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics_addr"), "{e}");
+    }
+
+    #[test]
     fn deploy_example_parses_and_validates() {
         let text = include_str!("../../deploy/examples/coordinator.toml");
         let c: CoordinatorConfig = toml::from_str(text).expect("example parses");

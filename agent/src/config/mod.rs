@@ -523,6 +523,17 @@ insecure = true
     }
 
     #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        assert_eq!(Config::from_toml(GOOD).unwrap().metrics_addr, None);
+        let c = Config::from_toml(&with("metrics_addr = \"127.0.0.1:9465\"", "")).unwrap();
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9465"));
+        assert!(matches!(
+            Config::from_toml(&with("metrics_addr = \"nowhere\"", "")),
+            Err(ConfigError::BadMetricsAddr(_))
+        ));
+    }
+
+    #[test]
     fn validation_errors() {
         let err = |s: &str| Config::from_toml(s).unwrap_err();
         assert!(matches!(
