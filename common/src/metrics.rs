@@ -305,6 +305,34 @@ mod tests {
         assert!(s.ends_with("# EOF\n"), "{s}");
     }
 
+    /// A raw HTTP/1.1 GET of `path` on `addr`: the whole response.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_404_elsewhere() {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Two));
+        let (addr, task) = serve(parse_addr("127.0.0.1:0").unwrap(), Arc::new(r))
+            .await
+            .unwrap();
+        let ok = get(addr, "/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains(CONTENT_TYPE), "{ok}");
+        assert!(ok.contains("lifeboat_batches_acked_total 7"), "{ok}");
+        let nf = get(addr, "/other").await;
+        assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+        task.abort();
+        assert!(parse_addr("localhost:1").is_err());
+    }
+
     #[test]
     fn reads_the_expiry_of_a_dev_certificate() {
         let d = tempfile::tempdir().unwrap();
