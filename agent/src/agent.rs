@@ -1168,6 +1168,7 @@ impl Agent {
                         if c.path.ends_with(".meta.json") {
                             tracing::info!(sidecar = %c.path, seq, "snapshot acknowledged (in the catalog on a majority)");
                             if let Some(src) = c.path.split('/').nth(1) {
+                                crate::metrics::snapshot_acked(src);
                                 completed.insert(src.to_string());
                             }
                         }

@@ -24,6 +24,7 @@ pub mod agent;
 pub mod checks;
 pub mod config;
 pub mod files;
+pub mod metrics;
 pub mod push;
 pub mod roles;
 pub mod snapshot;

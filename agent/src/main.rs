@@ -149,10 +149,13 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Cmd::AcceptDeletions { root, hold }) = args.cmd {
         return accept_deletions(&cfg, &root, hold);
     }
-    let agent = Agent::new(cfg).context("cannot start the agent")?;
+    let agent = Agent::new(cfg.clone()).context("cannot start the agent")?;
     let status = if args.once {
         agent.run_once().await?
     } else {
+        let _metrics = lifeboat_agent::metrics::start(&cfg, agent.progress())
+            .await
+            .context("metrics")?;
         agent.run(shutdown_signal()).await?
     };
     tracing::info!(

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod blob;
 pub mod blobstore;
 pub mod catalog;
+pub mod metrics;
 pub mod path;
 pub mod redis_conn;
 pub mod tls;

@@ -139,7 +139,12 @@ impl Blobs {
         let local_err = match self.store.get(hash).await {
             Ok(b) => match blob::decode(hash, &b, lifeboat_common::PART_SIZE) {
                 Ok(_) => return Ok(b),
-                Err(e) => BlobsError::Corrupt(e),
+                Err(e) => {
+                    crate::metrics::COUNTERS
+                        .integrity_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    BlobsError::Corrupt(e)
+                }
             },
             Err(e) => BlobsError::Store(e),
         };

@@ -411,6 +411,10 @@ pub struct CoordinatorConfig {
     /// Garbage collection.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Address (`ip:port`) of the Prometheus `/metrics` listener (plain HTTP); unset (default):
+    /// no listener. See `crate::metrics`.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -466,6 +470,10 @@ impl CoordinatorConfig {
                 "members does not include this node (node_id = {}); list every initial voter including this one",
                 self.node_id
             )));
+        }
+        if let Some(a) = &self.metrics_addr {
+            lifeboat_common::metrics::parse_addr(a)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
             return Err(ConfigError::Invalid(
@@ -570,6 +578,24 @@ impl CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        let text = include_str!("../../deploy/examples/coordinator.toml");
+        let c: CoordinatorConfig = toml::from_str(text).expect("example parses");
+        assert_eq!(c.metrics_addr, None);
+        let on = text.replace(
+            "# metrics_addr = \"127.0.0.1:9464\"",
+            "metrics_addr = \"127.0.0.1:9464\"",
+        );
+        let c: CoordinatorConfig = toml::from_str(&on).expect("parses");
+        c.validate().expect("validates");
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9464"));
+        let bad = on.replace("127.0.0.1:9464", "localhost");
+        let c: CoordinatorConfig = toml::from_str(&bad).expect("parses");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics_addr"), "{e}");
+    }
 
     #[test]
     fn deploy_example_parses_and_validates() {

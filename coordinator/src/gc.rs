@@ -155,6 +155,13 @@ impl Gc {
     /// Errors: `UNAVAILABLE` (redirect) when this node is not the leader; Raft or store
     /// failures.
     pub async fn run_pass(&self, dry_run: bool) -> Result<GcReport, Status> {
+        let r = self.pass(dry_run).await;
+        crate::metrics::COUNTERS.gc_pass(dry_run, &r);
+        r
+    }
+
+    /// [`Gc::run_pass`] without counting it in `/metrics`.
+    async fn pass(&self, dry_run: bool) -> Result<GcReport, Status> {
         self.leader.ensure_leader()?;
         wait_term_applied(&self.raft).await?;
         let now = lifeboat_common::now_ms();

@@ -889,6 +889,7 @@ impl Intake {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let n = versions.len();
+        let content_bytes: u64 = versions.iter().map(|v| v.size).sum();
         // Parts garbage collection had condemned were stored and copied again above (reused
         // ones were refused): the commit says so.
         let mut hashes: Vec<BlobHash> = versions
@@ -942,6 +943,7 @@ impl Intake {
                 "epoch changed from {epoch} to {now_epoch} during the batch; not acknowledged"
             )));
         }
+        crate::metrics::COUNTERS.acked(n, content_bytes);
         Ok(PushReply {
             acks: change_ids
                 .into_iter()

@@ -16,6 +16,7 @@ pub mod gc;
 pub mod intake;
 pub mod leader;
 pub mod lease;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod repair;

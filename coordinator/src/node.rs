@@ -161,7 +161,8 @@ pub async fn run(
             db_path.display()
         )
     })?);
-    let store = open_blob_store(&cfg).await?;
+    let store: Arc<dyn BlobStore> =
+        Arc::new(crate::metrics::MeteredStore(open_blob_store(&cfg).await?));
     let log = LogStore::open(db.clone(), "region")?;
     let sm = StateMachineStore::open(db.clone())?.with_blob_store(store.clone());
     let catalog = sm.catalog();
@@ -349,6 +350,25 @@ pub async fn run(
         region: cfg.region.clone(),
     };
     let gc_timer = (!cfg.witness).then(|| gc.clone().spawn_timer()).flatten();
+    let metrics_task = crate::metrics::start(
+        &cfg,
+        crate::metrics::Sources {
+            region: cfg.region.clone(),
+            witness: cfg.witness,
+            raft: raft.clone(),
+            global: global_raft.clone(),
+            control: control.clone(),
+            role: role.clone(),
+            replication: replication.clone(),
+            lag_budget_ms: cfg.replication.lag_degraded_ms,
+            catalog: catalog.clone(),
+            repair: repair.clone(),
+            agents: Arc::clone(&agents),
+            cert_not_after_s: None,
+        },
+    )
+    .await
+    .context("metrics")?;
     let admin = Arc::new(Admin {
         raft: raft.clone(),
         catalog,
@@ -427,6 +447,9 @@ pub async fn run(
         r.abort();
     }
     if let Some(t) = gc_timer {
+        t.abort();
+    }
+    if let Some(t) = metrics_task {
         t.abort();
     }
     for t in repair_tasks.into_iter().chain(control_tasks) {

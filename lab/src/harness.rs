@@ -47,6 +47,8 @@ pub struct ClusterOpts {
     /// Network namespace every coordinator and agent of this cluster runs in
     /// (`ip netns exec`); `None`: the caller's namespace.
     pub netns: Option<String>,
+    /// Give every coordinator a `/metrics` listener (`metrics_addr` on `host` and a free port).
+    pub metrics: bool,
 }
 
 impl Default for ClusterOpts {
@@ -63,6 +65,7 @@ impl Default for ClusterOpts {
             witness: false,
             host: "127.0.0.1".into(),
             netns: None,
+            metrics: false,
         }
     }
 }
@@ -79,6 +82,8 @@ pub struct CoordProc {
     pub data_dir: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    /// `host:port` of its `/metrics` listener, if any (see [`ClusterOpts::metrics`]).
+    pub metrics_addr: Option<String>,
     /// The running process, if started.
     pub child: Option<Child>,
 }
@@ -197,8 +202,12 @@ impl Cluster {
             issue(&certs, role, &opts.region, &name)?;
             let data_dir = dir.join(&name);
             let config = dir.join(format!("{name}.toml"));
+            let metrics_addr = match opts.metrics {
+                true => Some(format!("{}:{}", opts.host, free_port()?)),
+                false => None,
+            };
             let toml = format!(
-                "node_id = {id}\nregion = \"{region}\"\n{witness}listen = \"{host}:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                "node_id = {id}\nregion = \"{region}\"\n{metrics}{witness}listen = \"{host}:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
                 port = port,
                 host = opts.host,
                 region = opts.region,
@@ -208,6 +217,10 @@ impl Cluster {
                 certs = certs.display(),
                 extra = opts.extra_coordinator_toml,
                 witness = if opts.witness { "witness = true\n" } else { "" },
+                metrics = metrics_addr
+                    .as_ref()
+                    .map(|a| format!("metrics_addr = \"{a}\"\n"))
+                    .unwrap_or_default(),
             );
             std::fs::write(&config, toml)?;
             coords.push(CoordProc {
@@ -216,6 +229,7 @@ impl Cluster {
                 config,
                 log: dir.join(format!("{name}.log")),
                 data_dir,
+                metrics_addr,
                 child: None,
             });
         }
@@ -260,6 +274,7 @@ impl Cluster {
             config,
             log: self.dir.join(format!("{name}.log")),
             data_dir,
+            metrics_addr: None,
             child: None,
         });
         let i = self.coords.len() - 1;

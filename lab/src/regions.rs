@@ -40,6 +40,9 @@ pub struct RegionsOpts {
     /// network namespace with its own address (needs root; see [`crate::netns`]). Sites are
     /// named after the regions, the witness's is [`WITNESS_SITE`].
     pub netns: bool,
+    /// Give every coordinator and the witness a `/metrics` listener (see
+    /// [`ClusterOpts::metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for RegionsOpts {
@@ -52,6 +55,7 @@ impl Default for RegionsOpts {
             global_toml: String::new(),
             hooks_toml: BTreeMap::new(),
             netns: false,
+            metrics: false,
         }
     }
 }
@@ -146,6 +150,7 @@ impl Regions {
                     ),
                     host,
                     netns,
+                    metrics: opts.metrics,
                     ..Default::default()
                 },
             )?;
@@ -166,6 +171,7 @@ impl Regions {
                     witness: true,
                     host,
                     netns,
+                    metrics: opts.metrics,
                     ..Default::default()
                 },
             )?)

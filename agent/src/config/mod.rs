@@ -166,6 +166,10 @@ pub struct Config {
     /// Mutual TLS towards the coordinators (`ca`, `cert`, `key`, or `insecure = true`).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Address (`ip:port`) of the Prometheus `/metrics` listener (plain HTTP); unset (default):
+    /// no listener. See `crate::metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// One protected directory (`[[paths]]`).
@@ -294,7 +298,10 @@ pub enum ConfigError {
     /// A coordinator address was not `host:port`.
     #[error("config: coordinator address {0:?} is not \"host:port\"")]
     BadCoordinator(String),
-    /// A numeric setting was zero.
+    /// `metrics_addr` is not `ip:port`.
+    #[error("config: {0}")]
+    BadMetricsAddr(String),
+    /// A numeric option is 0 where it must be positive.
     #[error("config: `{0}` must be greater than 0")]
     Zero(&'static str),
     /// `paths` and `replicas` were both empty.
@@ -476,6 +483,7 @@ impl Config {
                 insecure: true,
                 ..TlsConfig::default()
             },
+            metrics_addr: None,
         }
     }
 }
@@ -512,6 +520,17 @@ insecure = true
         assert_eq!(c.heartbeat_ms, 500);
         assert_eq!(c.paths[0].include, vec!["**".to_string()]);
         assert_eq!(c.paths[0].exclude, vec!["*.tmp".to_string()]);
+    }
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        assert_eq!(Config::from_toml(GOOD).unwrap().metrics_addr, None);
+        let c = Config::from_toml(&with("metrics_addr = \"127.0.0.1:9465\"", "")).unwrap();
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9465"));
+        assert!(matches!(
+            Config::from_toml(&with("metrics_addr = \"nowhere\"", "")),
+            Err(ConfigError::BadMetricsAddr(_))
+        ));
     }
 
     #[test]

@@ -24,6 +24,10 @@ impl Config {
         if !id_ok {
             return Err(ConfigError::BadAgentId(self.agent_id.clone()));
         }
+        if let Some(a) = &self.metrics_addr {
+            lifeboat_common::metrics::parse_addr(a)
+                .map_err(|e| ConfigError::BadMetricsAddr(e.to_string()))?;
+        }
         if !self.data_dir.is_absolute() {
             return Err(ConfigError::RelativeDataDir(self.data_dir.clone()));
         }

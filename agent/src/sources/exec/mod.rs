@@ -130,6 +130,7 @@ async fn source_loop(
                 }
             }
             Err(e) => {
+                crate::metrics::snapshot_failed(&src.name);
                 tracing::error!(source = %src.name, command = ?src.snapshot_command, error = %e, "exec snapshot failed; no snapshot recorded");
             }
         }

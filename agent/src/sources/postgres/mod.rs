@@ -358,6 +358,7 @@ async fn base_loop(
                 }
             }
             Err(e) => {
+                crate::metrics::snapshot_failed(&src.name);
                 tracing::error!(source = %src.name, error = %e, "postgres base backup failed; nothing recorded");
             }
         }

@@ -384,6 +384,7 @@ async fn source_loop(
                 prune_local(&src, &data_dir, local_keep);
             }
             Err(e) => {
+                crate::metrics::snapshot_failed(&src.name);
                 tracing::error!(source = %src.name, addr = %src.addr, error = %e, "redis snapshot failed; no snapshot recorded");
             }
         }

@@ -36,6 +36,7 @@ impl ControlRuntime {
             }
             let policy = state.policy.clone();
             let views = self.region_views(w, &state, now);
+            w.views = views.clone();
             if w.switchover.is_none() {
                 self.consider_failback(w, &views, now, &policy);
             }
@@ -117,6 +118,7 @@ impl ControlRuntime {
                 blocked: None,
                 switchover: None,
                 home_ready_since: None,
+                views: Vec::new(),
             });
         }
     }

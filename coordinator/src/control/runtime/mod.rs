@@ -38,8 +38,10 @@ use crate::intake::AgentTable;
 use crate::lease;
 use crate::raft::{Catalog, RegionRaft, Request as RaftRequest, TypeConfig};
 use crate::replication::{ReplicationStatus, Replicator};
+pub use metrics::{ControlMetrics, LeaderMetrics, RegionMetrics};
 
 mod global;
+mod metrics;
 mod region;
 mod renewals;
 mod service;
@@ -181,6 +183,8 @@ struct LeaderWork {
     /// Each standby's measured lag (ms) when the active region was last heard from (see
     /// [`failover::standby_rpo_ms`]).
     lag_at_contact: BTreeMap<String, u64>,
+    /// The views of the last tick (health and expected RPO per region), for `/metrics`.
+    views: Vec<RegionView>,
 }
 
 #[derive(Clone)]
