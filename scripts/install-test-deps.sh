@@ -4,7 +4,7 @@
 #
 #   - redis-server, nftables, iproute2, rsync (Debian packages; `ip` and `nft` build the network
 #     namespaces of the partition tests (tests/partition), which need root)
-#   - prometheus (Debian package: the server and promtool; the metrics_prometheus test starts its
+#   - prometheus (Debian package: the server and promtool; the operations_metrics_scraped_by_prometheus test starts its
 #     own server on a free port and runs `promtool check/test rules` on deploy/prometheus/)
 #   - PostgreSQL 15 server binaries in /usr/lib/postgresql/15/bin (Debian package postgresql-15);
 #     no cluster is left running (the database tests start their own servers as user postgres)
