@@ -13,6 +13,7 @@ pub mod conflicts;
 pub mod control;
 pub mod failover;
 pub mod gc;
+pub mod health;
 pub mod intake;
 pub mod leader;
 pub mod lease;

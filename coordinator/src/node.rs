@@ -1,6 +1,7 @@
 //! Assembles a coordinator: redb file, Raft, blob store, the gRPC server hosting the Raft, agent,
-//! admin, blob and replication services (mutual TLS unless `insecure`), and, in a standby region,
-//! the replication supervisor (copies the upstream region while this node leads).
+//! admin, blob, replication and health services (mutual TLS unless `insecure`; health also on
+//! the optional plaintext `health_addr`), and, in a standby region, the replication supervisor
+//! (copies the upstream region while this node leads). Tells systemd READY=1 once it listens.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -360,6 +361,11 @@ pub async fn run(
         config_warnings: Arc::new(config_warnings),
         repair: repair.clone(),
     };
+    let health = crate::health::Health::new().await;
+    let health_follow = health.follow_leader(match (&global_raft, cfg.witness) {
+        (Some(g), true) => g.clone(),
+        _ => raft.clone(),
+    });
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 * 1024 * 1024))
@@ -401,11 +407,24 @@ pub async fn run(
             ReplicationServiceServer::new(repl_server)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        );
+        )
+        .add_service(health.service());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind {addr}"))?;
     tracing::info!(%addr, "listening");
+    let health_listener = match &cfg.health_addr {
+        Some(a) => Some(health.serve_plaintext(a).await?),
+        None => None,
+    };
+    crate::health::notify_ready();
+    let shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            health.shutting_down().await;
+        }
+    };
     router
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -413,6 +432,10 @@ pub async fn run(
         )
         .await
         .context("gRPC server")?;
+    health_follow.abort();
+    if let Some(t) = health_listener {
+        t.abort();
+    }
     if let Some(r) = replicator {
         r.abort();
     }
