@@ -21,3 +21,4 @@ pub mod node;
 pub mod raft;
 pub mod repair;
 pub mod replication;
+pub mod tls_reload;

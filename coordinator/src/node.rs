@@ -1,7 +1,8 @@
 //! Assembles a coordinator: redb file, Raft, blob store, the gRPC server hosting the Raft, agent,
 //! admin, blob, replication and health services (mutual TLS unless `insecure`; health also on
 //! the optional plaintext `health_addr`), and, in a standby region, the replication supervisor
-//! (copies the upstream region while this node leads). Tells systemd READY=1 once it listens.
+//! (copies the upstream region while this node leads). Tells systemd READY=1 once it listens;
+//! SIGHUP reloads the TLS files for new connections.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -145,7 +146,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Everything that can be checked without state is checked before anything is written, so a
     // failed first start (a TLS typo) leaves no stored membership behind.
-    let server_tls = cfg.tls.server()?;
+    let server_tls = if cfg.tls.insecure {
+        None
+    } else {
+        Some(crate::tls_reload::ReloadableTls::load(&cfg.tls).context("[tls]")?)
+    };
     cfg.tls.client()?;
     let addr: std::net::SocketAddr = cfg
         .listen
@@ -367,13 +372,11 @@ pub async fn run(
         _ => raft.clone(),
     });
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
     let tls_on = server_tls.is_some();
-    if let Some(tls) = server_tls {
-        builder = builder.tls_config(tls).context("server TLS config")?;
-    } else {
+    if !tls_on {
         tracing::warn!(
             "TLS disabled (insecure = true): gRPC is plaintext and no caller's role is checked"
         );
@@ -425,13 +428,26 @@ pub async fn run(
             health.shutting_down().await;
         }
     };
-    router
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .context("gRPC server")?;
+    // SIGHUP reloads the TLS files for new connections (crate::tls_reload).
+    let sighup = crate::tls_reload::spawn_sighup(server_tls.clone())?;
+    match server_tls {
+        Some(tls) => {
+            let (incoming, accept) = tls.incoming(listener);
+            let served = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await;
+            accept.abort();
+            served.context("gRPC server")?;
+        }
+        None => router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .context("gRPC server")?,
+    }
+    sighup.abort();
     health_follow.abort();
     if let Some(t) = health_listener {
         t.abort();

@@ -37,13 +37,23 @@ fail() { echo "build-rootfs-image: FAILED: $*" >&2; exit 1; }
 command -v mmdebstrap >/dev/null || cannot "mmdebstrap not installed (apt-get install mmdebstrap)"
 command -v podman >/dev/null || command -v buildah >/dev/null \
     || cannot "neither podman nor buildah installed"
-BINS=()
 for b in lifeboat lifeboat-coordinator lifeboat-agent; do
     [ -x "$BIN_DIR/$b" ] || cannot "$BIN_DIR/$b missing: run cargo build --release --workspace --bins"
-    BINS+=("$(realpath "$BIN_DIR/$b")")
 done
 
 WORK=$(mktemp -d /tmp/lifeboat-image.XXXXXX)
+# The release profile keeps line tables (debug = "line-tables-only"); the image keeps the
+# symbols (function names in backtraces) but not the DWARF.
+mkdir -p "$WORK/bin"
+BINS=()
+for b in lifeboat lifeboat-coordinator lifeboat-agent; do
+    if command -v strip >/dev/null; then
+        strip --strip-debug -o "$WORK/bin/$b" "$BIN_DIR/$b"
+    else
+        cp "$BIN_DIR/$b" "$WORK/bin/$b"
+    fi
+    BINS+=("$WORK/bin/$b")
+done
 CTR=""
 COORD_PID=""
 cleanup() {
@@ -77,11 +87,15 @@ say "rootfs: $(du -h "$WORK/rootfs.tar" | cut -f1) in $(($(date +%s) - t0)) s"
 
 # --- 2. image ----------------------------------------------------------------------------
 CHANGES=(--change 'USER 10001:10001' --change 'WORKDIR /var/lib/lifeboat'
-    --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' --change 'EXPOSE 7101 7102'
+    --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' --change 'EXPOSE 7101' --change 'EXPOSE 7102'
     --change 'CMD ["/usr/local/bin/lifeboat-coordinator", "--config", "/etc/lifeboat/coordinator.toml"]')
+# The previous image of this tag, so that rebuilds leave no dangling images (not forced: kept
+# while a container uses it).
 if command -v podman >/dev/null; then
+    podman rmi "$TAG" >/dev/null 2>&1 || true
     podman import --quiet "${CHANGES[@]}" "$WORK/rootfs.tar" "$TAG" >/dev/null || fail "podman import"
 else
+    buildah rmi "$TAG" >/dev/null 2>&1 || true
     CTR=$(buildah from scratch)
     buildah add --quiet "$CTR" "$WORK/rootfs.tar" / >/dev/null
     buildah config --user 10001:10001 --workingdir /var/lib/lifeboat \
@@ -116,7 +130,7 @@ if [ -z "$RUNNER" ]; then
     RUNNER="buildah run --isolation chroot"
 fi
 say "inside the image ($RUNNER): $out"
-echo "$out" | grep -q '^lifeboat ' || fail "unexpected lifeboat --version output: $out"
+echo "$out" | grep -Eq '^lifeboat(-cli)? [0-9]' || fail "unexpected lifeboat --version output: $out"
 
 # A one-node coordinator with generated certificates, on free loopback ports.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -152,7 +166,7 @@ COORD_PID=$!
 say "coordinator started in the image (127.0.0.1:$PORT, health 127.0.0.1:$HPORT)"
 ok=0
 for _ in $(seq 1 60); do
-    if st=$("$BIN_DIR/lifeboat" --tls-dir "$WORK/etc/tls" -c "127.0.0.1:$PORT" status 2>&1) \
+    if st=$("$BIN_DIR/lifeboat" status --tls-dir "$WORK/etc/tls" -c "127.0.0.1:$PORT" 2>&1) \
         && echo "$st" | grep -q 'Leader'; then
         ok=1
         break
