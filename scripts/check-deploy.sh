@@ -14,7 +14,7 @@
 #      LIFEBOAT_SKIP_IMAGE=1.
 # Exit status 1 when any check fails.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$PATH:$HOME/.local/bin"
@@ -40,8 +40,9 @@ for p in "${APT[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || log "apt-get install ${missing[*]} failed; the checks needing them will fail"
+    if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
+        log "apt-get install ${missing[*]} failed; the checks needing them will fail"
+    fi
 fi
 
 # kubernetes-validate from PyPI.
@@ -130,7 +131,7 @@ else
     t0=$(date +%s)
     out=$(timeout 300 bash deploy/container/build-rootfs-image.sh 2>&1)
     rc=$?
-    echo "$out" | sed 's/^/    /'
+    while IFS= read -r l; do echo "    $l"; done <<<"$out"
     case $rc in
         0) pass "runtime image built from Debian packages and run ($(echo "$out" | tail -n 1 | sed 's/.*(//; s/)$//'), $(($(date +%s) - t0)) s)" ;;
         2) skip "runtime image" "$(echo "$out" | grep 'CANNOT RUN HERE' | sed 's/.*CANNOT RUN HERE: //')" ;;

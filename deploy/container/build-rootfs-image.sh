@@ -57,11 +57,13 @@ done
 CTR=""
 COORD_PID=""
 cleanup() {
-    [ -n "$COORD_PID" ] && kill "$COORD_PID" 2>/dev/null || true
-    [ -n "$CTR" ] && buildah rm "$CTR" >/dev/null 2>&1 || true
+    if [ -n "$COORD_PID" ]; then kill "$COORD_PID" 2>/dev/null || true; fi
+    if [ -n "$CTR" ]; then buildah rm "$CTR" >/dev/null 2>&1 || true; fi
     if [ "$KEEP" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+# A TERM (check-deploy.sh's timeout) or ^C still runs the cleanup.
+trap 'exit 143' TERM INT
 
 # --- 1. root filesystem from this host's apt sources -------------------------------------
 SOURCES=()
@@ -73,6 +75,8 @@ done
 SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 say "mmdebstrap $SUITE (variant essential + ca-certificates) from ${SOURCES[*]}"
 t0=$(date +%s)
+# The hooks' "$1" is the root directory, expanded by mmdebstrap.
+# shellcheck disable=SC2016
 mmdebstrap --quiet --mode=root --variant=essential --include=ca-certificates \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
