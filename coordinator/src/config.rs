@@ -415,6 +415,12 @@ pub struct CoordinatorConfig {
     /// no listener. See `crate::metrics`.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Optional plaintext listener, `host:port`, serving only the gRPC health service
+    /// (`grpc.health.v1.Health`, see `crate::health`) for probes that cannot present a client
+    /// certificate (Kubernetes `grpc` probes). Off by default; the main listener serves the
+    /// same statuses over mutual TLS.
+    #[serde(default)]
+    pub health_addr: Option<String>,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -492,6 +498,18 @@ impl CoordinatorConfig {
         }
         if self.epoch == 0 {
             return Err(ConfigError::Invalid("epoch must be >= 1".into()));
+        }
+        if let Some(h) = &self.health_addr {
+            if h.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "health_addr {h:?} is not ip:port (e.g. \"0.0.0.0:7102\")"
+                )));
+            }
+            if *h == self.listen {
+                return Err(ConfigError::Invalid(
+                    "health_addr must differ from listen (the plaintext health listener needs its own port)".into(),
+                ));
+            }
         }
         let rp = &self.replication;
         if !(1..=5000).contains(&rp.batch_rows) {
@@ -624,6 +642,57 @@ mod tests {
         with.validate()
             .expect("example with [replication] validates");
         assert!(with.replication.is_standby());
+    }
+
+    /// The coordinator configs in the Kubernetes ConfigMap (deploy/kubernetes/coordinator.yaml,
+    /// block scalars indented four spaces) parse and validate, one per StatefulSet pod.
+    #[test]
+    fn kubernetes_configmap_configs_parse_and_validate() {
+        let yaml = include_str!("../../deploy/kubernetes/coordinator.yaml");
+        let mut found = 0;
+        let mut lines = yaml.lines().peekable();
+        while let Some(l) = lines.next() {
+            let Some(name) = l.trim().strip_suffix(".toml: |") else {
+                continue;
+            };
+            let mut text = String::new();
+            while let Some(next) = lines.peek() {
+                if !next.is_empty() && !next.starts_with("    ") {
+                    break;
+                }
+                text += next.strip_prefix("    ").unwrap_or("");
+                text.push('\n');
+                lines.next();
+            }
+            let c: CoordinatorConfig =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                c.node_id,
+                found + 1,
+                "{name}: node ids follow the pod ordinals"
+            );
+            assert!(c
+                .tls
+                .cert
+                .as_ref()
+                .is_some_and(|p| p.ends_with(format!("{name}.pem"))));
+            assert_eq!(c.health_addr.as_deref(), Some("0.0.0.0:7102"), "{name}");
+            found += 1;
+        }
+        assert_eq!(found, 3, "three coordinator configs in the ConfigMap");
+    }
+
+    #[test]
+    fn health_addr_must_be_an_ip_port_apart_from_listen() {
+        let text = include_str!("../../deploy/examples/coordinator.toml");
+        let mut c: CoordinatorConfig = toml::from_str(text).unwrap();
+        c.health_addr = Some("0.0.0.0:7102".into());
+        c.validate().expect("separate port");
+        c.health_addr = Some(c.listen.clone());
+        assert!(c.validate().is_err(), "same address as listen");
+        c.health_addr = Some("localhost".into());
+        assert!(c.validate().is_err(), "no port");
     }
 
     #[test]

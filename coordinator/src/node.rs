@@ -1,6 +1,8 @@
 //! Assembles a coordinator: redb file, Raft, blob store, the gRPC server hosting the Raft, agent,
-//! admin, blob and replication services (mutual TLS unless `insecure`), and, in a standby region,
-//! the replication supervisor (copies the upstream region while this node leads).
+//! admin, blob, replication and health services (mutual TLS unless `insecure`; health also on
+//! the optional plaintext `health_addr`), and, in a standby region, the replication supervisor
+//! (copies the upstream region while this node leads). Tells systemd READY=1 once it listens;
+//! SIGHUP reloads the TLS files for new connections.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -146,7 +148,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Everything that can be checked without state is checked before anything is written, so a
     // failed first start (a TLS typo) leaves no stored membership behind.
-    let server_tls = cfg.tls.server()?;
+    let server_tls = if cfg.tls.insecure {
+        None
+    } else {
+        Some(crate::tls_reload::ReloadableTls::load(&cfg.tls).context("[tls]")?)
+    };
     cfg.tls.client()?;
     let addr: std::net::SocketAddr = cfg
         .listen
@@ -388,14 +394,17 @@ pub async fn run(
     let control_server = crate::control::grpc::ControlServer {
         admin: admin.clone(),
     };
+    let health = crate::health::Health::new().await;
+    let health_follow = health.follow_leader(match (&global_raft, cfg.witness) {
+        (Some(g), true) => g.clone(),
+        _ => raft.clone(),
+    });
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
     let tls_on = server_tls.is_some();
-    if let Some(tls) = server_tls {
-        builder = builder.tls_config(tls).context("server TLS config")?;
-    } else {
+    if !tls_on {
         tracing::warn!(
             "TLS disabled (insecure = true): gRPC is plaintext and no caller's role is checked"
         );
@@ -431,18 +440,48 @@ pub async fn run(
             ReplicationServiceServer::new(repl_server)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        );
+        )
+        .add_service(health.service());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind {addr}"))?;
     tracing::info!(%addr, "listening");
-    router
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .context("gRPC server")?;
+    let health_listener = match &cfg.health_addr {
+        Some(a) => Some(health.serve_plaintext(a).await?),
+        None => None,
+    };
+    crate::health::notify_ready();
+    let shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            health.shutting_down().await;
+        }
+    };
+    // SIGHUP reloads the TLS files for new connections (crate::tls_reload).
+    let sighup = crate::tls_reload::spawn_sighup(server_tls.clone())?;
+    match server_tls {
+        Some(tls) => {
+            let (incoming, accept) = tls.incoming(listener);
+            let served = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await;
+            accept.abort();
+            served.context("gRPC server")?;
+        }
+        None => router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .context("gRPC server")?,
+    }
+    sighup.abort();
+    health_follow.abort();
+    if let Some(t) = health_listener {
+        t.abort();
+    }
     if let Some(r) = replicator {
         r.abort();
     }
