@@ -1,6 +1,6 @@
 //! `lifeboat conflicts` and `lifeboat resolve`: the changes a fenced region made that the
 //! active region lacked, kept after a failover at `_conflicts/<from region>/e<epoch>/<path>` in
-//! the active region's catalog (see `lifeboat_coordinator::conflicts`).
+//! the active region's catalog (see `lifeboat_coordinator::xregion::conflicts`).
 
 use crate::outln;
 use anyhow::bail;

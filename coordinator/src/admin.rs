@@ -20,7 +20,7 @@ use crate::control::runtime::ControlRuntime;
 use crate::intake::AgentTable;
 use crate::leader::LeaderInfo;
 use crate::raft::{Catalog, NodeId, RegionRaft};
-use crate::replication::ReplicationStatus;
+use crate::xregion::replication::ReplicationStatus;
 
 /// The `AdminService` implementation.
 pub struct Admin {
@@ -41,11 +41,11 @@ pub struct Admin {
     /// Control runtime of the global group (None without `[global]`).
     pub control: Option<Arc<ControlRuntime>>,
     /// Garbage collection (`CollectGarbage`).
-    pub gc: crate::gc::Gc,
+    pub gc: crate::blobs::gc::Gc,
     /// Config problems found at start (membership drift), shown by `Status`.
     pub config_warnings: Arc<Vec<String>>,
     /// Blob repair and member probes (per-member health, backfill checks).
-    pub repair: crate::repair::Repair,
+    pub repair: crate::blobs::repair::Repair,
 }
 
 /// How long `AddMember` waits for a new member's blob backfill before it leaves it a learner.
@@ -90,7 +90,7 @@ fn durability_problem(
                 .filter(|r| r.shared_store || (r.scanned && r.scan_applied >= target))
         })
         .collect();
-    let d = crate::repair::durability(&answers);
+    let d = crate::blobs::repair::durability(&answers);
     (d.below_majority > 0).then(|| {
         format!(
             "{} committed blobs would be on fewer than a majority ({}) of the remaining voters ({})",
@@ -121,7 +121,7 @@ impl Admin {
     }
 
     /// Members with their health as this node sees it, and the blob durability over the voters.
-    fn members_with_health(&self) -> (Vec<Member>, crate::repair::Durability) {
+    fn members_with_health(&self) -> (Vec<Member>, crate::blobs::repair::Durability) {
         let m = self.raft.metrics().borrow().clone();
         let me = self.leader.node_id;
         let leading = m.current_leader == Some(me);
@@ -138,7 +138,7 @@ impl Admin {
                 let seen = peers.get(&mem.id);
                 let last_ok = seen.and_then(|s| s.last_ok);
                 let reachable =
-                    last_ok.is_some_and(|t| t.elapsed() <= crate::repair::REACHABLE_WITHIN);
+                    last_ok.is_some_and(|t| t.elapsed() <= crate::blobs::repair::REACHABLE_WITHIN);
                 let contact = last_ok
                     .map(|t| t.elapsed().as_millis() as i64)
                     .unwrap_or(-1);
@@ -177,8 +177,9 @@ impl Admin {
                 voter_health.push(health);
             }
         }
-        let d =
-            crate::repair::durability(&voter_health.iter().map(|h| h.as_ref()).collect::<Vec<_>>());
+        let d = crate::blobs::repair::durability(
+            &voter_health.iter().map(|h| h.as_ref()).collect::<Vec<_>>(),
+        );
         (members, d)
     }
 

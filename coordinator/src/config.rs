@@ -40,7 +40,7 @@ pub struct BlobsConfig {
     /// Settings of the S3 backend (required when backend = "s3").
     pub s3: Option<S3Config>,
     /// Local backend: ms between two repair scans of the committed blobs against this node's
-    /// store (missing ones are fetched from peers; `crate::repair`). Default 5000.
+    /// store (missing ones are fetched from peers; `crate::blobs::repair`). Default 5000.
     #[serde(default = "default_repair_interval_ms")]
     pub repair_interval_ms: u64,
     /// Local backend: upper bound of the repair fetch rate, MiB/s of stored (compressed) blob
@@ -213,7 +213,7 @@ pub struct GlobalConfig {
     pub initial_active: String,
     /// Failover policy written into the control record at creation.
     #[serde(default)]
-    pub policy: crate::failover::Policy,
+    pub policy: crate::control::failover::Policy,
     /// Acknowledge agent changes only once a standby region committed them (RPO 0; default
     /// true). See `intake::SyncAck`.
     #[serde(default = "default_true")]
@@ -255,8 +255,8 @@ impl GlobalConfig {
         addrs_of(&self.members, region)
     }
 
-    /// The topology for [`crate::failover::Topology::check`].
-    pub fn topology(&self) -> crate::failover::Topology {
+    /// The topology for [`crate::control::failover::Topology::check`].
+    pub fn topology(&self) -> crate::control::failover::Topology {
         topology_of(&self.members)
     }
 }
@@ -282,8 +282,8 @@ pub fn addrs_of(members: &[GlobalMember], region: &str) -> Vec<String> {
 }
 
 /// The failover topology of `members`: their regions and whether a witness votes.
-pub fn topology_of(members: &[GlobalMember]) -> crate::failover::Topology {
-    crate::failover::Topology {
+pub fn topology_of(members: &[GlobalMember]) -> crate::control::failover::Topology {
+    crate::control::failover::Topology {
         regions: regions_of(members),
         witness: members.iter().any(|m| m.witness),
     }

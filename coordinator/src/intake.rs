@@ -31,9 +31,9 @@ use tokio::task::JoinSet;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::blobs::gc::GcLock;
 use crate::blobs::{Blobs, BlobsError};
 use crate::control::role::Role;
-use crate::gc::GcLock;
 use crate::leader::LeaderInfo;
 use crate::raft::{Catalog, RegionRaft, Request as RaftRequest};
 
@@ -73,7 +73,7 @@ pub struct Intake {
     pub part_cvs: Arc<Mutex<CvCache>>,
     /// Catalog reads (blobs condemned by garbage collection).
     pub catalog: Catalog,
-    /// Held shared by every batch from its first blob check to its commit (see [`crate::gc`]).
+    /// Held shared by every batch from its first blob check to its commit (see [`crate::blobs::gc`]).
     pub gc_lock: GcLock,
 }
 
@@ -124,7 +124,7 @@ pub use crate::control::role::STANDBY_REFUSAL;
 /// change was confirmed by a standby region, whichever node leads the global group (this is
 /// the order Patroni follows with its `/sync` key: the DCS records the change first). A
 /// failover under the consistency-first policy relies on it (see
-/// `crate::failover::standby_rpo_ms`).
+/// `crate::control::failover::standby_rpo_ms`).
 #[derive(Clone)]
 pub struct SyncAck {
     /// Highest confirmed upstream sequence per standby region.
@@ -775,9 +775,9 @@ impl Intake {
         epoch: u64,
     ) -> Result<PushReply, Status> {
         // Garbage collection waits until this batch is committed (or failed), and no deletion
-        // an earlier leader decided is still to be applied (see `crate::gc`).
+        // an earlier leader decided is still to be applied (see `crate::blobs::gc`).
         let gc_shared = self.gc_lock.read().await;
-        crate::gc::wait_term_applied(&self.raft).await?;
+        crate::blobs::gc::wait_term_applied(&self.raft).await?;
         let mut versions = Vec::new();
         let mut change_ids = Vec::new();
         let mut current: Option<Pending> = None;

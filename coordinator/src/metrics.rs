@@ -19,13 +19,13 @@ use lifeboat_common::metrics::prometheus_client::registry::Registry;
 use lifeboat_common::metrics::{ms_to_s, Emit, Labels};
 use openraft::ServerState;
 
+use crate::blobs::repair::Repair;
 use crate::config::CoordinatorConfig;
 use crate::control::role::{now_ms, Role};
 use crate::control::runtime::ControlRuntime;
 use crate::intake::AgentTable;
 use crate::raft::{Catalog, RegionRaft};
-use crate::repair::Repair;
-use crate::replication::ReplicationStatus;
+use crate::xregion::replication::ReplicationStatus;
 
 /// Process-wide counters of a coordinator (monotonic since the process started).
 #[derive(Debug, Default)]
@@ -92,7 +92,7 @@ impl Counters {
     }
 
     /// The outcome of a garbage collection pass (dry runs are not counted).
-    pub fn gc_pass(&self, dry_run: bool, r: &Result<crate::gc::GcReport, tonic::Status>) {
+    pub fn gc_pass(&self, dry_run: bool, r: &Result<crate::blobs::gc::GcReport, tonic::Status>) {
         match r {
             _ if dry_run => {}
             Ok(r) => {

@@ -29,7 +29,7 @@ use crate::intake::SyncAck;
 use crate::leader::LeaderInfo;
 use crate::raft::network::{Network, RaftServer};
 use crate::raft::{LogStore, RegionRaft, StateMachineStore};
-use crate::replication::{ReplicationServer, ReplicationStatus, Replicator};
+use crate::xregion::replication::{ReplicationServer, ReplicationStatus, Replicator};
 
 /// Opens the configured blob store.
 ///
@@ -172,7 +172,7 @@ pub async fn run(
     let log = LogStore::open(db.clone(), "region")?;
     let sm = StateMachineStore::open(db.clone())?.with_blob_store(store.clone());
     let catalog = sm.catalog();
-    let gc_lock: crate::gc::GcLock = Default::default();
+    let gc_lock: crate::blobs::gc::GcLock = Default::default();
 
     let region_config = raft_config(&cfg, format!("lifeboat-{}", cfg.region))?;
     let network = Network {
@@ -203,12 +203,12 @@ pub async fn run(
     let mut blobs = Blobs::new(store, cfg.tls.clone(), cfg.node_id);
     blobs.set_raft(raft.clone());
     blobs.set_catalog(catalog.clone());
-    let repair = crate::repair::Repair::new(
+    let repair = crate::blobs::repair::Repair::new(
         blobs.clone(),
         catalog.clone(),
         raft.clone(),
         cfg.node_id,
-        crate::repair::RepairSettings {
+        crate::blobs::repair::RepairSettings {
             interval_ms: cfg.blobs.repair_interval_ms,
             max_bytes_per_s: cfg.blobs.repair_max_mib_per_s.saturating_mul(1 << 20),
         },
@@ -346,7 +346,7 @@ pub async fn run(
         confirmed,
         tls: cfg.tls.clone(),
     };
-    let gc = crate::gc::Gc {
+    let gc = crate::blobs::gc::Gc {
         raft: raft.clone(),
         catalog: catalog.clone(),
         blobs: blobs.clone(),

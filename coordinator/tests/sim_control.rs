@@ -63,8 +63,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use lifeboat_coordinator::failover::{self, ControlRecord, Phase, Policy, RegionView};
-use lifeboat_coordinator::lease::{self, LeaseHolder};
+use lifeboat_coordinator::control::failover::{self, ControlRecord, Phase, Policy, RegionView};
+use lifeboat_coordinator::control::lease::{self, LeaseHolder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

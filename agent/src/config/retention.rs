@@ -29,7 +29,7 @@
 //! segments older than the start segment of the oldest kept base backup are expired too (PITR
 //! stays possible from every kept base backup). **What it does not do** itself: free space. The
 //! expired snapshot stays reachable with `--at` a time before its tombstone until the
-//! coordinators' garbage collection (`[gc]`, `lifeboat gc`, `coordinator::gc`) prunes versions
+//! coordinators' garbage collection (`[gc]`, `lifeboat gc`, `coordinator::blobs::gc`) prunes versions
 //! superseded longer ago than `keep_history` and then deletes the blobs no version references
 //! any more (older than `grace`; a part shared with a kept snapshot stays). A source without
 //! `retention` keeps every snapshot.

@@ -1,6 +1,6 @@
 //! Blob durability of the local blob store across membership changes (issue 15, defects 3 and 4).
 //!
-//! The leader writes each blob to a majority; repair (`coordinator::repair`) backfills the rest.
+//! The leader writes each blob to a majority; repair (`coordinator::blobs::repair`) backfills the rest.
 //! These tests prove: a coordinator that was down while data was written ends up with every
 //! committed blob; `status` shows the dead voter (unreachable, blobs unknown) and says "no
 //! leader" plainly; a removal that would leave a blob on fewer than a majority is refused with

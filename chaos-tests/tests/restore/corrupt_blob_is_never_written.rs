@@ -125,7 +125,7 @@ async fn corrupted_blob_on_one_node_is_repaired_from_a_peer() -> anyhow::Result<
         invariants::restore_equals(&src, &to.join("data"))?;
 
         // The leader repaired its own copy from a peer.
-        // PRODUCT BUG (see report): Blobs::get_stored (coordinator/src/blobs.rs) "repairs" with
+        // PRODUCT BUG (see report): Blobs::get_stored (coordinator/src/blobs/mod.rs) "repairs" with
         // BlobStore::put, which LocalBlobStore::put (common/src/blobstore/local.rs) skips when
         // the file already exists, so the corrupted copy stays on disk.
         let stored = std::fs::read(&on_leader)?;

@@ -160,7 +160,7 @@ impl ControlService for ControlServer {
         req: Request<ResolveConflictRequest>,
     ) -> Result<Response<ResolveConflictReply>, Status> {
         runtime(&self.admin.control)?;
-        crate::conflicts::resolve(&self.admin, req.into_inner())
+        crate::xregion::conflicts::resolve(&self.admin, req.into_inner())
             .await
             .map(Response::new)
     }

@@ -5,8 +5,10 @@
 //! ([`grpc`]) and its domain <-> wire conversions ([`wire`]).
 
 pub mod dbs;
+pub mod failover;
 pub mod grpc;
 pub mod hooks;
+pub mod lease;
 pub mod record;
 pub mod role;
 pub mod runtime;

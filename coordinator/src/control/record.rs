@@ -7,12 +7,12 @@
 //! leader is refused), the active region's synchronous replication degrading or resuming
 //! ([`SyncDegraded`]), policy changes and audit entries. Lease renewals and health observations
 //! stay in the global leader's memory; a new global leader assumes a lease may have been granted
-//! until one full lease after it took over (see `crate::lease::on_became_leader`).
+//! until one full lease after it took over (see `crate::control::lease::on_became_leader`).
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::GlobalMember;
-use crate::failover::{ControlRecord, Policy};
+use crate::control::failover::{ControlRecord, Policy};
 
 /// Most audit entries kept in the control state (oldest dropped first).
 pub const AUDIT_KEEP: usize = 1000;
@@ -327,7 +327,7 @@ mod tests {
         assert_eq!(s.active(), Some(("a".into(), 1)));
         let mut next = s.record.clone().unwrap();
         next.epoch = 2;
-        next.phase = crate::failover::Phase::Active { region: "b".into() };
+        next.phase = crate::control::failover::Phase::Active { region: "b".into() };
         let d = ControlCommand::Decide {
             expect_epoch: 1,
             record: next.clone(),
@@ -367,7 +367,7 @@ mod tests {
         // A new epoch (b promoted) starts synchronous.
         let mut next = s.record.clone().unwrap();
         next.epoch = 2;
-        next.phase = crate::failover::Phase::Active { region: "b".into() };
+        next.phase = crate::control::failover::Phase::Active { region: "b".into() };
         assert!(s.apply(ControlCommand::Decide {
             expect_epoch: 1,
             record: next,

@@ -8,7 +8,7 @@ use lifeboat_common::wire_error::{ErrorCode, WireError};
 use parking_lot::Mutex;
 use tonic::Status;
 
-use crate::lease::LeaseHolder;
+use crate::control::lease::LeaseHolder;
 
 /// Message of the `FAILED_PRECONDITION` a standby region answers to `PushChanges`.
 pub const STANDBY_REFUSAL: &str = "standby region: writes go to the active region";

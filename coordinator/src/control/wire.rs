@@ -1,5 +1,5 @@
 //! Conversions between the global group's domain types ([`super::record`],
-//! [`crate::failover`], [`crate::config::GlobalMember`]) and the typed wire of
+//! [`crate::control::failover`], [`crate::config::GlobalMember`]) and the typed wire of
 //! `lifeboat.v1.ControlService` / `GlobalService` (`proto/lifeboat/v1/control.proto`). The
 //! domain types stay the ones the state machine persists and the pure failover logic reads;
 //! these are the only places that map them.
@@ -8,7 +8,7 @@ use lifeboat_proto as pb;
 
 use super::record::{AuditEntry, ControlState, SyncDegraded};
 use crate::config::GlobalMember;
-use crate::failover::{ControlRecord, FailoverMode, Phase, Policy};
+use crate::control::failover::{ControlRecord, FailoverMode, Phase, Policy};
 
 impl From<&AuditEntry> for pb::AuditEntry {
     fn from(e: &AuditEntry) -> Self {

@@ -10,7 +10,7 @@
 //! | `catalog.refs` | blob hash | parts of stored versions that reference it (absent = 0) |
 //! | `catalog.condemned` | blob hash | log index of the `ForgetBlobs` that condemned it |
 //!
-//! Garbage collection (`crate::gc`): `PruneHistory` removes superseded versions (never the newest
+//! Garbage collection (`crate::blobs::gc`): `PruneHistory` removes superseded versions (never the newest
 //! of a path), `ForgetBlobs` records unreferenced blobs in `catalog.condemned` and, after the
 //! transaction, deletes them from this node's blob store (local stores; a shared store is
 //! cleaned by the leader's pass). A `CommitVersions` referencing a condemned blob it does not

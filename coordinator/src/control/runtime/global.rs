@@ -59,7 +59,7 @@ impl ControlRuntime {
 
     /// Proposes the first control record (from this node's `[global]` config; the first
     /// proposal committed wins). Automatic failover is off when the topology cannot decide
-    /// safely (see [`crate::failover::Topology::check`]).
+    /// safely (see [`crate::control::failover::Topology::check`]).
     async fn init_record(&self) {
         let topo = self.cfg.topology();
         let mut policy = self.cfg.policy.clone();

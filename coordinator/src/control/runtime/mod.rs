@@ -33,11 +33,11 @@ use super::record::{AuditEntry, ControlCommand, ControlState};
 use super::role::{now_ms, Role};
 use super::store::ControlStore;
 use crate::config::{GlobalConfig, GlobalMember};
-use crate::failover::{self, Action, ControlRecord, Phase, RegionView};
+use crate::control::failover::{self, Action, ControlRecord, Phase, RegionView};
+use crate::control::lease;
 use crate::intake::AgentTable;
-use crate::lease;
 use crate::raft::{Catalog, RegionRaft, Request as RaftRequest, TypeConfig};
-use crate::replication::{ReplicationStatus, Replicator};
+use crate::xregion::replication::{ReplicationStatus, Replicator};
 pub use metrics::{ControlMetrics, LeaderMetrics, RegionMetrics};
 
 mod global;

@@ -668,8 +668,8 @@ pub struct Replicator {
     /// Name of the upstream region when known (global group): progress is read for it, and
     /// versions that originated in this region are not copied back.
     pub upstream_region: Option<String>,
-    /// Held shared per batch, from the blob checks to the commit (see [`crate::gc`]).
-    pub gc_lock: crate::gc::GcLock,
+    /// Held shared per batch, from the blob checks to the commit (see [`crate::blobs::gc`]).
+    pub gc_lock: crate::blobs::gc::GcLock,
 }
 
 impl Replicator {
@@ -837,9 +837,9 @@ impl Replicator {
                 versions.retain(|v| v.v.region != self.region);
             }
             let started = Instant::now();
-            // Garbage collection waits until these blobs are referenced (see `crate::gc`).
+            // Garbage collection waits until these blobs are referenced (see `crate::blobs::gc`).
             let gc_shared = self.gc_lock.read().await;
-            crate::gc::wait_term_applied(&self.raft)
+            crate::blobs::gc::wait_term_applied(&self.raft)
                 .await
                 .map_err(|e| ReplicationError::Commit(e.message().to_string()))?;
             let (copied, restored) = self.copy_blobs(&mut fetch, addr, &versions).await?;

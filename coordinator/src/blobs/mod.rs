@@ -2,6 +2,9 @@
 //! voters when the store is local (so an acknowledged blob survives the loss of any minority), and
 //! fetching blobs a node lacks from its peers. Also the `BlobService` gRPC server.
 
+pub mod gc;
+pub mod repair;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -17,7 +20,7 @@ use lifeboat_proto::{
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::gc::GC_INDEX_HEADER;
+use crate::blobs::gc::GC_INDEX_HEADER;
 use crate::raft::{Catalog, NodeId, RegionRaft};
 
 /// How long a follower waits to apply the leader's last `ForgetBlobs` before refusing a copy.
@@ -350,7 +353,7 @@ pub struct BlobServer {
     /// Blob access.
     pub blobs: Blobs,
     /// Repair state (answers `BlobHealth`).
-    pub repair: crate::repair::Repair,
+    pub repair: crate::blobs::repair::Repair,
 }
 
 #[tonic::async_trait]

@@ -9,7 +9,7 @@
 //!   (up to the clock-rate drift between the two over one lease period);
 //! - the **grantor** ([`grant`], [`on_became_leader`]), the global leader, extends
 //!   `ControlRecord::lease_expiry_ms` to cover every lease it ever granted; the failover state
-//!   machine ([`crate::failover::step`]) only moves the active region once that expiry plus
+//!   machine ([`crate::control::failover::step`]) only moves the active region once that expiry plus
 //!   `Policy::max_clock_drift_ms` has passed.
 //!
 //! Safety argument (rule 1): a holder's lease ends at `sent + lease_ms` on its clock; the grantor
@@ -18,7 +18,7 @@
 //! (leadership is checked at grant time). The failover waits a further `max_clock_drift_ms`, which
 //! must bound how much two clocks can disagree about the length of one lease period.
 
-use crate::failover::{ControlRecord, Phase, Policy};
+use crate::control::failover::{ControlRecord, Phase, Policy};
 
 /// Holder side: kept by the regional leader of the active region. Times are the holder's LOCAL
 /// clock (ms), which must be monotonic.
@@ -178,7 +178,7 @@ pub fn on_became_leader(rec: &mut ControlRecord, now_ms: u64, policy: &Policy) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::failover::{step, RegionView};
+    use crate::control::failover::{step, RegionView};
 
     #[test]
     fn holder_lease_runs_from_the_send_time_and_is_never_shortened() {
