@@ -23,7 +23,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-use crate::raft::RegionRaft;
+use crate::raft::RaftHandle;
 
 /// Health service name of the admin service, the readiness status (`lifeboat.v1.AdminService`).
 pub const ADMIN_SERVICE: &str = <AdminServiceServer<crate::admin::Admin> as NamedService>::NAME;
@@ -52,7 +52,7 @@ impl Health {
 
     /// Keeps the admin service's status in step with `raft`'s known leader: SERVING while one is
     /// known. Ends when the Raft instance shuts down.
-    pub fn follow_leader(&self, raft: RegionRaft) -> tokio::task::JoinHandle<()> {
+    pub fn follow_leader(&self, raft: RaftHandle) -> tokio::task::JoinHandle<()> {
         let reporter = self.reporter.clone();
         tokio::spawn(async move {
             let mut metrics = raft.metrics();

@@ -35,7 +35,7 @@ use crate::blobs::gc::GcLock;
 use crate::blobs::{Blobs, BlobsError};
 use crate::control::role::Role;
 use crate::leader::LeaderInfo;
-use crate::raft::{Catalog, RegionRaft, Request as RaftRequest};
+use crate::raft::{Catalog, CatalogCommand, RegionRaft};
 
 /// Last heartbeat of each agent.
 pub type AgentTable = Arc<Mutex<HashMap<String, (Instant, HeartbeatRequest)>>>;
@@ -905,7 +905,7 @@ impl Intake {
         let checked = Instant::now();
         let resp = self
             .raft
-            .client_write(RaftRequest::CommitVersions {
+            .client_write(CatalogCommand::CommitVersions {
                 versions,
                 commit_time_ms: lifeboat_common::now_ms(),
                 restored,

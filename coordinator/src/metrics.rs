@@ -24,7 +24,7 @@ use crate::config::CoordinatorConfig;
 use crate::control::role::{now_ms, Role};
 use crate::control::runtime::ControlRuntime;
 use crate::intake::AgentTable;
-use crate::raft::{Catalog, RegionRaft};
+use crate::raft::{Catalog, RaftHandle};
 use crate::xregion::replication::ReplicationStatus;
 
 /// Process-wide counters of a coordinator (monotonic since the process started).
@@ -188,9 +188,9 @@ pub struct Sources {
     /// This node is the witness (no regional group).
     pub witness: bool,
     /// Regional Raft.
-    pub raft: RegionRaft,
+    pub raft: RaftHandle,
     /// Global Raft (with `[global]`).
-    pub global: Option<RegionRaft>,
+    pub global: Option<RaftHandle>,
     /// Control runtime (with `[global]`).
     pub control: Option<Arc<ControlRuntime>>,
     /// This region's role and lease.
@@ -230,7 +230,7 @@ fn bool_f(b: bool) -> f64 {
 
 /// The Raft metrics of this node in each group: labels `group` (`region` or `global`) and
 /// `region` (this node's region).
-fn raft_metrics(e: &mut Emit, region: &str, groups: &[(&str, &RegionRaft)]) -> fmt::Result {
+fn raft_metrics(e: &mut Emit, region: &str, groups: &[(&str, &RaftHandle)]) -> fmt::Result {
     type M = openraft::RaftMetrics<u64, openraft::BasicNode>;
     let ms: Vec<(&str, M)> = groups
         .iter()
@@ -284,7 +284,7 @@ impl Collector for CoordinatorCollector {
         let s = &self.0;
         let mut e = Emit::new(enc);
         let now = now_ms();
-        let mut groups: Vec<(&str, &RegionRaft)> = Vec::new();
+        let mut groups: Vec<(&str, &RaftHandle)> = Vec::new();
         if !s.witness {
             groups.push(("region", &s.raft));
         }

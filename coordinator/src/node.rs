@@ -28,7 +28,7 @@ use crate::intake::Intake;
 use crate::intake::SyncAck;
 use crate::leader::LeaderInfo;
 use crate::raft::network::{Network, RaftServer};
-use crate::raft::{LogStore, RegionRaft, StateMachineStore};
+use crate::raft::{LogStore, RaftHandle, RegionRaft, StateMachineStore};
 use crate::xregion::replication::{ReplicationServer, ReplicationStatus, Replicator};
 
 /// Opens the configured blob store.
@@ -76,7 +76,7 @@ fn raft_config(cfg: &CoordinatorConfig, cluster_name: String) -> anyhow::Result<
 /// `config_key` its config key in the message, `change_cmd` the command that changes it, and
 /// `db_path` the file to delete to found the group again.
 async fn initialize(
-    raft: &RegionRaft,
+    raft: &RaftHandle,
     members: impl Iterator<Item = (u64, String)>,
     group: &str,
     config_key: &str,
@@ -179,10 +179,11 @@ pub async fn run(
         tls: cfg.tls.clone(),
         group: "region".into(),
     };
-    let raft: RegionRaft =
+    let raft = RegionRaft(
         openraft::Raft::new(cfg.node_id, Arc::new(region_config), network, log, sm)
             .await
-            .context("start raft")?;
+            .context("start raft")?,
+    );
 
     let mut config_warnings = Vec::new();
     if !cfg.members.is_empty() {
@@ -292,10 +293,11 @@ pub async fn run(
             tls: cfg.tls.clone(),
             group: "global".into(),
         };
-        let graft: RegionRaft =
+        let graft = crate::control::runtime::GlobalRaft(
             openraft::Raft::new(cfg.node_id, Arc::new(gconfig), gnet, glog, gsm.clone())
                 .await
-                .context("start global raft")?;
+                .context("start global raft")?,
+        );
         if g.join {
             tracing::info!("joining an existing global group: waiting for `lifeboat topology add`");
         } else {
@@ -361,8 +363,8 @@ pub async fn run(
         crate::metrics::Sources {
             region: cfg.region.clone(),
             witness: cfg.witness,
-            raft: raft.clone(),
-            global: global_raft.clone(),
+            raft: raft.0.clone(),
+            global: global_raft.as_ref().map(|g| g.0.clone()),
             control: control.clone(),
             role: role.clone(),
             replication: replication.clone(),
@@ -396,8 +398,8 @@ pub async fn run(
     };
     let health = crate::health::Health::new().await;
     let health_follow = health.follow_leader(match (&global_raft, cfg.witness) {
-        (Some(g), true) => g.clone(),
-        _ => raft.clone(),
+        (Some(g), true) => g.0.clone(),
+        _ => raft.0.clone(),
     });
     let max = lifeboat_common::MAX_MESSAGE_BYTES;
     let builder = tonic::transport::Server::builder()
@@ -413,8 +415,8 @@ pub async fn run(
         .layer(crate::authz::AuthzLayer::new(tls_on))
         .add_service(
             RaftServiceServer::new(RaftServer {
-                raft: raft.clone(),
-                global: global_raft.clone(),
+                raft: raft.0.clone(),
+                global: global_raft.as_ref().map(|g| g.0.clone()),
             })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),

@@ -50,7 +50,7 @@ use tonic::Status;
 use crate::blobs::Blobs;
 use crate::config::GcConfig;
 use crate::leader::LeaderInfo;
-use crate::raft::{Catalog, RegionRaft, Request as RaftRequest};
+use crate::raft::{Catalog, CatalogCommand, RegionRaft};
 
 /// Serializes intake batches (shared) with garbage collection passes (exclusive).
 pub type GcLock = Arc<tokio::sync::RwLock<()>>;
@@ -182,7 +182,7 @@ impl Gc {
         } else {
             let resp = self
                 .raft
-                .client_write(RaftRequest::PruneHistory { cutoff_ms })
+                .client_write(CatalogCommand::PruneHistory { cutoff_ms })
                 .await
                 .map_err(|e| self.leader.commit_error(e))?;
             report.versions_pruned = resp.data.pruned;
@@ -235,7 +235,7 @@ impl Gc {
         for chunk in candidates.chunks(FORGET_CHUNK) {
             let resp = self
                 .raft
-                .client_write(RaftRequest::ForgetBlobs {
+                .client_write(CatalogCommand::ForgetBlobs {
                     hashes: chunk.to_vec(),
                 })
                 .await

@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::types::{NodeId, TypeConfig};
-use super::RegionRaft;
+use super::RaftHandle;
 
 /// Creates per-peer Raft clients for one group.
 #[derive(Clone)]
@@ -143,13 +143,13 @@ impl RaftNetwork<TypeConfig> for Connection {
 /// (`region` or `global`).
 pub struct RaftServer {
     /// The local Raft of the regional group.
-    pub raft: RegionRaft,
+    pub raft: RaftHandle,
     /// The local Raft of the global group, when configured.
-    pub global: Option<RegionRaft>,
+    pub global: Option<RaftHandle>,
 }
 
 impl RaftServer {
-    fn pick<T: DeserializeOwned>(&self, m: &RaftMessage) -> Result<(&RegionRaft, T), Status> {
+    fn pick<T: DeserializeOwned>(&self, m: &RaftMessage) -> Result<(&RaftHandle, T), Status> {
         let raft = match (m.group.as_str(), &self.global) {
             ("region", _) => &self.raft,
             ("global", Some(g)) => g,

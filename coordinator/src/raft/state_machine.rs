@@ -40,7 +40,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::types::{sto_err, NodeId, Request, Response, StorageError, TypeConfig};
+use super::types::{sto_err, CatalogCommand, NodeId, Request, Response, StorageError, TypeConfig};
 
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("catalog.versions");
 const LATEST: TableDefinition<&str, u64> = TableDefinition::new("catalog.latest");
@@ -944,11 +944,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     )?;
                     out.push(Response::default());
                 }
-                EntryPayload::Normal(Request::CommitVersions {
+                EntryPayload::Normal(Request::Catalog(CatalogCommand::CommitVersions {
                     versions,
                     commit_time_ms,
                     restored,
-                }) => {
+                })) => {
                     let rejected = condemned_parts(&tx, &versions, &restored)?;
                     if !rejected.is_empty() {
                         tracing::warn!(
@@ -988,13 +988,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         ..Default::default()
                     });
                 }
-                EntryPayload::Normal(Request::ApplyReplicated {
+                EntryPayload::Normal(Request::Catalog(CatalogCommand::ApplyReplicated {
                     versions,
                     upstream_region,
                     upstream_last_seq,
                     skip_through,
                     restored,
-                }) => {
+                })) => {
                     uncondemn(&tx, &restored)?;
                     if repl.is_none() {
                         repl = Some(meta_get(&tx, "replication")?.unwrap_or_default());
@@ -1032,7 +1032,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         ..Default::default()
                     });
                 }
-                EntryPayload::Normal(Request::PruneHistory { cutoff_ms }) => {
+                EntryPayload::Normal(Request::Catalog(CatalogCommand::PruneHistory {
+                    cutoff_ms,
+                })) => {
                     let pruned = prune_history(&tx, cutoff_ms)?;
                     if pruned > 0 {
                         let mut g: GcMeta = meta_get(&tx, "gc")?.unwrap_or_default();
@@ -1045,7 +1047,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         ..Default::default()
                     });
                 }
-                EntryPayload::Normal(Request::ForgetBlobs { hashes }) => {
+                EntryPayload::Normal(Request::Catalog(CatalogCommand::ForgetBlobs { hashes })) => {
                     let condemned = condemn(&tx, &hashes, entry.log_id.index)?;
                     let mut g: GcMeta = meta_get(&tx, "gc")?.unwrap_or_default();
                     g.forget_index = entry.log_id.index;
@@ -1259,10 +1261,10 @@ mod tests {
         (dir, fresh)
     }
 
-    fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+    fn entry(index: u64, req: impl Into<Request>) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(req),
+            payload: EntryPayload::Normal(req.into()),
         }
     }
 
@@ -1276,7 +1278,7 @@ mod tests {
         let mut sm = StateMachineStore::open(db).unwrap();
         let cat = sm.catalog();
         let mut seq_rx = cat.watch_last_seq();
-        let batch = |from: u64, to: u64| Request::ApplyReplicated {
+        let batch = |from: u64, to: u64| CatalogCommand::ApplyReplicated {
             versions: (from..=to)
                 .map(|s| upstream_version(s, &format!("data/d{s}"), 1000 + s as i64))
                 .collect(),
@@ -1309,7 +1311,7 @@ mod tests {
         let out = sm
             .apply([entry(
                 3,
-                Request::CommitVersions {
+                CatalogCommand::CommitVersions {
                     versions: vec![upstream_version(0, "data/local", 0).v],
                     commit_time_ms: 5000,
                     restored: vec![],
@@ -1355,8 +1357,8 @@ mod tests {
         versions: Vec<lifeboat_common::catalog::NewVersion>,
         t: i64,
         restored: Vec<BlobHash>,
-    ) -> Request {
-        Request::CommitVersions {
+    ) -> CatalogCommand {
+        CatalogCommand::CommitVersions {
             versions,
             commit_time_ms: t,
             restored,
@@ -1403,7 +1405,7 @@ mod tests {
         assert_eq!(cat.refcounts(&[h1, h2, h3, h4]).unwrap(), vec![3, 2, 1, 0]);
         assert_eq!(cat.prunable(500).unwrap().len(), 2);
         let out = sm
-            .apply([entry(5, Request::PruneHistory { cutoff_ms: 500 })])
+            .apply([entry(5, CatalogCommand::PruneHistory { cutoff_ms: 500 })])
             .await
             .unwrap();
         assert_eq!(out[0].pruned, 2);
@@ -1422,8 +1424,8 @@ mod tests {
         // Pruning again removes nothing; a later cutoff also takes c@100.
         let out = sm
             .apply([
-                entry(6, Request::PruneHistory { cutoff_ms: 500 }),
-                entry(7, Request::PruneHistory { cutoff_ms: 1000 }),
+                entry(6, CatalogCommand::PruneHistory { cutoff_ms: 500 }),
+                entry(7, CatalogCommand::PruneHistory { cutoff_ms: 1000 }),
             ])
             .await
             .unwrap();
@@ -1434,7 +1436,7 @@ mod tests {
         let out = sm
             .apply([entry(
                 8,
-                Request::ForgetBlobs {
+                CatalogCommand::ForgetBlobs {
                     hashes: vec![h1, h2, h4, h2],
                 },
             )])
@@ -1479,7 +1481,7 @@ mod tests {
         store.put(&h5, vec![0]).await.unwrap();
         let out = sm
             .apply([
-                entry(11, Request::ForgetBlobs { hashes: vec![h5] }),
+                entry(11, CatalogCommand::ForgetBlobs { hashes: vec![h5] }),
                 entry(12, commit(vec![file("g", &[h5])], 2002, vec![h5])),
             ])
             .await

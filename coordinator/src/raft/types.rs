@@ -1,4 +1,5 @@
-//! Raft type configuration: what a log entry carries (a [`Request`]) and what applying it returns.
+//! Raft type configuration: what a log entry carries (a [`Request`]: a [`CatalogCommand`] of a
+//! region's group or a [`ControlCommand`] of the global group) and what applying it returns.
 
 use std::io::Cursor;
 
@@ -11,9 +12,36 @@ use crate::control::record::ControlCommand;
 /// Node ids are small integers from the config, unique across the whole deployment.
 pub type NodeId = u64;
 
-/// A command replicated through the regional Raft log.
+/// What a log entry carries. Both groups share one storage format (this type), but each
+/// proposes only its own kind: [`super::RegionRaft::client_write`] takes a [`CatalogCommand`],
+/// `control::runtime::GlobalRaft::client_write` a [`ControlCommand`].
+///
+/// Serialized exactly as before the split: a control command as `{"Control": ...}`, a catalog
+/// command untagged (`{"CommitVersions": ...}`), so logs written earlier still load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
+    /// A command of the global group's control record (the regional state machine ignores it).
+    Control(ControlCommand),
+    /// A command of a region's catalog (the global state machine ignores it).
+    #[serde(untagged)]
+    Catalog(CatalogCommand),
+}
+
+impl From<CatalogCommand> for Request {
+    fn from(c: CatalogCommand) -> Self {
+        Request::Catalog(c)
+    }
+}
+
+impl From<ControlCommand> for Request {
+    fn from(c: ControlCommand) -> Self {
+        Request::Control(c)
+    }
+}
+
+/// A command replicated through a region's Raft log (its catalog).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CatalogCommand {
     /// Commit a batch of file versions whose blobs are already durable. `commit_time_ms` is the
     /// leader's wall clock at proposal (ms since the Unix epoch), so every replica records the same
     /// time.
@@ -69,9 +97,6 @@ pub enum Request {
         /// Candidate blobs (unreferenced and older than the grace period when proposed).
         hashes: Vec<BlobHash>,
     },
-    /// A command of the global group's control record (only ever proposed to the global group;
-    /// the regional state machine ignores it).
-    Control(ControlCommand),
 }
 
 /// Result of applying one log entry.
@@ -84,14 +109,14 @@ pub struct Response {
     /// epoch may refuse a stale decision).
     #[serde(default)]
     pub accepted: bool,
-    /// For [`Request::CommitVersions`]: condemned parts that `restored` did not list; non-empty
+    /// For [`CatalogCommand::CommitVersions`]: condemned parts that `restored` did not list; non-empty
     /// means nothing of the entry was applied (`seqs` is empty).
     #[serde(default)]
     pub rejected: Vec<BlobHash>,
-    /// For [`Request::PruneHistory`]: versions removed.
+    /// For [`CatalogCommand::PruneHistory`]: versions removed.
     #[serde(default)]
     pub pruned: u64,
-    /// For [`Request::ForgetBlobs`]: hashes condemned (the others were referenced).
+    /// For [`CatalogCommand::ForgetBlobs`]: hashes condemned (the others were referenced).
     #[serde(default)]
     pub condemned: Vec<BlobHash>,
 }
@@ -120,4 +145,24 @@ pub fn sto_err(write: bool, e: impl std::error::Error + 'static) -> StorageError
         ErrorVerb::Read
     };
     StorageIOError::new(ErrorSubject::Store, verb, openraft::AnyError::new(&e)).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_keep_the_format_written_before_the_split() {
+        let prune = Request::from(CatalogCommand::PruneHistory { cutoff_ms: 5 });
+        let json = serde_json::to_string(&prune).unwrap();
+        assert_eq!(json, r#"{"PruneHistory":{"cutoff_ms":5}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), prune);
+        let audit = Request::from(ControlCommand::Audit {
+            entries: Vec::new(),
+        });
+        let json = serde_json::to_string(&audit).unwrap();
+        assert_eq!(json, r#"{"Control":{"Audit":{"entries":[]}}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), audit);
+        assert!(serde_json::from_str::<Request>(r#"{"Bogus":{}}"#).is_err());
+    }
 }

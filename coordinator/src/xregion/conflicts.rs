@@ -25,7 +25,7 @@ use lifeboat_proto::{
 use tonic::Status;
 
 use crate::admin::Admin;
-use crate::raft::Request as RaftRequest;
+use crate::raft::CatalogCommand;
 use lifeboat_common::wire_error::{ErrorCode, WireError};
 
 /// Path of the side file `keep = "both"` creates.
@@ -127,7 +127,7 @@ pub async fn resolve(
     let paths: Vec<String> = versions.iter().map(|v| v.path.clone()).collect();
     let resp = admin
         .raft
-        .client_write(RaftRequest::CommitVersions {
+        .client_write(CatalogCommand::CommitVersions {
             versions,
             commit_time_ms: lifeboat_common::now_ms(),
             // The parts are the conflict row's, which stays referenced (newest of its path).

@@ -54,7 +54,7 @@ use tracing::Instrument;
 use crate::blobs::Blobs;
 use crate::config::ReplicationConfig;
 use crate::leader::LeaderInfo;
-use crate::raft::{Catalog, NodeId, RegionRaft, Request as RaftRequest};
+use crate::raft::{Catalog, CatalogCommand, NodeId, RegionRaft};
 
 /// Interval of keepalive batches on an idle subscription.
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
@@ -845,7 +845,7 @@ impl Replicator {
             let (copied, restored) = self.copy_blobs(&mut fetch, addr, &versions).await?;
             let n = versions.len();
             self.raft
-                .client_write(RaftRequest::ApplyReplicated {
+                .client_write(CatalogCommand::ApplyReplicated {
                     versions,
                     upstream_region: batch.region.clone(),
                     upstream_last_seq: batch.last_seq,

@@ -46,8 +46,30 @@ mod region;
 mod renewals;
 mod service;
 
-/// The openraft handle of the global group.
-pub type GlobalRaft = openraft::Raft<TypeConfig>;
+/// The openraft handle of the global group (the control record). Everything of
+/// `openraft::Raft` is reachable through `Deref`, except that [`GlobalRaft::client_write`]
+/// takes only a [`ControlCommand`]: a catalog command cannot be proposed to the global group.
+#[derive(Clone)]
+pub struct GlobalRaft(pub openraft::Raft<TypeConfig>);
+
+impl GlobalRaft {
+    /// Proposes `cmd` and waits until it is committed and applied here.
+    ///
+    /// Errors: not the leader (with the leader, if known), or the group cannot commit.
+    pub async fn client_write(
+        &self,
+        cmd: ControlCommand,
+    ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, crate::raft::WriteError> {
+        self.0.client_write(RaftRequest::Control(cmd)).await
+    }
+}
+
+impl std::ops::Deref for GlobalRaft {
+    type Target = openraft::Raft<TypeConfig>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
 
 /// Tick of both loops.
 const TICK: Duration = Duration::from_millis(50);
@@ -342,7 +364,7 @@ impl ControlRuntime {
     }
 
     async fn propose(&self, cmd: ControlCommand) -> Result<bool, String> {
-        match self.global.client_write(RaftRequest::Control(cmd)).await {
+        match self.global.client_write(cmd).await {
             Ok(r) => Ok(r.data.accepted),
             Err(e) => Err(e.to_string()),
         }
