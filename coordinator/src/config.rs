@@ -367,6 +367,54 @@ impl Default for GcConfig {
     }
 }
 
+/// `[encryption]`: encryption at rest of the blob store (see `docs/encryption.md`). Exactly one
+/// source of the 256-bit master key that wraps the repository's data keys; the key itself never
+/// appears in the config, logs or status.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// A file of 64 hex characters (or 32 raw bytes), mode 0600: `lifeboat keys init --out PATH`.
+    pub master_key_file: Option<PathBuf>,
+    /// An environment variable holding the key as 64 hex characters.
+    pub master_key_env: Option<String>,
+    /// A command (program, then arguments; no shell) printing the key on stdout, KMS-style.
+    pub master_key_command: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for EncryptionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.source() {
+            Ok(s) => write!(f, "EncryptionConfig({s:?})"),
+            Err(_) => f.write_str("EncryptionConfig(invalid)"),
+        }
+    }
+}
+
+impl EncryptionConfig {
+    /// The one configured source of the master key.
+    ///
+    /// Errors: [`ConfigError::Invalid`] when none or more than one is set.
+    pub fn source(&self) -> Result<lifeboat_common::keys::MasterKeySource, ConfigError> {
+        use lifeboat_common::keys::MasterKeySource as S;
+        let mut all = Vec::new();
+        if let Some(p) = &self.master_key_file {
+            all.push(S::File(p.clone()));
+        }
+        if let Some(v) = &self.master_key_env {
+            all.push(S::Env(v.clone()));
+        }
+        if let Some(c) = &self.master_key_command {
+            all.push(S::Command(c.clone()));
+        }
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            n => Err(ConfigError::Invalid(format!(
+                "[encryption] needs exactly one of master_key_file, master_key_env, master_key_command ({n} set)"
+            ))),
+        }
+    }
+}
+
 /// The whole coordinator config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -411,6 +459,10 @@ pub struct CoordinatorConfig {
     /// Garbage collection.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Encryption at rest. Without it a new repository stays in plaintext (a loud warning at
+    /// every start), and a repository holding data keys refuses to open.
+    #[serde(default)]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -466,6 +518,9 @@ impl CoordinatorConfig {
                 "members does not include this node (node_id = {}); list every initial voter including this one",
                 self.node_id
             )));
+        }
+        if let Some(e) = &self.encryption {
+            e.source()?;
         }
         if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
             return Err(ConfigError::Invalid(
