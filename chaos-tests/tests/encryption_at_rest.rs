@@ -65,12 +65,12 @@ async fn open_repo(cluster: &Cluster, i: usize) -> anyhow::Result<EncryptedStore
     Ok(EncryptedStore::open(local, master, "test").await?)
 }
 
-/// The part hashes of `path` in the catalog.
+/// The part hashes of `data/<path>` in the catalog.
 async fn parts_of(cluster: &Cluster, path: &str) -> anyhow::Result<Vec<BlobHash>> {
     let (rows, _) = files::list(&cluster.conn(), "data", None, false, false).await?;
     let v = rows
         .into_iter()
-        .find(|r| r.v.path == path)
+        .find(|r| r.v.path == format!("data/{path}"))
         .with_context(|| format!("{path} not in the catalog"))?;
     Ok(v.v.parts.iter().map(|p| p.hash).collect())
 }

@@ -764,4 +764,26 @@ mod tests {
             .to_string()
             .contains("batch_rows"));
     }
+
+    #[test]
+    fn encryption_needs_exactly_one_master_key_source() {
+        let base = "node_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n";
+        let one: CoordinatorConfig =
+            toml::from_str(&format!("{base}[encryption]\nmaster_key_env = \"K\"\n")).unwrap();
+        one.validate().unwrap();
+        let src = one.encryption.as_ref().unwrap().source().unwrap();
+        assert_eq!(src, lifeboat_common::keys::MasterKeySource::Env("K".into()));
+        for bad in [
+            "[encryption]\n",
+            "[encryption]\nmaster_key_env = \"K\"\nmaster_key_file = \"/k\"\n",
+        ] {
+            let c: CoordinatorConfig = toml::from_str(&format!("{base}{bad}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("exactly one of master_key_file"), "{e}");
+        }
+        let unknown = toml::from_str::<CoordinatorConfig>(&format!(
+            "{base}[encryption]\nmaster_key = \"00\"\n"
+        ));
+        assert!(unknown.is_err(), "a key inline in the config is refused");
+    }
 }

@@ -63,7 +63,9 @@ pub async fn open_blob_store(
                 plain.describe()
             );
         }
-        tracing::warn!(store = %plain.describe(), "{PLAINTEXT_WARNING}");
+        if !cfg.witness {
+            tracing::warn!(store = %plain.describe(), "{PLAINTEXT_WARNING}");
+        }
         return Ok((plain, None));
     };
     let master = enc.source()?.load()?;
@@ -373,7 +375,7 @@ pub async fn run(
         region: cfg.region.clone(),
     };
     let gc_timer = (!cfg.witness).then(|| gc.clone().spawn_timer()).flatten();
-    if encrypted.is_none() {
+    if encrypted.is_none() && !cfg.witness {
         config_warnings.push(PLAINTEXT_WARNING.to_string());
     }
     let admin = Arc::new(Admin {
