@@ -347,3 +347,46 @@ async fn encrypted_s3_store_round_trip() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// The cost of encryption on an initial sync (3 coordinators acknowledging, local stores):
+/// the same tree (200 files and a 150 MB file) synced into fresh clusters with encryption off
+/// and on, interleaved, 2 rounds each; prints MB/s and the ratio. A measurement, not a timed
+/// test: `cargo test --release -p lifeboat-chaos-tests --test encryption_at_rest
+/// encryption_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn encryption_cost_on_initial_sync() -> anyhow::Result<()> {
+    run("encryption_cost", |scratch| async move {
+        let src = scratch.join("src");
+        let st = tree::generate(&src, 200, 150_000_000, 77)?;
+        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..2 {
+            for (k, encryption) in [false, true].into_iter().enumerate() {
+                let dir = scratch.join(format!("r{round}-{encryption}"));
+                let opts = ClusterOpts {
+                    encryption,
+                    ..Default::default()
+                };
+                let cluster = Cluster::start(&dir, &opts)?;
+                cluster.wait_leader(Duration::from_secs(30), None).await?;
+                let (cfg, data) = cluster.write_agent_config("a1", &[("data", &src)], "")?;
+                let t = Instant::now();
+                agent_once(&cluster, &cfg, &data).await?;
+                let mbs = st.bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
+                eprintln!("round {round} encryption={encryption}: {mbs:.1} MB/s");
+                rates[k].push(mbs);
+                drop(cluster);
+                std::fs::remove_dir_all(&dir)?;
+            }
+        }
+        let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+        let (off, on) = (mean(&rates[0]), mean(&rates[1]));
+        eprintln!(
+            "initial sync of {} MB: plaintext {off:.1} MB/s, encrypted {on:.1} MB/s, encrypted/plaintext = {:.2}",
+            st.bytes / 1_000_000,
+            on / off
+        );
+        Ok(())
+    })
+    .await
+}

@@ -454,4 +454,59 @@ mod tests {
         assert!(again.get(&h1).await.is_ok());
         assert!(holds_data_keys(local.as_ref()).await.unwrap());
     }
+
+    /// The cost at the store layer: put (fsync'd) + get of 4 MiB parts through a plain local
+    /// directory and through the encrypted decorator, printed (release: `cargo test --release
+    /// -p lifeboat-common store_throughput -- --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_throughput_plain_vs_encrypted() {
+        let parts: Vec<(BlobHash, Vec<u8>)> = (0..24u64)
+            .map(|n| {
+                let mut x = n.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+                let raw: Vec<u8> = (0..4 << 20)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x % 16) as u8
+                    })
+                    .collect();
+                (BlobHash::of(&raw), blob::encode(&raw))
+            })
+            .collect();
+        let bytes: usize = parts.iter().map(|(_, e)| e.len()).sum();
+        let mut results = Vec::new();
+        for encrypted in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let local: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::open(dir.path()).unwrap());
+            let store: Arc<dyn BlobStore> = if encrypted {
+                Arc::new(
+                    EncryptedStore::open(local, SecretKey::generate().unwrap(), "t")
+                        .await
+                        .unwrap(),
+                )
+            } else {
+                local
+            };
+            let t = std::time::Instant::now();
+            for (h, e) in &parts {
+                store.put(h, e.clone()).await.unwrap();
+            }
+            let put = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for (h, e) in &parts {
+                assert_eq!(store.get(h).await.unwrap().len(), e.len());
+            }
+            let get = t.elapsed().as_secs_f64();
+            results.push((bytes as f64 / 1e6 / put, bytes as f64 / 1e6 / get));
+        }
+        println!(
+            "store: put+fsync plain {:.0} MB/s, encrypted {:.0} MB/s; get plain {:.0} MB/s, encrypted {:.0} MB/s ({} MB of stored parts)",
+            results[0].0,
+            results[1].0,
+            results[0].1,
+            results[1].1,
+            bytes / 1_000_000
+        );
+    }
 }
