@@ -253,7 +253,8 @@ async fn encrypted_local_store_end_to_end() -> anyhow::Result<()> {
             cmp.differences
         );
 
-        // 5. Wrong master key, then no [encryption] at all: refused at start, clearly.
+        // 5. Wrong master key, then no [encryption] at all: refused at start, clearly; then the
+        //    keys are rewrapped under the new master key and it starts with it.
         let victim = (li + 1) % cluster.coords.len();
         cluster.kill_coordinator(victim);
         let config = std::fs::read_to_string(&cluster.coords[victim].config)?;
@@ -279,14 +280,42 @@ async fn encrypted_local_store_end_to_end() -> anyhow::Result<()> {
             .join("\n");
         let log = start_expecting_refusal(&mut cluster, victim, &plain_config).await?;
         assert!(log.contains("holds data keys"), "log: {log}");
-        // Back with the right key: it starts and serves again.
-        std::fs::write(&cluster.coords[victim].config, &config)?;
+        // Rewrap its data keys (offline) under the other master key: it starts with that one
+        // and serves again.
+        let bin = lifeboat_lab::harness::bin_dir()?.join("lifeboat");
+        let out = std::process::Command::new(bin)
+            .args(["keys", "rewrap", "--store"])
+            .arg(cluster.coords[victim].data_dir.join("blobs"))
+            .arg("--old-key")
+            .arg(&right)
+            .arg("--new-key")
+            .arg(&wrong)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "rewrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(
+            &cluster.coords[victim].config,
+            config.replace(&right.display().to_string(), &wrong.display().to_string()),
+        )?;
         cluster.start_coordinator(victim)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while cluster.status_of(victim).await.is_none() {
             anyhow::ensure!(Instant::now() < deadline, "coordinator did not come back");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let vid = cluster.coords[victim].id;
+        let status = json(&lifeboat(&cluster, &["keys", "status", "-o", "json"]));
+        let row = status["coordinators"]
+            .as_array()
+            .context("coordinators")?
+            .iter()
+            .find(|c| c["node_id"] == vid)
+            .with_context(|| format!("node {vid} missing: {status}"))?
+            .clone();
+        assert_eq!(row["keys"].as_array().map(Vec::len), Some(2), "{row}");
         Ok(())
     })
     .await

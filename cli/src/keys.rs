@@ -4,7 +4,7 @@
 //! directory) or shares the region's S3 bucket.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
@@ -34,6 +34,21 @@ pub enum KeysCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Offline, on a stopped coordinator's local blob directory: rewrap every data key file
+    /// (`<store>/keys/<id>`) from the master key in --old-key to the one in --new-key (blobs are
+    /// untouched), then point `[encryption]` at the new key. Every file is checked against the
+    /// old key before any is rewritten. S3 stores: not supported yet.
+    Rewrap {
+        /// The blob directory (`[blobs] path`, default `<data_dir>/blobs`).
+        #[arg(long)]
+        store: PathBuf,
+        /// File holding the current master key.
+        #[arg(long)]
+        old_key: PathBuf,
+        /// File holding the new master key (`lifeboat keys init --out`).
+        #[arg(long)]
+        new_key: PathBuf,
+    },
     /// Per coordinator: its store, its data key ids, which is current, and how many blobs each
     /// one seals (plus blobs still in plaintext). Needs the admin role.
     Status {
@@ -62,6 +77,11 @@ pub async fn run(cmd: KeysCmd, json: bool) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        KeysCmd::Rewrap {
+            store,
+            old_key,
+            new_key,
+        } => return rewrap(&store, &old_key, &new_key, json),
         KeysCmd::Rotate { conn } => (conn, true),
         KeysCmd::Status { conn } => (conn, false),
     };
@@ -93,6 +113,45 @@ pub async fn run(cmd: KeysCmd, json: bool) -> anyhow::Result<()> {
             failed.len(),
             addrs.len(),
             failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// `keys rewrap`: every key file under `<store>/keys/` opened with the old master key first,
+/// then each rewritten (temp + fsync + rename) under the new one.
+fn rewrap(store: &Path, old_key: &Path, new_key: &Path, json: bool) -> anyhow::Result<()> {
+    use lifeboat_common::keys::{KeyFile, MasterKeySource};
+    let old = MasterKeySource::File(old_key.to_path_buf()).load()?;
+    let new = MasterKeySource::File(new_key.to_path_buf()).load()?;
+    let dir = store.join(lifeboat_common::keys::KEYS_DIR);
+    let desc = format!("local directory {}", store.display());
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = e?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let kf = KeyFile::parse(&std::fs::read(&path)?, name, &desc)?;
+        files.push((path.clone(), kf.rewrap(&old, &new, &desc)?));
+    }
+    if files.is_empty() {
+        bail!("no data key files in {}", dir.display());
+    }
+    for (path, kf) in &files {
+        lifeboat_common::blobstore::write_atomic(path, &kf.to_json())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    let ids: Vec<&str> = files.iter().map(|(_, kf)| kf.id.as_str()).collect();
+    if json {
+        outln!("{}", serde_json::json!({ "rewrapped": ids }));
+    } else {
+        outln!(
+            "{} data keys rewrapped under {} ({}); set `[encryption] master_key_file` to it before starting the coordinator",
+            ids.len(),
+            new_key.display(),
+            ids.join(", ")
         );
     }
     Ok(())

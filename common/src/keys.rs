@@ -329,6 +329,18 @@ impl KeyFile {
         })
     }
 
+    /// The same data key (same id and creation time) wrapped under `new` instead of `old`, with a
+    /// fresh nonce: how a master key is replaced (`lifeboat keys rewrap`); blobs are untouched.
+    ///
+    /// Errors: as [`KeyFile::unwrap_key`] with `old` ([`KeyError::WrongMasterKey`] when `old`
+    /// does not open it), or [`KeyError::Random`].
+    pub fn rewrap(&self, old: &SecretKey, new: &SecretKey, store: &str) -> Result<Self, KeyError> {
+        let (id, key) = self.unwrap_key(old, store)?;
+        let mut kf = KeyFile::wrap(new, id, &key, &self.host)?;
+        kf.created_ms = self.created_ms;
+        Ok(kf)
+    }
+
     /// Parses the JSON of the key file stored as `name` in `store`.
     ///
     /// Errors: [`KeyError::BadKeyFile`].
@@ -429,6 +441,18 @@ mod tests {
             Err(KeyError::WrongMasterKey { .. })
         ));
         assert!(!kf.data.contains(&hex::encode(dk.bytes())));
+        let new_master = SecretKey::generate().unwrap();
+        let re = kf.rewrap(&master, &new_master, "s").unwrap();
+        assert_eq!(
+            (re.id.as_str(), re.created_ms),
+            (kf.id.as_str(), kf.created_ms)
+        );
+        assert_eq!(
+            re.unwrap_key(&new_master, "s").unwrap().1.bytes(),
+            dk.bytes()
+        );
+        assert!(re.unwrap_key(&master, "s").is_err());
+        assert!(kf.rewrap(&wrong, &new_master, "s").is_err());
     }
 
     #[test]

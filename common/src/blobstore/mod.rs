@@ -7,7 +7,7 @@ mod local;
 pub mod s3;
 
 pub use encrypted::{EncryptedStore, KeyUsage};
-pub use local::LocalBlobStore;
+pub use local::{write_atomic, LocalBlobStore};
 pub use s3::{S3BlobStore, S3Config};
 
 use std::sync::Arc;
