@@ -9,5 +9,6 @@
 pub mod conflicts;
 pub mod control;
 pub mod demo;
+pub mod keys;
 pub mod out;
 pub mod reports;

@@ -7,7 +7,7 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use lifeboat_cli::outln;
-use lifeboat_cli::{conflicts, control, demo, reports};
+use lifeboat_cli::{conflicts, control, demo, keys, reports};
 use lifeboat_client::conn;
 use lifeboat_restore::{files, pg_restore, snapshots};
 
@@ -148,6 +148,12 @@ enum Cmd {
     Member {
         #[command(subcommand)]
         cmd: MemberCmd,
+    },
+    /// Encryption at rest: a new master key file (`init`), a new data key on every coordinator
+    /// (`rotate`), which data keys each coordinator's store holds (`status`).
+    Keys {
+        #[command(subcommand)]
+        cmd: keys::KeysCmd,
     },
     /// Development certificates (rcgen): a CA and node certificates for mutual TLS.
     Certs {
@@ -381,7 +387,8 @@ enum CertsCmd {
     /// the agent's `agent_id`), viewer (status, versions, audit), operator (also restore,
     /// verify, drill, resolve, switchover), admin (also membership, topology, GC). Leaf
     /// certificates are valid 90 days. Without any role option: `coordinator` (coordinator),
-    /// `agent` (agent) and `admin` (admin).
+    /// `agent` (agent) and `admin` (admin). Also writes `master.key` (a random master key for
+    /// `[encryption] master_key_file`, mode 0600) unless DIR has one.
     Init {
         /// Output directory.
         #[arg(long)]
@@ -1070,11 +1077,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lifeboat_common::tls::issue_cert(&dir, id, &[])
                     .with_context(|| format!("issue {}", id.name))?;
             }
+            // A master key for encryption at rest next to the certificates (kept if present),
+            // which `[encryption] master_key_file` of the example config names.
+            let master_key = dir.join("master.key");
+            if !master_key.exists() {
+                lifeboat_common::keys::write_new_master_key(&master_key)
+                    .with_context(|| format!("write {}", master_key.display()))?;
+            }
             let uris: Vec<String> = ids.iter().map(|i| i.uri()).collect();
             if output == Output::Json {
                 outln!(
                     "{}",
-                    serde_json::json!({"dir": dir, "ca": dir.join("ca.pem"), "identities": uris})
+                    serde_json::json!({"dir": dir, "ca": dir.join("ca.pem"), "identities": uris, "master_key": master_key})
                 );
             } else {
                 outln!(
@@ -1085,8 +1099,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for (id, u) in ids.iter().zip(&uris) {
                     outln!("  {}.pem  {u}", id.name);
                 }
+                outln!(
+                    "  master.key  encryption at rest master key (mode 0600; keep a copy offline)"
+                );
             }
         }
+        Cmd::Keys { cmd } => keys::run(cmd, output == Output::Json).await?,
         Cmd::Demo(args) => demo::run_demo(args, output == Output::Json).await?,
         Cmd::Bench(args) => demo::run_bench(args, output == Output::Json).await?,
         Cmd::BenchFailover(args) => demo::regions::bench(args, output == Output::Json).await?,

@@ -298,6 +298,7 @@ pub fn method_allowed(path: &str) -> Option<Allowed> {
             Humans(Role::Admin)
         }
         ("lifeboat.v1.AdminService", "TriggerSnapshot") => Humans(Role::Admin),
+        ("lifeboat.v1.AdminService", "RotateDataKey" | "DataKeyStatus") => Humans(Role::Admin),
         // The global group's internal calls: lease renewal, reports that hand over pending
         // audit entries, relayed observations.
         ("lifeboat.v1.GlobalService", "Renew" | "Report" | "Observe") => Peers,

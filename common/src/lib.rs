@@ -8,8 +8,10 @@
 pub mod apply;
 pub mod authz;
 pub mod blob;
+pub mod blob_envelope;
 pub mod blobstore;
 pub mod catalog;
+pub mod keys;
 pub mod metrics;
 pub mod path;
 pub mod redis_conn;

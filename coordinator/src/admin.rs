@@ -4,10 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use lifeboat_common::blobstore::BlobStore as _;
 use lifeboat_proto::admin_service_server::AdminService;
 use lifeboat_proto::{
-    AddMemberRequest, AgentInfo, BlobHealthReply, GcReply, GcRequest, ListVersionsRequest, Member,
-    MembershipReply, RemoveMemberRequest, StatusReply, StatusRequest, TriggerSnapshotReply,
+    AddMemberRequest, AgentInfo, BlobHealthReply, DataKeyInfo, DataKeyStatusReply,
+    DataKeyStatusRequest, GcReply, GcRequest, ListVersionsRequest, Member, MembershipReply,
+    RemoveMemberRequest, RotateDataKeyRequest, StatusReply, StatusRequest, TriggerSnapshotReply,
     TriggerSnapshotRequest, VersionRow,
 };
 use openraft::{BasicNode, ChangeMembers};
@@ -46,6 +48,9 @@ pub struct Admin {
     pub config_warnings: Arc<Vec<String>>,
     /// Blob repair and member probes (per-member health, backfill checks).
     pub repair: crate::blobs::repair::Repair,
+    /// This coordinator's encrypted blob store (`RotateDataKey`, `DataKeyStatus`); `None` when
+    /// its store is in plaintext.
+    pub keys: Option<Arc<lifeboat_common::blobstore::EncryptedStore>>,
 }
 
 /// How long `AddMember` waits for a new member's blob backfill before it leaves it a learner.
@@ -106,6 +111,35 @@ fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 impl Admin {
+    /// This node's `DataKeyStatusReply` (keys, current, blobs per key).
+    async fn key_status(&self) -> Result<DataKeyStatusReply, Status> {
+        let mut reply = DataKeyStatusReply {
+            node_id: self.leader.node_id,
+            region: self.region.clone(),
+            ..Default::default()
+        };
+        let Some(store) = &self.keys else {
+            reply.store = self.gc.blobs.store.describe();
+            return Ok(reply);
+        };
+        let u = store.usage().await.map_err(internal)?;
+        reply.store = store.describe();
+        reply.encrypted = true;
+        reply.plaintext_blobs = u.plaintext_blobs;
+        reply.unknown_blobs = u.unknown_blobs;
+        reply.keys = u
+            .keys
+            .into_iter()
+            .map(|k| DataKeyInfo {
+                key_id: k.key_id.to_string(),
+                current: k.current,
+                blobs: k.blobs,
+                created_ms: k.created_ms,
+            })
+            .collect();
+        Ok(reply)
+    }
+
     fn members(&self) -> Vec<Member> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
@@ -465,6 +499,31 @@ impl AdminService for Admin {
             delete_failed: r.delete_failed,
             region: self.region.clone(),
         }))
+    }
+
+    async fn rotate_data_key(
+        &self,
+        _req: Request<RotateDataKeyRequest>,
+    ) -> Result<Response<DataKeyStatusReply>, Status> {
+        let Some(store) = &self.keys else {
+            return Err(Status::failed_precondition(format!(
+                "node {}: {}",
+                self.leader.node_id,
+                crate::node::PLAINTEXT_WARNING
+            )));
+        };
+        let id = store.rotate().await.map_err(internal)?;
+        tracing::info!(node = self.leader.node_id, key_id = %id, store = %store.describe(), "data key rotated (admin)");
+        let mut reply = self.key_status().await?;
+        reply.rotated_to = id.to_string();
+        Ok(Response::new(reply))
+    }
+
+    async fn data_key_status(
+        &self,
+        _req: Request<DataKeyStatusRequest>,
+    ) -> Result<Response<DataKeyStatusReply>, Status> {
+        Ok(Response::new(self.key_status().await?))
     }
 
     async fn trigger_snapshot(

@@ -367,6 +367,54 @@ impl Default for GcConfig {
     }
 }
 
+/// `[encryption]`: encryption at rest of the blob store (see `docs/encryption.md`). Exactly one
+/// source of the 256-bit master key that wraps the repository's data keys; the key itself never
+/// appears in the config, logs or status.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// A file of 64 hex characters (or 32 raw bytes), mode 0600: `lifeboat keys init --out PATH`.
+    pub master_key_file: Option<PathBuf>,
+    /// An environment variable holding the key as 64 hex characters.
+    pub master_key_env: Option<String>,
+    /// A command (program, then arguments; no shell) printing the key on stdout, KMS-style.
+    pub master_key_command: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for EncryptionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.source() {
+            Ok(s) => write!(f, "EncryptionConfig({s:?})"),
+            Err(_) => f.write_str("EncryptionConfig(invalid)"),
+        }
+    }
+}
+
+impl EncryptionConfig {
+    /// The one configured source of the master key.
+    ///
+    /// Errors: [`ConfigError::Invalid`] when none or more than one is set.
+    pub fn source(&self) -> Result<lifeboat_common::keys::MasterKeySource, ConfigError> {
+        use lifeboat_common::keys::MasterKeySource as S;
+        let mut all = Vec::new();
+        if let Some(p) = &self.master_key_file {
+            all.push(S::File(p.clone()));
+        }
+        if let Some(v) = &self.master_key_env {
+            all.push(S::Env(v.clone()));
+        }
+        if let Some(c) = &self.master_key_command {
+            all.push(S::Command(c.clone()));
+        }
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            n => Err(ConfigError::Invalid(format!(
+                "[encryption] needs exactly one of master_key_file, master_key_env, master_key_command ({n} set)"
+            ))),
+        }
+    }
+}
+
 /// The whole coordinator config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,6 +469,10 @@ pub struct CoordinatorConfig {
     /// same statuses over mutual TLS.
     #[serde(default)]
     pub health_addr: Option<String>,
+    /// Encryption at rest. Without it a new repository stays in plaintext (a loud warning at
+    /// every start), and a repository holding data keys refuses to open.
+    #[serde(default)]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// Config errors, each naming the option and what to do.
@@ -480,6 +532,9 @@ impl CoordinatorConfig {
         if let Some(a) = &self.metrics_addr {
             lifeboat_common::metrics::parse_addr(a)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if let Some(e) = &self.encryption {
+            e.source()?;
         }
         if self.blobs.backend == BlobBackend::S3 && self.blobs.s3.is_none() {
             return Err(ConfigError::Invalid(
@@ -803,5 +858,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_rows"));
+    }
+
+    #[test]
+    fn encryption_needs_exactly_one_master_key_source() {
+        let base = "node_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n";
+        let one: CoordinatorConfig =
+            toml::from_str(&format!("{base}[encryption]\nmaster_key_env = \"K\"\n")).unwrap();
+        one.validate().unwrap();
+        let src = one.encryption.as_ref().unwrap().source().unwrap();
+        assert_eq!(src, lifeboat_common::keys::MasterKeySource::Env("K".into()));
+        for bad in [
+            "[encryption]\n",
+            "[encryption]\nmaster_key_env = \"K\"\nmaster_key_file = \"/k\"\n",
+        ] {
+            let c: CoordinatorConfig = toml::from_str(&format!("{base}{bad}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("exactly one of master_key_file"), "{e}");
+        }
+        let unknown = toml::from_str::<CoordinatorConfig>(&format!(
+            "{base}[encryption]\nmaster_key = \"00\"\n"
+        ));
+        assert!(unknown.is_err(), "a key inline in the config is refused");
     }
 }

@@ -172,6 +172,34 @@ impl BlobStore for MeteredStore {
         r
     }
 
+    async fn put_keeping(
+        &self,
+        hash: &BlobHash,
+        stored: Vec<u8>,
+        keep: lifeboat_common::blobstore::KeepExisting,
+    ) -> Result<(), BlobStoreError> {
+        let n = stored.len() as u64;
+        COUNTERS.written(n, self.0.put_keeping(hash, stored, keep).await)
+    }
+
+    async fn read_prefix(&self, hash: &BlobHash, len: usize) -> Result<Vec<u8>, BlobStoreError> {
+        let r = self.0.read_prefix(hash, len).await;
+        COUNTERS.store_result(1, &r);
+        r
+    }
+
+    async fn put_aux(&self, name: &str, data: Vec<u8>) -> Result<(), BlobStoreError> {
+        self.0.put_aux(name, data).await
+    }
+
+    async fn get_aux(&self, name: &str) -> Result<Option<Vec<u8>>, BlobStoreError> {
+        self.0.get_aux(name).await
+    }
+
+    async fn list_aux(&self, dir: &str) -> Result<Vec<String>, BlobStoreError> {
+        self.0.list_aux(dir).await
+    }
+
     fn is_shared(&self) -> bool {
         self.0.is_shared()
     }

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use lifeboat_common::blobstore::{BlobStore, LocalBlobStore, S3BlobStore};
+use lifeboat_common::blobstore::encrypted::holds_data_keys;
+use lifeboat_common::blobstore::{BlobStore, EncryptedStore, LocalBlobStore, S3BlobStore};
 use lifeboat_proto::admin_service_server::AdminServiceServer;
 use lifeboat_proto::agent_service_server::AgentServiceServer;
 use lifeboat_proto::blob_service_server::BlobServiceServer;
@@ -31,11 +32,19 @@ use crate::raft::network::{Network, RaftServer};
 use crate::raft::{LogStore, RaftHandle, RegionRaft, StateMachineStore};
 use crate::xregion::replication::{ReplicationServer, ReplicationStatus, Replicator};
 
-/// Opens the configured blob store.
+/// The warning shown (log and `lifeboat status`) by a coordinator whose store is not encrypted.
+pub const PLAINTEXT_WARNING: &str = "blob store is NOT encrypted at rest: add [encryption] with a master key (`lifeboat keys init --out PATH`, then master_key_file = PATH) to encrypt new blobs; see docs/encryption.md";
+
+/// Opens the configured blob store, wrapped in [`EncryptedStore`] when `[encryption]` is set
+/// (the second value is then that same store, for key rotation and status).
 ///
-/// Errors: backend failures (unreachable S3, bad directory).
-pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
-    Ok(match cfg.blobs.backend {
+/// Errors: backend failures (unreachable S3, bad directory); the master key cannot be read or
+/// does not open the repository's data keys ("master key does not open data key K in
+/// <store>: wrong key?"); a repository that holds data keys opened without `[encryption]`.
+pub async fn open_blob_store(
+    cfg: &CoordinatorConfig,
+) -> anyhow::Result<(Arc<dyn BlobStore>, Option<Arc<EncryptedStore>>)> {
+    let plain: Arc<dyn BlobStore> = match cfg.blobs.backend {
         BlobBackend::Local => {
             let p = cfg
                 .blobs
@@ -48,7 +57,24 @@ pub async fn open_blob_store(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<dyn 
             let s3 = cfg.blobs.s3.clone().context("blobs.s3 missing")?;
             Arc::new(S3BlobStore::open(s3).await?)
         }
-    })
+    };
+    let Some(enc) = &cfg.encryption else {
+        if holds_data_keys(plain.as_ref()).await? {
+            anyhow::bail!(
+                "{} is encrypted (it holds data keys under keys/) but this config has no [encryption] section: set master_key_file, master_key_env or master_key_command",
+                plain.describe()
+            );
+        }
+        if !cfg.witness {
+            tracing::warn!(store = %plain.describe(), "{PLAINTEXT_WARNING}");
+        }
+        return Ok((plain, None));
+    };
+    let master = enc.source()?.load()?;
+    let host = format!("coordinator {} ({})", cfg.node_id, cfg.region);
+    let store = Arc::new(EncryptedStore::open(plain, master, &host).await?);
+    tracing::info!(store = %store.describe(), current_key = %store.current_key(), "blob store encrypted at rest");
+    Ok((store.clone(), Some(store)))
 }
 
 /// openraft settings of one group from `[raft]`.
@@ -167,8 +193,8 @@ pub async fn run(
             db_path.display()
         )
     })?);
-    let store: Arc<dyn BlobStore> =
-        Arc::new(crate::metrics::MeteredStore(open_blob_store(&cfg).await?));
+    let (store, encrypted) = open_blob_store(&cfg).await?;
+    let store: Arc<dyn BlobStore> = Arc::new(crate::metrics::MeteredStore(store));
     let log = LogStore::open(db.clone(), "region")?;
     let sm = StateMachineStore::open(db.clone())?.with_blob_store(store.clone());
     let catalog = sm.catalog();
@@ -377,7 +403,11 @@ pub async fn run(
     )
     .await
     .context("metrics")?;
+    if encrypted.is_none() && !cfg.witness {
+        config_warnings.push(PLAINTEXT_WARNING.to_string());
+    }
     let admin = Arc::new(Admin {
+        keys: encrypted,
         raft: raft.clone(),
         catalog,
         leader: leader.clone(),

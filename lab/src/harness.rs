@@ -49,6 +49,10 @@ pub struct ClusterOpts {
     pub netns: Option<String>,
     /// Give every coordinator a `/metrics` listener (`metrics_addr` on `host` and a free port).
     pub metrics: bool,
+    /// Encryption at rest (default on): a master key file `<dir>/master.key` is generated
+    /// (`lifeboat keys init`) and every coordinator config gets `[encryption] master_key_file`.
+    /// Off: plaintext stores (for tests that read the stored LBB1 form directly).
+    pub encryption: bool,
 }
 
 impl Default for ClusterOpts {
@@ -66,6 +70,7 @@ impl Default for ClusterOpts {
             host: "127.0.0.1".into(),
             netns: None,
             metrics: false,
+            encryption: true,
         }
     }
 }
@@ -104,7 +109,15 @@ pub struct Cluster {
     pub host: String,
     /// Network namespace of its processes, if any.
     pub netns: Option<String>,
+    /// The master key file of its coordinators' encrypted stores (`None`: plaintext).
+    pub master_key: Option<PathBuf>,
     bin_dir: PathBuf,
+}
+
+/// The `[encryption]` section naming `key` (empty without a key).
+fn encryption_toml(key: Option<&Path>) -> String {
+    key.map(|k| format!("\n[encryption]\nmaster_key_file = \"{}\"\n", k.display()))
+        .unwrap_or_default()
 }
 
 pub use lifeboat_common::authz::{Role, ANY_REGION};
@@ -179,6 +192,16 @@ impl Cluster {
             Some(p) => anyhow::bail!("{} ports for {n} coordinators", p.len()),
             None => free_ports(n)?,
         };
+        let master_key = if opts.encryption {
+            let k = dir.join("master.key");
+            if !k.exists() {
+                lifeboat_common::keys::write_new_master_key(&k)
+                    .with_context(|| format!("write {}", k.display()))?;
+            }
+            Some(k)
+        } else {
+            None
+        };
         let first = opts.first_id.max(1);
         let members: String = (0..n)
             .map(|i| {
@@ -207,7 +230,8 @@ impl Cluster {
                 false => None,
             };
             let toml = format!(
-                "node_id = {id}\nregion = \"{region}\"\n{metrics}{witness}listen = \"{host}:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{extra}\n",
+                "node_id = {id}\nregion = \"{region}\"\n{metrics}{witness}listen = \"{host}:{port}\"\ndata_dir = \"{data}\"\n{members}\n[raft]\nsnapshot_logs_since_last = {snap}\nmax_logs_kept_after_snapshot = {kept}\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{encryption}{extra}\n",
+                encryption = encryption_toml(master_key.as_deref()),
                 port = port,
                 host = opts.host,
                 region = opts.region,
@@ -241,6 +265,7 @@ impl Cluster {
             region: opts.region.clone(),
             host: opts.host.clone(),
             netns: opts.netns.clone(),
+            master_key,
             bin_dir: bin_dir()?,
         };
         for i in 0..n {
@@ -261,7 +286,8 @@ impl Cluster {
         let data_dir = self.dir.join(&name);
         let config = self.dir.join(format!("{name}.toml"));
         let toml = format!(
-            "node_id = {id}\nregion = \"{region}\"\nlisten = \"{host}:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n",
+            "node_id = {id}\nregion = \"{region}\"\nlisten = \"{host}:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{certs}/ca.pem\"\ncert = \"{certs}/{name}.pem\"\nkey = \"{certs}/{name}.key\"\n{encryption}",
+            encryption = encryption_toml(self.master_key.as_deref()),
             region = self.region,
             host = self.host,
             data = data_dir.display(),

@@ -50,6 +50,9 @@ async fn cluster_on_s3_backend_restores_byte_equal() -> anyhow::Result<()> {
     );
     let opts = ClusterOpts {
         extra_coordinator_toml: extra,
+        // Reads the stored LBB1 form from the bucket: a plaintext store (S3 with encryption:
+        // security/blobs_encrypted_at_rest.rs).
+        encryption: false,
         ..Default::default()
     };
     let cluster = Cluster::start(&s.dir.join("cluster"), &opts)?;

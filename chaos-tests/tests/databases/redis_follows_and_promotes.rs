@@ -275,7 +275,12 @@ async fn snapshot_restore_verify_and_corruption() -> anyhow::Result<()> {
         let src = dir.join("src");
         std::fs::create_dir_all(&src)?;
         std::fs::write(src.join("a.txt"), b"hello\n")?;
-        let cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        // Corrupts the stored LBB1 form on disk: a plaintext store.
+        let opts = ClusterOpts {
+            encryption: false,
+            ..Default::default()
+        };
+        let cluster = Cluster::start(&dir.join("cluster"), &opts)?;
         cluster.wait_leader(Duration::from_secs(30), None).await?;
         let extra = format!(
             "[[redis_sources]]\nname = \"cache\"\naddr = \"{}\"\ninterval_s = 3600\nretention = {{ keep_last = 2 }}\n",

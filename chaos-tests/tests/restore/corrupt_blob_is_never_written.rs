@@ -28,7 +28,13 @@ async fn synced(
 ) -> anyhow::Result<(Cluster, PathBuf, FileVersion, BlobHash)> {
     let src = scratch.join("src");
     tree::generate(&src, 80, 0, seed)?;
-    let cluster = Cluster::start(&scratch.join("cluster"), &ClusterOpts::default())?;
+    // Reads the stored LBB1 form from disk: a plaintext store (encryption at rest has its own
+    // test, security/blobs_encrypted_at_rest.rs).
+    let opts = ClusterOpts {
+        encryption: false,
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&scratch.join("cluster"), &opts)?;
     cluster.wait_leader(Duration::from_secs(30), None).await?;
     let (cfg, agent_data) = cluster.write_agent_config("agent1", &[("data", &src)], "")?;
     agent_once(&cluster, &cfg, &agent_data).await?;

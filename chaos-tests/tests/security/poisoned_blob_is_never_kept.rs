@@ -60,7 +60,12 @@ async fn put_blobs_refuses_a_copy_of_other_content_under_a_future_hash() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_copy_is_replaced_when_the_real_blob_arrives() -> anyhow::Result<()> {
     run("blob_poison_planted", |dir| async move {
-        let mut cluster = Cluster::start(&dir.join("cluster"), &ClusterOpts::default())?;
+        // Plants and reads the stored LBB1 form on disk: a plaintext store.
+        let opts = ClusterOpts {
+            encryption: false,
+            ..Default::default()
+        };
+        let mut cluster = Cluster::start(&dir.join("cluster"), &opts)?;
         settled_leader(&cluster).await?;
         let (content, h) = target();
         let garbage = blob::encode(b"planted garbage\n");

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{BlobStore, BlobStoreError, ListedBlob};
+use super::{check_aux_name, keep_if_decodes, BlobStore, BlobStoreError, KeepExisting, ListedBlob};
 use crate::blob::BlobHash;
 
 /// Blob store in a local directory (the default backend).
@@ -105,15 +105,25 @@ fn list_dir(root: &Path) -> Result<Vec<ListedBlob>, BlobStoreError> {
 #[async_trait::async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
+        self.put_keeping(hash, stored, keep_if_decodes()).await
+    }
+
+    async fn put_keeping(
+        &self,
+        hash: &BlobHash,
+        stored: Vec<u8>,
+        keep: KeepExisting,
+    ) -> Result<(), BlobStoreError> {
         let path = self.path_of(hash);
         let hash = *hash;
         tokio::task::spawn_blocking(move || {
             if let Ok(existing) = std::fs::read(&path) {
                 // Stored already, and it holds this blob: mark it as just written, so a garbage
                 // collection pass counts it as young (its grace period protects parts uploaded
-                // ahead of their commit). A file under this name that does not decode to `hash`
-                // (written by a faulty or hostile peer, or damaged) is replaced below.
-                if crate::blob::decode(&hash, &existing, crate::PART_SIZE).is_ok() {
+                // ahead of their commit). A file under this name that `keep` refuses (plain
+                // store: does not decode to `hash`; written by a faulty or hostile peer, or
+                // damaged) is replaced below.
+                if keep(&hash, &existing) {
                     if let Ok(f) = std::fs::File::options().append(true).open(&path) {
                         let _ = f.set_modified(std::time::SystemTime::now());
                     }
@@ -156,6 +166,67 @@ impl BlobStore for LocalBlobStore {
             }
             Err(e) => Err(io(&path, e)),
         }
+    }
+
+    async fn read_prefix(&self, hash: &BlobHash, len: usize) -> Result<Vec<u8>, BlobStoreError> {
+        use tokio::io::AsyncReadExt;
+        let path = self.path_of(hash);
+        let f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BlobStoreError::NotFound(*hash))
+            }
+            Err(e) => return Err(io(&path, e)),
+        };
+        let mut out = Vec::with_capacity(len);
+        f.take(len as u64)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| io(&path, e))?;
+        Ok(out)
+    }
+
+    /// `<root>/<name>`, written temp + fsync + rename + directory fsync.
+    async fn put_aux(&self, name: &str, data: Vec<u8>) -> Result<(), BlobStoreError> {
+        check_aux_name(name)?;
+        let path = self.root.join(name);
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("aux path has a parent");
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            write_atomic(&path, &data).map_err(|e| io(&path, e))
+        })
+        .await
+        .map_err(|e| BlobStoreError::Config(format!("aux writer task failed: {e}")))?
+    }
+
+    async fn get_aux(&self, name: &str) -> Result<Option<Vec<u8>>, BlobStoreError> {
+        check_aux_name(name)?;
+        let path = self.root.join(name);
+        match tokio::fs::read(&path).await {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
+    async fn list_aux(&self, dir: &str) -> Result<Vec<String>, BlobStoreError> {
+        check_aux_name(dir)?;
+        let path = self.root.join(dir);
+        let mut rd = match tokio::fs::read_dir(&path).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&path, e)),
+        };
+        let mut out = Vec::new();
+        while let Some(ent) = rd.next_entry().await.map_err(|e| io(&path, e))? {
+            let Some(n) = ent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !n.starts_with('.') && ent.file_type().await.is_ok_and(|t| t.is_file()) {
+                out.push(format!("{dir}/{n}"));
+            }
+        }
+        Ok(out)
     }
 
     async fn contains(&self, hash: &BlobHash) -> Result<bool, BlobStoreError> {

@@ -2,13 +2,49 @@
 //! the stored encoding of [`crate::blob`]. Two backends: a local directory (the default) and any
 //! S3-compatible server through aws-sdk-s3.
 
+pub mod encrypted;
 mod local;
 pub mod s3;
 
-pub use local::LocalBlobStore;
+pub use encrypted::{EncryptedStore, KeyUsage};
+pub use local::{write_atomic, LocalBlobStore};
 pub use s3::{S3BlobStore, S3Config};
 
+use std::sync::Arc;
+
 use crate::blob::BlobHash;
+use crate::blob_envelope::EnvelopeError;
+use crate::keys::KeyError;
+
+/// Whether an existing stored copy of a blob may be kept by [`BlobStore::put_keeping`]:
+/// called with the blob's hash and the stored bytes found under its name.
+pub type KeepExisting = Arc<dyn Fn(&BlobHash, &[u8]) -> bool + Send + Sync>;
+
+/// The check of a plain store: the stored bytes decode ([`crate::blob::decode`]) to `hash`.
+pub fn keep_if_decodes() -> KeepExisting {
+    Arc::new(|hash, stored| crate::blob::decode(hash, stored, crate::PART_SIZE).is_ok())
+}
+
+/// Checks an auxiliary file name (`keys/<id>`): relative, `/`-separated parts of ASCII
+/// letters, digits, `-`, `_` and `.`, none empty or starting with `.`.
+///
+/// Errors: [`BlobStoreError::Config`].
+pub fn check_aux_name(name: &str) -> Result<(), BlobStoreError> {
+    let ok = !name.is_empty()
+        && name.split('/').all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BlobStoreError::Config(format!(
+            "bad auxiliary file name {name:?}"
+        )))
+    }
+}
 
 /// Errors of blob stores.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +73,12 @@ pub enum BlobStoreError {
     /// Bad configuration.
     #[error("blob store configuration: {0}")]
     Config(String),
+    /// An encrypted blob failed to open (tampered, unknown key) or to seal.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// A data key could not be loaded, opened or created.
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// One blob found by [`BlobStore::list`].
@@ -65,6 +107,54 @@ pub trait BlobStore: Send + Sync + 'static {
     /// `put` always overwrites, like S3).
     async fn replace(&self, hash: &BlobHash, stored: Vec<u8>) -> Result<(), BlobStoreError> {
         self.put(hash, stored).await
+    }
+    /// Stores `stored` under `hash` like [`BlobStore::put`], but a local store keeps an existing
+    /// copy only when `keep` accepts its bytes (replacing it otherwise). The default ignores
+    /// `keep` and puts (right for stores whose `put` always overwrites, like S3).
+    async fn put_keeping(
+        &self,
+        hash: &BlobHash,
+        stored: Vec<u8>,
+        keep: KeepExisting,
+    ) -> Result<(), BlobStoreError> {
+        let _ = keep;
+        self.put(hash, stored).await
+    }
+    /// The first `len` stored bytes of the blob (fewer when it is shorter): enough to read an
+    /// envelope's key id without fetching the whole blob. The default reads it all.
+    ///
+    /// Errors: as [`BlobStore::get`].
+    async fn read_prefix(&self, hash: &BlobHash, len: usize) -> Result<Vec<u8>, BlobStoreError> {
+        let mut b = self.get(hash).await?;
+        b.truncate(len);
+        Ok(b)
+    }
+    /// Writes the auxiliary file `name` (such as `keys/<id>`, checked by [`check_aux_name`])
+    /// next to the `blobs/` folder, durably; never listed as a blob. The default refuses.
+    ///
+    /// Errors: [`BlobStoreError::Config`] for a bad name or a store without auxiliary files;
+    /// I/O or S3 failures.
+    async fn put_aux(&self, name: &str, data: Vec<u8>) -> Result<(), BlobStoreError> {
+        let _ = data;
+        Err(BlobStoreError::Config(format!(
+            "{} cannot hold auxiliary file {name}",
+            self.describe()
+        )))
+    }
+    /// Reads the auxiliary file `name`; `None` when absent. The default has none.
+    ///
+    /// Errors: [`BlobStoreError::Config`] for a bad name; I/O or S3 failures.
+    async fn get_aux(&self, name: &str) -> Result<Option<Vec<u8>>, BlobStoreError> {
+        check_aux_name(name)?;
+        Ok(None)
+    }
+    /// Names (`<dir>/<file>`) of the auxiliary files directly in folder `dir`, unordered;
+    /// hidden and temporary names (starting with `.`) skipped. The default has none.
+    ///
+    /// Errors: [`BlobStoreError::Config`] for a bad name; I/O or S3 failures.
+    async fn list_aux(&self, dir: &str) -> Result<Vec<String>, BlobStoreError> {
+        check_aux_name(dir)?;
+        Ok(Vec::new())
     }
     /// Returns the stored bytes. Errors: [`BlobStoreError::NotFound`] when absent.
     async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError>;

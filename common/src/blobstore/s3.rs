@@ -212,6 +212,69 @@ impl S3BlobStore {
         format!("{}{}", self.cfg.prefix, hash.key())
     }
 
+    /// GetObject of `key` (only its first `range` bytes when given); `None` when absent.
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<usize>,
+    ) -> Result<Option<Vec<u8>>, BlobStoreError> {
+        let mut req = self.client.get_object().bucket(&self.cfg.bucket).key(key);
+        if let Some(n) = range {
+            req = req.range(format!("bytes=0-{}", n.saturating_sub(1)));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || http_status(&e) == Some(404) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(self.s3_err("GetObject", key.to_string(), &e)),
+        };
+        let body = resp.body.collect().await.map_err(|e| BlobStoreError::S3 {
+            op: "GetObject",
+            key: key.to_string(),
+            message: format!(
+                "reading the body failed: {} (bucket {:?} at {})",
+                error_chain(&e),
+                self.cfg.bucket,
+                self.endpoint_text()
+            ),
+        })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
+    /// Every object whose key starts with `prefix`, page by page (ListObjectsV2, continuation
+    /// tokens): the rest of its key after `prefix`, `LastModified` (ms since the Unix epoch, 0
+    /// when missing) and its size in bytes.
+    async fn list_under(&self, prefix: &str) -> Result<Vec<(String, i64, u64)>, BlobStoreError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.s3_err("ListObjectsV2", prefix.to_string(), &e))?;
+            for obj in page.contents() {
+                let Some(rest) = obj.key().and_then(|k| k.strip_prefix(prefix)) else {
+                    continue;
+                };
+                out.push((
+                    rest.to_string(),
+                    obj.last_modified()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or(0),
+                    obj.size().unwrap_or(0).max(0) as u64,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// The configuration this store was opened with (its `Debug` hides the secret).
     pub fn config(&self) -> &S3Config {
         &self.cfg
@@ -399,35 +462,57 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobStoreError> {
+        match self.get_object(&self.key_of(hash), None).await? {
+            Some(b) => Ok(b),
+            None => Err(BlobStoreError::NotFound(*hash)),
+        }
+    }
+
+    /// A ranged GetObject (`bytes=0-<len-1>`).
+    async fn read_prefix(&self, hash: &BlobHash, len: usize) -> Result<Vec<u8>, BlobStoreError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         let key = self.key_of(hash);
-        let resp = match self
-            .client
-            .get_object()
+        match self.get_object(&key, Some(len)).await? {
+            Some(b) => Ok(b),
+            None => Err(BlobStoreError::NotFound(*hash)),
+        }
+    }
+
+    /// PutObject of `<prefix><name>`.
+    async fn put_aux(&self, name: &str, data: Vec<u8>) -> Result<(), BlobStoreError> {
+        super::check_aux_name(name)?;
+        let key = format!("{}{name}", self.cfg.prefix);
+        self.client
+            .put_object()
             .bucket(&self.cfg.bucket)
             .key(&key)
+            .content_type("application/octet-stream")
+            .body(ByteStream::from(data))
             .send()
             .await
-        {
-            Ok(r) => r,
-            Err(e)
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || http_status(&e) == Some(404) =>
-            {
-                return Err(BlobStoreError::NotFound(*hash));
-            }
-            Err(e) => return Err(self.s3_err("GetObject", key, &e)),
-        };
-        let body = resp.body.collect().await.map_err(|e| BlobStoreError::S3 {
-            op: "GetObject",
-            key: key.clone(),
-            message: format!(
-                "reading the body failed: {} (bucket {:?} at {})",
-                error_chain(&e),
-                self.cfg.bucket,
-                self.endpoint_text()
-            ),
-        })?;
-        Ok(body.into_bytes().to_vec())
+            .map_err(|e| self.s3_err("PutObject", key, &e))?;
+        Ok(())
+    }
+
+    async fn get_aux(&self, name: &str) -> Result<Option<Vec<u8>>, BlobStoreError> {
+        super::check_aux_name(name)?;
+        self.get_object(&format!("{}{name}", self.cfg.prefix), None)
+            .await
+    }
+
+    /// ListObjectsV2 under `<prefix><dir>/`, without descending into sub-folders.
+    async fn list_aux(&self, dir: &str) -> Result<Vec<String>, BlobStoreError> {
+        super::check_aux_name(dir)?;
+        let listed = self
+            .list_under(&format!("{}{dir}/", self.cfg.prefix))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .filter(|(rest, ..)| !rest.is_empty() && !rest.contains('/') && !rest.starts_with('.'))
+            .map(|(rest, ..)| format!("{dir}/{rest}"))
+            .collect())
     }
 
     async fn contains(&self, hash: &BlobHash) -> Result<bool, BlobStoreError> {
@@ -454,41 +539,21 @@ impl BlobStore for S3BlobStore {
     /// ListObjectsV2 under `<prefix>blobs/`, page by page (continuation tokens); keys that are
     /// not `<2 hex>/<64 hex>` are skipped.
     async fn list(&self) -> Result<Vec<ListedBlob>, BlobStoreError> {
-        let prefix = format!("{}blobs/", self.cfg.prefix);
-        let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.cfg.bucket)
-            .prefix(&prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.s3_err("ListObjectsV2", prefix.clone(), &e))?;
-            for obj in page.contents() {
-                let Some(rest) = obj.key().and_then(|k| k.strip_prefix(&prefix)) else {
-                    continue;
-                };
-                let Some((dir, name)) = rest.split_once('/') else {
-                    continue;
-                };
-                let Ok(hash) = BlobHash::from_hex(name) else {
-                    continue;
-                };
-                if dir.len() != 2 || !name.starts_with(dir) {
-                    continue;
-                }
-                out.push(ListedBlob {
+        let listed = self
+            .list_under(&format!("{}blobs/", self.cfg.prefix))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(rest, modified_ms, stored_bytes)| {
+                let (dir, name) = rest.split_once('/')?;
+                let hash = BlobHash::from_hex(name).ok()?;
+                (dir.len() == 2 && name.starts_with(dir)).then_some(ListedBlob {
                     hash,
-                    modified_ms: obj
-                        .last_modified()
-                        .and_then(|t| t.to_millis().ok())
-                        .unwrap_or(0),
-                    stored_bytes: obj.size().unwrap_or(0).max(0) as u64,
-                });
-            }
-        }
-        Ok(out)
+                    modified_ms,
+                    stored_bytes,
+                })
+            })
+            .collect())
     }
 
     /// DeleteObject (S3 answers success for a missing key too).

@@ -449,7 +449,12 @@ impl BlobService for BlobServer {
                     blobs.get_stored(&h).await
                 } else {
                     match blobs.store.get(&h).await {
-                        Err(BlobStoreError::NotFound(_)) if !no_forward => {
+                        // Missing, or an encrypted copy that fails authentication (the plain
+                        // form's corruption is caught by the fetcher's decode and retried with
+                        // verification): fetch a verified copy from a peer and repair ours.
+                        Err(BlobStoreError::NotFound(_) | BlobStoreError::Envelope(_))
+                            if !no_forward =>
+                        {
                             blobs.get_stored(&h).await
                         }
                         other => other.map_err(BlobsError::from),
