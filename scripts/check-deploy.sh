@@ -71,7 +71,7 @@ fi
 if command -v systemd-analyze >/dev/null; then
     # verify checks that ExecStart is executable: point it at the built binaries (or stubs).
     units=$(mktemp -d)
-    bindir="$REPO/target/release"
+    bindir="${CARGO_TARGET_DIR:-$REPO/target}/release"
     if ! [ -x "$bindir/lifeboat-coordinator" ] || ! [ -x "$bindir/lifeboat-agent" ]; then
         bindir="$units/bin"
         mkdir -p "$bindir"

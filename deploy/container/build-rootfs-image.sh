@@ -17,7 +17,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
-BIN_DIR=target/release
+BIN_DIR=${CARGO_TARGET_DIR:-target}/release
 TAG=localhost/lifeboat:0.1.0
 KEEP=0
 while [ $# -gt 0 ]; do
