@@ -41,7 +41,7 @@ pub enum EnvelopeError {
     },
     /// The authentication tag does not match: a header or body byte changed, or the file
     /// belongs to another blob.
-    #[error("encrypted blob {hash} (key {key_id}) failed authentication: tampered, damaged or stored under the wrong name")]
+    #[error("encrypted blob {hash} (key {key_id}) is corrupted: it failed authentication (tampered with, damaged or stored under the wrong name)")]
     Tampered {
         /// The blob's hash.
         hash: BlobHash,
